@@ -1,0 +1,31 @@
+"""iif: Integrated Influence and peer data-attribution methods for PyTorch models.
+
+Sign convention for every score: positive = including the training sample raises the test
+loss (an opponent); negative = it lowers it (a proponent).
+"""
+
+from iif.attribution import Attribution
+from iif.baseline import BaselineSettings
+from iif.curvature import CurvatureSettings
+from iif.errors import CurvatureError, InputError
+from iif.methods.integrated import IntegratedInfluence
+from iif.path import PathSettings
+from iif.projection import ProjectionSettings
+from iif.task import Recipe, Task
+from iif.training import train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attribution",
+    "BaselineSettings",
+    "CurvatureError",
+    "CurvatureSettings",
+    "InputError",
+    "IntegratedInfluence",
+    "PathSettings",
+    "ProjectionSettings",
+    "Recipe",
+    "Task",
+    "train",
+]

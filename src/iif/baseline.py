@@ -1,0 +1,150 @@
+"""Baseline datasets: the targets the path starts from (DESIGN §2, step 1).
+
+- Unlearning (paper Eq. 12-13): theta' ends a few epochs of the recipe's optimizer on
+  ``L_train - L_test / lam`` (direction ``unlearn``; finds proponents) or
+  ``L_train + L_test / lam`` (``reinforce``; finds opponents), from theta*. L_train is the
+  mean loss over a minibatch, L_test the mean over the test sample(s) being explained. The
+  baseline targets are the predictions ``f(x_i; theta')`` (probabilities for classification).
+  A run that diverges (NaN/inf, or a training loss that explodes past ``divergence_factor``
+  times that of a trivial predictor) falls back to theta' = theta*, the influence-function
+  baseline of Lemma 2.5, and says so.
+- Self-influence (paper 3.3): each training sample i gets its own
+  ``theta'_i = theta* + eta * grad l(x_i, y_i; theta*)`` and target ``f(x_i; theta'_i)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch.func import vmap
+
+from iif.errors import InputError
+from iif.grads import FunctionalModel, ModelState, module_mode, per_sample_grads
+from iif.task import Data, Task
+from iif.training import fit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BaselineSettings:
+    """How baselines are made.
+
+    mode: ``per-test`` (one unlearning per test sample, the paper's) or ``shared`` (one
+        baseline that unlearns the mean loss of all test samples given together).
+    lam: lambda of Eq. 12; the objective is ``L_train -/+ L_test / lam``.
+    epochs, lr, batch_size: of the unlearning run (None: the recipe's).
+    self_step: eta of the per-sample self-influence baselines (None: the recipe's lr).
+    """
+
+    mode: Literal["per-test", "shared"] = "per-test"
+    direction: Literal["unlearn", "reinforce"] = "unlearn"
+    lam: float = 0.5
+    epochs: int = 5
+    lr: float | None = None
+    batch_size: int | None = None
+    divergence_factor: float = 10.0
+    self_step: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("per-test", "shared"):
+            raise InputError(f"baseline mode must be 'per-test' or 'shared', got {self.mode!r}")
+        if self.direction not in ("unlearn", "reinforce"):
+            raise InputError(
+                f"baseline direction must be 'unlearn' or 'reinforce', got {self.direction!r}"
+            )
+        if not (self.lam > 0 and math.isfinite(self.lam)):
+            raise InputError(f"baseline lam must be positive and finite, got {self.lam!r}")
+        if int(self.epochs) < 0:
+            raise InputError(f"baseline epochs must be >= 0, got {self.epochs!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Baseline:
+    state: ModelState  # theta'
+    targets: torch.Tensor  # (N, d) baseline targets ybar_i
+    fell_back: bool  # unlearning diverged and theta' = theta* was used
+
+
+def mean_loss(
+    task: Task, fmodel: FunctionalModel, state: ModelState, x: torch.Tensor, targets: torch.Tensor
+) -> float:
+    out = fmodel.outputs(state, x)
+    return float(task.sample_loss(out, targets).mean())
+
+
+def trivial_loss(task: Task, targets: torch.Tensor) -> float:
+    """Loss of a predictor that ignores its input: the scale 'exploding' is measured against."""
+    if task.kind == "classification":
+        return math.log(targets.shape[1])
+    return float((targets - targets.mean(0)).pow(2).mean()) or 1.0
+
+
+def unlearning_baseline(
+    task: Task,
+    fmodel: FunctionalModel,
+    state: ModelState,
+    train: Data,
+    test: Data,
+    settings: BaselineSettings,
+    generator: torch.Generator | None = None,
+    progress: bool | None = False,
+) -> Baseline:
+    """theta' and its targets for the test sample(s) in ``test`` (mean test loss)."""
+    sign = -1.0 if settings.direction == "unlearn" else 1.0
+
+    def test_term(params, buffers):
+        out = fmodel(params, buffers, test.x)
+        return sign * task.sample_loss(out, test.targets).mean() / settings.lam
+
+    res = fit(task, fmodel, state, train.x, train.targets, epochs=settings.epochs,
+              lr=settings.lr, batch_size=settings.batch_size, extra=test_term,
+              generator=generator, progress=progress, desc="unlearning")
+    reason = None
+    if not res.finite:
+        reason = "a loss or parameter became NaN/inf"
+    else:
+        after = mean_loss(task, fmodel, res.state, train.x, train.targets)
+        before = mean_loss(task, fmodel, state, train.x, train.targets)
+        limit = settings.divergence_factor * max(before, trivial_loss(task, train.targets))
+        test_after = mean_loss(task, fmodel, res.state, test.x, test.targets)
+        if not math.isfinite(after) or not math.isfinite(test_after):
+            reason = "the loss became NaN/inf"
+        elif after > limit:
+            reason = f"the training loss exploded ({after:.3g} > {limit:.3g})"
+    if reason is not None:
+        log.warning("unlearning diverged (%s); falling back to the baseline f(x; theta*)", reason)
+        return Baseline(state, task.prediction_targets(fmodel.outputs(state, train.x)), True)
+    return Baseline(res.state, task.prediction_targets(fmodel.outputs(res.state, train.x)), False)
+
+
+def self_baseline_targets(
+    task: Task,
+    fmodel: FunctionalModel,
+    state: ModelState,
+    train: Data,
+    step: float,
+    chunk_size: int = 128,
+) -> torch.Tensor:
+    """ybar_i = f(x_i; theta* + step * grad l(x_i, y_i; theta*)), shape (N, d)."""
+    names = list(state.params)
+
+    def forward(delta: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+        moved = fmodel.unflatten(delta)
+        params = {k: state.params[k] + moved[k] for k in names}
+        return fmodel(params, state.buffers, xi[None])[0]
+
+    outs = []
+    with torch.no_grad(), module_mode(fmodel.module, False):
+        for start in range(0, len(train), chunk_size):
+            sub = train.subset(slice(start, start + chunk_size))
+            g = per_sample_grads(fmodel, state, sub.x, sub.targets, task, chunk_size)
+            outs.append(vmap(forward)(step * g, sub.x))
+    return task.prediction_targets(torch.cat(outs))

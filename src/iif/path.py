@@ -1,0 +1,89 @@
+"""Target paths and path models (paper Eq. 14-16).
+
+rho_i(t_k) = (k/K) y_i + (1 - k/K) ybar_i for k = 0..K. For classification with ``sparse``
+(appendix E, on by default) only the true-class coordinate is kept: rho <- rho * y, so the
+loss along the path is ``-rho_{i,c} log p_c``.
+
+Path models: theta_K = theta*, and theta_k is ``epochs`` epochs of the recipe's optimizer on
+the dataset Gamma(t_k) = {(x_i, rho_i(t_k))}, starting from theta_{k+1}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from iif.errors import InputError
+from iif.grads import FunctionalModel, ModelState
+from iif.task import Task
+from iif.training import fit
+
+
+@dataclass
+class PathSettings:
+    """steps: K. epochs, lr, batch_size: of each path model (None: the recipe's)."""
+
+    steps: int = 5
+    epochs: int = 1
+    lr: float | None = None
+    batch_size: int | None = None
+    sparse: bool = True
+
+    def __post_init__(self) -> None:
+        if int(self.steps) < 1:
+            raise InputError(f"path steps K must be >= 1, got {self.steps!r}")
+        if int(self.epochs) < 0:
+            raise InputError(f"path epochs must be >= 0, got {self.epochs!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TargetPath:
+    """The K+1 datasets' targets between ``baseline`` (k=0) and ``targets`` (k=K)."""
+
+    def __init__(self, task: Task, targets: torch.Tensor, baseline: torch.Tensor,
+                 steps: int, sparse: bool):
+        if baseline.shape != targets.shape:
+            raise InputError(
+                f"baseline targets have shape {tuple(baseline.shape)}, expected "
+                f"{tuple(targets.shape)}"
+            )
+        if not bool(torch.isfinite(baseline).all()):
+            raise InputError("baseline targets contain NaN or inf")
+        self.targets = targets
+        self.baseline = baseline.to(targets.dtype)
+        self.steps = int(steps)
+        self.sparse = bool(sparse) and task.kind == "classification"
+
+    def __call__(self, k: int) -> torch.Tensor:
+        t = k / self.steps
+        rho = t * self.targets + (1.0 - t) * self.baseline
+        return rho * self.targets if self.sparse else rho
+
+
+def path_models(
+    task: Task,
+    fmodel: FunctionalModel,
+    state: ModelState,
+    x: torch.Tensor,
+    path: TargetPath,
+    settings: PathSettings,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[int, ModelState]]:
+    """Yield (k, theta_k) for k = K, K-1, ..., 1, training each from the previous one."""
+    current = state
+    for k in range(path.steps, 0, -1):
+        if k < path.steps and settings.epochs > 0:
+            res = fit(task, fmodel, current, x, path(k), epochs=settings.epochs,
+                      lr=settings.lr, batch_size=settings.batch_size, generator=generator)
+            if not res.finite:
+                raise InputError(
+                    f"path model {k} of {path.steps} diverged (NaN/inf); lower the path "
+                    f"learning rate or the number of path epochs"
+                )
+            current = res.state
+        yield k, current

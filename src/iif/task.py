@@ -1,0 +1,283 @@
+"""What the user supplies: a model, the kind of target, and the training recipe.
+
+Per-sample losses are written with *continuous* targets so that a target can move along a
+path from a baseline to the real label:
+
+- regression: ``l(f, rho) = mean_j (f_j - rho_j)**2`` (``nn.MSELoss`` per sample);
+- classification: ``l(f, rho) = -sum_c rho_c * log_softmax(f)_c`` (cross-entropy on soft
+  targets; integer labels become one-hot vectors).
+
+Both have a parameter gradient that is linear in the target, which lets the engine compute
+target-Jacobian products ``J_i dy`` as exact gradient differences. A custom ``loss`` may be
+given; declare ``linear_in_target=False`` if its gradient is not linear in the target and the
+engine falls back to autograd for the mixed derivative.
+
+Data validation happens here, at the boundary: every public entry point calls
+:meth:`Task.validate` and gets tensors on the task's device, or an :class:`InputError` that
+names the problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from iif.errors import InputError
+
+Kind = Literal["regression", "classification"]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Recipe:
+    """How the model is trained; reused for unlearning and path epochs.
+
+    ``optimizer`` is ``"sgd"``, ``"adam"``, ``"adamw"`` or a callable taking a list of
+    tensors and returning a ``torch.optim.Optimizer``. The training loss is the *mean* of
+    per-sample losses over a minibatch.
+    """
+
+    lr: float = 0.01
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: str | Callable[[list[torch.Tensor]], torch.optim.Optimizer] = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and np.isfinite(self.lr)):
+            raise InputError(f"recipe lr must be a positive finite number, got {self.lr!r}")
+        if int(self.batch_size) < 1:
+            raise InputError(f"recipe batch_size must be >= 1, got {self.batch_size!r}")
+        if int(self.epochs) < 0:
+            raise InputError(f"recipe epochs must be >= 0, got {self.epochs!r}")
+        if isinstance(self.optimizer, str) and self.optimizer not in ("sgd", "adam", "adamw"):
+            raise InputError(
+                f"recipe optimizer must be 'sgd', 'adam', 'adamw' or a callable, "
+                f"got {self.optimizer!r}"
+            )
+
+    def make_optimizer(
+        self, tensors: list[torch.Tensor], lr: float | None = None
+    ) -> torch.optim.Optimizer:
+        lr = self.lr if lr is None else lr
+        if callable(self.optimizer):
+            opt = self.optimizer(tensors)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            return opt
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(
+                tensors, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay
+            )
+        if self.optimizer == "adam":
+            return torch.optim.Adam(tensors, lr=lr, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(tensors, lr=lr, weight_decay=self.weight_decay)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if callable(self.optimizer):
+            d["optimizer"] = getattr(self.optimizer, "__name__", "custom")
+        return d
+
+
+def mse_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error, shape (n,) for (n, d) inputs."""
+    return (output - target).pow(2).mean(dim=-1)
+
+
+def soft_cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy with soft (possibly unnormalised) targets, shape (n,)."""
+    return -(target * torch.log_softmax(output, dim=-1)).sum(dim=-1)
+
+
+@dataclass
+class Data:
+    """Validated data on the task's device: inputs, raw labels and continuous targets."""
+
+    x: torch.Tensor
+    labels: torch.Tensor  # (n,) int64 for classification, (n, d) float for regression
+    targets: torch.Tensor  # (n, d) float: one-hot or regression values
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def subset(self, index: torch.Tensor | np.ndarray | list[int] | slice) -> Data:
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index, device=self.x.device, dtype=torch.long)
+        return Data(self.x[index], self.labels[index], self.targets[index])
+
+
+@dataclass
+class Task:
+    """A model to attribute and how it was trained.
+
+    Args:
+        model: the trained ``nn.Module``; its output for a batch is (n, d).
+        kind: ``"regression"`` (MSE) or ``"classification"`` (cross-entropy, labels 0..C-1).
+        recipe: training recipe used for unlearning, path epochs and retraining.
+        num_classes: classes for classification; inferred from the model output if None.
+        loss: optional per-sample loss ``loss(output (n, d), target (n, d)) -> (n,)``.
+        linear_in_target: whether the loss gradient is linear in the target.
+        device: where everything runs; defaults to the device of the model's parameters.
+    """
+
+    model: nn.Module
+    kind: Kind
+    recipe: Recipe = field(default_factory=Recipe)
+    num_classes: int | None = None
+    loss: LossFn | None = None
+    linear_in_target: bool = True
+    device: torch.device | str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, nn.Module):
+            raise InputError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
+        if self.kind not in ("regression", "classification"):
+            raise InputError(
+                f"kind must be 'regression' or 'classification', got {self.kind!r}"
+            )
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if not trainable:
+            raise InputError("the model has no trainable parameters (requires_grad=True)")
+        if self.device is None:
+            self.device = trainable[0].device
+        self.device = torch.device(self.device)
+        self.model.to(self.device)
+        self.dtype = trainable[0].dtype
+        if self.num_classes is not None and (
+            self.kind != "classification" or int(self.num_classes) < 2
+        ):
+            raise InputError("num_classes applies to classification and must be >= 2")
+
+    # ---- losses -------------------------------------------------------------------------
+    def sample_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss l(f, rho), shape (n,), for outputs and targets of shape (n, d)."""
+        if self.loss is not None:
+            return self.loss(output, target)
+        if self.kind == "regression":
+            return mse_loss(output, target)
+        return soft_cross_entropy(output, target)
+
+    def prediction_targets(self, output: torch.Tensor) -> torch.Tensor:
+        """Targets a model predicts for itself: outputs (regression) or probabilities."""
+        if self.kind == "classification":
+            return torch.softmax(output, dim=-1)
+        return output
+
+    # ---- validation ---------------------------------------------------------------------
+    def validate(self, data: Any, name: str = "data") -> Data:
+        """Check ``(x, y)`` (tensors, arrays or a TensorDataset) and move it to the device."""
+        x, y = _split_pair(data, name)
+        x = _as_tensor(x, f"{name} inputs")
+        y = _as_tensor(y, f"{name} labels")
+        if x.ndim == 0 or x.shape[0] == 0:
+            raise InputError(f"{name} is empty: inputs have shape {tuple(x.shape)}")
+        if y.ndim == 0 or y.shape[0] != x.shape[0]:
+            raise InputError(
+                f"{name}: {x.shape[0]} inputs but labels of shape {tuple(y.shape)}"
+            )
+        if not x.is_floating_point():
+            raise InputError(f"{name} inputs must be floating point, got {x.dtype}")
+        if not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).sum())
+            raise InputError(f"{name} inputs contain NaN or inf ({bad} samples)")
+        x = x.to(self.device, self.dtype)
+        out_dim = self._output_dim(x[:1], name)
+        if self.kind == "classification":
+            if y.is_floating_point():
+                if not torch.isfinite(y).all() or not torch.equal(y, y.round()):
+                    raise InputError(
+                        f"{name} labels must be integer class indices for classification"
+                    )
+            if y.ndim != 1:
+                raise InputError(
+                    f"{name} labels must have shape (n,) for classification, got {tuple(y.shape)}"
+                )
+            labels = y.long().to(self.device)
+            n_cls = self.num_classes or out_dim
+            if n_cls != out_dim:
+                raise InputError(f"num_classes={n_cls} but the model outputs {out_dim} values")
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= n_cls:
+                raise InputError(
+                    f"{name} labels out of range: found [{lo}, {hi}], expected 0..{n_cls - 1}"
+                )
+            self.num_classes = n_cls
+            targets = torch.nn.functional.one_hot(labels, n_cls).to(self.dtype)
+        else:
+            if not y.is_floating_point():
+                y = y.to(self.dtype)
+            if not torch.isfinite(y).all():
+                raise InputError(f"{name} regression targets contain NaN or inf")
+            labels = y.reshape(y.shape[0], -1).to(self.device, self.dtype)
+            if labels.shape[1] != out_dim:
+                raise InputError(
+                    f"{name} targets have {labels.shape[1]} values per sample but the model "
+                    f"outputs {out_dim}"
+                )
+            targets = labels
+        return Data(x, labels, targets)
+
+    def _output_dim(self, x1: torch.Tensor, name: str) -> int:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.enable_grad():
+                out = self.model(x1)
+        except Exception as exc:  # the model rejects the input: say so at the boundary
+            raise InputError(
+                f"the model cannot run on {name} inputs of shape {tuple(x1.shape[1:])}: {exc}"
+            ) from exc
+        finally:
+            self.model.train(was_training)
+        if not isinstance(out, torch.Tensor) or out.shape[0] != 1:
+            raise InputError("the model must return a tensor of shape (batch, outputs)")
+        if not out.requires_grad:
+            raise InputError(
+                "the model output does not depend differentiably on its parameters "
+                "(detached tensors, no_grad or integer ops inside forward)"
+            )
+        return int(out.reshape(1, -1).shape[1])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "model": type(self.model).__name__,
+            "num_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+            "num_classes": self.num_classes,
+            "recipe": self.recipe.to_dict(),
+            "custom_loss": self.loss is not None,
+            "linear_in_target": self.linear_in_target,
+            "device": str(self.device),
+            "dtype": str(self.dtype),
+        }
+
+
+def _split_pair(data: Any, name: str) -> tuple[Any, Any]:
+    if isinstance(data, torch.utils.data.TensorDataset):
+        if len(data.tensors) != 2:
+            raise InputError(f"{name}: a TensorDataset must hold exactly (inputs, labels)")
+        return data.tensors
+    if isinstance(data, Data):
+        return data.x, data.labels
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return data[0], data[1]
+    raise InputError(f"{name} must be a pair (inputs, labels) or a TensorDataset")
+
+
+def _as_tensor(value: Any, what: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    try:
+        arr = np.asarray(value)
+    except Exception as exc:
+        raise InputError(f"{what} cannot be converted to an array: {exc}") from exc
+    if arr.dtype == object:
+        raise InputError(f"{what} must be numeric, got an object array")
+    return torch.from_numpy(np.ascontiguousarray(arr))
