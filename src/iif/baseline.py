@@ -38,6 +38,8 @@ class BaselineSettings:
         baseline that unlearns the mean loss of all test samples given together).
     lam: lambda of Eq. 12; the objective is ``L_train -/+ L_test / lam``.
     epochs, lr, batch_size: of the unlearning run (None: the recipe's).
+    stop_test_loss: end unlearning early once the mean test loss reaches this value (for
+        ``reinforce``: falls to it), e.g. ``log(C)``, chance level, for classification.
     self_step: eta of the per-sample self-influence baselines (None: the recipe's lr).
     """
 
@@ -48,6 +50,7 @@ class BaselineSettings:
     lr: float | None = None
     batch_size: int | None = None
     divergence_factor: float = 10.0
+    stop_test_loss: float | None = None
     self_step: float | None = None
 
     def __post_init__(self) -> None:
@@ -100,12 +103,22 @@ def unlearning_baseline(
     """theta' and its targets for the test sample(s) in ``test`` (mean test loss)."""
     sign = -1.0 if settings.direction == "unlearn" else 1.0
 
+    def test_loss(params, buffers):
+        return task.sample_loss(fmodel(params, buffers, test.x), test.targets).mean()
+
     def test_term(params, buffers):
-        out = fmodel(params, buffers, test.x)
-        return sign * task.sample_loss(out, test.targets).mean() / settings.lam
+        return sign * test_loss(params, buffers) / settings.lam
+
+    stop = None
+    target = settings.stop_test_loss
+    if target is not None:
+        def stop(params, buffers) -> bool:
+            with torch.no_grad():
+                value = float(test_loss(params, buffers))
+            return value >= target if sign < 0 else value <= target
 
     res = fit(task, fmodel, state, train.x, train.targets, epochs=settings.epochs,
-              lr=settings.lr, batch_size=settings.batch_size, extra=test_term,
+              lr=settings.lr, batch_size=settings.batch_size, extra=test_term, stop=stop,
               generator=generator, progress=progress, desc="unlearning")
     reason = None
     if not res.finite:

@@ -37,6 +37,7 @@ def fit(
     lr: float | None = None,
     batch_size: int | None = None,
     extra: ExtraLoss | None = None,
+    stop: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], bool] | None = None,
     generator: torch.Generator | None = None,
     train_mode: bool = True,
     progress: bool | None = False,
@@ -45,6 +46,7 @@ def fit(
     """Run ``epochs`` epochs of the recipe's optimizer from ``state`` (which is not modified).
 
     Each minibatch minimises ``mean_i l(f(x_i), targets_i) + extra(params, buffers)``.
+    ``stop(params, buffers)``, checked after every step, ends the run early when True.
     """
     recipe = task.recipe
     batch_size = int(batch_size or recipe.batch_size)
@@ -70,6 +72,10 @@ def fit(
                 opt.step()
                 total += float(loss.detach()) * len(idx)
                 count += len(idx)
+                if stop is not None and stop(params, work.buffers):
+                    losses.append(total / count)
+                    result = _detached(work)
+                    return FitResult(result, result.is_finite(), losses)
             losses.append(total / max(count, 1))
     result = _detached(work)
     return FitResult(result, result.is_finite(), losses)
