@@ -5,9 +5,11 @@
   ``L_train + L_test / lam`` (``reinforce``; finds opponents), from theta*. L_train is the
   mean loss over a minibatch, L_test the mean over the test sample(s) being explained. The
   baseline targets are the predictions ``f(x_i; theta')`` (probabilities for classification).
-  A run that diverges (NaN/inf, or a training loss that explodes past ``divergence_factor``
-  times that of a trivial predictor) falls back to theta' = theta*, the influence-function
-  baseline of Lemma 2.5, and says so.
+  The test-loss ascent is unbounded, so a run can diverge (NaN/inf, or a training loss that
+  explodes past ``divergence_factor`` times that of a trivial predictor). It then keeps the
+  last epoch that was still sound (``truncated``), or, when the first epoch already diverged,
+  falls back to theta' = theta*, the influence-function baseline of Lemma 2.5; both are logged
+  and counted in the result.
 - Self-influence (paper 3.3): each training sample i gets its own
   ``theta'_i = theta* + eta * grad l(x_i, y_i; theta*)`` and target ``f(x_i; theta'_i)``.
 """
@@ -73,7 +75,8 @@ class BaselineSettings:
 class Baseline:
     state: ModelState  # theta'
     targets: torch.Tensor  # (N, d) baseline targets ybar_i
-    fell_back: bool  # unlearning diverged and theta' = theta* was used
+    fell_back: bool  # unlearning diverged in its first epoch and theta' = theta* was used
+    truncated: bool = False  # unlearning diverged later; theta' is the last sound epoch
 
 
 def mean_loss(
@@ -117,25 +120,32 @@ def unlearning_baseline(
                 value = float(test_loss(params, buffers))
             return value >= target if sign < 0 else value <= target
 
+    before = mean_loss(task, fmodel, state, train.x, train.targets)
+    limit = settings.divergence_factor * max(before, trivial_loss(task, train.targets))
+    reasons: list[str] = []
+
+    def sound(candidate: ModelState) -> bool:
+        after = mean_loss(task, fmodel, candidate, train.x, train.targets)
+        test_after = mean_loss(task, fmodel, candidate, test.x, test.targets)
+        if not (math.isfinite(after) and math.isfinite(test_after)):
+            reasons.append("the loss became NaN/inf")
+        elif after > limit:
+            reasons.append(f"the training loss exploded ({after:.3g} > {limit:.3g})")
+        return not reasons
+
     res = fit(task, fmodel, state, train.x, train.targets, epochs=settings.epochs,
               lr=settings.lr, batch_size=settings.batch_size, extra=test_term, stop=stop,
-              generator=generator, progress=progress, desc="unlearning")
-    reason = None
-    if not res.finite:
-        reason = "a loss or parameter became NaN/inf"
-    else:
-        after = mean_loss(task, fmodel, res.state, train.x, train.targets)
-        before = mean_loss(task, fmodel, state, train.x, train.targets)
-        limit = settings.divergence_factor * max(before, trivial_loss(task, train.targets))
-        test_after = mean_loss(task, fmodel, res.state, test.x, test.targets)
-        if not math.isfinite(after) or not math.isfinite(test_after):
-            reason = "the loss became NaN/inf"
-        elif after > limit:
-            reason = f"the training loss exploded ({after:.3g} > {limit:.3g})"
-    if reason is not None:
-        log.warning("unlearning diverged (%s); falling back to the baseline f(x; theta*)", reason)
+              sound=sound, generator=generator, progress=progress, desc="unlearning")
+    reason = reasons[-1] if reasons else "a loss or parameter became NaN/inf"
+    if not res.finite and res.epochs == 0:
+        log.warning("unlearning diverged in its first epoch (%s); falling back to the baseline "
+                    "f(x; theta*)", reason)
         return Baseline(state, task.prediction_targets(fmodel.outputs(state, train.x)), True)
-    return Baseline(res.state, task.prediction_targets(fmodel.outputs(res.state, train.x)), False)
+    if not res.finite:
+        log.warning("unlearning diverged after %d epoch%s (%s); keeping the last sound epoch",
+                    res.epochs, "" if res.epochs == 1 else "s", reason)
+    targets = task.prediction_targets(fmodel.outputs(res.state, train.x))
+    return Baseline(res.state, targets, False, truncated=not res.finite)
 
 
 def self_baseline_targets(

@@ -33,7 +33,12 @@ SOLVE_DTYPE = torch.float64
 
 @dataclass
 class CurvatureSettings:
-    """``damping=None`` chooses ``default_damping_ratio`` times the mean eigenvalue."""
+    """``damping=None`` chooses ``default_damping_ratio`` times the mean eigenvalue.
+
+    The mean is taken over ``min(D, M)`` eigenvalues (D the solve dimension, M the number of
+    parameters): a projection to P > M dimensions adds only null directions, and counting them
+    would shrink the damping as P grows, so projected scores would not approach unprojected ones.
+    """
 
     kind: Literal["fisher", "ggn", "hessian"] = "fisher"
     damping: float | None = None
@@ -85,6 +90,11 @@ def _damped_cholesky(
     eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
     damping = base
     for attempt in range(settings.max_retries + 1):
+        if attempt:
+            nxt = damping * settings.retry_factor if damping > 0 else _tiny(matrix)
+            log.info("%s curvature not positive definite at damping %.3g; retrying at %.3g",
+                     what, damping, nxt)
+            damping = nxt
         factor, info = torch.linalg.cholesky_ex(matrix + (scale * damping) * eye)
         if int(info) == 0 and bool(torch.isfinite(factor).all()):
             if attempt:
@@ -93,10 +103,6 @@ def _damped_cholesky(
                     "retr%s", what, damping, attempt, "y" if attempt == 1 else "ies",
                 )
             return factor, damping, attempt
-        nxt = damping * settings.retry_factor if damping > 0 else _tiny(matrix)
-        log.info("%s curvature not positive definite at damping %.3g; retrying at %.3g",
-                 what, damping, nxt)
-        damping = nxt
     raise CurvatureError(
         f"{what} curvature is not positive definite even with damping {damping:.3g} after "
         f"{settings.max_retries} retries; check the model and data for NaN or raise damping"
@@ -108,8 +114,19 @@ def _tiny(matrix: torch.Tensor) -> float:
     return 1e-6 * mean_eig if mean_eig > 0 else 1e-12
 
 
-def gram_solver(rows: torch.Tensor, n: int, settings: CurvatureSettings, kind: str) -> Solver:
+def _default_damping(settings: CurvatureSettings, trace: float, dim: int) -> float:
+    if settings.damping is not None:
+        return settings.damping
+    return settings.default_damping_ratio * abs(trace) / dim
+
+
+def gram_solver(
+    rows: torch.Tensor, n: int, settings: CurvatureSettings, kind: str,
+    effective_dim: int | None = None,
+) -> Solver:
     """Solver for ``C = (1/n) rows^T rows + delta I``, rows of shape (R, D).
+
+    ``effective_dim`` (default D) is the number of eigenvalues the default damping averages.
 
     Uses the Woodbury identity in R dimensions when R < D and damping > 0:
     ``C^{-1} v = (1/delta) [v - rows^T (n delta I + rows rows^T)^{-1} rows v]``.
@@ -118,9 +135,7 @@ def gram_solver(rows: torch.Tensor, n: int, settings: CurvatureSettings, kind: s
         raise InputError("per-sample gradients contain NaN or inf; the curvature cannot be built")
     r = rows.to(SOLVE_DTYPE)
     n_rows, dim = r.shape
-    mean_eig = float((r * r).sum()) / (n * dim)
-    base = settings.damping if settings.damping is not None else (
-        settings.default_damping_ratio * mean_eig)
+    base = _default_damping(settings, float((r * r).sum()) / n, effective_dim or dim)
     if n_rows < dim and base > 0:
         factor, damping, retries = _damped_cholesky(r @ r.T, base, float(n), settings, kind)
 
@@ -134,7 +149,8 @@ def gram_solver(rows: torch.Tensor, n: int, settings: CurvatureSettings, kind: s
 
 
 def dense_solver(
-    matrix: torch.Tensor, settings: CurvatureSettings, kind: str, base: float | None = None
+    matrix: torch.Tensor, settings: CurvatureSettings, kind: str, base: float | None = None,
+    effective_dim: int | None = None,
 ) -> Solver:
     """Solver for ``matrix + delta I`` with an explicit (D, D) matrix."""
     m = matrix.to(SOLVE_DTYPE)
@@ -142,9 +158,8 @@ def dense_solver(
     if not bool(torch.isfinite(m).all()):
         raise InputError(f"the {kind} curvature contains NaN or inf")
     if base is None:
-        mean_eig = float(torch.diagonal(m).mean())
-        base = settings.damping if settings.damping is not None else (
-            settings.default_damping_ratio * abs(mean_eig))
+        base = _default_damping(settings, float(torch.diagonal(m).sum()),
+                                effective_dim or m.shape[0])
     factor, damping, retries = _damped_cholesky(m, base, 1.0, settings, kind)
 
     def apply(v: torch.Tensor) -> torch.Tensor:
@@ -170,15 +185,17 @@ def fit_curvature(
     """
     from iif.features import ggn_features
     from iif.grads import full_hessian
+    from iif.projection import IdentityProjector
 
     n = x.shape[0]
+    effective_dim = min(projector.dim, fmodel.num_params)
     if settings.kind == "fisher":
-        return gram_solver(u, n, settings, "fisher")
+        return gram_solver(u, n, settings, "fisher", effective_dim)
     if settings.kind == "ggn":
         rows = ggn_features(fmodel, state, x, targets, task, projector, chunk_size)
-        return gram_solver(rows, n, settings, "ggn")
+        return gram_solver(rows, n, settings, "ggn", effective_dim)
     h = full_hessian(fmodel, state, x, targets, task, chunk_size=chunk_size)
-    if projector.dim != h.shape[0]:
+    if not isinstance(projector, IdentityProjector):
         # A^T H A without forming A: project the rows of H, then the rows of (H A)^T.
         h = projector.project(projector.project(h).T.contiguous())
-    return dense_solver(h, settings, "hessian")
+    return dense_solver(h, settings, "hessian", effective_dim=effective_dim)

@@ -50,6 +50,14 @@ class Recipe:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
+        for name in ("lr", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+                raise InputError(f"recipe {name} must be a number, got {value!r}")
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise InputError(f"recipe {name} must be an integer, got {value!r}")
         if not (self.lr > 0 and np.isfinite(self.lr)):
             raise InputError(f"recipe lr must be a positive finite number, got {self.lr!r}")
         if int(self.batch_size) < 1:
@@ -278,6 +286,6 @@ def _as_tensor(value: Any, what: str) -> torch.Tensor:
         arr = np.asarray(value)
     except Exception as exc:
         raise InputError(f"{what} cannot be converted to an array: {exc}") from exc
-    if arr.dtype == object:
-        raise InputError(f"{what} must be numeric, got an object array")
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise InputError(f"{what} must be numeric, got an array of dtype {arr.dtype}")
     return torch.from_numpy(np.ascontiguousarray(arr))

@@ -21,9 +21,10 @@ ExtraLoss = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.T
 
 @dataclass
 class FitResult:
-    state: ModelState
-    finite: bool  # False if a loss or a parameter became NaN/inf (the run stopped there)
-    losses: list[float]  # mean objective per epoch
+    state: ModelState  # the last sound state (see ``fit``)
+    finite: bool  # False if the run broke down: NaN/inf, or an epoch that ``sound`` rejected
+    losses: list[float]  # mean objective per completed epoch
+    epochs: int = 0  # epochs completed and kept in ``state``
 
 
 def fit(
@@ -38,6 +39,7 @@ def fit(
     batch_size: int | None = None,
     extra: ExtraLoss | None = None,
     stop: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], bool] | None = None,
+    sound: Callable[[ModelState], bool] | None = None,
     generator: torch.Generator | None = None,
     train_mode: bool = True,
     progress: bool | None = False,
@@ -47,6 +49,9 @@ def fit(
 
     Each minibatch minimises ``mean_i l(f(x_i), targets_i) + extra(params, buffers)``.
     ``stop(params, buffers)``, checked after every step, ends the run early when True.
+    A run that breaks down (a NaN/inf loss or parameter, or an epoch after which
+    ``sound(state)`` is False) ends there and returns the state of the last good epoch
+    (``state`` itself if the first one failed) with ``finite=False``.
     """
     recipe = task.recipe
     batch_size = int(batch_size or recipe.batch_size)
@@ -55,6 +60,11 @@ def fit(
     opt = recipe.make_optimizer(list(params.values()), lr=lr)
     n = x.shape[0]
     losses: list[float] = []
+    good, done = state.clone(), 0
+
+    def ok(candidate: ModelState) -> bool:
+        return candidate.is_finite() and (sound is None or sound(candidate))
+
     with module_mode(fmodel.module, train_mode), torch.enable_grad():
         for _ in progress_bar(range(int(epochs)), desc=desc, enable=progress):
             order = torch.randperm(n, generator=generator).to(x.device)
@@ -66,19 +76,24 @@ def fit(
                 if extra is not None:
                     loss = loss + extra(params, work.buffers)
                 if not bool(torch.isfinite(loss)):
-                    return FitResult(_detached(work), False, losses)
+                    return FitResult(good, False, losses, done)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 total += float(loss.detach()) * len(idx)
                 count += len(idx)
                 if stop is not None and stop(params, work.buffers):
-                    losses.append(total / count)
                     result = _detached(work)
-                    return FitResult(result, result.is_finite(), losses)
+                    if not ok(result):
+                        return FitResult(good, False, losses, done)
+                    losses.append(total / count)
+                    return FitResult(result, True, losses, done + 1)
+            result = _detached(work)
+            if not ok(result):
+                return FitResult(good, False, losses, done)
             losses.append(total / max(count, 1))
-    result = _detached(work)
-    return FitResult(result, result.is_finite(), losses)
+            good, done = result.clone(), done + 1
+    return FitResult(good, True, losses, done)
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import torch
 
 from iif.attribution import Attribution
 from iif.baseline import (
+    Baseline,
     BaselineSettings,
     self_baseline_targets,
     unlearning_baseline,
@@ -35,6 +36,13 @@ from iif.task import Data, Task
 from iif.training import fit, seeded
 
 log = logging.getLogger(__name__)
+
+# How each test sample's baseline ended (see iif.baseline): reported in ``info``.
+SOUND, TRUNCATED, FALLBACK = "sound", "truncated", "fallback"
+
+
+def _status(base: Baseline) -> str:
+    return FALLBACK if base.fell_back else TRUNCATED if base.truncated else SOUND
 
 
 @dataclass
@@ -105,28 +113,32 @@ class IntegratedInfluence:
         test = self.task.validate(test_data, "test data")
         start = time.perf_counter()
         if baseline_targets is not None:
-            res, deltas, fell_back = self._explicit(test, baseline_targets)
+            res, deltas, status = self._explicit(test, baseline_targets)
             mode = "explicit"
         elif self.baseline.mode == "shared":
-            res, deltas, fell_back = self._shared(test)
+            res, deltas, status = self._shared(test)
             mode = "shared"
         else:
-            res, deltas, fell_back = self._per_test(test)
+            res, deltas, status = self._per_test(test)
             mode = "per-test"
         total = res.scores.sum(axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
             gap = np.where(deltas != 0, np.abs(total - deltas) / np.abs(deltas), np.nan)
         info = {
             "baseline_mode": mode,
-            "fallbacks": int(np.sum(fell_back)),
-            "fallback_tests": [int(i) for i in np.flatnonzero(fell_back)],
+            "fallbacks": int(np.sum(status == FALLBACK)),
+            "fallback_tests": [int(i) for i in np.flatnonzero(status == FALLBACK)],
+            "truncated": int(np.sum(status == TRUNCATED)),
+            "truncated_tests": [int(i) for i in np.flatnonzero(status == TRUNCATED)],
             "damping": res.dampings,
             "damping_retries": res.retries,
             "seconds": time.perf_counter() - start,
         }
-        if info["fallbacks"]:
-            log.warning("%d of %d test samples fell back to the theta* baseline",
-                        info["fallbacks"], len(test))
+        if info["fallbacks"] or info["truncated"]:
+            log.warning("unlearning diverged for %d of %d test samples: %d fell back to the "
+                        "theta* baseline, %d kept their last sound epoch",
+                        info["fallbacks"] + info["truncated"], len(test), info["fallbacks"],
+                        info["truncated"])
         return Attribution(res.scores, self.method, self.settings(),
                            {"sum": total, "delta": deltas, "gap": gap}, info)
 
@@ -180,7 +192,7 @@ class IntegratedInfluence:
     def _per_test(self, test: Data) -> tuple[_PathResult, np.ndarray, np.ndarray]:
         scores = np.zeros((len(test), len(self.train)))
         deltas = np.zeros(len(test))
-        fell_back = np.zeros(len(test), dtype=bool)
+        status = np.full(len(test), SOUND, dtype=object)
         dampings: list[float] = []
         retries = 0
         for s in progress_bar(range(len(test)), total=len(test), desc="IIF test samples",
@@ -194,10 +206,10 @@ class IntegratedInfluence:
                 res = self._integrate(base.targets, one, gen)
             scores[s] = res.scores[0]
             deltas[s] = self._delta(one, base.state)[0]
-            fell_back[s] = base.fell_back
+            status[s] = _status(base)
             dampings += res.dampings
             retries += res.retries
-        return _PathResult(scores, dampings, retries, self.state), deltas, fell_back
+        return _PathResult(scores, dampings, retries, self.state), deltas, status
 
     def _shared(self, test: Data) -> tuple[_PathResult, np.ndarray, np.ndarray]:
         with seeded(self.seed, self.task.device):
@@ -205,8 +217,7 @@ class IntegratedInfluence:
             base = unlearning_baseline(self.task, self.fmodel, self.state, self.train, test,
                                        self.baseline, gen, self.progress)
             res = self._integrate(base.targets, test, gen)
-        fell_back = np.full(len(test), base.fell_back)
-        return res, self._delta(test, base.state), fell_back
+        return res, self._delta(test, base.state), np.full(len(test), _status(base), dtype=object)
 
     def _explicit(self, test: Data, targets: Any) -> tuple[_PathResult, np.ndarray, np.ndarray]:
         ybar = self._baseline_targets(targets)
@@ -222,7 +233,7 @@ class IntegratedInfluence:
                              epochs=self.path.epochs, lr=self.path.lr,
                              batch_size=self.path.batch_size, generator=gen)
                 theta0 = fitted.state
-        return res, self._delta(test, theta0), np.zeros(len(test), dtype=bool)
+        return res, self._delta(test, theta0), np.full(len(test), SOUND, dtype=object)
 
     # ---- the integral --------------------------------------------------------------------
     def _integrate(self, ybar: torch.Tensor, test: Data, gen: torch.Generator) -> _PathResult:

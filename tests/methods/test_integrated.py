@@ -1,0 +1,732 @@
+"""Integrated Influence against independent computations.
+
+Reference values are computed here from the definitions (explicit Hessians, per-sample
+gradients and least-squares fits with torch.autograd / torch.func / numpy), never from the
+engine's own outputs. Sign convention: a score > 0 means including the training sample raises
+the test loss.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import pearsonr, spearmanr
+from torch import nn
+from torch.func import functional_call, hessian, jacrev
+
+import iif
+from iif import (
+    Attribution,
+    BaselineSettings,
+    CurvatureSettings,
+    IntegratedInfluence,
+    PathSettings,
+    ProjectionSettings,
+    Recipe,
+    Task,
+)
+from iif.methods.linear import (
+    linear_delta,
+    linear_fit,
+    linear_iif,
+    linear_test_losses,
+    linear_unlearning_baseline,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny float64 models: threads only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- independent reference computations -----------------------------------------------------
+def _flat_model(model: nn.Module):
+    """theta* as one vector and ``forward(theta, x)`` through torch.func.functional_call."""
+    named = list(model.named_parameters())
+    names = [n for n, _ in named]
+    shapes = [p.shape for _, p in named]
+    sizes = [p.numel() for _, p in named]
+    theta = torch.cat([p.detach().reshape(-1) for _, p in named]).clone()
+
+    def forward(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(flat, sizes)
+        params = {n: q.reshape(s) for n, q, s in zip(names, parts, shapes, strict=True)}
+        return functional_call(model, params, (x,))
+
+    return theta, forward
+
+
+def _loss(kind: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss: mean squared error over outputs, or soft cross-entropy."""
+    if kind == "regression":
+        return ((out - target) ** 2).mean(-1)
+    return -(target * torch.log_softmax(out, -1)).sum(-1)
+
+
+def _targets(kind: str, y: np.ndarray, classes: int = 0) -> torch.Tensor:
+    if kind == "regression":
+        t = torch.as_tensor(y, dtype=torch.float64)
+        return t.reshape(t.shape[0], -1)
+    return nn.functional.one_hot(torch.as_tensor(y).long(), classes).double()
+
+
+def _sample_grads(forward, theta, kind, x, t) -> torch.Tensor:
+    """Per-sample loss gradients (n, M), one autograd call per sample."""
+    rows = []
+    for i in range(x.shape[0]):
+        th = theta.clone().requires_grad_(True)
+        value = _loss(kind, forward(th, x[i : i + 1]), t[i : i + 1]).sum()
+        rows.append(torch.autograd.grad(value, th)[0])
+    return torch.stack(rows)
+
+
+def _train_hessian(forward, theta, kind, x, t) -> torch.Tensor:
+    h = hessian(lambda th: _loss(kind, forward(th, x), t).mean())(theta)
+    return 0.5 * (h + h.T)
+
+
+def _ggn(forward, theta, kind, x, t) -> torch.Tensor:
+    """(1/N) sum_i J_i^T H_i J_i with J_i the output Jacobian, H_i the output-space Hessian."""
+    total = torch.zeros(theta.numel(), theta.numel(), dtype=torch.float64)
+    for i in range(x.shape[0]):
+        jac = jacrev(lambda th, xi=x[i : i + 1]: forward(th, xi)[0])(theta)  # (d, M)
+        out = forward(theta, x[i : i + 1])[0].detach()
+        h_out = hessian(lambda o, ti=t[i]: _loss(kind, o[None], ti[None])[0])(out)
+        total += jac.T @ h_out @ jac
+    return total / x.shape[0]
+
+
+def _influence(curv, damping, g_test, g_train) -> np.ndarray:
+    """-(1/N) g_test^T (C + damping I)^{-1} g_i, shape (n_test, N)."""
+    eye = torch.eye(curv.shape[0], dtype=torch.float64)
+    sol = torch.linalg.solve(curv + damping * eye, g_test.T)
+    return (-(g_train @ sol).T / g_train.shape[0]).numpy()
+
+
+def _safe_damping(curv: torch.Tensor) -> float:
+    """A damping that makes ``curv + damping I`` clearly positive definite."""
+    eig = torch.linalg.eigvalsh(curv)
+    return 1e-3 * float(eig.abs().max()) + 2.0 * max(0.0, -float(eig.min()))
+
+
+def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _losses(model: nn.Module, kind: str, x, y, classes: int = 0) -> np.ndarray:
+    with torch.no_grad():
+        out = model(torch.as_tensor(x))
+        return _loss(kind, out, _targets(kind, y, classes)).numpy()
+
+
+# ---- small trained problems -----------------------------------------------------------------
+class Problem:
+    def __init__(self, task, x, y, xt, yt, classes=0):
+        self.task, self.x, self.y, self.xt, self.yt, self.classes = task, x, y, xt, yt, classes
+
+    @property
+    def kind(self) -> str:
+        return self.task.kind
+
+
+def _mlp(sizes: list[int], seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    return nn.Sequential(*layers[:-1]).double()
+
+
+@pytest.fixture(scope="module")
+def mlp_regression() -> Problem:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 3))
+    w = np.array([1.0, -1.0, 0.5])
+    y = np.sin(x @ w)[:, None] + 0.1 * rng.normal(size=(60, 1))
+    xt = rng.normal(size=(4, 3))
+    yt = np.sin(xt @ w)[:, None]
+    task = Task(_mlp([3, 8, 1], 0), "regression", Recipe(lr=0.1, epochs=300, batch_size=20))
+    iif.train(task, (x, y), seed=0)
+    return Problem(task, x, y, xt, yt)
+
+
+@pytest.fixture(scope="module")
+def mlp_classifier() -> Problem:
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(4, 3))
+    x = rng.normal(size=(60, 4))
+    y = np.argmax(x @ w + 0.5 * rng.normal(size=(60, 3)), 1)
+    xt = rng.normal(size=(4, 4))
+    yt = np.argmax(xt @ w, 1)
+    task = Task(_mlp([4, 16, 3], 1), "classification", Recipe(lr=0.3, epochs=200, batch_size=20))
+    iif.train(task, (x, y), seed=0)
+    return Problem(task, x, y, xt, yt, classes=3)
+
+
+@pytest.fixture(scope="module")
+def linear_regression() -> Problem:
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(40, 3))
+    y = x @ np.array([0.5, -1.0, 2.0]) + 0.3 + 0.2 * rng.normal(size=40)
+    xt = rng.normal(size=(3, 3))
+    yt = xt @ np.array([0.5, -1.0, 2.0]) + 0.3
+    torch.manual_seed(2)
+    task = Task(nn.Linear(3, 1).double(), "regression", Recipe(lr=0.1, epochs=200, batch_size=40))
+    iif.train(task, (x, y[:, None]), seed=0)
+    return Problem(task, x, y[:, None], xt, yt[:, None])
+
+
+# ---- (a) Lemma 2.5 / Corollary 2.6: K = 1 is the influence function -----------------------------
+def _k1_against_if(problem: Problem, kind: str, sparse: bool):
+    """IIF with K=1 and baseline f(x; theta*), and the IF with the same damped curvature."""
+    model = problem.task.model
+    theta, forward = _flat_model(model)
+    x = torch.as_tensor(problem.x)
+    t = _targets(problem.kind, problem.y, problem.classes)
+    xt = torch.as_tensor(problem.xt)
+    tt = _targets(problem.kind, problem.yt, problem.classes)
+    if kind == "hessian":
+        curv = _train_hessian(forward, theta, problem.kind, x, t)
+    elif kind == "ggn":
+        curv = _ggn(forward, theta, problem.kind, x, t)
+    else:
+        g = _sample_grads(forward, theta, problem.kind, x, t)
+        curv = g.T @ g / x.shape[0]
+    damping = _safe_damping(curv)
+    g_train = _sample_grads(forward, theta, problem.kind, x, t)
+    g_test = _sample_grads(forward, theta, problem.kind, xt, tt)
+    reference = _influence(curv, damping, g_test, g_train)
+
+    with torch.no_grad():
+        out = model(x)
+    base = out if problem.kind == "regression" else torch.softmax(out, -1)
+    method = IntegratedInfluence(
+        problem.task, (problem.x, problem.y),
+        path=PathSettings(steps=1, sparse=sparse),
+        curvature=CurvatureSettings(kind=kind, damping=damping),
+    )
+    result = method.attribute((problem.xt, problem.yt), baseline_targets=base.numpy())
+    assert result.info["damping_retries"] == 0
+    assert result.info["damping"] == [damping]
+    return result.scores, reference, torch.softmax(out, -1)
+
+
+@pytest.mark.parametrize("fixture", ["mlp_regression", "linear_regression"])
+def test_k1_equals_influence_function_regression(fixture, request):
+    problem = request.getfixturevalue(fixture)
+    scores, reference, _ = _k1_against_if(problem, "hessian", sparse=False)
+    assert np.abs(reference).max() > 1e-6
+    assert _max_rel(scores, reference) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["hessian", "fisher", "ggn"])
+def test_k1_equals_influence_function_classification(mlp_classifier, kind):
+    scores, reference, _ = _k1_against_if(mlp_classifier, kind, sparse=False)
+    assert np.abs(reference).max() > 1e-6
+    assert _max_rel(scores, reference) < 1e-6
+
+
+def test_k1_sparse_targets_scale_influence_by_one_minus_p(mlp_classifier):
+    scores, reference, probs = _k1_against_if(mlp_classifier, "hessian", sparse=True)
+    p_true = probs[torch.arange(len(mlp_classifier.y)), torch.as_tensor(mlp_classifier.y)]
+    expected = reference * (1.0 - p_true.numpy())[None, :]
+    assert _max_rel(scores, expected) < 1e-6
+    # and the factor matters: the dense IF itself is not the answer
+    assert _max_rel(scores, reference) > 1e-2
+
+
+# ---- (b) linear regression: closed form and the engine ---------------------------------------
+def _linear_data(seed: int = 1, n: int = 80, dim: int = 5, d: int = 2, n_test: int = 4):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, dim))
+    w = rng.normal(size=(dim, d))
+    y = x @ w + 0.5 * rng.normal(size=(n, d))
+    xt = rng.normal(size=(n_test, dim))
+    yt = xt @ w + 0.5 * rng.normal(size=(n_test, d))
+    ybar = x @ (w + 0.3 * rng.normal(size=(dim, d))) + 0.3 * rng.normal(size=(n, d))
+    return x, y, xt, yt, ybar
+
+
+def _lstsq_losses(x, targets, xt, yt):
+    theta = np.linalg.lstsq(x, targets, rcond=None)[0]
+    return np.mean((xt @ theta - yt) ** 2, axis=1)
+
+
+def test_linear_closed_form_completeness_is_exact():
+    x, y, xt, yt, ybar = _linear_data()
+    delta = _lstsq_losses(x, y, xt, yt) - _lstsq_losses(x, ybar, xt, yt)
+    scores = linear_iif(x, y, xt, yt, ybar)
+    assert scores.shape == (4, 80)
+    assert np.abs(delta).min() > 1e-3
+    np.testing.assert_allclose(scores.sum(1), delta, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(linear_delta(x, y, xt, yt, ybar), delta, rtol=1e-8, atol=1e-10)
+    # one baseline per test sample (n_test, N, d)
+    rng = np.random.default_rng(5)
+    per_test = ybar[None] + 0.2 * rng.normal(size=(4,) + ybar.shape)
+    scores = linear_iif(x, y, xt, yt, per_test)
+    for s in range(4):
+        d_s = (_lstsq_losses(x, y, xt[s : s + 1], yt[s : s + 1])
+               - _lstsq_losses(x, per_test[s], xt[s : s + 1], yt[s : s + 1]))
+        np.testing.assert_allclose(scores[s].sum(), d_s[0], rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("steps", [None, 3])
+def test_linear_closed_form_matches_the_integral_definition(steps):
+    """-int G(t)^T H^{-1} (1/N) J_i rho_i'(t) dt evaluated literally with torch.func."""
+    x, y, xt, yt, ybar = _linear_data(n=30, dim=3, d=2, n_test=2)
+    n, dim = x.shape
+    d = y.shape[1]
+    X, Y, Ybar = (torch.as_tensor(a) for a in (x, y, ybar))
+
+    def train_loss(th, rho):
+        return ((X @ th.reshape(dim, d) - rho) ** 2).mean(-1).mean()
+
+    def sample_grad(th, xi, rho_i):
+        return torch.func.grad(lambda q: ((xi @ q.reshape(dim, d) - rho_i) ** 2).mean())(th)
+
+    if steps is None:
+        nodes, weights = np.polynomial.legendre.leggauss(3)
+        ts, ws = (nodes + 1) / 2, weights / 2
+    else:
+        ts, ws = np.arange(1, steps + 1) / steps, np.full(steps, 1.0 / steps)
+    expected = np.zeros((2, n))
+    for tk, wk in zip(ts, ws, strict=True):
+        rho = tk * Y + (1 - tk) * Ybar
+        th = torch.as_tensor(np.linalg.lstsq(x, rho.numpy(), rcond=None)[0]).reshape(-1)
+        h = hessian(lambda q, r=rho: train_loss(q, r))(th)
+        for s in range(2):
+            xs, ys = torch.as_tensor(xt[s]), torch.as_tensor(yt[s])
+            g = torch.func.grad(
+                lambda q, xs=xs, ys=ys: ((xs @ q.reshape(dim, d) - ys) ** 2).mean())(th)
+            hg = torch.linalg.solve(h, g)
+            for i in range(n):
+                # J_i rho_i' as the derivative in epsilon of grad_theta l(theta, rho_i + eps rho')
+                _, jdy = torch.func.jvp(lambda r, i=i, th=th: sample_grad(th, X[i], r),
+                                        (rho[i],), (Y[i] - Ybar[i],))
+                expected[s, i] += -wk * float(hg @ jdy) / n
+    got = linear_iif(x, y, xt, yt, ybar, steps=steps)
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_linear_unlearning_baseline_is_the_stationary_point():
+    x, y, xt, yt, _ = _linear_data(n=50, dim=4, d=2)
+    X, Y = torch.as_tensor(x), torch.as_tensor(y)
+    xs, ys = torch.as_tensor(xt[0]), torch.as_tensor(yt[0])
+    for direction, sign in (("unlearn", -1.0), ("reinforce", 1.0)):
+        lam = 30.0
+        theta = linear_unlearning_baseline(x, y, xt[0], yt[0], lam, direction)
+        th = torch.as_tensor(theta).requires_grad_(True)
+        objective = (((X @ th - Y) ** 2).mean(-1).mean()
+                     + sign * ((xs @ th - ys) ** 2).mean() / lam)
+        (grad,) = torch.autograd.grad(objective, th)
+        assert float(grad.abs().max()) < 1e-10
+        h = hessian(lambda q, s=sign, lam=lam: (((X @ q - Y) ** 2).mean(-1).mean()
+                                                + s * ((xs @ q - ys) ** 2).mean() / lam))(
+            th.detach())
+        assert float(torch.linalg.eigvalsh(h.reshape(theta.size, theta.size)).min()) > 0
+    unlearned = linear_unlearning_baseline(x, y, xt[0], yt[0], 30.0)
+    assert linear_test_losses(unlearned, xt[:1], yt[:1])[0] > linear_test_losses(
+        linear_fit(x, y), xt[:1], yt[:1])[0]
+    with pytest.raises(ValueError, match="positive definite"):
+        linear_unlearning_baseline(x, y, 10 * xt[0], yt[0], 0.5)
+
+
+def _linear_engine(x, y, steps, epochs, baseline=None):
+    """nn.Linear without bias at the least-squares fit, full-batch path models."""
+    n, dim = x.shape
+    d = y.shape[1]
+    model = nn.Linear(dim, d, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.as_tensor(np.linalg.lstsq(x, y, rcond=None)[0].T))
+    lam_max = float(np.linalg.eigvalsh(2.0 * x.T @ x / (n * d)).max())
+    lr = 1.0 / lam_max
+    task = Task(model, "regression", Recipe(lr=lr, epochs=1, batch_size=n))
+    return IntegratedInfluence(
+        task, (x, y), baseline=baseline,
+        path=PathSettings(steps=steps, epochs=epochs, lr=lr, batch_size=n),
+        curvature=CurvatureSettings(kind="hessian", damping=1e-10),
+    )
+
+
+def test_engine_agrees_with_linear_closed_form():
+    """SGD path models + explicit Hessian reproduce the closed form.
+
+    The engine is the right-endpoint Euler sum (G at t_k = k/K), so it matches
+    ``linear_iif(steps=K)`` to solver precision; against the exact integral its error is the
+    Euler error, which is O(1/K): the mean residual over the path is
+    ``r' + (K+1)/(2K) (r* - r')`` instead of ``(r* + r')/2``, off by ``(r* - r')/(2K)``.
+    """
+    x, y, xt, yt, ybar = _linear_data()
+    exact = linear_iif(x, y, xt, yt, ybar)
+    errors = {}
+    for steps in (16, 32):
+        result = _linear_engine(x, y, steps, epochs=80).attribute((xt, yt), baseline_targets=ybar)
+        assert result.info["damping_retries"] == 0
+        euler = linear_iif(x, y, xt, yt, ybar, steps=steps)
+        assert _max_rel(result.scores, euler) < 1e-7
+        errors[steps] = _max_rel(result.scores, exact)
+        # the closed form's Euler error is the whole error, and it is first order
+        assert errors[steps] <= _max_rel(euler, exact) + 1e-7
+        for s in range(len(xt)):
+            assert spearmanr(result.scores[s], exact[s])[0] > 0.99
+        np.testing.assert_allclose(result.completeness["delta"],
+                                   linear_delta(x, y, xt, yt, ybar), rtol=1e-7)
+        np.testing.assert_allclose(result.completeness["sum"], euler.sum(1), rtol=1e-7)
+    assert errors[32] < 0.05
+    assert 1.8 < errors[16] / errors[32] < 2.2
+
+
+def test_engine_unlearning_baseline_matches_linear_closed_form():
+    """Per-test unlearning run to convergence lands on the exact minimiser of Eq. 12."""
+    x, y, xt, yt, _ = _linear_data(n=60, dim=4, d=1, n_test=3)
+    n = x.shape[0]
+    lam = 40.0
+    lr = 1.0 / float(np.linalg.eigvalsh(2.0 * x.T @ x / n).max())
+    method = _linear_engine(
+        x, y, steps=4, epochs=80,
+        baseline=BaselineSettings(lam=lam, epochs=300, lr=lr, batch_size=n),
+    )
+    result = method.attribute((xt, yt))
+    assert result.info["fallbacks"] == 0
+    thetas = [linear_unlearning_baseline(x, y, xt[s], yt[s], lam) for s in range(3)]
+    ybar = np.stack([x @ th for th in thetas])  # (n_test, N, 1)
+    np.testing.assert_allclose(result.completeness["delta"], linear_delta(x, y, xt, yt, ybar),
+                               rtol=1e-6)
+    assert np.all(result.completeness["delta"] < 0)
+    expected = linear_iif(x, y, xt, yt, ybar, steps=4)
+    assert _max_rel(result.scores, expected) < 1e-6
+
+
+# ---- (c) completeness on a small MLP -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def teacher_student() -> Problem:
+    """A 5-3-1 tanh MLP fitted (L-BFGS) to a teacher of the same shape: 22 params, N=150."""
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.copy_(0.5 * torch.as_tensor(rng.normal(size=tuple(p.shape))))
+        teacher[2].weight.mul_(4.0)
+    x = rng.normal(size=(150, 5))
+    xt = rng.normal(size=(3, 5))
+    with torch.no_grad():
+        y = teacher(torch.as_tensor(x)).numpy() + 0.1 * rng.normal(size=(150, 1))
+        yt = teacher(torch.as_tensor(xt)).numpy() + 0.1 * rng.normal(size=(3, 1))
+    model = nn.Sequential(nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    model.load_state_dict(teacher.state_dict())
+    X, Y = torch.as_tensor(x), torch.as_tensor(y)
+    opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=2000, tolerance_grad=1e-13,
+                            tolerance_change=1e-16, history_size=50,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = ((model(X) - Y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    task = Task(model, "regression", Recipe(lr=0.1, momentum=0.9, epochs=1, batch_size=150))
+    return Problem(task, x, y, xt, yt)
+
+
+@pytest.mark.slow
+def test_completeness_gap_shrinks_with_k(teacher_student):
+    p = teacher_student
+    theta, forward = _flat_model(p.task.model)
+    x, t = torch.as_tensor(p.x), torch.as_tensor(p.y)
+    grad = torch.func.grad(lambda th: _loss("regression", forward(th, x), t).mean())(theta)
+    assert float(grad.norm()) < 1e-5  # theta* is a minimiser
+    assert float(torch.linalg.eigvalsh(_train_hessian(forward, theta, "regression", x, t))[0]) > 0
+
+    gaps = {}
+    for steps in (1, 4, 16):
+        method = IntegratedInfluence(
+            p.task, (p.x, p.y),
+            baseline=BaselineSettings(lam=10.0, epochs=5, batch_size=150),
+            path=PathSettings(steps=steps, epochs=100, batch_size=150),
+            curvature=CurvatureSettings(kind="hessian", damping=1e-9),
+        )
+        result = method.attribute((p.xt, p.yt))
+        assert result.info["fallbacks"] == 0
+        assert result.info["damping_retries"] == 0
+        comp = result.completeness
+        assert np.all(comp["delta"] < 0)  # unlearning raised every test loss
+        gaps[steps] = comp["gap"]
+    assert np.all(gaps[1] > gaps[4])
+    assert np.all(gaps[4] > gaps[16])
+    assert gaps[16].max() < 0.06
+    # first-order convergence: 4x the steps cut the gap by clearly more than 2x
+    assert np.all(gaps[4] / gaps[16] > 2.5)
+
+
+# ---- (d) projection ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def projection_problem() -> Problem:
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(6, 3))
+    x = rng.normal(size=(150, 6))
+    y = np.argmax(x @ w + 0.5 * rng.normal(size=(150, 3)), 1)
+    xt = rng.normal(size=(4, 6))
+    yt = np.argmax(xt @ w, 1)
+    task = Task(_mlp([6, 24, 3], 0), "classification", Recipe(lr=0.3, epochs=200, batch_size=50))
+    iif.train(task, (x, y), seed=0)
+    return Problem(task, x, y, xt, yt, classes=3)  # 243 parameters
+
+
+def _projected(problem: Problem, dim, seed=0, damping=None):
+    method = IntegratedInfluence(
+        problem.task, (problem.x, problem.y),
+        baseline=BaselineSettings(mode="shared", epochs=3),
+        path=PathSettings(steps=2),
+        projection=ProjectionSettings(dim=dim, seed=seed),
+        curvature=CurvatureSettings(kind="fisher", damping=damping),
+    )
+    return method.attribute((problem.xt, problem.yt)).scores
+
+
+def _agreement(scores, reference):
+    corr = np.mean([pearsonr(scores[s], reference[s])[0] for s in range(len(scores))])
+    rel = np.linalg.norm(scores - reference) / np.linalg.norm(reference)
+    return corr, rel
+
+
+@pytest.mark.slow
+def test_projected_scores_approach_unprojected(projection_problem):
+    damping = 1e-3
+    reference = _projected(projection_problem, None, damping=damping)
+    corr, rel = {}, {}
+    for dim in (16, 64, 256, 1024):
+        pairs = [_agreement(_projected(projection_problem, dim, seed, damping), reference)
+                 for seed in (0, 1)]
+        corr[dim], rel[dim] = np.mean(pairs, axis=0)
+    dims = sorted(corr)
+    for lo, hi in zip(dims[:-1], dims[1:], strict=True):
+        assert corr[hi] > corr[lo] + 0.02
+        assert rel[hi] < rel[lo] - 0.02
+    assert corr[1024] > 0.95
+    assert rel[1024] < 0.25
+    assert corr[16] < 0.6  # a 16-dim projection of 243 parameters is visibly lossy
+
+
+@pytest.mark.slow
+def test_projected_scores_approach_unprojected_with_default_damping(projection_problem):
+    """With the default damping (a ratio of the mean eigenvalue) more dimensions must not
+    move the scores away from the unprojected ones once P exceeds the parameter count."""
+    reference = _projected(projection_problem, None)
+    rel = {dim: _agreement(_projected(projection_problem, dim), reference)[1]
+           for dim in (256, 1024, 4096)}
+    assert rel[1024] < rel[256] + 0.05
+    assert rel[4096] < rel[1024] + 0.05
+    assert rel[4096] < 0.25
+
+
+# ---- (e) sign: removing the most positive samples lowers the test loss -----------------------
+def test_removing_top_positive_samples_lowers_test_loss():
+    rng = np.random.default_rng(0)
+    w = np.array([1.0, -2.0, 0.5, 0.3])
+
+    def draw(n):
+        x = np.hstack([rng.normal(size=(n, 3)), np.ones((n, 1))])
+        return x, x @ w + 0.5 * rng.standard_t(3, size=n)
+
+    (x, y), (xt, yt) = draw(60), draw(8)  # noisy test labels: no test loss is near zero
+    model = nn.Linear(4, 1, bias=False).double()
+    task = Task(model, "regression", Recipe(lr=0.05, epochs=300, batch_size=20))
+    iif.train(task, (x, y[:, None]), seed=0)
+    result = IntegratedInfluence(task, (x, y[:, None])).attribute((xt, yt[:, None]))
+    assert result.info["fallbacks"] == 0
+
+    def retrained_loss(keep, s):
+        theta = np.linalg.lstsq(x[keep], y[keep], rcond=None)[0]  # exact retraining
+        return float((xt[s] @ theta - yt[s]) ** 2)
+
+    k, everyone = 8, np.arange(60)
+    drops = []  # (top, random, bottom) change of the retrained test loss per test sample
+    for s in range(len(xt)):
+        full = retrained_loss(everyone, s)
+        top = np.argsort(-result.scores[s])[:k]
+        bottom = np.argsort(result.scores[s])[:k]
+        drops.append([
+            retrained_loss(np.setdiff1d(everyone, top), s) - full,
+            np.mean([retrained_loss(np.setdiff1d(everyone, rng.choice(60, k, replace=False)), s)
+                     - full for _ in range(20)]),
+            retrained_loss(np.setdiff1d(everyone, bottom), s) - full,
+        ])
+    top, rand, bottom = np.array(drops).T
+    # removing opponents (positive scores) lowers the test loss, removing proponents raises it
+    assert top.mean() < min(0.0, rand.mean()) and bottom.mean() > max(0.0, rand.mean())
+    assert np.mean(top < rand) > 0.5 and np.mean(rand < bottom) > 0.5
+
+
+# ---- (f) modes -------------------------------------------------------------------------------
+def _full_batch(problem: Problem, **kwargs) -> IntegratedInfluence:
+    n = len(problem.x)
+    return IntegratedInfluence(
+        problem.task, (problem.x, problem.y),
+        path=PathSettings(steps=3, epochs=1, batch_size=n),
+        **kwargs,
+    )
+
+
+def test_shared_baseline_shapes(mlp_classifier):
+    p = mlp_classifier
+    method = _full_batch(p, baseline=BaselineSettings(mode="shared", batch_size=len(p.x)))
+    result = method.attribute((p.xt, p.yt))
+    assert result.scores.shape == (4, 60)
+    assert result.info["baseline_mode"] == "shared"
+    for key in ("sum", "delta", "gap"):
+        assert result.completeness[key].shape == (4,)
+    np.testing.assert_allclose(result.completeness["sum"], result.scores.sum(1))
+    # a shared theta' moves every test loss: delta is a per-sample difference, not one number
+    assert len(np.unique(np.round(result.completeness["delta"], 12))) == 4
+
+
+def test_per_test_group_of_one_equals_shared(mlp_classifier):
+    p = mlp_classifier
+    n = len(p.x)
+    for s in (0, 2):
+        one = (p.xt[s : s + 1], p.yt[s : s + 1])
+        per_test = _full_batch(p, baseline=BaselineSettings(batch_size=n)).attribute(one)
+        shared = _full_batch(
+            p, baseline=BaselineSettings(mode="shared", batch_size=n)).attribute(one)
+        np.testing.assert_allclose(per_test.scores, shared.scores, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(per_test.completeness["delta"], shared.completeness["delta"],
+                                   rtol=1e-10)
+
+
+def test_explicit_baseline_targets_with_wrong_shape_raise(mlp_classifier, mlp_regression):
+    method = IntegratedInfluence(mlp_classifier.task, (mlp_classifier.x, mlp_classifier.y))
+    test = (mlp_classifier.xt, mlp_classifier.yt)
+    for bad in (np.full((61, 3), 1 / 3), np.full((60, 4), 0.25), np.zeros(59, dtype=int),
+                np.full(60, 3), np.full((60, 3), np.nan)):
+        with pytest.raises(ValueError):
+            method.attribute(test, baseline_targets=bad)
+    method = IntegratedInfluence(mlp_regression.task, (mlp_regression.x, mlp_regression.y))
+    with pytest.raises(ValueError):
+        method.attribute((mlp_regression.xt, mlp_regression.yt), baseline_targets=np.zeros((60, 2)))
+
+
+@pytest.mark.parametrize("direction", ["unlearn", "reinforce"])
+def test_direction_sets_the_sign_of_delta(mlp_classifier, direction):
+    p = mlp_classifier
+    method = _full_batch(p, baseline=BaselineSettings(direction=direction, lam=2.0, epochs=5))
+    result = method.attribute((p.xt, p.yt))
+    assert result.info["fallbacks"] == 0
+    delta = result.completeness["delta"]
+    # delta = L_test(theta*) - L_test(theta'), with L_test(theta*) computed here
+    before = _losses(p.task.model, p.kind, p.xt, p.yt, p.classes)
+    assert np.all(before - delta > 0)
+    if direction == "unlearn":
+        assert np.all(delta < 0)
+    else:
+        assert np.all(delta > 0)
+        assert np.all(delta < before)
+
+
+def test_diverging_unlearning_falls_back_to_theta_star(mlp_regression):
+    p = mlp_regression
+    n = len(p.x)
+    diverging = _full_batch(p, baseline=BaselineSettings(lr=1e8, lam=0.01, epochs=5))
+    result = diverging.attribute((p.xt, p.yt))
+    assert result.info["fallbacks"] == 4
+    assert result.info["fallback_tests"] == [0, 1, 2, 3]
+    np.testing.assert_array_equal(result.completeness["delta"], np.zeros(4))
+    # the fallback baseline is f(x; theta*): the same path as explicit model outputs
+    with torch.no_grad():
+        outputs = p.task.model(torch.as_tensor(p.x)).numpy()
+    explicit = _full_batch(p).attribute((p.xt, p.yt), baseline_targets=outputs)
+    np.testing.assert_allclose(result.scores, explicit.scores, rtol=1e-9,
+                               atol=1e-12 * np.abs(explicit.scores).max())
+    sane = _full_batch(p, baseline=BaselineSettings(batch_size=n)).attribute((p.xt, p.yt))
+    assert sane.info["fallbacks"] == 0
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_self_influence_k1_closed_form(mlp_classifier, sparse):
+    """K=1 self-influence with the per-sample baseline theta'_i = theta* + eta grad l_i:
+    I_i(i) = -(1/N) psi_i^T (F + delta I)^{-1} grad l_i with psi_i = J_i^T (q_i - y_i) for
+    q_i = softmax f(x_i; theta'_i), which for sparse targets is (1 - q_{i,y_i}) grad l_i."""
+    p = mlp_classifier
+    eta, damping = 0.5, 1e-3
+    method = IntegratedInfluence(
+        p.task, (p.x, p.y),
+        baseline=BaselineSettings(self_step=eta),
+        path=PathSettings(steps=1, sparse=sparse),
+        curvature=CurvatureSettings(kind="fisher", damping=damping),
+    )
+    idx = np.array([0, 3, 7, 11, 59])
+    got = method.self_influence(idx)
+    assert got.shape == (5,)
+    assert method.self_influence().shape == (60,)
+
+    theta, forward = _flat_model(p.task.model)
+    x, t = torch.as_tensor(p.x), _targets(p.kind, p.y, 3)
+    g = _sample_grads(forward, theta, p.kind, x, t)
+    fisher = g.T @ g / 60 + damping * torch.eye(theta.numel(), dtype=torch.float64)
+    expected = []
+    for i in idx:
+        with torch.no_grad():
+            q = torch.softmax(forward(theta + eta * g[i], x[i : i + 1])[0], -1)
+        if sparse:
+            psi = (1.0 - q[p.y[i]]) * g[i]
+        else:
+            jac = jacrev(lambda th, xi=x[i : i + 1]: forward(th, xi)[0])(theta)
+            psi = jac.T @ (q - t[i])
+        expected.append(-float(psi @ torch.linalg.solve(fisher, g[i])) / 60)
+    np.testing.assert_allclose(got, expected, rtol=1e-8)
+    if sparse:
+        assert np.all(got < 0)
+
+
+def test_self_influence_flags_mislabelled_samples():
+    rng = np.random.default_rng(3)
+    centers = 3.0 * rng.normal(size=(3, 2))
+    y = np.repeat(np.arange(3), 40)
+    x = centers[y] + rng.normal(size=(120, 2))
+    flipped = rng.choice(120, 12, replace=False)
+    noisy = y.copy()
+    noisy[flipped] = (y[flipped] + rng.integers(1, 3, size=12)) % 3
+    task = Task(_mlp([2, 8, 3], 3), "classification", Recipe(lr=0.2, epochs=200, batch_size=40))
+    iif.train(task, (x, noisy), seed=0)
+    scores = IntegratedInfluence(task, (x, noisy)).self_influence()
+    mask = np.zeros(120, dtype=bool)
+    mask[flipped] = True
+    assert scores[mask].mean() < scores[~mask].mean()
+    # rank-based AUC of -self-influence for finding the flipped labels
+    ranks = np.argsort(np.argsort(-scores)) + 1
+    auc = (ranks[mask].sum() - 12 * 13 / 2) / (12 * 108)
+    assert auc > 0.8
+
+
+# ---- (g) determinism and storage --------------------------------------------------------------
+def test_same_seed_same_scores_and_round_trip(mlp_classifier, tmp_path):
+    p = mlp_classifier
+
+    def run(seed):
+        return IntegratedInfluence(p.task, (p.x, p.y), seed=seed,
+                                   projection=ProjectionSettings(dim=32, seed=seed)
+                                   ).attribute((p.xt, p.yt))
+
+    first, second, other = run(0), run(0), run(1)
+    np.testing.assert_array_equal(first.scores, second.scores)
+    for key in ("sum", "delta", "gap"):
+        np.testing.assert_array_equal(first.completeness[key], second.completeness[key])
+    assert not np.allclose(first.scores, other.scores)  # the seed does reach minibatches
+
+    first.save(tmp_path / "iif")
+    loaded = Attribution.load(tmp_path / "iif")
+    np.testing.assert_array_equal(loaded.scores, first.scores)
+    assert loaded.method == "iif"
+    for key in ("sum", "delta", "gap"):
+        np.testing.assert_array_equal(loaded.completeness[key], first.completeness[key])
+    assert loaded.settings["path"] == first.settings["path"]
+    assert loaded.settings["baseline"] == first.settings["baseline"]
+    assert loaded.info["damping"] == first.info["damping"]
+    assert loaded.info["fallbacks"] == first.info["fallbacks"]

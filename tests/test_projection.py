@@ -1,0 +1,205 @@
+"""Seeded random projections: determinism, linearity, scaling and inner-product preservation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from iif.errors import InputError
+from iif.projection import (
+    IdentityProjector,
+    ProjectionSettings,
+    RandomProjector,
+    make_projector,
+)
+
+M = 300
+
+
+def _vectors(n, m=M, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, m, generator=gen, dtype=torch.float64)
+
+
+def _matrix(projector):
+    """The M x P matrix A, recovered by projecting the identity."""
+    return projector.project(torch.eye(projector.num_params, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("block_elements", [64, 1 << 22])
+def test_same_seed_same_projection(kind, block_elements):
+    settings = ProjectionSettings(dim=16, kind=kind, seed=5, block_elements=block_elements)
+    g = _vectors(4)
+    a = RandomProjector(M, settings).project(g)
+    b = RandomProjector(M, ProjectionSettings(**settings.to_dict())).project(g)
+    assert a.shape == (4, 16)
+    assert torch.equal(a, b)
+    # Applying the same projector twice regenerates the same blocks.
+    p = RandomProjector(M, settings)
+    assert torch.equal(p.project(g), p.project(g))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_different_seed_different_projection(kind):
+    g = _vectors(4)
+    a = RandomProjector(M, ProjectionSettings(dim=16, kind=kind, seed=0)).project(g)
+    b = RandomProjector(M, ProjectionSettings(dim=16, kind=kind, seed=1)).project(g)
+    assert not torch.allclose(a, b)
+
+
+def test_blocks_are_seeded_independently():
+    settings = ProjectionSettings(dim=8, seed=3, block_elements=8 * 10)
+    p = RandomProjector(M, settings)
+    assert len(p.blocks) == 30
+    assert p.blocks[0] == (0, 10)
+    assert p.blocks[-1] == (290, 300)
+    assert not torch.equal(p.block(0), p.block(1))
+    assert torch.equal(p.block(7), p.block(7))
+
+
+def test_uneven_last_block():
+    settings = ProjectionSettings(dim=8, seed=3, block_elements=8 * 7)
+    p = RandomProjector(M, settings)
+    assert sum(hi - lo for lo, hi in p.blocks) == M
+    assert p.blocks[-1] == (294, 300)
+    a = _matrix(p)
+    assert a.shape == (M, 8)
+
+
+@pytest.mark.parametrize("block_elements", [8 * 7, 1 << 22])
+def test_project_is_multiplication_by_the_assembled_blocks(block_elements):
+    settings = ProjectionSettings(dim=8, seed=2, block_elements=block_elements)
+    p = RandomProjector(M, settings, dtype=torch.float64)
+    a = torch.cat([p.block(i) for i in range(len(p.blocks))])
+    assert a.shape == (M, 8)
+    g = _vectors(5)
+    torch.testing.assert_close(p.project(g), g @ a, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_project_is_linear(kind):
+    p = RandomProjector(M, ProjectionSettings(dim=12, kind=kind, seed=4, block_elements=100))
+    u, v = _vectors(3, seed=1), _vectors(3, seed=2)
+    torch.testing.assert_close(
+        p.project(2.5 * u - 0.5 * v), 2.5 * p.project(u) - 0.5 * p.project(v),
+        rtol=1e-12, atol=1e-12,
+    )
+
+
+def test_project_keeps_leading_dimensions_and_dtype():
+    p = RandomProjector(M, ProjectionSettings(dim=6, seed=1, block_elements=50))
+    g = torch.randn(2, 3, M, dtype=torch.float64)
+    out = p.project(g)
+    assert out.shape == (2, 3, 6)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out[1], p.project(g[1]), rtol=1e-12, atol=1e-12)
+    assert p.project(g.float()).dtype == torch.float32
+
+
+def test_rademacher_entries():
+    dim = 25
+    settings = ProjectionSettings(dim=dim, kind="rademacher", seed=7, block_elements=dim * 40)
+    a = _matrix(RandomProjector(M, settings, dtype=torch.float64))
+    assert torch.equal(a.abs(), torch.full_like(a, dim ** -0.5))
+    a32 = torch.cat([RandomProjector(M, settings).block(i) for i in range(8)])
+    assert a32.dtype == torch.float32
+    assert torch.equal(a32.abs(), torch.full_like(a32, dim ** -0.5))
+    frac_pos = float((a > 0).double().mean())
+    assert 0.45 < frac_pos < 0.55
+    # Rows have squared norm exactly one: diag(A A^T) = 1.
+    torch.testing.assert_close((a * a).sum(1), torch.ones(M, dtype=torch.float64))
+
+
+def test_gaussian_entries_have_variance_one_over_dim():
+    dim = 50
+    a = _matrix(RandomProjector(M, ProjectionSettings(dim=dim, seed=1)))
+    assert abs(float(a.mean())) < 0.01
+    assert abs(float(a.var()) * dim - 1.0) < 0.03
+
+
+def _gram_error(kind, dim, u, seeds):
+    """Root-mean-square relative Frobenius error of the projected Gram matrix over seeds."""
+    exact = u @ u.T
+    errs = []
+    for seed in seeds:
+        p = RandomProjector(u.shape[1], ProjectionSettings(dim=dim, kind=kind, seed=seed),
+                            dtype=torch.float64)
+        f = p.project(u)
+        errs.append(float(torch.linalg.norm(f @ f.T - exact) ** 2 / torch.linalg.norm(exact) ** 2))
+    return (sum(errs) / len(errs)) ** 0.5
+
+
+def _gaussian_gram_error(u, dim):
+    """Expected RMS relative error for Gaussian A: Var<A^T u, A^T v> = (<u,v>^2 + |u|^2|v|^2)/P."""
+    g = u @ u.T
+    sq = torch.diagonal(g)
+    var = (g**2 + sq[:, None] * sq[None, :]).sum() / dim
+    return float(var.sqrt() / torch.linalg.norm(g))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_inner_products_preserved_with_shrinking_error(kind):
+    u = _vectors(20, seed=11)
+    dims = [16, 128, 1024]
+    errors = [_gram_error(kind, dim, u, seeds=range(6)) for dim in dims]
+    # Johnson-Lindenstrauss: the error scales like 1/sqrt(P), a factor ~2.8 per 8x.
+    for small, large in zip(errors, errors[1:], strict=False):
+        assert large < small / 2
+    for dim, err in zip(dims, errors, strict=True):
+        expected = _gaussian_gram_error(u, dim)
+        assert 0.6 * expected < err < 1.4 * expected
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_inner_products_unbiased(kind):
+    u, v = _vectors(1, seed=21)[0], _vectors(1, seed=22)[0]
+    exact = float(u @ v)
+    estimates = []
+    for seed in range(200):
+        p = RandomProjector(M, ProjectionSettings(dim=8, kind=kind, seed=seed),
+                            dtype=torch.float64)
+        pu, pv = p.project(torch.stack([u, v]))
+        estimates.append(float(pu @ pv))
+    mean = sum(estimates) / len(estimates)
+    # Standard error of the mean: sqrt((<u,v>^2 + |u|^2|v|^2) / P / n_seeds).
+    se = ((exact**2 + float(u @ u) * float(v @ v)) / 8 / len(estimates)) ** 0.5
+    assert abs(mean - exact) < 4 * se
+
+
+def test_identity_projector_returns_input():
+    p = make_projector(M, ProjectionSettings(dim=None), "cpu", torch.float64)
+    assert isinstance(p, IdentityProjector)
+    assert p.dim == M
+    g = _vectors(3)
+    assert torch.equal(p.project(g), g)
+
+
+def test_make_projector_random():
+    p = make_projector(M, ProjectionSettings(dim=10, seed=0), "cpu", torch.float64)
+    assert isinstance(p, RandomProjector)
+    assert p.dim == 10
+    assert p.dtype == torch.float64
+
+
+@pytest.mark.parametrize("size", [M - 1, M + 1])
+def test_wrong_vector_size(size):
+    p = RandomProjector(M, ProjectionSettings(dim=4))
+    with pytest.raises(InputError, match="size"):
+        p.project(torch.zeros(2, size))
+
+
+def test_random_projector_needs_a_dim():
+    with pytest.raises(InputError, match="dim"):
+        RandomProjector(M, ProjectionSettings(dim=None))
+
+
+@pytest.mark.parametrize("dim", [0, -3])
+def test_invalid_dim(dim):
+    with pytest.raises(ValueError, match="dim"):
+        ProjectionSettings(dim=dim)
+
+
+def test_invalid_kind():
+    with pytest.raises(ValueError, match="kind"):
+        ProjectionSettings(dim=4, kind="sparse")  # type: ignore[arg-type]

@@ -1,0 +1,246 @@
+"""The minibatch optimisation loop against a hand-written SGD loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.func import functional_call
+
+import iif
+from iif.grads import FunctionalModel
+from iif.task import Recipe, Task
+from iif.training import fit, seeded
+
+
+def _hand_sgd(model, x, y, *, lr, batch_size, epochs, seed, momentum=0.0, weight_decay=0.0,
+              extra_coef=0.0, max_steps=None):
+    """Plain minibatch SGD (PyTorch's momentum and weight-decay conventions) on MSE."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    velocity = {n: None for n in names}
+    gen = torch.Generator().manual_seed(seed)
+    n = x.shape[0]
+    losses, steps = [], 0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        total = 0.0
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            live = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+            out = functional_call(model, {**live, **buffers}, (x[idx],))
+            loss = ((out - y[idx]) ** 2).mean(dim=1).mean()
+            loss = loss + extra_coef * sum((p**2).sum() for p in live.values())
+            grads = torch.autograd.grad(loss, [live[k] for k in names])
+            for k, g in zip(names, grads, strict=True):
+                g = g + weight_decay * params[k]
+                if momentum:
+                    velocity[k] = g if velocity[k] is None else momentum * velocity[k] + g
+                    g = velocity[k]
+                params[k] = params[k] - lr * g
+            total += float(loss.detach()) * len(idx)
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                return params, losses + [total / (start + len(idx))]
+        losses.append(total / n)
+    return params, losses
+
+
+@pytest.mark.parametrize(
+    ("momentum", "weight_decay", "batch_size"), [(0.0, 0.0, 5), (0.0, 0.01, 4), (0.9, 0.02, 5)]
+)
+def test_fit_matches_hand_written_sgd(mlp_factory, regression_data, momentum, weight_decay,
+                                      batch_size):
+    x, y = regression_data
+    model = mlp_factory(seed=5)
+    task = Task(model, "regression", Recipe(lr=0.1, batch_size=batch_size, momentum=momentum,
+                                            weight_decay=weight_decay))
+    fmodel = FunctionalModel(model)
+    res = fit(task, fmodel, fmodel.state(), x, y, epochs=3,
+              generator=torch.Generator().manual_seed(17))
+    expected, losses = _hand_sgd(model, x, y, lr=0.1, batch_size=batch_size, epochs=3, seed=17,
+                                 momentum=momentum, weight_decay=weight_decay)
+    assert res.finite
+    assert set(res.state.params) == set(expected)
+    for k, v in expected.items():
+        torch.testing.assert_close(res.state.params[k], v, rtol=1e-10, atol=1e-12)
+    assert res.losses == pytest.approx(losses, rel=1e-10)
+
+
+def test_fit_lr_and_batch_size_override_recipe(mlp_factory, regression_data):
+    x, y = regression_data
+    model = mlp_factory(seed=6)
+    task = Task(model, "regression", Recipe(lr=5.0, batch_size=1))
+    fmodel = FunctionalModel(model)
+    res = fit(task, fmodel, fmodel.state(), x, y, epochs=2, lr=0.05, batch_size=3,
+              generator=torch.Generator().manual_seed(2))
+    expected, _ = _hand_sgd(model, x, y, lr=0.05, batch_size=3, epochs=2, seed=2)
+    for k, v in expected.items():
+        torch.testing.assert_close(res.state.params[k], v, rtol=1e-10, atol=1e-12)
+
+
+def test_fit_with_extra_loss(mlp_factory, regression_data):
+    x, y = regression_data
+    model = mlp_factory(seed=7)
+    task = Task(model, "regression", Recipe(lr=0.1, batch_size=5))
+    fmodel = FunctionalModel(model)
+
+    def extra(params, buffers):
+        return 0.05 * sum((p**2).sum() for p in params.values())
+
+    res = fit(task, fmodel, fmodel.state(), x, y, epochs=2, extra=extra,
+              generator=torch.Generator().manual_seed(4))
+    expected, losses = _hand_sgd(model, x, y, lr=0.1, batch_size=5, epochs=2, seed=4,
+                                 extra_coef=0.05)
+    for k, v in expected.items():
+        torch.testing.assert_close(res.state.params[k], v, rtol=1e-10, atol=1e-12)
+    assert res.losses == pytest.approx(losses, rel=1e-10)
+
+
+def test_fit_stop_after_first_step(mlp_factory, regression_data):
+    x, y = regression_data
+    model = mlp_factory(seed=8)
+    task = Task(model, "regression", Recipe(lr=0.1, batch_size=5))
+    fmodel = FunctionalModel(model)
+    calls = []
+
+    def stop(params, buffers):
+        calls.append(1)
+        return True
+
+    res = fit(task, fmodel, fmodel.state(), x, y, epochs=3, stop=stop,
+              generator=torch.Generator().manual_seed(9))
+    expected, losses = _hand_sgd(model, x, y, lr=0.1, batch_size=5, epochs=3, seed=9,
+                                 max_steps=1)
+    assert len(calls) == 1
+    assert res.finite
+    for k, v in expected.items():
+        torch.testing.assert_close(res.state.params[k], v, rtol=1e-10, atol=1e-12)
+    assert res.losses == pytest.approx(losses, rel=1e-10)
+
+
+def test_fit_zero_epochs_returns_the_state(mlp_factory, regression_data):
+    x, y = regression_data
+    model = mlp_factory()
+    task = Task(model, "regression")
+    fmodel = FunctionalModel(model)
+    state = fmodel.state()
+    res = fit(task, fmodel, state, x, y, epochs=0)
+    assert res.losses == []
+    for k, v in state.params.items():
+        assert torch.equal(res.state.params[k], v)
+
+
+def test_fit_does_not_modify_input_state_or_module(mlp_factory, regression_data):
+    x, y = regression_data
+    model = mlp_factory(batchnorm=True, seed=2).train()
+    module_before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    task = Task(model, "regression", Recipe(lr=0.1, batch_size=4))
+    fmodel = FunctionalModel(model)
+    state = fmodel.state()
+    snapshot = state.clone()
+    res = fit(task, fmodel, state, x, y, epochs=2, generator=torch.Generator().manual_seed(0))
+    for k in snapshot.params:
+        assert torch.equal(state.params[k], snapshot.params[k])
+        assert not state.params[k].requires_grad
+    assert not torch.equal(res.state.params["0.weight"], snapshot.params["0.weight"])
+    for k in snapshot.buffers:
+        assert torch.equal(state.buffers[k], snapshot.buffers[k])
+    # Training mode updated the running statistics of the result, not of the input.
+    assert not torch.equal(res.state.buffers["1.running_mean"], snapshot.buffers["1.running_mean"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, module_before[k])
+    assert model.training
+    assert all(not v.requires_grad for v in res.state.params.values())
+
+
+def test_fit_diverging_run_is_not_finite(mlp_factory, regression_data):
+    x, y = regression_data
+    model = mlp_factory(seed=3)
+    task = Task(model, "regression", Recipe(lr=1e6, batch_size=4))
+    fmodel = FunctionalModel(model)
+    res = fit(task, fmodel, fmodel.state(), x, y * 100, epochs=50,
+              generator=torch.Generator().manual_seed(0))
+    assert res.finite is False
+    assert len(res.losses) < 50
+    assert all(math.isfinite(v) for v in res.losses)
+
+
+def test_fit_nan_targets_are_not_finite(mlp_factory, regression_data):
+    x, y = regression_data
+    model = mlp_factory()
+    task = Task(model, "regression")
+    fmodel = FunctionalModel(model)
+    y = y.clone()
+    y[:] = float("nan")
+    res = fit(task, fmodel, fmodel.state(), x, y, epochs=2)
+    assert res.finite is False
+    assert res.losses == []
+
+
+def _mean_loss(model, x, y):
+    model.eval()
+    with torch.no_grad():
+        return float(((model(x) - y) ** 2).mean())
+
+
+def test_train_decreases_the_loss(mlp_factory, regression_data):
+    x, y = regression_data
+    model = mlp_factory(seed=1)
+    task = Task(model, "regression", Recipe(lr=0.1, epochs=30, batch_size=4))
+    before = _mean_loss(model, x, y)
+    losses = iif.train(task, (x, y), progress=False)
+    after = _mean_loss(model, x, y)
+    assert len(losses) == 30
+    assert after < 0.7 * before
+    assert losses[-1] < losses[0]
+
+
+def test_train_classifier_decreases_the_loss(mlp_factory, classification_data):
+    x, labels = classification_data
+    model = mlp_factory(out_dim=3, seed=2)
+    task = Task(model, "classification", Recipe(lr=0.2, epochs=40, batch_size=4))
+
+    def ce():
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(model(x), labels))
+
+    before = ce()
+    iif.train(task, (x.numpy(), labels.numpy()), progress=False)
+    assert ce() < 0.8 * before
+
+
+def test_train_is_deterministic_per_seed(mlp_factory, regression_data):
+    x, y = regression_data
+    trained = []
+    for seed in (0, 0, 1):
+        model = mlp_factory(seed=1)
+        iif.train(Task(model, "regression", Recipe(lr=0.1, epochs=3, batch_size=4)), (x, y),
+                  seed=seed, progress=False)
+        trained.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert torch.equal(trained[0], trained[1])
+    assert not torch.equal(trained[0], trained[2])
+
+
+def test_train_epochs_override_and_matches_fit(mlp_factory, regression_data):
+    x, y = regression_data
+    model = mlp_factory(seed=4)
+    task = Task(model, "regression", Recipe(lr=0.1, epochs=99, batch_size=5))
+    expected, _ = _hand_sgd(model, x, y, lr=0.1, batch_size=5, epochs=2, seed=3)
+    losses = iif.train(task, (x, y), epochs=2, seed=3, progress=False)
+    assert len(losses) == 2
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[k], rtol=1e-10, atol=1e-12)
+
+
+def test_seeded_restores_the_global_rng():
+    torch.manual_seed(123)
+    expected_next = torch.rand(4)
+    torch.manual_seed(123)
+    with seeded(5, torch.device("cpu")):
+        inside = torch.rand(3)
+    assert torch.equal(torch.rand(4), expected_next)
+    torch.manual_seed(5)
+    assert torch.equal(inside, torch.rand(3))
