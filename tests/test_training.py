@@ -244,3 +244,42 @@ def test_seeded_restores_the_global_rng():
     assert torch.equal(torch.rand(4), expected_next)
     torch.manual_seed(5)
     assert torch.equal(inside, torch.rand(3))
+
+
+def test_fit_rejected_epoch_returns_the_last_sound_one(mlp_factory, regression_data):
+    """``sound`` rejecting epoch 3 ends the run with the state after epoch 2, equal to a run of
+    two epochs from the same seed."""
+    x, y = regression_data
+    model = mlp_factory(seed=2)
+    task = Task(model, "regression", Recipe(lr=0.05, batch_size=4))
+    fmodel = FunctionalModel(model)
+    calls = []
+
+    def sound(state):
+        calls.append(state)
+        return len(calls) < 3
+
+    res = fit(task, fmodel, fmodel.state(), x, y, epochs=5, sound=sound,
+              generator=torch.Generator().manual_seed(0))
+    two = fit(task, fmodel, fmodel.state(), x, y, epochs=2,
+              generator=torch.Generator().manual_seed(0))
+    assert (res.finite, res.epochs, len(calls), len(res.losses)) == (False, 2, 3, 2)
+    for k in two.state.params:
+        torch.testing.assert_close(res.state.params[k], two.state.params[k], rtol=0, atol=0)
+
+
+def test_fit_nan_mid_run_keeps_the_last_finite_epoch(mlp_factory, regression_data):
+    x, y = regression_data
+    model = mlp_factory(seed=3)
+    task = Task(model, "regression", Recipe(lr=0.05, batch_size=4))
+    fmodel = FunctionalModel(model)
+    steps = []
+
+    def extra(params, buffers):  # a loss term that turns NaN in the third epoch
+        steps.append(1)
+        return torch.tensor(float("nan") if len(steps) > 6 else 0.0, dtype=torch.float64)
+
+    res = fit(task, fmodel, fmodel.state(), x, y, epochs=5, extra=extra,
+              generator=torch.Generator().manual_seed(0))
+    assert (res.finite, res.epochs) == (False, 2)  # 12 samples / batch 4: 3 steps per epoch
+    assert res.state.is_finite()

@@ -73,7 +73,7 @@ class Attribution:
             "info": self.info,
         }
         _atomic_write(folder / SCORES_FILE, lambda f: np.save(f, self.scores, allow_pickle=False))
-        text = json.dumps(_jsonable(meta), indent=2, allow_nan=False)
+        text = json.dumps(jsonable(meta), indent=2, allow_nan=False)
         _atomic_write(folder / META_FILE, lambda f: f.write(text.encode()))
         return folder
 
@@ -93,14 +93,14 @@ def _json_float(v: float) -> float | None:
     return None if not math.isfinite(v) else float(v)
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """Convert numpy scalars/arrays and non-finite floats to JSON-safe values."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, (bool, np.bool_)):
         return bool(obj)
     if isinstance(obj, (np.floating, float)):

@@ -41,7 +41,11 @@ class BaselineSettings:
     lam: lambda of Eq. 12; the objective is ``L_train -/+ L_test / lam``.
     epochs, lr, batch_size: of the unlearning run (None: the recipe's).
     stop_test_loss: end unlearning early once the mean test loss reaches this value (for
-        ``reinforce``: falls to it), e.g. ``log(C)``, chance level, for classification.
+        ``reinforce``: falls to it). ``"chance"`` (default) stops ``unlearn`` at the loss of a
+        predictor that ignores its input: ``log(C)`` for classification, the mean variance of
+        the training targets for regression (a test sample already above it gets one step); it
+        does not apply to ``reinforce``. Without a stop, the unbounded ascent of a ReLU network
+        grows its weights geometrically and often overflows within the first epoch.
     self_step: eta of the per-sample self-influence baselines (None: the recipe's lr).
     """
 
@@ -52,7 +56,7 @@ class BaselineSettings:
     lr: float | None = None
     batch_size: int | None = None
     divergence_factor: float = 10.0
-    stop_test_loss: float | None = None
+    stop_test_loss: float | Literal["chance"] | None = "chance"
     self_step: float | None = None
 
     def __post_init__(self) -> None:
@@ -66,6 +70,11 @@ class BaselineSettings:
             raise InputError(f"baseline lam must be positive and finite, got {self.lam!r}")
         if int(self.epochs) < 0:
             raise InputError(f"baseline epochs must be >= 0, got {self.epochs!r}")
+        stop = self.stop_test_loss
+        if not (stop is None or stop == "chance" or
+                (isinstance(stop, (int, float)) and math.isfinite(stop))):
+            raise InputError(
+                f"baseline stop_test_loss must be a number, 'chance' or None, got {stop!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,6 +123,8 @@ def unlearning_baseline(
 
     stop = None
     target = settings.stop_test_loss
+    if target == "chance":
+        target = trivial_loss(task, train.targets) if sign < 0 else None
     if target is not None:
         def stop(params, buffers) -> bool:
             with torch.no_grad():

@@ -1,0 +1,146 @@
+"""The ``iif`` command line.
+
+    iif demo --out DIR [--n-test N] [--seed S] [--quick] [--no-progress] [--threads T]
+    iif --version
+
+Each subcommand is a function ``_cmd_<name>(args) -> int`` registered in :func:`build_parser`
+with ``set_defaults(handler=...)``. Bad input ends the program with one line on stderr and a
+non-zero exit code: 2 for a malformed command line, 1 for input rejected while running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import iif
+from iif.errors import InputError
+
+log = logging.getLogger("iif")
+
+EXIT_OK = 0
+EXIT_INPUT = 1
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version or a usage error already printed
+        return _exit_code(exc.code)
+    _configure_logging(getattr(args, "verbose", 0))
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return int(args.handler(args))
+    except (InputError, ValueError, OSError) as exc:
+        log.debug("error details", exc_info=True)
+        print(f"iif: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("iif: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="more log output (debug messages)")
+    common.add_argument("--threads", type=_positive_int, default=argparse.SUPPRESS,
+                        metavar="T", help="CPU threads for torch (default: torch's choice)")
+    common.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                        default=argparse.SUPPRESS,
+                        help="never show progress bars (default: only on a terminal)")
+
+    parser = argparse.ArgumentParser(
+        prog="iif",
+        description="Integrated Influence: which training samples made the model do this on "
+                    "that test sample? Score > 0: including the training sample raises the "
+                    "test loss (opponent); < 0: it lowers it (proponent).",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {iif.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = sub.add_parser(
+        "demo", parents=[common],
+        help="train a small MLP on scikit-learn digits and explain a few test predictions",
+        description="Train a 64-64-10 MLP on scikit-learn digits, explain test predictions "
+                    "with Integrated Influence, print the top proponents and opponents and "
+                    "write summary.json, test_<i>.png and attribution/ into --out.",
+    )
+    demo.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    demo.add_argument("--n-test", type=_positive_int, default=3, metavar="N",
+                      help="test samples to explain (default: 3; the last one is the first "
+                           "misclassified test sample when there is one)")
+    demo.add_argument("--top", type=_positive_int, default=8, metavar="K",
+                      help="proponents and opponents shown per test sample (default: 8)")
+    demo.add_argument("--seed", type=int, default=0, metavar="S",
+                      help="seed of the data split, model, training and attribution "
+                           "(default: 0)")
+    demo.add_argument("--quick", action="store_true",
+                      help="a small run taking a few seconds (fewer samples, epochs, K=2)")
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from iif.demo import run_demo
+
+    run_demo(args.out, n_test=args.n_test, seed=args.seed, quick=args.quick,
+             progress=getattr(args, "progress", None), top_k=args.top)
+    return EXIT_OK
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the message."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _configure_logging(verbose: int) -> None:
+    """INFO (or DEBUG with -v) from the ``iif`` loggers to stderr, set up once."""
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _exit_code(code: object) -> int:
+    if code is None:
+        return EXIT_OK
+    if isinstance(code, int):
+        return code
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""Human-readable views of attributions: proponent/opponent pictures and terminal summaries.
+
+Pictures are drawn with matplotlib's object API on the Agg canvas (no display, no global
+pyplot state) and saved as PNG. Images are given as flat vectors (or arrays) plus an
+``image_shape`` such as ``(8, 8)`` for scikit-learn digits or ``(28, 28)`` for MNIST.
+
+Sign convention: a negative score marks a proponent (including the training sample lowers the
+test loss), a positive score an opponent (it raises the test loss).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from iif.errors import InputError
+
+PROPONENTS_HEADING = "Proponents (lower the test loss)"
+OPPONENTS_HEADING = "Opponents (raise the test loss)"
+
+
+# ---- ranking ---------------------------------------------------------------------------------
+def top_entries(
+    scores_row: Any, train_labels: Any = None, k: int = 8
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The k most negative (proponents) and k most positive (opponents) scores of one row.
+
+    Each entry is ``{"index", "label", "score"}`` (``label`` only when labels are given), in
+    the same order as :meth:`iif.Attribution.proponents` / ``opponents``.
+    """
+    row = _scores(scores_row)
+    k = _check_k(k, row.size)
+    labels = None if train_labels is None else np.asarray(train_labels)
+    if labels is not None and labels.shape[0] != row.size:
+        raise InputError(f"{labels.shape[0]} training labels for {row.size} scores")
+    pro = np.argsort(row, kind="stable")[:k]
+    opp = np.argsort(-row, kind="stable")[:k]
+
+    def entry(i: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": int(i)}
+        if labels is not None:
+            out["label"] = _plain(labels[i])
+        out["score"] = float(row[i])
+        return out
+
+    return [entry(i) for i in pro], [entry(i) for i in opp]
+
+
+# ---- terminal --------------------------------------------------------------------------------
+def format_completeness(completeness: Mapping[str, Any] | None, unicode: bool = False) -> str:
+    """One line: sum of scores against the loss change it should match, and the gap.
+
+    ``unicode`` writes theta and the minus sign as symbols (for pictures); the default is
+    plain ASCII, safe on any terminal.
+    """
+    if not completeness:
+        return "completeness: not available for this method"
+    total = _num(completeness.get("sum"))
+    delta = _num(completeness.get("delta"))
+    gap = _num(completeness.get("gap"))
+    if math.isfinite(gap):
+        gap_text = f"{gap:.3g}"
+    else:
+        gap_text = "n/a (delta = 0)" if delta == 0 else "n/a"
+    theta, minus = ("\u03b8", "\u2212") if unicode else ("theta", "-")
+    return (
+        f"completeness: sum of scores {total:+.4g}, "
+        f"L_test({theta}*) {minus} L_test({theta}') = {delta:+.4g}, gap {gap_text}"
+    )
+
+
+def format_test_summary(entry: Mapping[str, Any], title: str | None = None) -> str:
+    """Terminal text for one explained test sample.
+
+    ``entry`` holds ``proponents`` and ``opponents`` (lists from :func:`top_entries`) and
+    optionally ``index``, ``label``, ``prediction``, ``confidence``, ``completeness`` and
+    ``fell_back``, the per-test-sample record the demo writes to ``summary.json``.
+    """
+    lines = [title or _default_heading(entry)]
+    pro = list(entry.get("proponents", []))
+    opp = list(entry.get("opponents", []))
+    has_labels = any("label" in e for e in pro + opp)
+    fields = [("train", 6), ("label", 6), ("score", 11)] if has_labels else [
+        ("train", 6), ("score", 11)]
+    block = sum(w for _, w in fields)
+
+    def cells(e: Mapping[str, Any] | None) -> str:
+        if e is None:
+            return " " * block
+        values = {"train": e["index"], "label": e.get("label", ""),
+                  "score": f"{e['score']:+.3e}"}
+        return "".join(f"{values[name]!s:>{w}}" for name, w in fields)
+
+    gap = "    "
+    lines.append(f"  {'':4}{gap}{'proponents (lower the loss)':<{block}}{gap}"
+                 f"opponents (raise the loss)")
+    head = "".join(f"{name:>{w}}" for name, w in fields)
+    lines.append(f"  {'rank':>4}{gap}{head}{gap}{head}")
+    for r in range(max(len(pro), len(opp))):
+        left = pro[r] if r < len(pro) else None
+        right = opp[r] if r < len(opp) else None
+        lines.append(f"  {r + 1:>4}{gap}{cells(left)}{gap}{cells(right)}".rstrip())
+    lines.append("  " + format_completeness(entry.get("completeness")))
+    if entry.get("fell_back"):
+        lines.append("  note: unlearning diverged; the baseline fell back to f(x; theta*)")
+    return "\n".join(lines)
+
+
+def _default_heading(entry: Mapping[str, Any]) -> str:
+    parts = ["test sample"]
+    if "index" in entry:
+        parts.append(f"#{entry['index']}")
+    text = " ".join(parts)
+    details = []
+    if "label" in entry:
+        details.append(f"label {entry['label']}")
+    if "prediction" in entry:
+        pred = f"predicted {entry['prediction']}"
+        if "confidence" in entry:
+            pred += f" (p={float(entry['confidence']):.2f})"
+        details.append(pred)
+    return text + (": " + ", ".join(details) if details else "")
+
+
+# ---- pictures --------------------------------------------------------------------------------
+def plot_proponents_opponents(
+    test_image: Any,
+    test_label: Any,
+    train_images: Any,
+    train_labels: Any,
+    scores_row: Any,
+    path: str | os.PathLike,
+    k: int = 8,
+    image_shape: Sequence[int] = (8, 8),
+    title: str | None = None,
+    *,
+    prediction: Any = None,
+    completeness: Mapping[str, Any] | None = None,
+    cmap: str = "gray_r",
+    dpi: int = 120,
+) -> Path:
+    """Save a PNG: the test image on the left, its top-k proponents in the upper row and its
+    top-k opponents in the lower row, each with training index, label and score beneath.
+
+    Args:
+        test_image: one image, flat (prod(image_shape),) or already shaped.
+        test_label: its true label (shown in the heading).
+        train_images: (n_train, prod(image_shape)) or (n_train, *image_shape).
+        train_labels: (n_train,) labels.
+        scores_row: (n_train,) scores of this test sample (``Attribution.scores[s]``).
+        path: output file (``.png``); parent folders are created.
+        k: images per row.
+        image_shape: (H, W) for grey-scale, or (H, W, 3) / (3, H, W) for colour.
+        title: heading; default "Test label L, predicted P" from the arguments.
+        prediction: the model's prediction for the test sample (optional).
+        completeness: ``{"sum", "delta", "gap"}`` of this test sample (optional, shown).
+        cmap: colour map for grey-scale images (``gray_r``: dark ink on white).
+    """
+    from matplotlib.figure import Figure
+
+    row = _scores(scores_row)
+    train = np.asarray(train_images)
+    if train.shape[0] != row.size:
+        raise InputError(f"{train.shape[0]} training images for {row.size} scores")
+    labels = np.asarray(train_labels)
+    if labels.shape[0] != row.size:
+        raise InputError(f"{labels.shape[0]} training labels for {row.size} scores")
+    k = _check_k(k, row.size)
+    pro, opp = top_entries(row, labels, k)
+    test = _as_image(test_image, image_shape, "test image")
+    shown = {e["index"]: _as_image(train[e["index"]], image_shape, "training image")
+             for e in pro + opp}
+    grey = test.ndim == 2
+    vmin, vmax = _range([test, *shown.values()])
+
+    col_w, header_h, row_h, foot_h = 1.25, 1.05, 1.95, 0.45
+    height = header_h + 2 * row_h + foot_h
+    fig = Figure(figsize=(col_w * (k + 2.2), height), dpi=dpi)
+    grid = fig.add_gridspec(
+        2, k + 2, width_ratios=[2.0, 0.2] + [1.0] * k,
+        left=0.02, right=0.99, top=1 - (header_h + 0.1) / height, bottom=foot_h / height,
+        wspace=0.12, hspace=0.75,
+    )
+    show = {"cmap": cmap if grey else None, "vmin": vmin, "vmax": vmax,
+            "interpolation": "nearest"}
+
+    ax = fig.add_subplot(grid[:, 0])
+    ax.imshow(test, **show)
+    _frame(ax, width=2.0)
+    caption = f"label {_plain(test_label)}"
+    if prediction is not None:
+        caption += f"\npredicted {_plain(prediction)}"
+    ax.set_title("test sample", fontsize=11, fontweight="bold")
+    ax.set_xlabel(caption, fontsize=10)
+
+    for r, (entries, heading) in enumerate(
+        [(pro, PROPONENTS_HEADING), (opp, OPPONENTS_HEADING)]
+    ):
+        for c in range(k):
+            cell = fig.add_subplot(grid[r, c + 2])
+            if c >= len(entries):
+                cell.axis("off")
+                continue
+            e = entries[c]
+            cell.imshow(shown[e["index"]], **show)
+            _frame(cell)
+            cell.set_xlabel(
+                f"#{e['index']}  label {e['label']}\n{e['score']:+.2e}",
+                fontsize=8.5, labelpad=3,
+            )
+            if c == 0:
+                cell.set_title(heading, loc="left", fontsize=10.5, fontweight="bold", pad=6)
+
+    heading = title
+    if heading is None:
+        heading = f"Test label {_plain(test_label)}"
+        if prediction is not None:
+            heading += f", predicted {_plain(prediction)}"
+            if str(_plain(prediction)) != str(_plain(test_label)):
+                heading += " (misclassified)"
+    fig.suptitle(heading, x=0.02, y=1 - 0.12 / height, ha="left", va="top", fontsize=13,
+                 fontweight="bold")
+    sub = "score < 0: the training sample lowers this test loss; > 0: it raises it"
+    if completeness is not None:
+        sub = format_completeness(completeness, unicode=True) + "\n" + sub
+    fig.text(0.02, 1 - 0.5 / height, sub, ha="left", va="top", fontsize=9.5, color="0.25")
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", facecolor="white")
+    return out
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def _frame(ax, width: float = 0.8) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_linewidth(width)
+        spine.set_color("0.3")
+
+
+def _as_image(value: Any, shape: Sequence[int], what: str) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.float64)
+    shape = tuple(int(s) for s in shape)
+    if arr.size != int(np.prod(shape)):
+        raise InputError(f"{what} has {arr.size} values; image_shape {shape} needs "
+                         f"{int(np.prod(shape))}")
+    arr = arr.reshape(shape)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3):
+        raise InputError(f"image_shape must be (H, W) or (H, W, 3), got {shape}")
+    return arr
+
+
+def _range(images: list[np.ndarray]) -> tuple[float, float]:
+    values = np.concatenate([im.ravel() for im in images])
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 0.0, 1.0
+    lo, hi = float(values.min()), float(values.max())
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
+def _scores(scores_row: Any) -> np.ndarray:
+    row = np.asarray(scores_row, dtype=np.float64)
+    if row.ndim != 1 or row.size == 0:
+        raise InputError(f"scores_row must be a non-empty 1-d array, got shape {row.shape}")
+    return row
+
+
+def _check_k(k: int, n: int) -> int:
+    if int(k) < 1:
+        raise InputError(f"k must be >= 1, got {k!r}")
+    return min(int(k), n)
+
+
+def _num(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _plain(value: Any) -> Any:
+    """numpy/torch scalars as Python numbers, for text and JSON."""
+    if hasattr(value, "item") and np.ndim(value) == 0:
+        return value.item()
+    return value
