@@ -283,3 +283,19 @@ def test_fit_nan_mid_run_keeps_the_last_finite_epoch(mlp_factory, regression_dat
               generator=torch.Generator().manual_seed(0))
     assert (res.finite, res.epochs) == (False, 2)  # 12 samples / batch 4: 3 steps per epoch
     assert res.state.is_finite()
+
+
+def test_fit_on_epoch_sees_every_epoch_state(mlp_factory, regression_data):
+    x, y = regression_data
+    model = mlp_factory(seed=4)
+    task = Task(model, "regression", Recipe(lr=0.05, batch_size=4))
+    fmodel = FunctionalModel(model)
+    seen = []
+    res = fit(task, fmodel, fmodel.state(), x, y, epochs=3,
+              on_epoch=lambda e, s: seen.append((e, s)),
+              generator=torch.Generator().manual_seed(0))
+    assert [e for e, _ in seen] == [1, 2, 3]
+    torch.testing.assert_close(seen[-1][1].flat(), res.state.flat(), rtol=0, atol=0)
+    two = fit(task, fmodel, fmodel.state(), x, y, epochs=2,
+              generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(seen[1][1].flat(), two.state.flat(), rtol=0, atol=0)

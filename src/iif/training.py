@@ -7,11 +7,14 @@ One loop serves model training, unlearning (an extra test-loss term) and path ep
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
+from iif.errors import InputError
 from iif.grads import FunctionalModel, ModelState, module_mode
 from iif.progress import progress_bar
 from iif.task import Task
@@ -40,6 +43,7 @@ def fit(
     extra: ExtraLoss | None = None,
     stop: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], bool] | None = None,
     sound: Callable[[ModelState], bool] | None = None,
+    on_epoch: Callable[[int, ModelState], None] | None = None,
     generator: torch.Generator | None = None,
     train_mode: bool = True,
     progress: bool | None = False,
@@ -52,6 +56,8 @@ def fit(
     A run that breaks down (a NaN/inf loss or parameter, or an epoch after which
     ``sound(state)`` is False) ends there and returns the state of the last good epoch
     (``state`` itself if the first one failed) with ``finite=False``.
+    ``on_epoch(epoch, state)`` is called after every completed, sound epoch (epoch counts
+    from 1) with a copy of the state, e.g. to record checkpoints.
     """
     recipe = task.recipe
     batch_size = int(batch_size or recipe.batch_size)
@@ -93,6 +99,8 @@ def fit(
                 return FitResult(good, False, losses, done)
             losses.append(total / max(count, 1))
             good, done = result.clone(), done + 1
+            if on_epoch is not None:
+                on_epoch(done, good.clone())
     return FitResult(good, True, losses, done)
 
 
@@ -130,3 +138,56 @@ def train(
                   generator=gen, progress=progress, desc="training")
     fmodel.load_into_module(res.state)
     return res.losses
+
+
+def reinitialised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A copy of ``model`` with fresh parameters: every submodule's ``reset_parameters``
+    under ``seed``. Raises when a trainable parameter has no module that can reset it."""
+    fresh = copy.deepcopy(model)
+    covered: set[int] = set()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in fresh.modules():
+            if callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+                covered.update(id(p) for p in module.parameters(recurse=False))
+    missing = [n for n, p in fresh.named_parameters() if p.requires_grad and id(p) not in covered]
+    if missing:
+        raise InputError(
+            f"cannot re-initialise parameters {missing[:3]} (no reset_parameters); pass "
+            f"independently trained models instead"
+        )
+    return fresh
+
+
+def train_ensemble(
+    task: Task,
+    data,
+    n_models: int,
+    *,
+    subset: str = "full",
+    seed: int = 0,
+    progress: bool | None = None,
+) -> list[torch.nn.Module]:
+    """Train ``n_models`` independent copies of ``task.model`` with the task's recipe.
+
+    ``subset="full"``: each on all of ``data`` from its own initialisation and minibatch
+    order; ``"half"``: each on its own random half (as TRAK does). Model k is seeded with
+    ``seed + k``; ``task.model`` itself is left untouched.
+    """
+    if subset not in ("full", "half"):
+        raise InputError(f"subset must be 'full' or 'half', got {subset!r}")
+    if isinstance(n_models, bool) or int(n_models) < 1:
+        raise InputError(f"n_models must be >= 1, got {n_models!r}")
+    d = task.validate(data, "training data")
+    models = []
+    for k in progress_bar(range(int(n_models)), desc="ensemble", enable=progress):
+        model = reinitialised(task.model, seed + k)
+        member = dataclasses.replace(task, model=model)
+        part = d
+        if subset == "half":
+            gen = torch.Generator().manual_seed(seed + k)
+            part = d.subset(torch.randperm(len(d), generator=gen)[: len(d) // 2].to(d.x.device))
+        train(member, (part.x, part.labels), seed=seed + k)
+        models.append(model)
+    return models

@@ -27,8 +27,9 @@ from iif.baseline import (
 )
 from iif.curvature import SOLVE_DTYPE, CurvatureSettings, fit_curvature
 from iif.errors import InputError
-from iif.features import DEFAULT_MAX_FEATURE_BYTES, loss_features, step_features
-from iif.grads import FunctionalModel, ModelState
+from iif.features import loss_features, step_features
+from iif.grads import ModelState
+from iif.methods.base import AttributionMethod, completeness_gap
 from iif.path import PathSettings, TargetPath, path_models
 from iif.progress import progress_bar
 from iif.projection import ProjectionSettings, make_projector
@@ -53,7 +54,7 @@ class _PathResult:
     last_state: ModelState  # theta_1
 
 
-class IntegratedInfluence:
+class IntegratedInfluence(AttributionMethod):
     """Integrated Influence attributions for a trained model.
 
     Args:
@@ -62,9 +63,8 @@ class IntegratedInfluence:
         baseline, path, projection, curvature: settings of each stage (defaults: per-test
             unlearning baseline with lam=0.5 and 5 epochs, K=5 one-epoch path models with
             sparse classification targets, no projection, damped empirical Fisher).
-        chunk_size: samples per per-sample-gradient chunk (bounds memory).
-        seed: seeds minibatch order, dropout and the projection-independent randomness.
-        progress: tqdm bars (None: only on a terminal).
+        models, chunk_size, seed, progress, max_feature_bytes: see
+            :class:`iif.methods.base.AttributionMethod` (``models`` makes an ensemble).
     """
 
     method = "iif"
@@ -78,25 +78,13 @@ class IntegratedInfluence:
         path: PathSettings | None = None,
         projection: ProjectionSettings | None = None,
         curvature: CurvatureSettings | None = None,
-        chunk_size: int = 128,
-        seed: int = 0,
-        progress: bool | None = None,
-        max_feature_bytes: int = DEFAULT_MAX_FEATURE_BYTES,
+        **common: Any,
     ):
-        self.task = task
-        self.train = task.validate(train_data, "training data")
+        super().__init__(task, train_data, **common)
         self.baseline = baseline or BaselineSettings()
         self.path = path or PathSettings()
         self.projection = projection or ProjectionSettings()
         self.curvature = curvature or CurvatureSettings()
-        if int(chunk_size) < 1:
-            raise InputError(f"chunk_size must be >= 1, got {chunk_size!r}")
-        self.chunk_size = int(chunk_size)
-        self.seed = int(seed)
-        self.progress = progress
-        self.max_feature_bytes = int(max_feature_bytes)
-        self.fmodel = FunctionalModel(task.model)
-        self.state = self.fmodel.state()  # theta*, frozen at construction
         self.projector = make_projector(
             self.fmodel.num_params, self.projection, task.device, task.dtype
         )
@@ -110,7 +98,9 @@ class IntegratedInfluence:
         (n_train,) class labels; one shared path then serves all test samples, and theta'
         for completeness is a model trained on the baseline dataset from theta_1.
         """
-        test = self.task.validate(test_data, "test data")
+        return super().attribute(test_data, baseline_targets=baseline_targets)
+
+    def _attribute(self, test: Data, baseline_targets: Any = None) -> Attribution:
         start = time.perf_counter()
         if baseline_targets is not None:
             res, deltas, status = self._explicit(test, baseline_targets)
@@ -122,8 +112,7 @@ class IntegratedInfluence:
             res, deltas, status = self._per_test(test)
             mode = "per-test"
         total = res.scores.sum(axis=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            gap = np.where(deltas != 0, np.abs(total - deltas) / np.abs(deltas), np.nan)
+        gap = completeness_gap(total, deltas)
         info = {
             "baseline_mode": mode,
             "fallbacks": int(np.sum(status == FALLBACK)),
@@ -149,10 +138,10 @@ class IntegratedInfluence:
         shared path; each sample's own loss is the test loss. Mislabelled samples tend to
         have the most negative self-influence.
         """
+        return super().self_influence(indices)
+
+    def _self_influence(self, idx: np.ndarray) -> np.ndarray:
         train = self.train
-        idx = np.arange(len(train)) if indices is None else np.asarray(indices, dtype=np.int64)
-        if idx.ndim != 1 or idx.size == 0 or idx.min() < 0 or idx.max() >= len(train):
-            raise InputError(f"indices must be a non-empty 1-d array within 0..{len(train) - 1}")
         step = self.baseline.self_step
         step = self.task.recipe.lr if step is None else step
         with seeded(self.seed, self.task.device):
@@ -175,17 +164,12 @@ class IntegratedInfluence:
                     out[lo:hi] -= (rows * sol.T).sum(1).cpu().numpy() / len(train)
         return out
 
-    def settings(self) -> dict[str, Any]:
+    def _settings(self) -> dict[str, Any]:
         return {
-            "method": self.method,
-            "task": self.task.to_dict(),
             "baseline": self.baseline.to_dict(),
             "path": self.path.to_dict(),
             "projection": self.projection.to_dict(),
             "curvature": self.curvature.to_dict(),
-            "chunk_size": self.chunk_size,
-            "seed": self.seed,
-            "n_train": len(self.train),
         }
 
     # ---- baseline modes ------------------------------------------------------------------

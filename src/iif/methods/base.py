@@ -1,0 +1,183 @@
+"""What every attribution method shares: the task and training data, the engine's parts bound
+to one trained model, and ensembles over several models.
+
+A method subclasses :class:`AttributionMethod` and implements, for the single model it is bound
+to (``self.fmodel`` at ``self.state``):
+
+- ``_attribute(test) -> Attribution`` with scores (n_test, n_train),
+- ``_self_influence(idx) -> np.ndarray`` of shape (len(idx),),
+- ``_settings() -> dict`` of its own settings.
+
+Given ``models=[m_1, ..., m_E]`` the public ``attribute`` and ``self_influence`` run the method
+once per model (each bound to its own copy of the method) and average the scores over the
+models; a method whose estimator combines models differently (TRAK) overrides ``_combine``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from iif.attribution import Attribution
+from iif.errors import InputError
+from iif.features import DEFAULT_MAX_FEATURE_BYTES
+from iif.grads import FunctionalModel
+from iif.task import Data, Task
+
+
+class AttributionMethod:
+    """Base of the methods: ``attribute(test_data)`` and ``self_influence(indices)``.
+
+    Args:
+        task: the model (trained: theta*), target kind and training recipe.
+        train_data: ``(inputs, labels)`` the model was trained on.
+        models: optional independently trained models of the task's architecture; scores are
+            averaged over them (an ensemble). Default: ``[task.model]``.
+        chunk_size: samples per per-sample-gradient chunk (bounds memory).
+        seed: seeds every random choice of the method (minibatches, dropout, projections).
+        progress: tqdm bars (None: only on a terminal).
+        max_feature_bytes: refuse to store features larger than this (use a projection).
+    """
+
+    method = "base"
+
+    def __init__(
+        self,
+        task: Task,
+        train_data: Any,
+        *,
+        models: Sequence[nn.Module] | None = None,
+        chunk_size: int = 128,
+        seed: int = 0,
+        progress: bool | None = None,
+        max_feature_bytes: int = DEFAULT_MAX_FEATURE_BYTES,
+    ):
+        self.task = task
+        self.train: Data = task.validate(train_data, "training data")
+        if isinstance(chunk_size, bool) or int(chunk_size) < 1:
+            raise InputError(f"chunk_size must be >= 1, got {chunk_size!r}")
+        self.chunk_size = int(chunk_size)
+        self.seed = int(seed)
+        self.progress = progress
+        self.max_feature_bytes = int(max_feature_bytes)
+        self.fmodel = FunctionalModel(task.model)
+        self.state = self.fmodel.state()  # theta*, frozen at construction
+        self.models = _check_models(task.model, models)
+        self._members: list[AttributionMethod] | None = None
+
+    # ---- public API ----------------------------------------------------------------------
+    def attribute(self, test_data: Any, **options: Any) -> Attribution:
+        """Scores (n_test, n_train); positive = including the training sample raises the test
+        loss. ``options`` go to the method (see its ``attribute``)."""
+        test = self.task.validate(test_data, "test data")
+        start = time.perf_counter()
+        parts = [m._attribute(test, **options) for m in self.members()]
+        result = parts[0] if len(parts) == 1 else self._combine(parts)
+        result.info.setdefault("seconds", time.perf_counter() - start)
+        result.info["ensemble_size"] = len(parts)
+        return result
+
+    def self_influence(self, indices: Any = None) -> np.ndarray:
+        """Self-influence of training samples (default all), shape (n,), averaged over the
+        ensemble: the score of each sample on its own loss. The most negative are the samples
+        the model fits only through themselves, often mislabelled ones."""
+        idx = self._indices(indices)
+        return np.mean([m._self_influence(idx) for m in self.members()], axis=0)
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "task": self.task.to_dict(),
+            **self._settings(),
+            "chunk_size": self.chunk_size,
+            "seed": self.seed,
+            "n_train": len(self.train),
+            "ensemble_size": len(self.models),
+        }
+
+    # ---- ensembles -----------------------------------------------------------------------
+    def members(self) -> list[AttributionMethod]:
+        """One copy of this method bound to each model of the ensemble (self for one)."""
+        if self._members is None:
+            if len(self.models) == 1 and self.models[0] is self.task.model:
+                self._members = [self]
+            else:
+                self._members = [self._bound_to(m) for m in self.models]
+        return self._members
+
+    def _bound_to(self, model: nn.Module) -> AttributionMethod:
+        member = copy.copy(self)
+        member.fmodel = FunctionalModel(model)
+        member.state = member.fmodel.state()
+        member.models = [model]
+        member._members = [member]
+        member._reset()
+        return member
+
+    def _reset(self) -> None:
+        """Drop anything cached for the model this method was bound to before."""
+
+    def _combine(self, parts: list[Attribution]) -> Attribution:
+        """The mean of the members' scores (and of their completeness sums and deltas)."""
+        scores = np.mean([p.scores for p in parts], axis=0)
+        completeness = None
+        if all(p.completeness is not None for p in parts):
+            total = np.mean([p.completeness["sum"] for p in parts], axis=0)
+            delta = np.mean([p.completeness["delta"] for p in parts], axis=0)
+            completeness = {"sum": total, "delta": delta, "gap": completeness_gap(total, delta)}
+        info = {"members": [p.info for p in parts]}
+        return Attribution(scores, self.method, self.settings(), completeness, info)
+
+    # ---- to implement --------------------------------------------------------------------
+    def _attribute(self, test: Data, **options: Any) -> Attribution:
+        raise NotImplementedError
+
+    def _self_influence(self, idx: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _settings(self) -> dict[str, Any]:
+        return {}
+
+    # ---- helpers -------------------------------------------------------------------------
+    def _indices(self, indices: Any) -> np.ndarray:
+        n = len(self.train)
+        idx = np.arange(n) if indices is None else np.asarray(indices)
+        if (idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer)
+                or idx.min() < 0 or idx.max() >= n):
+            raise InputError(f"indices must be a non-empty 1-d integer array within 0..{n - 1}")
+        return idx.astype(np.int64)
+
+
+def completeness_gap(total: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """|sum - delta| / |delta| per test sample; NaN where delta = 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(delta != 0, np.abs(total - delta) / np.abs(delta), np.nan)
+
+
+def _check_models(reference: nn.Module, models: Sequence[nn.Module] | None) -> list[nn.Module]:
+    if models is None:
+        return [reference]
+    models = list(models)
+    if not models:
+        raise InputError("models must hold at least one model")
+    want = {k: tuple(p.shape) for k, p in reference.named_parameters() if p.requires_grad}
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise InputError(f"models[{i}] is a {type(m).__name__}, not an nn.Module")
+        params = [p for p in m.parameters() if p.requires_grad]
+        got = {k: tuple(p.shape) for k, p in m.named_parameters() if p.requires_grad}
+        if got != want:
+            raise InputError(
+                f"models[{i}] does not have the task model's trainable parameters "
+                f"(names and shapes must match)"
+            )
+        ref = next(p for p in reference.parameters() if p.requires_grad)
+        if any(p.device != ref.device or p.dtype != ref.dtype for p in params):
+            raise InputError(f"models[{i}] must be on {ref.device} with dtype {ref.dtype}, like "
+                             f"the task model")
+    return models
