@@ -13,7 +13,7 @@ import pytest
 import torch
 from scipy.stats import pearsonr, spearmanr
 from torch import nn
-from torch.func import functional_call, hessian, jacrev
+from torch.func import hessian, jacrev
 
 import iif
 from iif import (
@@ -34,173 +34,42 @@ from iif.methods.linear import (
     linear_unlearning_baseline,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny float64 models: threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-# ---- independent reference computations -----------------------------------------------------
-def _flat_model(model: nn.Module):
-    """theta* as one vector and ``forward(theta, x)`` through torch.func.functional_call."""
-    named = list(model.named_parameters())
-    names = [n for n, _ in named]
-    shapes = [p.shape for _, p in named]
-    sizes = [p.numel() for _, p in named]
-    theta = torch.cat([p.detach().reshape(-1) for _, p in named]).clone()
-
-    def forward(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        parts = torch.split(flat, sizes)
-        params = {n: q.reshape(s) for n, q, s in zip(names, parts, shapes, strict=True)}
-        return functional_call(model, params, (x,))
-
-    return theta, forward
-
-
-def _loss(kind: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample loss: mean squared error over outputs, or soft cross-entropy."""
-    if kind == "regression":
-        return ((out - target) ** 2).mean(-1)
-    return -(target * torch.log_softmax(out, -1)).sum(-1)
-
-
-def _targets(kind: str, y: np.ndarray, classes: int = 0) -> torch.Tensor:
-    if kind == "regression":
-        t = torch.as_tensor(y, dtype=torch.float64)
-        return t.reshape(t.shape[0], -1)
-    return nn.functional.one_hot(torch.as_tensor(y).long(), classes).double()
-
-
-def _sample_grads(forward, theta, kind, x, t) -> torch.Tensor:
-    """Per-sample loss gradients (n, M), one autograd call per sample."""
-    rows = []
-    for i in range(x.shape[0]):
-        th = theta.clone().requires_grad_(True)
-        value = _loss(kind, forward(th, x[i : i + 1]), t[i : i + 1]).sum()
-        rows.append(torch.autograd.grad(value, th)[0])
-    return torch.stack(rows)
-
-
-def _train_hessian(forward, theta, kind, x, t) -> torch.Tensor:
-    h = hessian(lambda th: _loss(kind, forward(th, x), t).mean())(theta)
-    return 0.5 * (h + h.T)
-
-
-def _ggn(forward, theta, kind, x, t) -> torch.Tensor:
-    """(1/N) sum_i J_i^T H_i J_i with J_i the output Jacobian, H_i the output-space Hessian."""
-    total = torch.zeros(theta.numel(), theta.numel(), dtype=torch.float64)
-    for i in range(x.shape[0]):
-        jac = jacrev(lambda th, xi=x[i : i + 1]: forward(th, xi)[0])(theta)  # (d, M)
-        out = forward(theta, x[i : i + 1])[0].detach()
-        h_out = hessian(lambda o, ti=t[i]: _loss(kind, o[None], ti[None])[0])(out)
-        total += jac.T @ h_out @ jac
-    return total / x.shape[0]
-
-
-def _influence(curv, damping, g_test, g_train) -> np.ndarray:
-    """-(1/N) g_test^T (C + damping I)^{-1} g_i, shape (n_test, N)."""
-    eye = torch.eye(curv.shape[0], dtype=torch.float64)
-    sol = torch.linalg.solve(curv + damping * eye, g_test.T)
-    return (-(g_train @ sol).T / g_train.shape[0]).numpy()
-
-
-def _safe_damping(curv: torch.Tensor) -> float:
-    """A damping that makes ``curv + damping I`` clearly positive definite."""
-    eig = torch.linalg.eigvalsh(curv)
-    return 1e-3 * float(eig.abs().max()) + 2.0 * max(0.0, -float(eig.min()))
-
-
-def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def _losses(model: nn.Module, kind: str, x, y, classes: int = 0) -> np.ndarray:
-    with torch.no_grad():
-        out = model(torch.as_tensor(x))
-        return _loss(kind, out, _targets(kind, y, classes)).numpy()
-
-
-# ---- small trained problems -----------------------------------------------------------------
-class Problem:
-    def __init__(self, task, x, y, xt, yt, classes=0):
-        self.task, self.x, self.y, self.xt, self.yt, self.classes = task, x, y, xt, yt, classes
-
-    @property
-    def kind(self) -> str:
-        return self.task.kind
-
-
-def _mlp(sizes: list[int], seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
-        layers += [nn.Linear(a, b), nn.Tanh()]
-    return nn.Sequential(*layers[:-1]).double()
-
-
-@pytest.fixture(scope="module")
-def mlp_regression() -> Problem:
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(60, 3))
-    w = np.array([1.0, -1.0, 0.5])
-    y = np.sin(x @ w)[:, None] + 0.1 * rng.normal(size=(60, 1))
-    xt = rng.normal(size=(4, 3))
-    yt = np.sin(xt @ w)[:, None]
-    task = Task(_mlp([3, 8, 1], 0), "regression", Recipe(lr=0.1, epochs=300, batch_size=20))
-    iif.train(task, (x, y), seed=0)
-    return Problem(task, x, y, xt, yt)
-
-
-@pytest.fixture(scope="module")
-def mlp_classifier() -> Problem:
-    rng = np.random.default_rng(1)
-    w = rng.normal(size=(4, 3))
-    x = rng.normal(size=(60, 4))
-    y = np.argmax(x @ w + 0.5 * rng.normal(size=(60, 3)), 1)
-    xt = rng.normal(size=(4, 4))
-    yt = np.argmax(xt @ w, 1)
-    task = Task(_mlp([4, 16, 3], 1), "classification", Recipe(lr=0.3, epochs=200, batch_size=20))
-    iif.train(task, (x, y), seed=0)
-    return Problem(task, x, y, xt, yt, classes=3)
-
-
-@pytest.fixture(scope="module")
-def linear_regression() -> Problem:
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(40, 3))
-    y = x @ np.array([0.5, -1.0, 2.0]) + 0.3 + 0.2 * rng.normal(size=40)
-    xt = rng.normal(size=(3, 3))
-    yt = xt @ np.array([0.5, -1.0, 2.0]) + 0.3
-    torch.manual_seed(2)
-    task = Task(nn.Linear(3, 1).double(), "regression", Recipe(lr=0.1, epochs=200, batch_size=40))
-    iif.train(task, (x, y[:, None]), seed=0)
-    return Problem(task, x, y[:, None], xt, yt[:, None])
+from .reference import (
+    Problem,
+    flat_model,
+    ggn,
+    influence,
+    loss,
+    losses,
+    max_rel,
+    mlp,
+    safe_damping,
+    sample_grads,
+    targets,
+    train_hessian,
+)
 
 
 # ---- (a) Lemma 2.5 / Corollary 2.6: K = 1 is the influence function -----------------------------
 def _k1_against_if(problem: Problem, kind: str, sparse: bool):
     """IIF with K=1 and baseline f(x; theta*), and the IF with the same damped curvature."""
     model = problem.task.model
-    theta, forward = _flat_model(model)
+    theta, forward = flat_model(model)
     x = torch.as_tensor(problem.x)
-    t = _targets(problem.kind, problem.y, problem.classes)
+    t = targets(problem.kind, problem.y, problem.classes)
     xt = torch.as_tensor(problem.xt)
-    tt = _targets(problem.kind, problem.yt, problem.classes)
+    tt = targets(problem.kind, problem.yt, problem.classes)
     if kind == "hessian":
-        curv = _train_hessian(forward, theta, problem.kind, x, t)
+        curv = train_hessian(forward, theta, problem.kind, x, t)
     elif kind == "ggn":
-        curv = _ggn(forward, theta, problem.kind, x, t)
+        curv = ggn(forward, theta, problem.kind, x, t)
     else:
-        g = _sample_grads(forward, theta, problem.kind, x, t)
+        g = sample_grads(forward, theta, problem.kind, x, t)
         curv = g.T @ g / x.shape[0]
-    damping = _safe_damping(curv)
-    g_train = _sample_grads(forward, theta, problem.kind, x, t)
-    g_test = _sample_grads(forward, theta, problem.kind, xt, tt)
-    reference = _influence(curv, damping, g_test, g_train)
+    damping = safe_damping(curv)
+    g_train = sample_grads(forward, theta, problem.kind, x, t)
+    g_test = sample_grads(forward, theta, problem.kind, xt, tt)
+    reference = influence(curv, damping, g_test, g_train)
 
     with torch.no_grad():
         out = model(x)
@@ -221,23 +90,23 @@ def test_k1_equals_influence_function_regression(fixture, request):
     problem = request.getfixturevalue(fixture)
     scores, reference, _ = _k1_against_if(problem, "hessian", sparse=False)
     assert np.abs(reference).max() > 1e-6
-    assert _max_rel(scores, reference) < 1e-6
+    assert max_rel(scores, reference) < 1e-6
 
 
 @pytest.mark.parametrize("kind", ["hessian", "fisher", "ggn"])
 def test_k1_equals_influence_function_classification(mlp_classifier, kind):
     scores, reference, _ = _k1_against_if(mlp_classifier, kind, sparse=False)
     assert np.abs(reference).max() > 1e-6
-    assert _max_rel(scores, reference) < 1e-6
+    assert max_rel(scores, reference) < 1e-6
 
 
 def test_k1_sparse_targets_scale_influence_by_one_minus_p(mlp_classifier):
     scores, reference, probs = _k1_against_if(mlp_classifier, "hessian", sparse=True)
     p_true = probs[torch.arange(len(mlp_classifier.y)), torch.as_tensor(mlp_classifier.y)]
     expected = reference * (1.0 - p_true.numpy())[None, :]
-    assert _max_rel(scores, expected) < 1e-6
+    assert max_rel(scores, expected) < 1e-6
     # and the factor matters: the dense IF itself is not the answer
-    assert _max_rel(scores, reference) > 1e-2
+    assert max_rel(scores, reference) > 1e-2
 
 
 # ---- (b) linear regression: closed form and the engine ---------------------------------------
@@ -368,10 +237,10 @@ def test_engine_agrees_with_linear_closed_form():
         result = _linear_engine(x, y, steps, epochs=80).attribute((xt, yt), baseline_targets=ybar)
         assert result.info["damping_retries"] == 0
         euler = linear_iif(x, y, xt, yt, ybar, steps=steps)
-        assert _max_rel(result.scores, euler) < 1e-7
-        errors[steps] = _max_rel(result.scores, exact)
+        assert max_rel(result.scores, euler) < 1e-7
+        errors[steps] = max_rel(result.scores, exact)
         # the closed form's Euler error is the whole error, and it is first order
-        assert errors[steps] <= _max_rel(euler, exact) + 1e-7
+        assert errors[steps] <= max_rel(euler, exact) + 1e-7
         for s in range(len(xt)):
             assert spearmanr(result.scores[s], exact[s])[0] > 0.99
         np.testing.assert_allclose(result.completeness["delta"],
@@ -399,7 +268,7 @@ def test_engine_unlearning_baseline_matches_linear_closed_form():
                                rtol=1e-6)
     assert np.all(result.completeness["delta"] < 0)
     expected = linear_iif(x, y, xt, yt, ybar, steps=4)
-    assert _max_rel(result.scores, expected) < 1e-6
+    assert max_rel(result.scores, expected) < 1e-6
 
 
 # ---- (c) completeness on a small MLP -----------------------------------------------------------
@@ -439,11 +308,11 @@ def teacher_student() -> Problem:
 @pytest.mark.slow
 def test_completeness_gap_shrinks_with_k(teacher_student):
     p = teacher_student
-    theta, forward = _flat_model(p.task.model)
+    theta, forward = flat_model(p.task.model)
     x, t = torch.as_tensor(p.x), torch.as_tensor(p.y)
-    grad = torch.func.grad(lambda th: _loss("regression", forward(th, x), t).mean())(theta)
+    grad = torch.func.grad(lambda th: loss("regression", forward(th, x), t).mean())(theta)
     assert float(grad.norm()) < 1e-5  # theta* is a minimiser
-    assert float(torch.linalg.eigvalsh(_train_hessian(forward, theta, "regression", x, t))[0]) > 0
+    assert float(torch.linalg.eigvalsh(train_hessian(forward, theta, "regression", x, t))[0]) > 0
 
     gaps = {}
     for steps in (1, 4, 16):
@@ -475,7 +344,7 @@ def projection_problem() -> Problem:
     y = np.argmax(x @ w + 0.5 * rng.normal(size=(150, 3)), 1)
     xt = rng.normal(size=(4, 6))
     yt = np.argmax(xt @ w, 1)
-    task = Task(_mlp([6, 24, 3], 0), "classification", Recipe(lr=0.3, epochs=200, batch_size=50))
+    task = Task(mlp([6, 24, 3], 0), "classification", Recipe(lr=0.3, epochs=200, batch_size=50))
     iif.train(task, (x, y), seed=0)
     return Problem(task, x, y, xt, yt, classes=3)  # 243 parameters
 
@@ -621,7 +490,7 @@ def test_direction_sets_the_sign_of_delta(mlp_classifier, direction):
     assert result.info["fallbacks"] == 0
     delta = result.completeness["delta"]
     # delta = L_test(theta*) - L_test(theta'), with L_test(theta*) computed here
-    before = _losses(p.task.model, p.kind, p.xt, p.yt, p.classes)
+    before = losses(p.task.model, p.kind, p.xt, p.yt, p.classes)
     assert np.all(before - delta > 0)
     if direction == "unlearn":
         assert np.all(delta < 0)
@@ -666,9 +535,9 @@ def test_self_influence_k1_closed_form(mlp_classifier, sparse):
     assert got.shape == (5,)
     assert method.self_influence().shape == (60,)
 
-    theta, forward = _flat_model(p.task.model)
-    x, t = torch.as_tensor(p.x), _targets(p.kind, p.y, 3)
-    g = _sample_grads(forward, theta, p.kind, x, t)
+    theta, forward = flat_model(p.task.model)
+    x, t = torch.as_tensor(p.x), targets(p.kind, p.y, 3)
+    g = sample_grads(forward, theta, p.kind, x, t)
     fisher = g.T @ g / 60 + damping * torch.eye(theta.numel(), dtype=torch.float64)
     expected = []
     for i in idx:
@@ -693,7 +562,7 @@ def test_self_influence_flags_mislabelled_samples():
     flipped = rng.choice(120, 12, replace=False)
     noisy = y.copy()
     noisy[flipped] = (y[flipped] + rng.integers(1, 3, size=12)) % 3
-    task = Task(_mlp([2, 8, 3], 3), "classification", Recipe(lr=0.2, epochs=200, batch_size=40))
+    task = Task(mlp([2, 8, 3], 3), "classification", Recipe(lr=0.2, epochs=200, batch_size=40))
     iif.train(task, (x, noisy), seed=0)
     scores = IntegratedInfluence(task, (x, noisy)).self_influence()
     mask = np.zeros(120, dtype=bool)
