@@ -6,21 +6,24 @@ loss (an opponent); negative = it lowers it (a proponent).
 
 from iif.attribution import Attribution
 from iif.baseline import BaselineSettings
-from iif.curvature import CurvatureSettings
+from iif.curvature import CGSettings, CurvatureSettings
 from iif.errors import CurvatureError, InputError
+from iif.methods.influence import InfluenceFunction
 from iif.methods.integrated import IntegratedInfluence
 from iif.path import PathSettings
 from iif.projection import ProjectionSettings
 from iif.task import Recipe, Task
-from iif.training import train
+from iif.training import train, train_ensemble
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Attribution",
     "BaselineSettings",
+    "CGSettings",
     "CurvatureError",
     "CurvatureSettings",
+    "InfluenceFunction",
     "InputError",
     "IntegratedInfluence",
     "PathSettings",
@@ -28,4 +31,5 @@ __all__ = [
     "Recipe",
     "Task",
     "train",
+    "train_ensemble",
 ]

@@ -67,6 +67,7 @@ class Solver:
         self.retries = retries
         self.kind = kind
         self._apply = apply
+        self.details: dict[str, Any] = {}  # solver-specific diagnostics, part of report()
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         if rhs.shape[0] != self.dim:
@@ -76,7 +77,8 @@ class Solver:
         return out[:, 0] if vec else out
 
     def report(self) -> dict[str, Any]:
-        return {"kind": self.kind, "damping": self.damping, "retries": self.retries}
+        return {"kind": self.kind, "damping": self.damping, "retries": self.retries,
+                **self.details}
 
 
 def _damped_cholesky(
@@ -199,3 +201,158 @@ def fit_curvature(
         # A^T H A without forming A: project the rows of H, then the rows of (H A)^T.
         h = projector.project(projector.project(h).T.contiguous())
     return dense_solver(h, settings, "hessian", effective_dim=effective_dim)
+
+
+# ---- matrix-free curvature and conjugate gradients -------------------------------------------
+@dataclass
+class CGSettings:
+    """Conjugate gradients: stop at ``tol`` relative residual or after ``max_iter`` steps."""
+
+    max_iter: int = 200
+    tol: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_iter, bool) or int(self.max_iter) < 1:
+            raise InputError(f"cg max_iter must be >= 1, got {self.max_iter!r}")
+        if not (0 < self.tol < 1):
+            raise InputError(f"cg tol must be in (0, 1), got {self.tol!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def curvature_product(
+    kind: str, fmodel, state, x: torch.Tensor, targets: torch.Tensor, task,
+    chunk_size: int = 128,
+):
+    """``v -> C v`` for v of shape (M, r), without forming C (M x M), in float64.
+
+    ``hessian``: Hessian-vector products of the mean training loss (forward-over-reverse);
+    ``ggn``: ``(1/N) sum_i J_i^T H_i J_i v`` through a Jacobian-vector and a vector-Jacobian
+    product of the outputs; ``fisher``: ``(1/N) sum_i g_i g_i^T v`` from per-sample gradients
+    recomputed chunk by chunk. Eval mode throughout, like the features.
+    """
+    from torch.func import grad, jvp, vjp, vmap
+
+    from iif.grads import module_mode, output_hessian_factor, per_sample_grads
+
+    n = x.shape[0]
+    flat0 = state.flat()
+    dtype = flat0.dtype
+
+    def outputs(flat: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
+        return fmodel(fmodel.unflatten(flat), state.buffers, xc)
+
+    if kind == "fisher":
+        def fisher_chunk(v: torch.Tensor, xc, tc) -> torch.Tensor:
+            g = per_sample_grads(fmodel, state, xc, tc, task, chunk_size).to(SOLVE_DTYPE)
+            return g.T @ (g @ v) / n
+        chunk_product = fisher_chunk
+    elif kind == "hessian":
+        def hessian_chunk(v: torch.Tensor, xc, tc) -> torch.Tensor:
+            def loss(flat):
+                return task.sample_loss(outputs(flat, xc), tc).sum() / n
+
+            def hvp(col):
+                return jvp(grad(loss), (flat0,), (col,))[1]
+            return vmap(hvp, in_dims=1, out_dims=1)(v.to(dtype)).to(SOLVE_DTYPE)
+        chunk_product = hessian_chunk
+    elif kind == "ggn":
+        def ggn_chunk(v: torch.Tensor, xc, tc) -> torch.Tensor:
+            out, pullback = vjp(lambda f: outputs(f, xc), flat0)
+            h = output_hessian_factor(task, out.detach(), tc)
+            h = h @ h.transpose(1, 2) / n  # (c, d, d) loss Hessians in output space
+
+            def gvp(col):
+                jv = jvp(lambda f: outputs(f, xc), (flat0,), (col,))[1]
+                return pullback(torch.einsum("nab,nb->na", h, jv))[0]
+            return vmap(gvp, in_dims=1, out_dims=1)(v.to(dtype)).to(SOLVE_DTYPE)
+        chunk_product = ggn_chunk
+    else:
+        raise InputError(f"unknown curvature kind {kind!r}")
+
+    def apply(v: torch.Tensor) -> torch.Tensor:
+        v = v.to(SOLVE_DTYPE)
+        out = torch.zeros_like(v)
+        with module_mode(fmodel.module, False):
+            for start in range(0, n, chunk_size):
+                stop = start + chunk_size
+                out += chunk_product(v, x[start:stop], targets[start:stop]).detach()
+        return out
+
+    return apply
+
+
+def cg_solver(
+    product, dim: int, settings: CurvatureSettings, cg: CGSettings, kind: str,
+    trace: float,
+) -> Solver:
+    """Solver for ``C + damping I`` by conjugate gradients on ``product`` (v -> C v).
+
+    ``trace`` (of C) sets the default damping, ``default_damping_ratio * trace / dim``. A
+    direction of non-positive curvature (C + damping I not positive definite) restarts the
+    solve at ``retry_factor`` times the damping, as the Cholesky solvers do. The number of
+    iterations and the final relative residuals of every solve are in ``solver.details``.
+    """
+    damping = _default_damping(settings, trace, dim)
+    if damping == 0:
+        damping = 1e-12 * max(abs(trace) / dim, 1e-300)
+    solver = Solver(dim, damping, 0, None, kind)
+    report = solver.details
+    report.update(solver="cg", cg_iterations=[], cg_residuals=[], cg_converged=True)
+
+    def apply(rhs: torch.Tensor) -> torch.Tensor:
+        for _ in range(settings.max_retries + 1):
+            result = _cg(lambda v: product(v) + solver.damping * v, rhs, cg)
+            if result is not None:
+                sol, iters, residuals = result
+                report["cg_iterations"].append(iters)
+                report["cg_residuals"].append(float(residuals.max()))
+                if float(residuals.max()) > cg.tol:
+                    report["cg_converged"] = False
+                    log.warning("conjugate gradients stopped after %d iterations at relative "
+                                "residual %.2g (tol %.2g)", iters, float(residuals.max()), cg.tol)
+                return sol
+            nxt = solver.damping * settings.retry_factor
+            log.warning("%s curvature not positive definite at damping %.3g (conjugate "
+                        "gradients met non-positive curvature); retrying at %.3g",
+                        kind, solver.damping, nxt)
+            solver.damping = nxt
+            solver.retries += 1
+        raise CurvatureError(
+            f"{kind} curvature is not positive definite even with damping {solver.damping:.3g} "
+            f"after {settings.max_retries} retries"
+        )
+
+    solver._apply = apply
+    return solver
+
+
+def _cg(matvec, rhs: torch.Tensor, cg: CGSettings):
+    """Conjugate gradients on every column of ``rhs`` (M, r) at once, each with its own
+    step sizes. Returns (solution, iterations, relative residuals) or None when a direction
+    of non-positive curvature appears."""
+    b = rhs.to(SOLVE_DTYPE)
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rs = (r * r).sum(0)
+    norm_b = rs.sqrt().clamp_min(torch.finfo(SOLVE_DTYPE).tiny)
+    iters = 0
+    while iters < cg.max_iter:
+        active = rs.sqrt() / norm_b > cg.tol
+        if not bool(active.any()):
+            break
+        iters += 1
+        ap = matvec(p)
+        curv = (p * ap).sum(0)
+        if bool((curv[active] <= 0).any()):
+            return None
+        alpha = torch.where(active, rs / torch.where(active, curv, 1.0), 0.0)
+        x += alpha * p
+        r -= alpha * ap
+        rs_new = (r * r).sum(0)
+        beta = torch.where(active, rs_new / torch.where(active, rs, 1.0), 0.0)
+        p = r + beta * p
+        rs = rs_new
+    return x, iters, rs.sqrt() / norm_b

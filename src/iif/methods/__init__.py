@@ -1,5 +1,7 @@
 """Attribution methods, each a thin composition of the engine's parts."""
 
+from iif.methods.base import AttributionMethod
+from iif.methods.influence import InfluenceFunction
 from iif.methods.integrated import IntegratedInfluence
 
-__all__ = ["IntegratedInfluence"]
+__all__ = ["AttributionMethod", "InfluenceFunction", "IntegratedInfluence"]

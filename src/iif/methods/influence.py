@@ -1,0 +1,185 @@
+"""Influence functions (Koh & Liang 2017) on the engine's gradients, projection and curvature.
+
+``scores[s, i] = -(1/N) g_s^T C^{-1} g_i`` with ``g_i`` the loss gradient of training sample i,
+``g_s`` that of test sample s, both at theta*, and ``C`` the damped curvature of the mean
+training loss. Including sample i (up-weighting it by 1/N) moves theta by ``-(1/N) C^{-1} g_i``
+and so the test loss by the score: positive = including i raises the test loss, the project's
+sign convention. With K = 1 and the baseline f(x; theta*), Integrated Influence equals these
+scores exactly (paper Lemma 2.5).
+
+Solvers:
+
+- ``exact``: per-sample gradients without projection, C as a dense or Woodbury solve (small
+  models; the engine's memory budget refuses an N x M matrix that does not fit).
+- ``projected``: the same on gradients projected to P dimensions (``ProjectionSettings``).
+- ``cg``: matrix-free conjugate gradients on curvature-vector products (Hessian-, Gauss-Newton-
+  or Fisher-vector products from ``torch.func``): memory O(M x n_test), for models whose
+  per-sample gradients cannot be stored; iterations and residuals are reported.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from iif.attribution import Attribution
+from iif.curvature import (
+    SOLVE_DTYPE,
+    CGSettings,
+    CurvatureSettings,
+    Solver,
+    cg_solver,
+    curvature_product,
+    fit_curvature,
+)
+from iif.errors import InputError
+from iif.features import loss_features
+from iif.grads import per_sample_grads
+from iif.methods.base import AttributionMethod
+from iif.projection import IdentityProjector, ProjectionSettings, make_projector
+from iif.task import Data, Task
+
+SOLVERS = ("exact", "projected", "cg")
+
+
+class InfluenceFunction(AttributionMethod):
+    """Influence-function attributions for a trained model.
+
+    Args:
+        task, train_data: the trained model (theta*) with its recipe, and its training data.
+        curvature: ``fisher`` (default), ``ggn`` or ``hessian``, with damping (None: 0.1 x the
+            mean eigenvalue; for ``cg`` the trace is estimated, see ``trace_probes``).
+        solver: ``exact``, ``projected`` (needs ``projection=ProjectionSettings(dim=P)``) or
+            ``cg``.
+        cg: settings of the conjugate-gradient solver.
+        trace_probes: Hutchinson probes estimating the trace of a ``ggn`` or ``hessian``
+            curvature for the default damping under ``cg`` (the Fisher trace is exact).
+        models, chunk_size, seed, progress, max_feature_bytes: see
+            :class:`iif.methods.base.AttributionMethod`.
+    """
+
+    method = "if"
+
+    def __init__(
+        self,
+        task: Task,
+        train_data: Any,
+        *,
+        curvature: CurvatureSettings | None = None,
+        solver: Literal["exact", "projected", "cg"] = "exact",
+        projection: ProjectionSettings | None = None,
+        cg: CGSettings | None = None,
+        trace_probes: int = 16,
+        **common: Any,
+    ):
+        super().__init__(task, train_data, **common)
+        if solver not in SOLVERS:
+            raise InputError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        self.curvature = curvature or CurvatureSettings()
+        self.solver = solver
+        self.projection = projection or ProjectionSettings()
+        if solver == "projected" and self.projection.dim is None:
+            raise InputError("solver 'projected' needs ProjectionSettings(dim=P)")
+        if solver != "projected" and self.projection.dim is not None:
+            raise InputError(f"solver {solver!r} does not project; use solver='projected'")
+        self.cg = cg or CGSettings()
+        if isinstance(trace_probes, bool) or int(trace_probes) < 1:
+            raise InputError(f"trace_probes must be >= 1, got {trace_probes!r}")
+        self.trace_probes = int(trace_probes)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.projector = (
+            make_projector(self.fmodel.num_params, self.projection, self.task.device,
+                           self.task.dtype)
+            if self.solver == "projected" else IdentityProjector(self.fmodel.num_params)
+        )
+        self._fitted: tuple[torch.Tensor | None, Solver] | None = None
+
+    # ---- the method ----------------------------------------------------------------------
+    def _attribute(self, test: Data) -> Attribution:
+        grads, solver = self._fit()
+        test_grads = self._features(test.x, test.targets)  # (n_test, D)
+        sol = solver.solve(test_grads.T)  # (D, n_test) = C^{-1} g_s
+        scores = -self._train_products(grads, sol).T / len(self.train)
+        info = {"solver": solver.report()}
+        return Attribution(scores.cpu().numpy(), self.method, self.settings(), None, info)
+
+    def _self_influence(self, idx: np.ndarray) -> np.ndarray:
+        grads, solver = self._fit()
+        out = np.empty(idx.size)
+        step = self.chunk_size if self.solver != "cg" else max(1, self.chunk_size // 4)
+        for lo in range(0, idx.size, step):
+            sub = self.train.subset(idx[lo : lo + step])
+            g = (grads[torch.as_tensor(idx[lo : lo + step])] if grads is not None
+                 else self._features(sub.x, sub.targets)).to(SOLVE_DTYPE)
+            sol = solver.solve(g.T)  # (D, c)
+            out[lo : lo + step] = (-(g * sol.T).sum(1) / len(self.train)).cpu().numpy()
+        return out
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "solver": self.solver,
+            "curvature": self.curvature.to_dict(),
+            "projection": self.projection.to_dict(),
+            **({"cg": self.cg.to_dict(), "trace_probes": self.trace_probes}
+               if self.solver == "cg" else {}),
+        }
+
+    # ---- parts ---------------------------------------------------------------------------
+    def _features(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.solver == "cg":
+            return per_sample_grads(self.fmodel, self.state, x, targets, self.task,
+                                    self.chunk_size)
+        return loss_features(self.fmodel, self.state, x, targets, self.task, self.projector,
+                             self.chunk_size, self.max_feature_bytes)
+
+    def _fit(self) -> tuple[torch.Tensor | None, Solver]:
+        """Training features (None for ``cg``: recomputed in chunks) and the damped solver."""
+        if self._fitted is None:
+            train = self.train
+            if self.solver == "cg":
+                product = curvature_product(self.curvature.kind, self.fmodel, self.state,
+                                            train.x, train.targets, self.task, self.chunk_size)
+                trace = self._trace(product)
+                solver = cg_solver(product, self.fmodel.num_params, self.curvature, self.cg,
+                                   self.curvature.kind, trace)
+                self._fitted = (None, solver)
+            else:
+                grads = self._features(train.x, train.targets)
+                solver = fit_curvature(self.curvature, self.fmodel, self.state, train.x,
+                                       train.targets, self.task, self.projector, grads,
+                                       self.chunk_size)
+                self._fitted = (grads, solver)
+        return self._fitted
+
+    def _train_products(self, grads: torch.Tensor | None, sol: torch.Tensor) -> torch.Tensor:
+        """``G sol`` (N, n_test) for the training gradients G, stored or recomputed."""
+        if grads is not None:
+            return grads.to(SOLVE_DTYPE) @ sol
+        return torch.cat([g.to(SOLVE_DTYPE) @ sol for g in self._train_grad_chunks()])
+
+    def _trace(self, product) -> float:
+        """trace(C): exact for the Fisher (mean squared gradient norm), Hutchinson otherwise."""
+        if self.curvature.damping is not None:
+            return 0.0  # not used
+        m = self.fmodel.num_params
+        if self.curvature.kind == "fisher":
+            total = sum(float(g.double().pow(2).sum()) for g in self._train_grad_chunks())
+            return total / len(self.train)
+        gen = torch.Generator().manual_seed(self.seed)
+        probes = (torch.randint(0, 2, (m, self.trace_probes), generator=gen)
+                  .to(SOLVE_DTYPE).mul_(2).sub_(1).to(self.task.device))
+        estimate = float((probes * product(probes)).sum()) / self.trace_probes
+        return abs(estimate) if math.isfinite(estimate) else 0.0
+
+    def _train_grad_chunks(self):
+        """Per-sample training gradients (c, M), chunk by chunk, in order."""
+        train = self.train
+        for lo in range(0, len(train), self.chunk_size):
+            sub = train.subset(slice(lo, lo + self.chunk_size))
+            yield per_sample_grads(self.fmodel, self.state, sub.x, sub.targets, self.task,
+                                   self.chunk_size)

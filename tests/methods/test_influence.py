@@ -1,0 +1,235 @@
+"""Influence functions against closed forms, explicit curvature and exact retraining."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+from torch import nn
+
+import iif
+from iif import CurvatureSettings, ProjectionSettings, Recipe, Task
+from iif.curvature import CGSettings
+from iif.methods.influence import InfluenceFunction
+
+from .reference import (
+    flat_model,
+    ggn,
+    influence,
+    max_rel,
+    safe_damping,
+    sample_grads,
+    targets,
+    train_hessian,
+)
+
+
+def _least_squares(n=40, d=3, seed=2, noise=0.3):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=d)
+    x = np.hstack([rng.normal(size=(n, d)), np.ones((n, 1))])
+    y = x[:, :d] @ w + 0.3 + noise * rng.standard_t(3, size=n)
+    xt = np.hstack([rng.normal(size=(6, d)), np.ones((6, 1))])
+    yt = xt[:, :d] @ w + 0.3 + noise * rng.normal(size=6)
+    theta = np.linalg.lstsq(x, y, rcond=None)[0]
+    model = nn.Linear(d + 1, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.as_tensor(theta)[None])
+    task = Task(model, "regression", Recipe(lr=0.05, batch_size=10))
+    return task, x, y[:, None], xt, yt[:, None], theta
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_exact_if_equals_closed_form_least_squares(kind):
+    """-(1/N) g_test^T H^{-1} g_i with H = (2/N) X^T X, g = 2 (x^T theta - y) x, in numpy."""
+    task, x, y, xt, yt, theta = _least_squares()
+    n = len(x)
+    scores = InfluenceFunction(task, (x, y), curvature=CurvatureSettings(kind=kind, damping=0.0)
+                               ).attribute((xt, yt)).scores
+    g_train = 2 * (x @ theta - y[:, 0])[:, None] * x
+    g_test = 2 * (xt @ theta - yt[:, 0])[:, None] * xt
+    hess = 2 * x.T @ x / n
+    expected = -g_test @ np.linalg.solve(hess, g_train.T) / n
+    np.testing.assert_allclose(scores, expected, rtol=1e-8, atol=1e-14)
+
+
+def test_exact_if_ranks_like_leave_one_out():
+    task, x, y, xt, yt, theta = _least_squares(n=60, noise=0.5, seed=1)
+    # test residuals near 1: the first-order change dominates the squared loss (a test sample
+    # fitted almost exactly sees only second-order changes, which no influence estimate models)
+    yt = yt + 1.0
+    scores = InfluenceFunction(task, (x, y), curvature=CurvatureSettings(kind="hessian",
+                                                                         damping=0.0)
+                               ).attribute((xt, yt)).scores
+
+    def test_losses(th):
+        return (xt @ th - yt[:, 0]) ** 2
+
+    full = test_losses(theta)
+    loo = np.array([test_losses(np.linalg.lstsq(np.delete(x, i, 0), np.delete(y[:, 0], i),
+                                                rcond=None)[0]) for i in range(len(x))])
+    for s in range(len(xt)):
+        # score = change of the test loss from including i = full - without i
+        assert spearmanr(scores[s], full[s] - loo[:, s])[0] > 0.95
+
+
+def _explicit_if(problem, kind, damping):
+    theta, forward = flat_model(problem.task.model)
+    x, t = torch.as_tensor(problem.x), targets(problem.kind, problem.y, problem.classes)
+    xt, tt = torch.as_tensor(problem.xt), targets(problem.kind, problem.yt, problem.classes)
+    g = sample_grads(forward, theta, problem.kind, x, t)
+    if kind == "hessian":
+        curv = train_hessian(forward, theta, problem.kind, x, t)
+    elif kind == "ggn":
+        curv = ggn(forward, theta, problem.kind, x, t)
+    else:
+        curv = g.T @ g / len(x)
+    damping = safe_damping(curv) if damping is None else damping
+    g_test = sample_grads(forward, theta, problem.kind, xt, tt)
+    return influence(curv, damping, g_test, g), damping
+
+
+@pytest.mark.parametrize("kind", ["fisher", "ggn", "hessian"])
+@pytest.mark.parametrize("problem_name", ["mlp_regression", "mlp_classifier"])
+def test_exact_and_cg_equal_explicit_curvature(request, problem_name, kind):
+    problem = request.getfixturevalue(problem_name)
+    expected, damping = _explicit_if(problem, kind, None)
+    settings = CurvatureSettings(kind=kind, damping=damping)
+    data, test = (problem.x, problem.y), (problem.xt, problem.yt)
+    exact = InfluenceFunction(problem.task, data, curvature=settings).attribute(test)
+    assert max_rel(exact.scores, expected) < 1e-8
+    assert exact.info["solver"]["retries"] == 0
+    cg = InfluenceFunction(problem.task, data, curvature=settings, solver="cg",
+                           cg=CGSettings(max_iter=500, tol=1e-10)).attribute(test)
+    report = cg.info["solver"]
+    assert report["cg_converged"] and report["retries"] == 0
+    assert 1 < report["cg_iterations"][0] <= 500
+    assert max_rel(cg.scores, expected) < 1e-6
+
+
+def test_cg_stops_at_max_iter_and_says_so(mlp_classifier, caplog):
+    p = mlp_classifier
+    method = InfluenceFunction(p.task, (p.x, p.y), solver="cg",
+                               curvature=CurvatureSettings(kind="ggn", damping=1e-6),
+                               cg=CGSettings(max_iter=2, tol=1e-12))
+    result = method.attribute((p.xt, p.yt))
+    assert result.info["solver"]["cg_iterations"] == [2]
+    assert not result.info["solver"]["cg_converged"]
+    assert "conjugate gradients stopped" in caplog.text
+
+
+def test_cg_retries_indefinite_hessian_with_more_damping(mlp_regression, caplog):
+    p = mlp_regression
+    theta, forward = flat_model(p.task.model)
+    curv = train_hessian(forward, theta, "regression", torch.as_tensor(p.x),
+                         targets("regression", p.y))
+    lowest = float(torch.linalg.eigvalsh(curv).min())
+    if lowest >= 0:
+        pytest.skip("the trained Hessian happens to be positive semi-definite")
+    start = abs(lowest) / 100  # not enough: C + damping I is indefinite
+    method = InfluenceFunction(p.task, (p.x, p.y), solver="cg",
+                               curvature=CurvatureSettings(kind="hessian", damping=start))
+    report = method.attribute((p.xt, p.yt)).info["solver"]
+    assert report["retries"] >= 1 and report["damping"] > abs(lowest)
+    assert "not positive definite" in caplog.text
+
+
+def test_default_damping_cg_and_exact_fisher_agree(mlp_classifier):
+    """The default damping uses the exact Fisher trace in both solvers."""
+    p = mlp_classifier
+    data, test = (p.x, p.y), (p.xt, p.yt)
+    exact = InfluenceFunction(p.task, data).attribute(test)
+    cg = InfluenceFunction(p.task, data, solver="cg",
+                           cg=CGSettings(tol=1e-10)).attribute(test)
+    assert exact.info["solver"]["damping"] == pytest.approx(cg.info["solver"]["damping"],
+                                                            rel=1e-10)
+    assert max_rel(cg.scores, exact.scores) < 1e-6
+
+
+def test_projected_approaches_exact(mlp_classifier):
+    p = mlp_classifier
+    data, test = (p.x, p.y), (p.xt, p.yt)
+    settings = CurvatureSettings(damping=1e-3)
+    exact = InfluenceFunction(p.task, data, curvature=settings).attribute(test).scores
+    errors = {}
+    for dim in (8, 64, 1024):
+        errors[dim] = np.mean([
+            max_rel(InfluenceFunction(p.task, data, curvature=settings, solver="projected",
+                                      projection=ProjectionSettings(dim=dim, seed=seed)
+                                      ).attribute(test).scores, exact)
+            for seed in (0, 1)])
+    assert errors[1024] < errors[64] < errors[8]
+    assert errors[1024] < 0.3
+
+
+@pytest.mark.parametrize("solver", ["exact", "cg"])
+def test_self_influence_is_the_diagonal(mlp_regression, solver):
+    p = mlp_regression
+    method = InfluenceFunction(p.task, (p.x, p.y), solver=solver,
+                               curvature=CurvatureSettings(damping=1e-2))
+    full = method.attribute((p.x, p.y)).scores
+    idx = np.array([0, 5, 17, 59])
+    np.testing.assert_allclose(method.self_influence(idx), np.diag(full)[idx], rtol=1e-6)
+    assert np.all(method.self_influence() < 0)  # -(1/N) g^T C^{-1} g with C positive definite
+
+
+def test_removing_top_positive_samples_lowers_test_loss():
+    task, x, y, xt, yt, _ = _least_squares(n=60, noise=0.5, seed=0)
+    # test residuals of +-1: removing 8 samples moves a prediction by more than a small residual,
+    # and the overshoot (second order) would hide the first-order effect being tested
+    yt = yt + np.where(np.arange(len(yt)) % 2, 1.0, -1.0)[:, None]
+    scores = InfluenceFunction(task, (x, y)).attribute((xt, yt)).scores
+    rng = np.random.default_rng(0)
+
+    def retrained_loss(keep, s):
+        th = np.linalg.lstsq(x[keep], y[keep, 0], rcond=None)[0]
+        return float((xt[s] @ th - yt[s, 0]) ** 2)
+
+    everyone, k, drops = np.arange(len(x)), 8, []
+    for s in range(len(xt)):
+        full = retrained_loss(everyone, s)
+        top = np.argsort(-scores[s])[:k]
+        drops.append([
+            retrained_loss(np.setdiff1d(everyone, top), s) - full,
+            np.mean([retrained_loss(np.setdiff1d(everyone, rng.choice(len(x), k, False)), s)
+                     - full for _ in range(20)]),
+        ])
+    top, rand = np.array(drops).T
+    assert top.mean() < min(0.0, rand.mean())
+    assert np.mean(top < rand) >= 5 / 6
+
+
+def test_ensemble_of_one_and_average_over_models(mlp_classifier):
+    p = mlp_classifier
+    data, test = (p.x, p.y), (p.xt, p.yt)
+    settings = CurvatureSettings(damping=1e-2)
+    models = iif.training.train_ensemble(p.task, data, 2, seed=3)
+    singles = [InfluenceFunction(Task(m, "classification", p.task.recipe), data,
+                                 curvature=settings).attribute(test).scores for m in models]
+    one = InfluenceFunction(p.task, data, curvature=settings, models=models[:1]).attribute(test)
+    np.testing.assert_array_equal(one.scores, singles[0])
+    both = InfluenceFunction(p.task, data, curvature=settings, models=models)
+    result = both.attribute(test)
+    np.testing.assert_allclose(result.scores, (singles[0] + singles[1]) / 2, rtol=1e-12)
+    assert result.info["ensemble_size"] == 2 and len(result.info["members"]) == 2
+    assert result.settings["ensemble_size"] == 2
+    self_both = both.self_influence([0, 1])
+    self_singles = [InfluenceFunction(Task(m, "classification", p.task.recipe), data,
+                                      curvature=settings).self_influence([0, 1]) for m in models]
+    np.testing.assert_allclose(self_both, np.mean(self_singles, axis=0), rtol=1e-12)
+
+
+def test_bad_settings_raise(mlp_regression):
+    p = mlp_regression
+    data = (p.x, p.y)
+    for kwargs, words in [({"solver": "lissa"}, "solver"),
+                          ({"solver": "projected"}, "dim"),
+                          ({"projection": ProjectionSettings(dim=8)}, "projected"),
+                          ({"trace_probes": 0}, "trace_probes"),
+                          ({"models": []}, "at least one"),
+                          ({"models": [nn.Linear(3, 1).double()]}, "parameters")]:
+        with pytest.raises(ValueError, match=words):
+            InfluenceFunction(p.task, data, **kwargs)
+    with pytest.raises(ValueError, match="max_iter"):
+        CGSettings(max_iter=0)
