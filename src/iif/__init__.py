@@ -10,6 +10,7 @@ from iif.curvature import CGSettings, CurvatureSettings
 from iif.errors import CurvatureError, InputError
 from iif.methods.influence import InfluenceFunction
 from iif.methods.integrated import IntegratedInfluence
+from iif.methods.tracin import TracIn
 from iif.path import PathSettings
 from iif.projection import ProjectionSettings
 from iif.task import Recipe, Task
@@ -30,6 +31,7 @@ __all__ = [
     "ProjectionSettings",
     "Recipe",
     "Task",
+    "TracIn",
     "train",
     "train_ensemble",
 ]

@@ -7,14 +7,14 @@ test sample s (i is an opponent); ``< 0`` means it lowers it (a proponent).
 from __future__ import annotations
 
 import json
-import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from iif.io import atomic_write, jsonable
 
 SCORES_FILE = "scores.npy"
 META_FILE = "attribution.json"
@@ -67,14 +67,14 @@ class Attribution:
             "sign": "positive = including the training sample raises the test loss",
             "settings": self.settings,
             "completeness": None if self.completeness is None else {
-                k: [_json_float(v) for v in np.asarray(a, dtype=float)]
+                k: jsonable(np.asarray(a, dtype=float))
                 for k, a in self.completeness.items()
             },
             "info": self.info,
         }
-        _atomic_write(folder / SCORES_FILE, lambda f: np.save(f, self.scores, allow_pickle=False))
+        atomic_write(folder / SCORES_FILE, lambda f: np.save(f, self.scores, allow_pickle=False))
         text = json.dumps(jsonable(meta), indent=2, allow_nan=False)
-        _atomic_write(folder / META_FILE, lambda f: f.write(text.encode()))
+        atomic_write(folder / META_FILE, lambda f: f.write(text.encode()))
         return folder
 
     @classmethod
@@ -87,40 +87,3 @@ class Attribution:
             comp = {k: np.array([np.nan if v is None else v for v in a], dtype=float)
                     for k, a in comp.items()}
         return cls(scores, meta["method"], meta.get("settings", {}), comp, meta.get("info", {}))
-
-
-def _json_float(v: float) -> float | None:
-    return None if not math.isfinite(v) else float(v)
-
-
-def jsonable(obj: Any) -> Any:
-    """Convert numpy scalars/arrays and non-finite floats to JSON-safe values."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (np.floating, float)):
-        return _json_float(float(obj))
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, (str, int, bool)) or obj is None:
-        return obj
-    return str(obj)
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -25,10 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from iif.attribution import Attribution, jsonable
+from iif.attribution import Attribution
 from iif.baseline import BaselineSettings
 from iif.data import load_digits
 from iif.errors import InputError
+from iif.io import jsonable
 from iif.methods.integrated import IntegratedInfluence
 from iif.path import PathSettings
 from iif.projection import ProjectionSettings

@@ -83,8 +83,10 @@ def loss_features(
     projector: Projector,
     chunk_size: int = 128,
     max_bytes: int = DEFAULT_MAX_FEATURE_BYTES,
+    what: str = "per-sample gradients",
 ) -> torch.Tensor:
-    """Projected per-sample loss gradients (n, P), e.g. the test gradients gamma."""
+    """Projected per-sample loss gradients (n, P), e.g. the test gradients gamma. ``what``
+    names them in errors."""
     n = x.shape[0]
     _check_budget(n, projector.dim, targets.dtype, max_bytes, "gradient features")
     out = torch.empty(n, projector.dim, dtype=targets.dtype, device=x.device)
@@ -93,7 +95,7 @@ def loss_features(
         return task.sample_loss(o[None], t[None])[0]
 
     for start, jac in per_sample_jacobians(fmodel, state, x, loss, targets, chunk_size=chunk_size):
-        _check_finite(jac, "test gradients")
+        _check_finite(jac, what)
         out[start : start + jac.shape[0]] = projector.project(jac[:, 0])
     return out
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ from iif.errors import InputError
 from iif.grads import FunctionalModel, ModelState, module_mode
 from iif.progress import progress_bar
 from iif.task import Task
+
+log = logging.getLogger(__name__)
 
 ExtraLoss = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
 
@@ -129,13 +132,18 @@ def train(
 
     Returns the mean training loss of each epoch.
     """
+    epochs = task.recipe.epochs if epochs is None else epochs
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise InputError(f"epochs must be an integer >= 0, got {epochs!r}")
     d = task.validate(data, "training data")
     fmodel = FunctionalModel(task.model)
     gen = torch.Generator().manual_seed(seed)
     with seeded(seed, task.device):
-        res = fit(task, fmodel, fmodel.state(), d.x, d.targets,
-                  epochs=task.recipe.epochs if epochs is None else epochs,
+        res = fit(task, fmodel, fmodel.state(), d.x, d.targets, epochs=epochs,
                   generator=gen, progress=progress, desc="training")
+    if not res.finite:
+        log.warning("training broke down (NaN/inf) in epoch %d of %d; the model keeps the "
+                    "last finite epoch", res.epochs + 1, epochs)
     fmodel.load_into_module(res.state)
     return res.losses
 

@@ -3,5 +3,6 @@
 from iif.methods.base import AttributionMethod
 from iif.methods.influence import InfluenceFunction
 from iif.methods.integrated import IntegratedInfluence
+from iif.methods.tracin import TracIn
 
-__all__ = ["AttributionMethod", "InfluenceFunction", "IntegratedInfluence"]
+__all__ = ["AttributionMethod", "InfluenceFunction", "IntegratedInfluence", "TracIn"]

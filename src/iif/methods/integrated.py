@@ -231,7 +231,8 @@ class IntegratedInfluence(AttributionMethod):
                                     self.path, gen):
             _, psi, solver = self._step(state, path, k)
             gamma = loss_features(self.fmodel, state, test.x, test.targets, self.task,
-                                  self.projector, self.chunk_size, self.max_feature_bytes)
+                                  self.projector, self.chunk_size, self.max_feature_bytes,
+                                  "test gradients")
             sol = solver.solve(gamma.T)  # (P, n_test)
             for lo in range(0, n, self.chunk_size * 8):
                 block = psi[lo : lo + self.chunk_size * 8].to(SOLVE_DTYPE)

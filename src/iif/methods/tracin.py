@@ -1,0 +1,176 @@
+"""TracIn (Pruthi et al. 2020, TracInCP): gradient products summed over training checkpoints.
+
+For checkpoints theta_c with learning rates lr_c and per-sample loss gradients
+``g_i(theta) = grad_theta l(f(x_i; theta), y_i)`` (the task's loss and targets, in eval mode):
+
+    scores[s, i] = - sum_c lr_c * g_s(theta_c)^T g_i(theta_c)
+
+in the project's sign convention: positive = including training sample i raises the loss of
+test sample s (an opponent); negative = it lowers it (a proponent). This is minus the original
+TracIn score. With a projection A (``ProjectionSettings(dim=P)``, one seeded A for every
+checkpoint) the gradients are replaced by ``A^T g``.
+
+Like TracInCP, the scores carry no 1/batch_size factor (nor one for the steps between two
+checkpoints): an SGD step on a minibatch of size b moves the test loss by about
+``-(lr / b) g_s^T g_i`` per sample, so the scores are that first-order change times b (and
+times the number of steps the checkpoint stands for). The factor is the same for every pair,
+so rankings and rank correlations (LDS) are unaffected, but the magnitudes are not loss
+changes. With momentum or Adam the learning-rate weighting is the usual approximation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from iif.attribution import Attribution
+from iif.checkpoints import Checkpoint
+from iif.curvature import SOLVE_DTYPE
+from iif.errors import InputError
+from iif.features import loss_features
+from iif.grads import ModelState
+from iif.methods.base import AttributionMethod
+from iif.progress import progress_bar
+from iif.projection import ProjectionSettings, make_projector
+from iif.task import Data, Task
+
+
+class TracIn(AttributionMethod):
+    """TracIn attributions from the checkpoints of one training run.
+
+    Args:
+        task: the model (its architecture; the checkpoints supply the parameters), target
+            kind and training recipe.
+        train_data: ``(inputs, labels)`` the model was trained on.
+        checkpoints: the run's checkpoints (non-empty), e.g. from
+            :func:`iif.checkpoints.train_with_checkpoints` or
+            :func:`iif.checkpoints.load_checkpoints`.
+        projection: optional seeded random projection of the gradients (default: exact).
+        chunk_size, seed, progress, max_feature_bytes: see
+            :class:`iif.methods.base.AttributionMethod`.
+
+    Ensembles: every model of an ensemble has checkpoints of its own, so ``models=`` is not
+    accepted; build one ``TracIn`` per training run (each with that run's checkpoints and its
+    model as ``task.model``) and average their scores.
+
+    Memory: training gradients are computed and consumed ``chunk_size`` samples at a time for
+    one checkpoint at a time; only the test gradients of the current checkpoint, (n_test, P),
+    and the scores, (n_test, N), are held.
+    """
+
+    method = "tracin"
+
+    def __init__(
+        self,
+        task: Task,
+        train_data: Any,
+        *,
+        checkpoints: Sequence[Checkpoint] | None = None,
+        projection: ProjectionSettings | None = None,
+        **common: Any,
+    ):
+        if common.get("models") is not None:
+            raise InputError(
+                "TracIn does not take models=: each model of an ensemble needs the checkpoints "
+                "of its own training run. Build one TracIn per run (its model and checkpoints) "
+                "and average their scores."
+            )
+        super().__init__(task, train_data, **common)
+        self.checkpoints = _check_checkpoints(checkpoints)
+        for c in self.checkpoints:
+            c.load(self.fmodel)  # fail now, not halfway through, on a checkpoint that misfits
+        self.projection = projection or ProjectionSettings()
+        self.projector = make_projector(
+            self.fmodel.num_params, self.projection, task.device, task.dtype
+        )
+
+    # ---- public API ----------------------------------------------------------------------
+    def attribute(self, test_data: Any) -> Attribution:
+        """Scores (n_test, n_train): ``-sum_c lr_c g_test(theta_c)^T g_i(theta_c)``; positive =
+        including the training sample raises the test loss."""
+        return super().attribute(test_data)
+
+    def self_influence(self, indices: Any = None) -> np.ndarray:
+        """Self-influence ``-sum_c lr_c |g_i(theta_c)|^2`` of training samples (default all),
+        shape (n,), projected gradients if a projection is set. Always <= 0; the most negative
+        are the samples whose gradients stay large along training, often mislabelled ones."""
+        return super().self_influence(indices)
+
+    def _attribute(self, test: Data) -> Attribution:
+        start = time.perf_counter()
+        n = len(self.train)
+        scores = torch.zeros(len(test), n, dtype=SOLVE_DTYPE, device=self.task.device)
+        for ckpt, state in self._states():
+            g_test = self._grads(state, test.x, test.targets)  # (n_test, P)
+            for lo, g_train in self._train_grads(state, np.arange(n)):
+                block = (g_test @ g_train.T).to(SOLVE_DTYPE)
+                scores[:, lo : lo + g_train.shape[0]] -= ckpt.lr * block
+        info = {
+            "checkpoints": len(self.checkpoints),
+            "epochs": [c.epoch for c in self.checkpoints],
+            "seconds": time.perf_counter() - start,
+        }
+        return Attribution(scores.cpu().numpy(), self.method, self.settings(), None, info)
+
+    def _self_influence(self, idx: np.ndarray) -> np.ndarray:
+        out = torch.zeros(idx.size, dtype=SOLVE_DTYPE, device=self.task.device)
+        for ckpt, state in self._states():
+            for lo, g in self._train_grads(state, idx):
+                out[lo : lo + g.shape[0]] -= ckpt.lr * g.to(SOLVE_DTYPE).pow(2).sum(1)
+        return out.cpu().numpy()
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "projection": self.projection.to_dict(),
+            "checkpoints": [
+                {"epoch": c.epoch, "lr": c.lr, "path": None if c.path is None else str(c.path)}
+                for c in self.checkpoints
+            ],
+        }
+
+    # ---- helpers -------------------------------------------------------------------------
+    def _states(self) -> Iterator[tuple[Checkpoint, ModelState]]:
+        """Each checkpoint with its loaded state, one at a time."""
+        for c in progress_bar(self.checkpoints, total=len(self.checkpoints),
+                              desc="TracIn checkpoints", enable=self.progress):
+            yield c, c.load(self.fmodel)
+
+    def _grads(self, state: ModelState, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Projected per-sample loss gradients (n, P) at ``state``."""
+        return loss_features(self.fmodel, state, x, targets, self.task, self.projector,
+                             self.chunk_size, self.max_feature_bytes)
+
+    def _train_grads(
+        self, state: ModelState, idx: np.ndarray
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(lo, G)`` with G (c, P): the gradients of training samples ``idx[lo:lo + c]``."""
+        train = self.train
+        for lo in range(0, idx.size, self.chunk_size):
+            rows = torch.as_tensor(idx[lo : lo + self.chunk_size], device=train.x.device)
+            yield lo, self._grads(state, train.x[rows], train.targets[rows])
+
+
+def _check_checkpoints(checkpoints: Sequence[Checkpoint] | None) -> list[Checkpoint]:
+    if checkpoints is None:
+        raise InputError(
+            "TracIn needs checkpoints=[...] of the training run (see "
+            "iif.checkpoints.train_with_checkpoints and load_checkpoints)"
+        )
+    if isinstance(checkpoints, Checkpoint):
+        checkpoints = [checkpoints]
+    try:
+        checkpoints = list(checkpoints)
+    except TypeError as exc:
+        raise InputError(
+            f"checkpoints must be a list of Checkpoint, got {type(checkpoints).__name__}"
+        ) from exc
+    if not checkpoints:
+        raise InputError("checkpoints is empty: TracIn needs at least one checkpoint")
+    for i, c in enumerate(checkpoints):
+        if not isinstance(c, Checkpoint):
+            raise InputError(f"checkpoints[{i}] is a {type(c).__name__}, not a Checkpoint")
+    return checkpoints
