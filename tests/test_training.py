@@ -299,3 +299,55 @@ def test_fit_on_epoch_sees_every_epoch_state(mlp_factory, regression_data):
     two = fit(task, fmodel, fmodel.state(), x, y, epochs=2,
               generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(seen[1][1].flat(), two.state.flat(), rtol=0, atol=0)
+
+
+def test_train_ensemble_members_are_independent(mlp_factory, classification_data):
+    x, y = classification_data
+    model = mlp_factory(out_dim=3, seed=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    task = Task(model, "classification", Recipe(lr=0.1, epochs=3, batch_size=4))
+    models = iif.train_ensemble(task, (x, y), 3, seed=5)
+    flat = [torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in models]
+    assert not torch.equal(flat[0], flat[1]) and not torch.equal(flat[1], flat[2])
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), q)  # the task's own model is untouched
+    # member k is a fresh model seeded with seed + k, trained like iif.train with that seed
+    again = iif.train_ensemble(task, (x, y), 1, seed=6)[0]
+    torch.testing.assert_close(torch.cat([p.detach().reshape(-1) for p in again.parameters()]),
+                               flat[1], rtol=0, atol=0)
+
+
+def test_train_ensemble_on_halves_sees_half_the_data(mlp_factory, regression_data):
+    x, y = regression_data
+    task = Task(mlp_factory(seed=1), "regression", Recipe(lr=0.1, epochs=1, batch_size=100))
+    seen = []
+    original = iif.training.train
+
+    def spy(member, data, **kwargs):
+        seen.append(len(data[0]))
+        return original(member, data, **kwargs)
+
+    iif.training.train = spy
+    try:
+        iif.train_ensemble(task, (x, y), 2, subset="half")
+    finally:
+        iif.training.train = original
+    assert seen == [len(x) // 2] * 2
+
+
+def test_train_ensemble_rejects_bad_arguments(mlp_factory, regression_data):
+    task = Task(mlp_factory(), "regression")
+    for kwargs in ({"n_models": 0}, {"n_models": 2, "subset": "bootstrap"}):
+        with pytest.raises(ValueError):
+            iif.train_ensemble(task, regression_data, **kwargs)
+
+    class Scale(torch.nn.Module):  # a parameter without reset_parameters
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3, 2, dtype=torch.float64))
+
+        def forward(self, x):
+            return x @ self.w
+
+    with pytest.raises(ValueError, match="re-initialise"):
+        iif.train_ensemble(Task(Scale(), "regression"), regression_data, 1)
