@@ -203,3 +203,9 @@ def test_invalid_dim(dim):
 def test_invalid_kind():
     with pytest.raises(ValueError, match="kind"):
         ProjectionSettings(dim=4, kind="sparse")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dim", [0, 2.5, True, "8"])
+def test_projection_dim_must_be_a_positive_integer(dim):
+    with pytest.raises(ValueError, match="integer"):
+        ProjectionSettings(dim=dim)

@@ -11,6 +11,7 @@ from iif.errors import CurvatureError, InputError
 from iif.methods.influence import InfluenceFunction
 from iif.methods.integrated import IntegratedInfluence
 from iif.methods.tracin import TracIn
+from iif.methods.trak import TRAK
 from iif.path import PathSettings
 from iif.projection import ProjectionSettings
 from iif.task import Recipe, Task
@@ -30,6 +31,7 @@ __all__ = [
     "PathSettings",
     "ProjectionSettings",
     "Recipe",
+    "TRAK",
     "Task",
     "TracIn",
     "train",

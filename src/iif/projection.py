@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol
 
+import numpy as np
 import torch
 
 from iif.errors import InputError
@@ -27,8 +28,10 @@ class ProjectionSettings:
     block_elements: int = 1 << 22  # values of A generated at once (16 MiB in float32)
 
     def __post_init__(self) -> None:
-        if self.dim is not None and int(self.dim) < 1:
-            raise InputError(f"projection dim must be >= 1 or None, got {self.dim!r}")
+        dim = self.dim
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, (int, np.integer))
+                                or dim < 1):
+            raise InputError(f"projection dim must be an integer >= 1 or None, got {dim!r}")
         if self.kind not in ("gaussian", "rademacher"):
             raise InputError(
                 f"projection kind must be 'gaussian' or 'rademacher', got {self.kind!r}"

@@ -10,7 +10,8 @@ to (``self.fmodel`` at ``self.state``):
 
 Given ``models=[m_1, ..., m_E]`` the public ``attribute`` and ``self_influence`` run the method
 once per model (each bound to its own copy of the method) and average the scores over the
-models; a method whose estimator combines models differently (TRAK) overrides ``_combine``.
+models; a method whose estimator combines models differently (TRAK) overrides ``attribute``
+and ``self_influence`` instead.
 """
 
 from __future__ import annotations

@@ -1,0 +1,342 @@
+"""TRAK (Park et al. 2023, "TRAK: Attributing Model Behavior at Scale") on the engine's
+per-sample Jacobians, projection and damped Gram solves, with ensembles over several models.
+
+Per model m (at its trained parameters theta_m), with ``g(x) = grad_theta f(x; theta_m)`` the
+parameter gradient of a scalar model-output function f and ``A`` the seeded projection:
+
+- features ``phi_i = A^T g(x_i)`` (N, P) for the training set, ``phi_s`` for test samples;
+- kernel ``K_m = (Phi_m^T D_m Phi_m + lambda I)^{-1}`` (P, P), never formed: a Cholesky or
+  Woodbury solve in float64 (``iif.curvature.gram_solver``);
+- output-to-loss weights ``w_i = -dl_i/df_i`` (N,), TRAK's Q;
+- test orientation ``c_s = -dl_s/df_s`` (regression) or 1 (classification).
+
+The ensemble estimator averages the kernel part and the weights *separately* (TRAK, Eq. 10):
+``tau(s, i) = [mean_m c_s,m phi_s,m^T K_m phi_i,m] * [mean_m w_i,m]`` and
+``scores[s, i] = -tau(s, i)``: positive = including training sample i raises the loss of test
+sample s, the project's sign convention. (TRAK's own tau > 0 means i raises the test margin.)
+
+Derivation (one Gauss-Newton step on the linearised model). Linearise
+``f(x; theta) ~ f(x; theta_m) + g(x)^T (theta - theta_m)`` and let the training objective be
+``sum_j l(f_j, y_j)``. Dropping sample i and taking one Newton step from theta_m gives
+``theta_{-i} - theta_m ~ H^{-1} grad_theta l_i = H^{-1} g_i l'_i`` with ``l'_i = dl_i/df_i`` and
+the Gauss-Newton matrix ``H = sum_j l''_j g_j g_j^T = G^T D G``, ``D = diag(l''_j)``. Including
+i therefore moves the test output by ``g_s^T H^{-1} g_i w_i`` (``w_i = -l'_i``), and the test
+loss by ``l'_s`` times that, i.e. by ``-c_s g_s^T H^{-1} g_i w_i``. Projecting gives the
+formula above, with damping ``lambda``. The training loss being a mean or a sum does not
+matter: theta_{-i} minimises the same objective either way.
+
+- Classification: f is the margin ``log p_y - log(1 - p_y) = z_y - logsumexp_{c != y} z_c``
+  (computed from the logits z), for which cross-entropy is ``l = log(1 + exp(-f))``, so
+  ``w_i = 1 / (1 + exp(f_i)) = 1 - p_{i,y_i}``. As in TRAK, ``D = diag(p(1 - p))`` is replaced
+  by the identity and the test side is not weighted (``c_s = 1 - p_s > 0`` would rescale a
+  test sample's scores without changing their order).
+- Regression (one output): f is the output itself; ``D = diag(l''_j)`` is kept (the constant 2
+  for the default squared error ``l = (f - y)^2``), so ``K = (2 Phi^T Phi + lambda I)^{-1}``,
+  ``w_i = 2 (y_i - f_i)``, ``c_s = 2 (y_s - f_s)``. Without projection and with lambda -> 0 the
+  score is then the first-order estimate of ``L_s(with i) - L_s(without i)`` (for least
+  squares: the leave-one-out change without the leverage factor ``1 / (1 - h_ii)``).
+  Multi-output regression is not supported.
+
+Projection: ``ProjectionSettings(dim=P)`` (default P = 2048). When P >= M (the number of
+parameters) or ``dim=None`` the gradients are used as they are (P = M): a random projection to
+at least as many dimensions as parameters cannot add information, only noise and cost. The same
+projection (seeded by ``ProjectionSettings.seed``) serves every model of an ensemble.
+
+Damping: ``damping=None`` sets lambda to 0.1 (``CurvatureSettings``' default ratio) times the
+mean eigenvalue of ``Phi^T D Phi`` over its rank bound ``min(N, P, M)``; an explicit
+``damping >= 0`` is used as it is (TRAK's own default is 0, fine when N >> P). A kernel that
+does not factor is retried with more damping, reported in ``info``.
+
+Memory: training features ``Phi_m`` (N, P) are kept in the model's dtype, with the weights and
+the solver, per model, so that repeated ``attribute`` calls reuse them; solves run in float64.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.func import grad, vmap
+
+from iif.attribution import Attribution
+from iif.curvature import SOLVE_DTYPE, CurvatureSettings, Solver, gram_solver
+from iif.errors import InputError
+from iif.grads import output_hessian_factor, per_sample_jacobians
+from iif.methods.base import AttributionMethod
+from iif.progress import progress_bar
+from iif.projection import IdentityProjector, ProjectionSettings, make_projector
+from iif.task import Data, Task
+
+DEFAULT_PROJECTION_DIM = 2048
+DEFAULT_DAMPING_RATIO = CurvatureSettings().default_damping_ratio
+
+
+def margin(output: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    """TRAK's classification output ``log p_y - log(1 - p_y)``, computed stably from logits as
+    ``z_y - logsumexp_{c != y} z_c``. Shapes (..., C) -> (...)."""
+    true = (output * onehot).sum(-1)
+    others = output.masked_fill(onehot > 0.5, float("-inf"))
+    return true - torch.logsumexp(others, dim=-1)
+
+
+@dataclass
+class _TrainFeatures:
+    """What one model keeps for the training set."""
+
+    phi: torch.Tensor  # (N, P), model dtype
+    weights: torch.Tensor  # (N,) float64: w_i = -dl_i/df_i
+    solver: Solver  # K = (Phi^T D Phi + lambda I)^{-1}
+    seconds: float
+
+
+class TRAK(AttributionMethod):
+    """TRAK attributions for a trained model or an ensemble of models.
+
+    Args:
+        task: the model (trained), target kind and recipe; classification with the default
+            cross-entropy, or regression with a single output.
+        train_data: ``(inputs, labels)`` the model was trained on.
+        projection: ``ProjectionSettings``; default ``dim=2048``. ``dim=None`` or a dim at
+            least the number of parameters uses the gradients unprojected.
+        damping: lambda >= 0 added to ``Phi^T D Phi``; None: 0.1 x its mean eigenvalue.
+        models, chunk_size, seed, progress, max_feature_bytes: see
+            :class:`iif.methods.base.AttributionMethod`. ``models`` (e.g. from
+            ``iif.training.train_ensemble(..., subset="half")``) makes the TRAK ensemble.
+    """
+
+    method = "trak"
+
+    def __init__(
+        self,
+        task: Task,
+        train_data: Any,
+        *,
+        projection: ProjectionSettings | None = None,
+        damping: float | None = None,
+        **common: Any,
+    ):
+        super().__init__(task, train_data, **common)
+        if projection is None:
+            projection = ProjectionSettings(dim=DEFAULT_PROJECTION_DIM)
+        if not isinstance(projection, ProjectionSettings):
+            raise InputError(
+                f"projection must be a ProjectionSettings, got {type(projection).__name__}"
+            )
+        dim = projection.dim
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, (int, np.integer))):
+            raise InputError(f"projection dim must be a positive integer or None, got {dim!r}")
+        self.projection = projection
+        self.damping = _check_damping(damping)
+        outputs = self.train.targets.shape[1]
+        if task.kind == "regression" and outputs != 1:
+            raise InputError(
+                f"TRAK supports regression with a single output only; the model has {outputs} "
+                f"outputs (attribute each output with its own single-output task)"
+            )
+        if task.kind == "classification":
+            if task.loss is not None:
+                raise InputError(
+                    "TRAK's margin output function assumes the cross-entropy loss; this "
+                    "classification task has a custom loss"
+                )
+            if outputs < 2:
+                raise InputError(f"TRAK classification needs >= 2 classes, got {outputs}")
+        num_params = self.fmodel.num_params
+        exact = dim is None or int(dim) >= num_params
+        self.projector = make_projector(
+            num_params, ProjectionSettings(dim=None) if exact else projection,
+            task.device, task.dtype,
+        )
+        self._cache: _TrainFeatures | None = None
+
+    # ---- public API ----------------------------------------------------------------------
+    def attribute(self, test_data: Any) -> Attribution:
+        """Scores (n_test, n_train): ``-[mean_m c_s phi_s^T K_m phi_i] * [mean_m w_i]``;
+        positive = including the training sample raises the test loss."""
+        test = self.task.validate(test_data, "test data")
+        start = time.perf_counter()
+        members = self.members()
+        parts = [m._parts(test) for m in members]
+        kernel = sum(k for k, _ in parts) / len(parts)
+        weights = sum(w for _, w in parts) / len(parts)
+        info = self._info(members)
+        info["seconds"] = time.perf_counter() - start
+        return Attribution(-kernel * weights[None, :], self.method, self.settings(), None, info)
+
+    def self_influence(self, indices: Any = None) -> np.ndarray:
+        """Self-influence of training samples (default all), shape (n,): the ensemble score of
+        each sample on its own loss, ``-[mean_m c_i phi_i^T K_m phi_i] * [mean_m w_i]``. It is
+        <= 0 for classification (and for one regression model); the most negative are samples
+        the models fit only through themselves."""
+        idx = self._indices(indices)
+        parts = [m._self_parts(idx) for m in self.members()]
+        kernel = sum(k for k, _ in parts) / len(parts)
+        weights = sum(w for _, w in parts) / len(parts)
+        return -kernel * weights
+
+    # ---- one model ---------------------------------------------------------------------
+    def _attribute(self, test: Data) -> Attribution:
+        """This model alone (an ensemble of one)."""
+        kernel, weights = self._parts(test)
+        return Attribution(-kernel * weights[None, :], self.method, self.settings(), None,
+                           self._info([self]))
+
+    def _self_influence(self, idx: np.ndarray) -> np.ndarray:
+        kernel, weights = self._self_parts(idx)
+        return -kernel * weights
+
+    def _reset(self) -> None:
+        self._cache = None
+
+    def _combine(self, parts: list[Attribution]) -> Attribution:
+        """Not used: the ensemble estimator needs each model's kernel part and weights, which
+        ``attribute`` averages separately; a mean of per-model scores would be a different
+        estimator."""
+        raise NotImplementedError("TRAK combines models in attribute(), not from scores")
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "projection": self.projection.to_dict(),
+            "projection_dim": self.projector.dim,
+            "damping": self.damping,
+            "damping_ratio": DEFAULT_DAMPING_RATIO if self.damping is None else None,
+            "output_function": "margin" if self.task.kind == "classification" else "output",
+        }
+
+    def _info(self, members: list[TRAK]) -> dict[str, Any]:
+        caches = [m._train_features() for m in members]
+        return {
+            "damping": [c.solver.damping for c in caches],
+            "damping_retries": [c.solver.retries for c in caches],
+            "train_feature_seconds": [c.seconds for c in caches],
+            "projection_dim": self.projector.dim,
+            "projected": not isinstance(self.projector, IdentityProjector),
+            "ensemble_size": len(members),
+        }
+
+    def _parts(self, test: Data) -> tuple[np.ndarray, np.ndarray]:
+        """``c_s phi_s^T K phi_i`` (n_test, N) and ``w_i`` (N,) for this model, float64."""
+        cache = self._train_features()
+        phi_test = self._features(test.x, test.targets, "test")
+        sol = cache.solver.solve(phi_test.T)  # (P, n_test)
+        kernel = self._train_products(cache.phi, sol).T  # (n_test, N)
+        if self.task.kind == "regression":
+            kernel = kernel * self._slopes(test.x, test.targets)[:, None]
+        return kernel.cpu().numpy(), cache.weights.cpu().numpy()
+
+    def _self_parts(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``c_i phi_i^T K phi_i`` and ``w_i`` for training samples idx, each (n,)."""
+        cache = self._train_features()
+        tidx = torch.as_tensor(idx, device=cache.phi.device)
+        diag = torch.empty(idx.size, dtype=SOLVE_DTYPE, device=cache.phi.device)
+        for lo in range(0, idx.size, self.chunk_size):
+            rows = cache.phi[tidx[lo : lo + self.chunk_size]]
+            sol = cache.solver.solve(rows.T)  # (P, c)
+            diag[lo : lo + rows.shape[0]] = (rows.to(SOLVE_DTYPE) * sol.T.to(rows.device)).sum(1)
+        weights = cache.weights[tidx]
+        if self.task.kind == "regression":
+            diag = diag * weights  # c_i = w_i: the test sample is training sample i
+        return diag.cpu().numpy(), weights.cpu().numpy()
+
+    # ---- features, weights and the kernel ------------------------------------------------
+    def _train_features(self) -> _TrainFeatures:
+        """Phi (N, P), w (N,) and the kernel solver of this model, computed once."""
+        if self._cache is None:
+            start = time.perf_counter()
+            train = self.train
+            n, dim = len(train), self.projector.dim
+            # Phi in the model dtype, and the solver's float64 rows (Woodbury, N < P) or P x P.
+            solve_values = n * dim if n < dim else dim * dim
+            self._check_memory(n * dim, solve_values, "TRAK training features")
+            phi = self._features(train.x, train.targets, "train", progress=self.progress)
+            outputs = self.fmodel.outputs(self.state, train.x, self.chunk_size)
+            weights = self._slopes(train.x, train.targets, outputs)
+            rows = phi
+            if self.task.kind == "regression":
+                curv = output_hessian_factor(self.task, outputs, train.targets)[:, 0, 0]
+                rows = phi * curv.to(phi.dtype)[:, None]  # sqrt(l''_i) phi_i
+            settings = CurvatureSettings(damping=self.damping)
+            rank = min(n, dim, self.fmodel.num_params)
+            solver = gram_solver(rows, 1, settings, "TRAK kernel", effective_dim=rank)
+            self._cache = _TrainFeatures(phi, weights, solver, time.perf_counter() - start)
+        return self._cache
+
+    def _features(
+        self, x: torch.Tensor, targets: torch.Tensor, what: str, progress: bool | None = False
+    ) -> torch.Tensor:
+        """Projected gradients of the output function, (n, P) in the model dtype."""
+        n, dim = x.shape[0], self.projector.dim
+        self._check_memory(n * dim, 0, f"TRAK {what} features")
+        out = torch.empty(n, dim, dtype=self.task.dtype, device=x.device)
+        if self.task.kind == "classification":
+            chunks = per_sample_jacobians(self.fmodel, self.state, x, margin, targets,
+                                          chunk_size=self.chunk_size)
+        else:
+            chunks = per_sample_jacobians(self.fmodel, self.state, x, _first_output,
+                                          chunk_size=self.chunk_size)
+        total = -(-n // self.chunk_size)
+        for start, jac in progress_bar(chunks, total=total, desc=f"TRAK {what} features",
+                                       enable=progress):
+            if not bool(torch.isfinite(jac).all()):
+                raise InputError(
+                    f"{what} output gradients contain NaN or inf: the model is not finite on "
+                    f"some samples"
+                )
+            out[start : start + jac.shape[0]] = self.projector.project(jac[:, 0])
+        return out
+
+    def _slopes(
+        self, x: torch.Tensor, targets: torch.Tensor, outputs: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``-dl/df`` per sample (n,) float64: ``1 - p_y`` (classification, from the margin) or
+        the negative loss slope at the output (regression)."""
+        if outputs is None:
+            outputs = self.fmodel.outputs(self.state, x, self.chunk_size)
+        if self.task.kind == "classification":
+            slopes = torch.sigmoid(-margin(outputs, targets))
+        else:
+            def loss(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return self.task.sample_loss(o[None], t[None])[0]
+
+            slopes = -vmap(grad(loss))(outputs, targets)[:, 0]
+        slopes = slopes.detach().to(SOLVE_DTYPE)
+        if not bool(torch.isfinite(slopes).all()):
+            raise InputError("loss slopes contain NaN or inf: the model or its loss is not "
+                             "finite on some samples")
+        return slopes
+
+    def _train_products(self, phi: torch.Tensor, sol: torch.Tensor) -> torch.Tensor:
+        """``Phi @ sol`` (N, r) in float64, block by block (Phi stays in the model dtype)."""
+        block = max(1, self.chunk_size * 8)
+        sol = sol.to(phi.device)
+        return torch.cat([phi[lo : lo + block].to(SOLVE_DTYPE) @ sol
+                          for lo in range(0, phi.shape[0], block)])
+
+    def _check_memory(self, values: int, solve_values: int, what: str) -> None:
+        size = torch.empty((), dtype=self.task.dtype).element_size()
+        need = values * size + solve_values * torch.empty((), dtype=SOLVE_DTYPE).element_size()
+        if need > self.max_feature_bytes:
+            raise InputError(
+                f"{what} would take {need / 2**30:.1f} GiB ({values // self.projector.dim} x "
+                f"{self.projector.dim}); use a smaller projection (ProjectionSettings(dim=...)) "
+                f"or raise max_feature_bytes"
+            )
+
+
+def _first_output(output: torch.Tensor) -> torch.Tensor:
+    return output[0]
+
+
+def _check_damping(damping: Any) -> float | None:
+    if damping is None:
+        return None
+    if isinstance(damping, bool) or not isinstance(damping, (int, float, np.number)):
+        raise InputError(f"damping must be a number >= 0 or None, got {damping!r}")
+    value = float(damping)
+    if not (math.isfinite(value) and value >= 0):
+        raise InputError(f"damping must be a finite number >= 0 or None, got {damping!r}")
+    return value
