@@ -55,6 +55,17 @@ def load_task_data(n_train: int, n_test: int, mnist_dir: str | None):
     return (x[order], y[order]), (xt[torder], yt[torder])
 
 
+def save_data(work: Path, train, test) -> None:
+    """The subsets as .npy files: children load only them, so their memory is their own."""
+    for name, arr in (("x", train[0]), ("y", train[1]), ("xt", test[0]), ("yt", test[1])):
+        np.save(work / f"{name}.npy", arr, allow_pickle=False)
+
+
+def load_saved(work: Path):
+    x, y, xt, yt = (np.load(work / f"{n}.npy", allow_pickle=False) for n in ("x", "y", "xt", "yt"))
+    return (x, y), (xt, yt)
+
+
 def rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -78,7 +89,7 @@ def build(name: str, task, train, workdir: Path, args: argparse.Namespace):
     if name == "if-cg":
         return iif.InfluenceFunction(task, train, solver="cg",
                                      curvature=CurvatureSettings(kind="ggn"),
-                                     cg=iif.CGSettings(max_iter=args.cg_iters, tol=1e-6),
+                                     cg=iif.CGSettings(max_iter=args.cg_iters, tol=args.cg_tol),
                                      **common)
     if name == "tracin":
         from iif.checkpoints import load_checkpoints
@@ -103,7 +114,7 @@ def describe(name: str, args: argparse.Namespace) -> str:
     return {
         "if-exact": "IF, Fisher, exact (Woodbury in N dims)",
         "if-projected": f"IF, Fisher, projected P={args.proj_dim}",
-        "if-cg": f"IF, Gauss-Newton, conjugate gradients (<= {args.cg_iters} it.)",
+        "if-cg": f"IF, Gauss-Newton, CG (tol {args.cg_tol:g}, <= {args.cg_iters} it.)",
         "tracin": f"TracIn, {args.checkpoints} checkpoints, P={args.proj_dim}",
         "trak": f"TRAK, 1 model, P={args.trak_dim}",
         "iif-per-test": f"IIF per-test baseline, K={args.steps}, P={args.proj_dim}",
@@ -121,7 +132,7 @@ def child(name: str, workdir: str, args: argparse.Namespace, queue) -> None:
         import iif
 
         work = Path(workdir)
-        train, test = load_task_data(args.n_train, args.n_test, args.mnist_dir)
+        train, test = load_saved(work)
         model = make_mlp()
         model.load_state_dict(torch.load(work / "model.pt", weights_only=True))
         task = iif.Task(model, "classification", recipe(args.train_epochs))
@@ -132,10 +143,12 @@ def child(name: str, workdir: str, args: argparse.Namespace, queue) -> None:
         method = build(name, task, train, work, args)
         result = method.attribute(test)
         seconds = time.perf_counter() - start
+        solver = result.info.get("solver") or {}
         queue.put({"name": name, "seconds": seconds, "n_test": n_test,
                    "rss_before_mib": rss_before, "peak_mib": peak_mib(),
                    "scores_shape": list(result.scores.shape),
-                   "solver": result.info.get("solver")})
+                   "cg_iterations": solver.get("cg_iterations"),
+                   "cg_residuals": solver.get("cg_residuals")})
     except Exception as exc:  # reported in the table, the other methods still run
         queue.put({"name": name, "error": f"{type(exc).__name__}: {exc}"})
 
@@ -155,7 +168,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=5, help="IIF path steps K")
     ap.add_argument("--proj-dim", type=int, default=256)
     ap.add_argument("--trak-dim", type=int, default=2048)
-    ap.add_argument("--cg-iters", type=int, default=100)
+    ap.add_argument("--cg-iters", type=int, default=500)
+    ap.add_argument("--cg-tol", type=float, default=1e-4)
     ap.add_argument("--json", default=None, metavar="PATH")
     args = ap.parse_args(argv)
     sizes = ({"n_train": 300, "n_test": 20, "per_test": 1, "train_epochs": 2} if args.quick
@@ -181,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         train, test = load_task_data(args.n_train, args.n_test, args.mnist_dir)
+        save_data(work, train, test)
         model = make_mlp()
         task = iif.Task(model, "classification", recipe(args.train_epochs))
         every = max(1, args.train_epochs // args.checkpoints)
@@ -202,8 +217,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if "error" in res:
                 print(f"  {name}: FAILED {res['error']}", flush=True)
             else:
+                cg = (f"; CG iterations {res['cg_iterations']}, relative residuals "
+                      f"{[f'{r:.1e}' for r in res['cg_residuals']]}"
+                      if res.get("cg_iterations") else "")
                 print(f"  {name}: {res['seconds']:.1f} s for {res['n_test']} test images, "
-                      f"peak {res['peak_mib']:.0f} MiB", flush=True)
+                      f"peak {res['peak_mib']:.0f} MiB{cg}", flush=True)
     print_table(results, args)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results},
