@@ -220,10 +220,28 @@ def test_checkpoint_of_another_architecture_is_rejected(tmp_path):
     assert issubclass(InputError, ValueError)
 
 
-def test_ensembles_are_rejected_with_a_way_out():
+def test_models_are_rejected_with_a_way_out():
     task, train, _, checkpoints = make_problem("regression", epochs=1)
-    with pytest.raises(InputError, match="one TracIn per run"):
+    with pytest.raises(InputError, match="one list per run"):
         TracIn(task, train, checkpoints=checkpoints, models=[task.model])
+
+
+def test_ensemble_over_runs_is_the_mean_of_the_runs():
+    task, train, test, first = make_problem("classification", epochs=2)
+    twin = Task(build_mlp(out_dim=3, seed=8), "classification", task.recipe)
+    second = train_with_checkpoints(twin, train, seed=1)
+    singles = [TracIn(task, train, checkpoints=run).attribute(test).scores
+               for run in (first, second)]
+    both = TracIn(task, train, checkpoints=[first, second])
+    result = both.attribute(test)
+    np.testing.assert_allclose(result.scores, (singles[0] + singles[1]) / 2, rtol=1e-12)
+    assert result.info["ensemble_size"] == 2 and result.settings["ensemble_size"] == 2
+    np.testing.assert_array_equal(
+        TracIn(task, train, checkpoints=[first]).attribute(test).scores, singles[0])
+    self_singles = [TracIn(task, train, checkpoints=run).self_influence([0, 3])
+                    for run in (first, second)]
+    np.testing.assert_allclose(both.self_influence([0, 3]), np.mean(self_singles, axis=0),
+                               rtol=1e-12)
 
 
 def test_checkpoints_on_disk_give_the_same_scores(tmp_path):

@@ -98,7 +98,7 @@ class AttributionMethod:
             "chunk_size": self.chunk_size,
             "seed": self.seed,
             "n_train": len(self.train),
-            "ensemble_size": len(self.models),
+            "ensemble_size": len(self.members()),
         }
 
     # ---- ensembles -----------------------------------------------------------------------

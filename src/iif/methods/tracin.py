@@ -20,6 +20,7 @@ changes. With momentum or Adam the learning-rate weighting is the usual approxim
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -48,14 +49,14 @@ class TracIn(AttributionMethod):
         train_data: ``(inputs, labels)`` the model was trained on.
         checkpoints: the run's checkpoints (non-empty), e.g. from
             :func:`iif.checkpoints.train_with_checkpoints` or
-            :func:`iif.checkpoints.load_checkpoints`.
+            :func:`iif.checkpoints.load_checkpoints`; or a list of such lists, one per
+            independent training run: an ensemble, whose scores are the mean over the runs.
         projection: optional seeded random projection of the gradients (default: exact).
         chunk_size, seed, progress, max_feature_bytes: see
             :class:`iif.methods.base.AttributionMethod`.
 
     Ensembles: every model of an ensemble has checkpoints of its own, so ``models=`` is not
-    accepted; build one ``TracIn`` per training run (each with that run's checkpoints and its
-    model as ``task.model``) and average their scores.
+    accepted; pass the runs' checkpoint lists as ``checkpoints=[run_1, run_2, ...]``.
 
     Memory: training gradients are computed and consumed ``chunk_size`` samples at a time for
     one checkpoint at a time; only the test gradients of the current checkpoint, (n_test, P),
@@ -76,13 +77,20 @@ class TracIn(AttributionMethod):
         if common.get("models") is not None:
             raise InputError(
                 "TracIn does not take models=: each model of an ensemble needs the checkpoints "
-                "of its own training run. Build one TracIn per run (its model and checkpoints) "
-                "and average their scores."
+                "of its own training run; pass checkpoints=[run_1, run_2, ...], one list per "
+                "run (one TracIn per run, averaged)."
             )
         super().__init__(task, train_data, **common)
-        self.checkpoints = _check_checkpoints(checkpoints)
-        for c in self.checkpoints:
-            c.load(self.fmodel)  # fail now, not halfway through, on a checkpoint that misfits
+        if (isinstance(checkpoints, Sequence) and checkpoints
+                and not isinstance(checkpoints[0], Checkpoint)
+                and isinstance(checkpoints[0], Sequence)):
+            self.runs = [_check_checkpoints(run) for run in checkpoints]
+        else:
+            self.runs = [_check_checkpoints(checkpoints)]
+        self.checkpoints = self.runs[0]
+        for run in self.runs:
+            for c in run:
+                c.load(self.fmodel)  # fail now, not halfway through, on a misfit checkpoint
         self.projection = projection or ProjectionSettings()
         self.projector = make_projector(
             self.fmodel.num_params, self.projection, task.device, task.dtype
@@ -124,13 +132,24 @@ class TracIn(AttributionMethod):
         return out.cpu().numpy()
 
     def _settings(self) -> dict[str, Any]:
+        runs = [[{"epoch": c.epoch, "lr": c.lr, "path": None if c.path is None else str(c.path)}
+                 for c in run] for run in self.runs]
         return {
             "projection": self.projection.to_dict(),
-            "checkpoints": [
-                {"epoch": c.epoch, "lr": c.lr, "path": None if c.path is None else str(c.path)}
-                for c in self.checkpoints
-            ],
+            "checkpoints": runs[0] if len(runs) == 1 else runs,
         }
+
+    def members(self) -> list[AttributionMethod]:
+        """One TracIn per training run (self for one run)."""
+        if self._members is None:
+            self._members = [self] if len(self.runs) == 1 else [
+                self._for_run(run) for run in self.runs]
+        return self._members
+
+    def _for_run(self, run: list[Checkpoint]) -> TracIn:
+        member = copy.copy(self)
+        member.runs, member.checkpoints, member._members = [run], run, [member]
+        return member
 
     # ---- helpers -------------------------------------------------------------------------
     def _states(self) -> Iterator[tuple[Checkpoint, ModelState]]:
