@@ -599,3 +599,22 @@ def test_same_seed_same_scores_and_round_trip(mlp_classifier, tmp_path):
     assert loaded.settings["baseline"] == first.settings["baseline"]
     assert loaded.info["damping"] == first.info["damping"]
     assert loaded.info["fallbacks"] == first.info["fallbacks"]
+
+
+def test_ensemble_of_one_and_average_over_models(mlp_classifier):
+    p = mlp_classifier
+    data, test = (p.x, p.y), (p.xt[:2], p.yt[:2])
+    models = iif.train_ensemble(p.task, data, 2, seed=7)
+    kwargs = {"path": PathSettings(steps=2), "curvature": CurvatureSettings(damping=1e-2)}
+    singles = [IntegratedInfluence(Task(m, "classification", p.task.recipe), data, **kwargs)
+               .attribute(test) for m in models]
+    one = IntegratedInfluence(p.task, data, models=models[:1], **kwargs).attribute(test)
+    np.testing.assert_array_equal(one.scores, singles[0].scores)
+    both = IntegratedInfluence(p.task, data, models=models, **kwargs).attribute(test)
+    np.testing.assert_allclose(both.scores, (singles[0].scores + singles[1].scores) / 2,
+                               rtol=1e-12)
+    for key in ("sum", "delta"):
+        np.testing.assert_allclose(
+            both.completeness[key],
+            (singles[0].completeness[key] + singles[1].completeness[key]) / 2, rtol=1e-12)
+    assert both.info["ensemble_size"] == 2
