@@ -135,19 +135,53 @@ def gram_solver(
     """
     if not bool(torch.isfinite(rows).all()):
         raise InputError("per-sample gradients contain NaN or inf; the curvature cannot be built")
-    r = rows.to(SOLVE_DTYPE)
-    n_rows, dim = r.shape
-    base = _default_damping(settings, float((r * r).sum()) / n, effective_dim or dim)
+    n_rows, dim = rows.shape
+    # rows stay in their dtype; products run in float64 one column block at a time, so no
+    # float64 copy of the (R, D) matrix is ever made
+    blocks = _column_blocks(n_rows, dim)
+    trace = sum(float(rows[:, b].to(SOLVE_DTYPE).pow(2).sum()) for b in blocks) / n
+    base = _default_damping(settings, trace, effective_dim or dim)
     if n_rows < dim and base > 0:
-        factor, damping, retries = _damped_cholesky(r @ r.T, base, float(n), settings, kind)
+        gram = torch.zeros(n_rows, n_rows, dtype=SOLVE_DTYPE, device=rows.device)
+        for b in blocks:
+            part = rows[:, b].to(SOLVE_DTYPE)
+            gram += part @ part.T
+        factor, damping, retries = _damped_cholesky(gram, base, float(n), settings, kind)
+        del gram
 
         def apply(v: torch.Tensor) -> torch.Tensor:
-            v = v.to(r.device)
-            inner = torch.cholesky_solve(r @ v, factor)
-            return (v - r.T @ inner) / damping
+            v = v.to(rows.device)
+            rv = sum(rows[:, b].to(SOLVE_DTYPE) @ v[b] for b in blocks)
+            inner = torch.cholesky_solve(rv, factor)
+            out = torch.empty_like(v)
+            for b in blocks:
+                out[b] = (v[b] - rows[:, b].to(SOLVE_DTYPE).T @ inner) / damping
+            return out
 
         return Solver(dim, damping, retries, apply, kind)
-    return dense_solver(r.T @ r / n, settings, kind, base=base)
+    matrix = torch.zeros(dim, dim, dtype=SOLVE_DTYPE, device=rows.device)
+    step = max(1, _BLOCK_ELEMENTS // dim)
+    for lo in range(0, n_rows, step):
+        part = rows[lo : lo + step].to(SOLVE_DTYPE)
+        matrix += part.T @ part
+    return dense_solver(matrix / n, settings, kind, base=base)
+
+
+_BLOCK_ELEMENTS = 1 << 24  # float64 elements of one temporary block (128 MiB)
+
+
+def rows_times(rows: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``rows @ rhs`` in float64, (R, D) x (D, r) -> (R, r), converting a block of rows at a
+    time so that stored float32 features never get a full float64 copy."""
+    step = max(1, _BLOCK_ELEMENTS // max(rows.shape[1], 1))
+    rhs = rhs.to(device=rows.device, dtype=SOLVE_DTYPE)
+    return torch.cat([rows[lo : lo + step].to(SOLVE_DTYPE) @ rhs
+                      for lo in range(0, rows.shape[0], step)])
+
+
+def _column_blocks(n_rows: int, dim: int) -> list[slice]:
+    width = max(1, _BLOCK_ELEMENTS // max(n_rows, 1))
+    return [slice(lo, min(lo + width, dim)) for lo in range(0, dim, width)]
 
 
 def dense_solver(

@@ -34,6 +34,7 @@ from iif.curvature import (
     cg_solver,
     curvature_product,
     fit_curvature,
+    rows_times,
 )
 from iif.errors import InputError
 from iif.features import loss_features
@@ -158,9 +159,9 @@ class InfluenceFunction(AttributionMethod):
 
     def _train_products(self, grads: torch.Tensor | None, sol: torch.Tensor) -> torch.Tensor:
         """``G sol`` (N, n_test) for the training gradients G, stored or recomputed."""
-        if grads is not None:
-            return grads.to(SOLVE_DTYPE) @ sol
-        return torch.cat([g.to(SOLVE_DTYPE) @ sol for g in self._train_grad_chunks()])
+        if grads is None:
+            return torch.cat([rows_times(g, sol) for g in self._train_grad_chunks()])
+        return rows_times(grads, sol)
 
     def _trace(self, product) -> float:
         """trace(C): exact for the Fisher (mean squared gradient norm), Hutchinson otherwise."""

@@ -25,7 +25,7 @@ from iif.baseline import (
     self_baseline_targets,
     unlearning_baseline,
 )
-from iif.curvature import SOLVE_DTYPE, CurvatureSettings, fit_curvature
+from iif.curvature import SOLVE_DTYPE, CurvatureSettings, fit_curvature, rows_times
 from iif.errors import InputError
 from iif.features import loss_features, step_features
 from iif.grads import ModelState
@@ -234,9 +234,7 @@ class IntegratedInfluence(AttributionMethod):
                                   self.projector, self.chunk_size, self.max_feature_bytes,
                                   "test gradients")
             sol = solver.solve(gamma.T)  # (P, n_test)
-            for lo in range(0, n, self.chunk_size * 8):
-                block = psi[lo : lo + self.chunk_size * 8].to(SOLVE_DTYPE)
-                scores[:, lo : lo + block.shape[0]] -= (block @ sol).T / n
+            scores -= rows_times(psi, sol).T / n
             dampings.append(solver.damping)
             retries += solver.retries
         return _PathResult(scores.cpu().numpy(), dampings, retries, state)

@@ -63,7 +63,7 @@ import torch
 from torch.func import grad, vmap
 
 from iif.attribution import Attribution
-from iif.curvature import SOLVE_DTYPE, CurvatureSettings, Solver, gram_solver
+from iif.curvature import SOLVE_DTYPE, CurvatureSettings, Solver, gram_solver, rows_times
 from iif.errors import InputError
 from iif.grads import output_hessian_factor, per_sample_jacobians
 from iif.methods.base import AttributionMethod
@@ -223,7 +223,7 @@ class TRAK(AttributionMethod):
         cache = self._train_features()
         phi_test = self._features(test.x, test.targets, "test")
         sol = cache.solver.solve(phi_test.T)  # (P, n_test)
-        kernel = self._train_products(cache.phi, sol).T  # (n_test, N)
+        kernel = rows_times(cache.phi, sol).T  # (n_test, N)
         if self.task.kind == "regression":
             kernel = kernel * self._slopes(test.x, test.targets)[:, None]
         return kernel.cpu().numpy(), cache.weights.cpu().numpy()
@@ -249,8 +249,8 @@ class TRAK(AttributionMethod):
             start = time.perf_counter()
             train = self.train
             n, dim = len(train), self.projector.dim
-            # Phi in the model dtype, and the solver's float64 rows (Woodbury, N < P) or P x P.
-            solve_values = n * dim if n < dim else dim * dim
+            # Phi in the model dtype, and the solver's float64 N x N (Woodbury, N < P) or P x P.
+            solve_values = n * n if n < dim else dim * dim
             self._check_memory(n * dim, solve_values, "TRAK training features")
             phi = self._features(train.x, train.targets, "train", progress=self.progress)
             outputs = self.fmodel.outputs(self.state, train.x, self.chunk_size)
@@ -308,13 +308,6 @@ class TRAK(AttributionMethod):
             raise InputError("loss slopes contain NaN or inf: the model or its loss is not "
                              "finite on some samples")
         return slopes
-
-    def _train_products(self, phi: torch.Tensor, sol: torch.Tensor) -> torch.Tensor:
-        """``Phi @ sol`` (N, r) in float64, block by block (Phi stays in the model dtype)."""
-        block = max(1, self.chunk_size * 8)
-        sol = sol.to(phi.device)
-        return torch.cat([phi[lo : lo + block].to(SOLVE_DTYPE) @ sol
-                          for lo in range(0, phi.shape[0], block)])
 
     def _check_memory(self, values: int, solve_values: int, what: str) -> None:
         size = torch.empty((), dtype=self.task.dtype).element_size()
