@@ -48,7 +48,7 @@ from iif import IntegratedInfluence, PathSettings, ProjectionSettings, Recipe, T
 from iif.data import load_mnist
 from iif.features import step_features
 from iif.grads import FunctionalModel, path_step_fn, per_sample_grads, per_sample_jacobians
-from iif.projection import RandomProjector
+from iif.projection import RandomProjector, make_projector
 
 SEED = 0
 
@@ -166,6 +166,11 @@ def bench_grads(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> d
     n = data.x.shape[0]
     p = args.proj_dim
     projector = RandomProjector(m, ProjectionSettings(dim=p))
+    kron = make_projector(m, ProjectionSettings(dim=p, structure="kronecker"), "cpu",
+                          torch.float32, fmodel)
+    # per projected row: G A_in (out x cols x p_in) then A_out^T (out x p_in x p_out), 2 FLOPs
+    kron_flops = sum(2 * out * (inp + 1) * a_in.shape[1] + 2 * out * a_in.shape[1]
+                     * a_out.shape[1] for _, out, inp, _, a_out, a_in in kron.layers)
     rho = data.targets
     rho_prev = 0.6 * data.targets  # any second target: same cost as a real path step
     step_fn = path_step_fn(task)
@@ -223,6 +228,19 @@ def bench_grads(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> d
         record("  of which Jacobians (u, psi)", chunk, timed(jac_only, args.repeats), 10 * m)
         record("  of which projection", chunk, timed(proj_only, args.repeats), 0.0,
                2 * 2 * m * p)
+
+        def kron_feats(chunk: int = chunk) -> None:
+            step_features(fmodel, state, data.x, rho, rho_prev, task, kron,
+                          chunk_size=chunk, progress=False)
+
+        def kron_only(chunk: int = chunk, jac: torch.Tensor = jac) -> None:
+            for _ in range(0, n, chunk):
+                kron.project(jac)
+
+        record(f"step_features, kronecker P={kron.dim}", chunk, timed(kron_feats, args.repeats),
+               10 * m, 2 * kron_flops)
+        record("  of which kronecker projection", chunk, timed(kron_only, args.repeats), 0.0,
+               2 * kron_flops)
 
     def regen() -> None:
         for i in range(len(projector.blocks)):
@@ -314,6 +332,8 @@ def instrumented(timer: StageTimer, method: IntegratedInfluence) -> Iterator[Non
     ]
     saved = []
     for owner, name, key, is_gen in patches:
+        if not hasattr(owner, name):  # e.g. a kronecker projector regenerates no blocks
+            continue
         original = getattr(owner, name)
         saved.append((owner, name, original, name in vars(owner)))
         wrap = timer.wrap_generator if is_gen else timer.wrap
@@ -358,7 +378,8 @@ def bench_iif(args: argparse.Namespace) -> dict[str, Any]:
 
     method = IntegratedInfluence(
         task, (x, y), path=PathSettings(steps=args.steps),
-        projection=ProjectionSettings(dim=args.proj_dim), progress=False,
+        projection=ProjectionSettings(dim=args.proj_dim, structure=args.structure),
+        progress=False,
     )
     timer = StageTimer()
     per_test = []
@@ -391,6 +412,7 @@ def bench_iif(args: argparse.Namespace) -> dict[str, Any]:
     mean_stages = {k: statistics.fmean(r["stages"].get(k, 0.0) for r in per_test) for k in keys}
     return {
         "n_train": len(y), "n_test": len(yt), "steps": args.steps, "proj_dim": args.proj_dim,
+        "structure": args.structure,
         "chunk_size": method.chunk_size, "curvature": method.curvature.to_dict(),
         "baseline": method.baseline.to_dict(),
         "train_seconds": train_s, "train_epochs": args.train_epochs,
@@ -421,7 +443,8 @@ def print_summary(res: dict[str, Any]) -> None:
                   f"{r['samples_per_s']:>12.0f}{gf:>10.2f}")
     if "iif" in res:
         b = res["iif"]
-        print(f"\nB. IIF, N = {b['n_train']}, K = {b['steps']}, P = {b['proj_dim']}, "
+        print(f"\nB. IIF, N = {b['n_train']}, K = {b['steps']}, P = {b['proj_dim']} "
+              f"({b['structure']}), "
               f"chunk {b['chunk_size']}, {b['n_test']} test samples; training "
               f"{b['train_seconds']:.2f} s (test acc {b['test_acc']:.4f})")
         print(f"seconds per test sample: median {b['seconds_per_test_median']:.2f}, "
@@ -450,6 +473,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--train-epochs", type=int, default=None, help="training epochs, part B")
     ap.add_argument("--steps", type=int, default=5, help="K path steps (default 5)")
     ap.add_argument("--proj-dim", type=int, default=256, help="projection dim P (default 256)")
+    ap.add_argument("--structure", default="dense", choices=["dense", "kronecker"],
+                    help="projection structure of part B (default dense)")
     ap.add_argument("--skip-grads", action="store_true", help="skip part A")
     ap.add_argument("--skip-iif", action="store_true", help="skip part B")
     args = ap.parse_args(argv)

@@ -209,3 +209,96 @@ def test_invalid_kind():
 def test_projection_dim_must_be_a_positive_integer(dim):
     with pytest.raises(ValueError, match="integer"):
         ProjectionSettings(dim=dim)
+
+
+# ---- Kronecker-factored projection of Linear layers ------------------------------------------
+def _kron_model(batchnorm: bool = False):
+    from torch import nn
+
+    from iif.grads import FunctionalModel
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 5)] + ([nn.BatchNorm1d(5)] if batchnorm else []) + [
+        nn.Tanh(), nn.Linear(5, 3, bias=False)]
+    return FunctionalModel(nn.Sequential(*layers).double())
+
+
+def _kron(fmodel, dim, seed=0, kind="gaussian"):
+    return make_projector(fmodel.num_params, ProjectionSettings(
+        dim=dim, seed=seed, kind=kind, structure="kronecker"), "cpu", torch.float64, fmodel)
+
+
+def test_kronecker_projects_a_layer_gradient_as_a_kronecker_product():
+    """A rank-one layer gradient delta [a, 1]^T maps to (A_out^T delta) (x) (A_in^T [a, 1])."""
+    fmodel = _kron_model()
+    p = _kron(fmodel, 24)
+    gen = torch.Generator().manual_seed(1)
+    delta, a = torch.randn(5, generator=gen, dtype=torch.float64), torch.randn(
+        6, generator=gen, dtype=torch.float64)
+    flat = torch.zeros(fmodel.num_params, dtype=torch.float64)
+    flat[:30] = torch.outer(delta, a).reshape(-1)  # first layer weight, then its bias
+    flat[30:35] = delta
+    w_off, out, inp, b_off, a_out, a_in = p.layers[0]
+    assert (w_off, out, inp, b_off) == (0, 5, 6, 30)
+    expected = torch.kron(a_out.T @ delta, a_in.T @ torch.cat([a, torch.ones(1).double()]))
+    got = p.project(flat[None])[0]
+    first = a_out.shape[1] * a_in.shape[1]
+    torch.testing.assert_close(got[:first], expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[first:], torch.zeros(p.dim - first, dtype=torch.float64))
+    assert p.dim <= 24 and p.project(torch.zeros(2, 3, fmodel.num_params).double()).shape == (
+        2, 3, p.dim)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_kronecker_inner_products_are_unbiased(kind):
+    fmodel = _kron_model()
+    u, v = _vectors(2, m=fmodel.num_params, seed=5)
+    exact = float(u @ v)
+    estimates = []
+    for seed in range(300):
+        pu, pv = _kron(fmodel, 16, seed, kind).project(torch.stack([u, v]))
+        estimates.append(float(pu @ pv))
+    est = torch.tensor(estimates)
+    assert abs(float(est.mean()) - exact) < 4 * float(est.std()) / len(estimates) ** 0.5
+
+
+def test_kronecker_distortion_is_comparable_to_dense_at_equal_dim():
+    """Relative error of squared norms: shrinks with P and stays within 3x of a dense
+    projection to the same number of dimensions."""
+    fmodel = _kron_model()
+    u = _vectors(30, m=fmodel.num_params, seed=7)
+    norms = (u * u).sum(1)
+
+    def error(make):
+        errs = [((make(seed).project(u) ** 2).sum(1) / norms - 1).pow(2).mean()
+                for seed in range(20)]
+        return float(torch.stack(errs).mean()) ** 0.5
+
+    kron = {d: error(lambda s, d=d: _kron(fmodel, d, s)) for d in (4, 16, 36)}
+    dense = {d: error(lambda s, d=d: RandomProjector(
+        fmodel.num_params, ProjectionSettings(dim=_kron(fmodel, d).dim, seed=s),
+        dtype=torch.float64)) for d in (4, 16, 36)}
+    assert kron[36] < kron[16] < kron[4]
+    for d in kron:
+        assert kron[d] < 3 * dense[d]
+
+
+def test_kronecker_projects_other_parameters_densely():
+    fmodel = _kron_model(batchnorm=True)  # BatchNorm weight and bias are not Linear
+    p = _kron(fmodel, 30)
+    assert p.rest is not None and p.rest_index.numel() == 10
+    flat = torch.zeros(fmodel.num_params, dtype=torch.float64)
+    flat[p.rest_index] = torch.arange(1.0, 11.0, dtype=torch.float64)
+    got = p.project(flat[None])[0]
+    torch.testing.assert_close(got[-p.rest.dim:], p.rest.project(flat[p.rest_index][None])[0])
+    torch.testing.assert_close(got[: -p.rest.dim], torch.zeros(p.dim - p.rest.dim).double())
+
+
+def test_kronecker_needs_the_model_and_a_valid_structure():
+    with pytest.raises(InputError, match="needs the model"):
+        make_projector(M, ProjectionSettings(dim=8, structure="kronecker"), "cpu",
+                       torch.float64)
+    with pytest.raises(InputError, match="structure"):
+        ProjectionSettings(dim=8, structure="sparse")
+    with pytest.raises(InputError, match="below the number"):
+        _kron(_kron_model(), 1)

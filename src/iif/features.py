@@ -39,6 +39,8 @@ def _check_budget(rows: int, dim: int, dtype: torch.dtype, max_bytes: int, what:
 
 
 def _check_finite(block: torch.Tensor, what: str) -> None:
+    # checked after projection: NaN and inf survive a random projection, and the projected
+    # block is P / M times the size of the raw one
     if not bool(torch.isfinite(block).all()):
         raise InputError(
             f"{what} contain NaN or inf: the model or its loss is not finite on some samples"
@@ -67,8 +69,8 @@ def step_features(
         fmodel, state, x, path_step_fn(task), rho, rho_prev, chunk_size=chunk_size
     )
     for start, jac in progress_bar(chunks, total=-(-n // chunk_size), desc=desc, enable=progress):
-        _check_finite(jac, "per-sample gradients")
         feats = projector.project(jac)  # (n_chunk, 2, P)
+        _check_finite(feats, "per-sample gradients")
         u[start : start + feats.shape[0]] = feats[:, 0]
         psi[start : start + feats.shape[0]] = feats[:, 1]
     return u, psi
@@ -95,8 +97,9 @@ def loss_features(
         return task.sample_loss(o[None], t[None])[0]
 
     for start, jac in per_sample_jacobians(fmodel, state, x, loss, targets, chunk_size=chunk_size):
-        _check_finite(jac, what)
-        out[start : start + jac.shape[0]] = projector.project(jac[:, 0])
+        feats = projector.project(jac[:, 0])
+        _check_finite(feats, what)
+        out[start : start + jac.shape[0]] = feats
     return out
 
 
@@ -123,6 +126,7 @@ def ggn_features(
 
     chunks = per_sample_jacobians(fmodel, state, x, contracted, factors, chunk_size=chunk_size)
     for start, jac in chunks:
-        _check_finite(jac, "output Jacobians")
-        rows[start : start + jac.shape[0]] = projector.project(jac)
+        feats = projector.project(jac)
+        _check_finite(feats, "output Jacobians")
+        rows[start : start + jac.shape[0]] = feats
     return rows.reshape(n * d, projector.dim)

@@ -1,10 +1,21 @@
 """Seeded random projections of per-sample gradients: phi = A^T u with A in R^{M x P}.
 
-A is never stored: it is generated block by block (rows ``lo:hi`` of A) from
-``(seed, block index)`` each time it is applied, so memory is ``block_rows * P`` values.
-Entries have variance 1/P so that ``E[A A^T] = I`` and inner products are preserved in
-expectation. The same seed gives the same A on the same device type; CPU and CUDA
-generators draw different (equally valid) matrices.
+Two structures, both with ``E[A A^T] = I`` so that inner products are preserved in
+expectation:
+
+- ``dense``: A is never stored: it is generated block by block (rows ``lo:hi`` of A) from
+  ``(seed, block index)`` each time it is applied, so memory is ``block_rows * P`` values.
+  Entries have variance 1/P. Cost 2 M P FLOPs per projected row, plus generating A.
+- ``kronecker``: the gradient of an ``nn.Linear`` layer is a matrix G (out x in) [with its
+  bias as one more input column]; it is projected as ``A_out^T G A_in`` with small seeded
+  factors A_out (out x p_out) and A_in (in+1 x p_in), i.e. by ``A_out (x) A_in``, to
+  p_out x p_in values. The factors are stored (they are tiny) and the cost per row is
+  ``2 out (in+1) p_in + 2 out p_in p_out`` FLOPs instead of ``2 out in P``. Parameters outside
+  Linear layers get a dense projection of their own. The total dim is split evenly across
+  the blocks, so ``projector.dim`` can be slightly below the requested P.
+
+The same seed gives the same A on the same device type; CPU and CUDA generators draw
+different (equally valid) matrices.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ class ProjectionSettings:
     dim: int | None = None
     kind: Literal["gaussian", "rademacher"] = "gaussian"
     seed: int = 0
+    structure: Literal["dense", "kronecker"] = "dense"
     block_elements: int = 1 << 22  # values of A generated at once (16 MiB in float32)
 
     def __post_init__(self) -> None:
@@ -35,6 +47,10 @@ class ProjectionSettings:
         if self.kind not in ("gaussian", "rademacher"):
             raise InputError(
                 f"projection kind must be 'gaussian' or 'rademacher', got {self.kind!r}"
+            )
+        if self.structure not in ("dense", "kronecker"):
+            raise InputError(
+                f"projection structure must be 'dense' or 'kronecker', got {self.structure!r}"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,16 +98,8 @@ class RandomProjector:
     def block(self, index: int) -> torch.Tensor:
         """Rows ``blocks[index]`` of A, shape (hi - lo, P), regenerated from the seed."""
         lo, hi = self.blocks[index]
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed((self.settings.seed * 1_000_003 + index) % (2**63 - 1))
-        shape = (hi - lo, self.dim)
-        scale = self.dim ** -0.5
-        if self.settings.kind == "gaussian":
-            a = torch.randn(shape, generator=gen, device=self.device, dtype=self.dtype)
-        else:
-            a = torch.randint(0, 2, shape, generator=gen, device=self.device).to(self.dtype)
-            a = a.mul_(2).sub_(1)
-        return a.mul_(scale)
+        return _random_matrix((hi - lo, self.dim), self.settings.kind,
+                              self.settings.seed * 1_000_003 + index, self.device, self.dtype)
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
         if grads.shape[-1] != self.num_params:
@@ -105,12 +113,107 @@ class RandomProjector:
         return out
 
 
+def _random_matrix(
+    shape: tuple[int, int], kind: str, seed: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Seeded Gaussian or Rademacher entries of variance 1/shape[1]."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed % (2**63 - 1))
+    if kind == "gaussian":
+        a = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+    else:
+        a = torch.randint(0, 2, shape, generator=gen, device=device).to(dtype).mul_(2).sub_(1)
+    return a.mul_(shape[1] ** -0.5)
+
+
+class KroneckerProjector:
+    """``A_out^T G A_in`` per ``nn.Linear`` layer (see the module docstring), a dense seeded
+    projection for every other parameter; (n, M) -> (n, P) with P = ``self.dim``."""
+
+    def __init__(self, fmodel, settings: ProjectionSettings,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        if settings.dim is None:
+            raise InputError("KroneckerProjector needs a projection dim")
+        self.num_params = fmodel.num_params
+        self.settings = settings
+        device = torch.device(device)
+        offsets = dict(zip(fmodel.names, np.cumsum([0, *fmodel.sizes[:-1]]).tolist(),
+                           strict=True))
+        self.layers: list[tuple[int, int, int, int | None, torch.Tensor, torch.Tensor]] = []
+        covered: set[str] = set()
+        linears = [(name, m) for name, m in fmodel.module.named_modules()
+                   if isinstance(m, torch.nn.Linear)]
+        found = []
+        for name, module in linears:
+            w = f"{name}.weight" if name else "weight"
+            b = f"{name}.bias" if name else "bias"
+            if w not in offsets:
+                continue
+            found.append((w, b if b in offsets else None, module))
+            covered.update({w, b})
+        rest = [n for n in fmodel.names if n not in covered]
+        rest_index = np.concatenate([
+            np.arange(offsets[n], offsets[n] + size)
+            for n, size in zip(fmodel.names, fmodel.sizes, strict=True) if n in rest
+        ]) if rest else np.zeros(0, dtype=np.int64)
+        n_blocks = len(found) + (1 if rest else 0)
+        share = int(settings.dim) // max(n_blocks, 1)
+        if share < 1:
+            raise InputError(f"projection dim {settings.dim} is below the number of parameter "
+                             f"blocks ({n_blocks}) of a kronecker projection")
+        for index, (w, b, module) in enumerate(found):
+            out, inp = module.out_features, module.in_features
+            cols = inp + (1 if b is not None else 0)
+            p_out = max(1, min(out, round(share ** 0.5)))
+            p_in = max(1, min(cols, share // p_out))
+            seed = settings.seed * 1_000_003 + 7919 * (index + 1)
+            a_out = _random_matrix((out, p_out), settings.kind, seed, device, dtype)
+            a_in = _random_matrix((cols, p_in), settings.kind, seed + 1, device, dtype)
+            self.layers.append((offsets[w], out, inp, None if b is None else offsets[b],
+                                a_out, a_in))
+        self.rest_index = torch.as_tensor(rest_index, device=device, dtype=torch.long)
+        self.rest = None
+        if rest:
+            rest_dim = min(share, len(rest_index))
+            self.rest = RandomProjector(len(rest_index), ProjectionSettings(
+                dim=rest_dim, kind=settings.kind, seed=settings.seed * 31 + 17,
+                block_elements=settings.block_elements), device=device, dtype=dtype)
+        self.dim = (sum(a.shape[1] * c.shape[1] for _, _, _, _, a, c in self.layers)
+                    + (self.rest.dim if self.rest is not None else 0))
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        if grads.shape[-1] != self.num_params:
+            raise InputError(
+                f"cannot project vectors of size {grads.shape[-1]} with a projector for "
+                f"{self.num_params} parameters"
+            )
+        lead = grads.shape[:-1]
+        g = grads.reshape(-1, self.num_params)
+        parts = []
+        for w_off, out, inp, b_off, a_out, a_in in self.layers:
+            a_out, a_in = a_out.to(g.dtype), a_in.to(g.dtype)
+            weight = g[:, w_off : w_off + out * inp].reshape(-1, out, inp)
+            t = weight @ a_in[:inp]  # (n, out, p_in)
+            if b_off is not None:
+                t = t + g[:, b_off : b_off + out, None] * a_in[inp]
+            parts.append((a_out.T @ t).reshape(g.shape[0], -1))  # (n, p_out * p_in)
+        if self.rest is not None:
+            parts.append(self.rest.project(g.index_select(1, self.rest_index)))
+        return torch.cat(parts, dim=1).reshape(*lead, self.dim)
+
+
 def make_projector(
     num_params: int,
     settings: ProjectionSettings,
     device: torch.device | str,
     dtype: torch.dtype,
+    fmodel=None,
 ) -> Projector:
+    """The projector of ``settings``; ``kronecker`` needs the ``FunctionalModel``."""
     if settings.dim is None:
         return IdentityProjector(num_params)
+    if settings.structure == "kronecker":
+        if fmodel is None:
+            raise InputError("a kronecker projection needs the model (make_projector(fmodel=))")
+        return KroneckerProjector(fmodel, settings, device=device, dtype=dtype)
     return RandomProjector(num_params, settings, device=device, dtype=dtype)

@@ -147,7 +147,8 @@ def test_default_damping_cg_and_exact_fisher_agree(mlp_classifier):
     assert max_rel(cg.scores, exact.scores) < 1e-6
 
 
-def test_projected_approaches_exact(mlp_classifier):
+@pytest.mark.parametrize("structure", ["dense", "kronecker"])
+def test_projected_approaches_exact(mlp_classifier, structure):
     p = mlp_classifier
     data, test = (p.x, p.y), (p.xt, p.yt)
     settings = CurvatureSettings(damping=1e-3)
@@ -156,7 +157,8 @@ def test_projected_approaches_exact(mlp_classifier):
     for dim in (8, 64, 1024):
         errors[dim] = np.mean([
             max_rel(InfluenceFunction(p.task, data, curvature=settings, solver="projected",
-                                      projection=ProjectionSettings(dim=dim, seed=seed)
+                                      projection=ProjectionSettings(dim=dim, seed=seed,
+                                                                    structure=structure)
                                       ).attribute(test).scores, exact)
             for seed in (0, 1)])
     assert errors[1024] < errors[64] < errors[8]

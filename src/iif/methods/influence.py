@@ -95,7 +95,7 @@ class InfluenceFunction(AttributionMethod):
     def _reset(self) -> None:
         self.projector = (
             make_projector(self.fmodel.num_params, self.projection, self.task.device,
-                           self.task.dtype)
+                           self.task.dtype, self.fmodel)
             if self.solver == "projected" else IdentityProjector(self.fmodel.num_params)
         )
         self._fitted: tuple[torch.Tensor | None, Solver] | None = None

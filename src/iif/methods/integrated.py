@@ -86,7 +86,7 @@ class IntegratedInfluence(AttributionMethod):
         self.projection = projection or ProjectionSettings()
         self.curvature = curvature or CurvatureSettings()
         self.projector = make_projector(
-            self.fmodel.num_params, self.projection, task.device, task.dtype
+            self.fmodel.num_params, self.projection, task.device, task.dtype, self.fmodel
         )
 
     # ---- public API ----------------------------------------------------------------------

@@ -93,7 +93,7 @@ class TracIn(AttributionMethod):
                 c.load(self.fmodel)  # fail now, not halfway through, on a misfit checkpoint
         self.projection = projection or ProjectionSettings()
         self.projector = make_projector(
-            self.fmodel.num_params, self.projection, task.device, task.dtype
+            self.fmodel.num_params, self.projection, task.device, task.dtype, self.fmodel
         )
 
     # ---- public API ----------------------------------------------------------------------

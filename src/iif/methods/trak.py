@@ -149,7 +149,7 @@ class TRAK(AttributionMethod):
         exact = dim is None or int(dim) >= num_params
         self.projector = make_projector(
             num_params, ProjectionSettings(dim=None) if exact else projection,
-            task.device, task.dtype,
+            task.device, task.dtype, self.fmodel,
         )
         self._cache: _TrainFeatures | None = None
 
