@@ -411,3 +411,15 @@ def test_custom_loss_is_used(mlp_factory):
     f[0, 0] = 2.0
     assert torch.allclose(task.sample_loss(f, t), torch.tensor([8.5, 1.0], dtype=torch.float64))
     assert task.to_dict()["custom_loss"] is True
+
+
+def test_data_subset_takes_indices_masks_and_slices():
+    from iif.task import Data
+
+    d = Data(torch.arange(4.0)[:, None], torch.arange(4), torch.eye(4))
+    assert d.subset([2, 0]).labels.tolist() == [2, 0]
+    assert d.subset(np.array([True, False, True, False])).labels.tolist() == [0, 2]
+    assert d.subset(torch.tensor([False, True, False, True])).labels.tolist() == [1, 3]
+    assert d.subset(slice(1, 3)).labels.tolist() == [1, 2]
+    with pytest.raises(ValueError, match="mask"):
+        d.subset(np.array([True, False]))

@@ -117,7 +117,13 @@ class Data:
 
     def subset(self, index: torch.Tensor | np.ndarray | list[int] | slice) -> Data:
         if not isinstance(index, slice):
-            index = torch.as_tensor(index, device=self.x.device, dtype=torch.long)
+            index = torch.as_tensor(np.asarray(index) if isinstance(index, list) else index)
+            if index.dtype == torch.bool:  # a mask, not the indices 0 and 1
+                if index.shape != (len(self.x),):
+                    raise InputError(f"a boolean mask must have shape ({len(self.x)},), got "
+                                     f"{tuple(index.shape)}")
+                index = index.nonzero().flatten()
+            index = index.to(device=self.x.device, dtype=torch.long)
         return Data(self.x[index], self.labels[index], self.targets[index])
 
 

@@ -8,6 +8,36 @@ from iif.evaluation.metrics import (
     spearman_columns,
     subset_predictions,
 )
+from iif.evaluation.mislabel import detection_curve, flip_labels, mislabel_auc
+from iif.evaluation.retrain import (
+    GroundTruth,
+    RetrainDiverged,
+    RetrainSettings,
+    StackedModels,
+    cache_key,
+    ground_truth,
+    model_seed,
+    train_batch,
+    train_one,
+)
 
-__all__ = ["LDSResult", "auc", "lds", "random_subsets", "spearman_columns",
-           "subset_predictions"]
+__all__ = [
+    "GroundTruth",
+    "LDSResult",
+    "RetrainDiverged",
+    "RetrainSettings",
+    "StackedModels",
+    "auc",
+    "cache_key",
+    "detection_curve",
+    "flip_labels",
+    "ground_truth",
+    "lds",
+    "mislabel_auc",
+    "model_seed",
+    "random_subsets",
+    "spearman_columns",
+    "subset_predictions",
+    "train_batch",
+    "train_one",
+]

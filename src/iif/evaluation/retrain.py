@@ -1,0 +1,537 @@
+"""Ground truth for the LDS: many small models retrained on random training subsets.
+
+For M random subsets S_m of ``round(fraction * N)`` training samples (``random_subsets``), R
+models per subset are trained from fresh initialisations with the task's recipe, and the test
+losses of each model (eval mode) are averaged over the R repeats: ``losses[m, s]``
+(DESIGN §3). Model (m, r) has one seed, ``model_seed(seed, m, r)``, for its initialisation
+(``reinitialised``) and its minibatch order, so a model's result never depends on which other
+models it was trained with.
+
+Training is batched: B models at once as stacked parameter tensors (leading dimension B,
+``torch.func.stack_module_state``), one forward for all of them with ``vmap`` over
+``functional_call``, each model on its own subset and in its own minibatch order. One optimizer
+of the recipe runs over the stacked tensors; SGD (momentum, weight decay), Adam and AdamW are
+element-wise, so this equals B separate optimizers. A custom optimizer must be element-wise
+too (no norms or shapes across parameters) for that to hold; otherwise set
+``batch_models=1``.
+
+Results are cached in ``cache_dir/<key>/``: ``subsets.npy``, one ``losses_XXXX.npy`` per
+finished chunk of ``batch_models`` models (per-model losses, rows in model order
+``k = m * R + r``) and ``manifest.json``. Every file is written atomically; a run that stops
+part-way resumes with the missing chunks only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from iif.errors import InputError
+from iif.evaluation.metrics import LDSResult, lds, random_subsets
+from iif.grads import ModelState, module_mode
+from iif.io import atomic_write, jsonable
+from iif.progress import progress_bar
+from iif.task import Data, Task
+from iif.training import reinitialised, seeded, train
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+_EVAL_CHUNK = 1024
+
+
+# ---- settings and result ------------------------------------------------------------------
+@dataclass
+class RetrainSettings:
+    """How the LDS ground truth is made.
+
+    Args:
+        n_subsets: M, the number of random training subsets (>= 2).
+        fraction: alpha, each subset holds ``round(fraction * N)`` samples.
+        repeats: R, models trained per subset; their test losses are averaged.
+        seed: draws the subsets and seeds every model (``model_seed(seed, m, r)``).
+        batch_models: models trained together in one batched run (a cache chunk).
+        epochs: training epochs per model; None uses the task recipe's.
+    """
+
+    n_subsets: int = 100
+    fraction: float = 0.5
+    repeats: int = 1
+    seed: int = 0
+    batch_models: int = 16
+    epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("n_subsets", self.n_subsets, 2)
+        _check_int("repeats", self.repeats, 1)
+        _check_int("seed", self.seed, 0)
+        _check_int("batch_models", self.batch_models, 1)
+        if self.epochs is not None:
+            _check_int("epochs", self.epochs, 0)
+        f = self.fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float, np.floating)) or not 0 < f < 1:
+            raise InputError(f"fraction must be a number in (0, 1), got {f!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable(dataclasses.asdict(self))
+
+
+def _check_int(name: str, value: Any, lowest: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lowest:
+        raise InputError(f"{name} must be an integer >= {lowest}, got {value!r}")
+
+
+@dataclass
+class GroundTruth:
+    """Retrained-model test losses for the LDS.
+
+    ``subsets`` (M, N) bool; ``losses`` (M, n_test) float64, the mean over the R repeats of
+    each test sample's loss (eval mode); ``repeat_losses`` (M, R, n_test) the per-model losses;
+    ``key`` the cache key; ``seconds`` the training time of all models (summed over runs when
+    the result was resumed from a cache). ``info["trained_models"]`` counts the models trained
+    by this call (0 when everything came from the cache).
+    """
+
+    subsets: np.ndarray
+    losses: np.ndarray
+    settings: RetrainSettings
+    key: str
+    seconds: float
+    repeat_losses: np.ndarray | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def evaluate(self, scores: np.ndarray) -> LDSResult:
+        """LDS of attribution ``scores`` (n_test, N) against this ground truth."""
+        result = lds(scores, self.subsets, self.losses)
+        result.info.update(repeats=self.settings.repeats, fraction=self.settings.fraction,
+                           ground_truth_key=self.key)
+        return result
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe summary (no arrays)."""
+        return jsonable({"key": self.key, "settings": self.settings.to_dict(),
+                         "n_train": int(self.subsets.shape[1]),
+                         "n_test": int(self.losses.shape[1]), "seconds": self.seconds,
+                         **self.info})
+
+
+def model_seed(seed: int, m: int, r: int) -> int:
+    """The seed of model (m, r): initialisation and minibatch order. A 63-bit integer that
+    depends only on (seed, m, r)."""
+    state = np.random.SeedSequence([int(seed), int(m), int(r)]).generate_state(1, np.uint64)
+    return int(state[0]) >> 1
+
+
+# ---- one model: the reference -------------------------------------------------------------
+def _resolve_epochs(task: Task, epochs: int | None) -> int:
+    epochs = task.recipe.epochs if epochs is None else epochs
+    _check_int("epochs", epochs, 0)
+    return int(epochs)
+
+
+def _mask(mask: Any, n: int) -> np.ndarray:
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    mask = np.asarray(mask)
+    if mask.dtype != bool or mask.shape != (n,):
+        raise InputError(f"a subset must be a boolean mask of shape ({n},), got "
+                         f"{mask.dtype} {mask.shape}")
+    if not mask.any():
+        raise InputError("a subset is empty")
+    return mask
+
+
+def train_one(task: Task, data: Any, subset_mask: Any, seed: int,
+              epochs: int | None = None) -> nn.Module:
+    """Train one fresh model on a subset, exactly as ``iif.training.train`` does.
+
+    The model is ``reinitialised(task.model, seed)`` trained on the samples of ``data`` where
+    ``subset_mask`` (N,) is True (in their original order) with minibatch order and dropout
+    seeded by ``seed``. Returns the trained copy; ``task.model`` is untouched.
+    """
+    return _train_one(task, data, subset_mask, seed, epochs)[0]
+
+
+def _train_one(task: Task, data: Any, subset_mask: Any, seed: int,
+               epochs: int | None) -> tuple[nn.Module, bool]:
+    """``train_one`` and whether every epoch finished (False: training broke down)."""
+    d = task.validate(data, "training data")
+    mask = _mask(subset_mask, len(d))
+    part = d.subset(np.flatnonzero(mask))
+    model = reinitialised(task.model, seed)
+    member = dataclasses.replace(task, model=model)
+    epochs = _resolve_epochs(task, epochs)
+    losses = train(member, (part.x, part.labels), epochs=epochs, seed=seed, progress=False)
+    return model, len(losses) == epochs
+
+
+# ---- many models at once ------------------------------------------------------------------
+class RetrainDiverged(InputError):
+    """A retrained model produced a NaN/inf loss or parameter; ``index`` is its position in
+    the batch."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+
+@dataclass
+class StackedModels:
+    """B models of one architecture as stacked tensors (leading dimension B).
+
+    ``module`` is the architecture used for ``functional_call``; ``params`` the trainable
+    parameters, ``frozen`` the parameters with ``requires_grad=False``, ``buffers`` the buffers.
+    """
+
+    module: nn.Module
+    params: dict[str, torch.Tensor]
+    frozen: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return int(next(iter(self.params.values())).shape[0])
+
+    def state(self, index: int) -> ModelState:
+        """Trainable parameters and buffers of model ``index`` (copies)."""
+        return ModelState({k: v[index].detach().clone() for k, v in self.params.items()},
+                          {k: v[index].detach().clone() for k, v in self.buffers.items()})
+
+    def forward(self, x: torch.Tensor, shared_input: bool = False) -> torch.Tensor:
+        """Outputs (B, n, d) for inputs (B, n, ...) (one batch per model), or (n, ...) shared
+        by all models when ``shared_input``. Uses the module's current train/eval mode."""
+
+        def one(params, frozen, buffers, xb):
+            out = functional_call(self.module, (params, frozen, buffers), (xb,))
+            return out.reshape(out.shape[0], -1)
+
+        in_dims = (0, 0, 0, None if shared_input else 0)
+        return vmap(one, in_dims=in_dims, randomness="different")(
+            self.params, self.frozen, self.buffers, x)
+
+    def losses(self, task: Task, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses (B, n) of every model on (x, targets) in eval mode."""
+        b = len(self)
+        out = []
+        with torch.no_grad(), module_mode(self.module, False):
+            for start in range(0, x.shape[0], _EVAL_CHUNK):
+                xs, ts = x[start : start + _EVAL_CHUNK], targets[start : start + _EVAL_CHUNK]
+                pred = self.forward(xs, shared_input=True)
+                tb = ts.unsqueeze(0).expand(b, *ts.shape)
+                loss = task.sample_loss(pred.reshape(b * len(xs), -1), tb.reshape(b * len(xs), -1))
+                out.append(loss.reshape(b, len(xs)))
+        return torch.cat(out, dim=1)
+
+
+def _one_by_one_only(model: nn.Module) -> bool:
+    """BatchNorm with ``momentum=None`` (cumulative average) reads its batch counter as a
+    Python number, which ``vmap`` cannot batch."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+               and m.momentum is None for m in model.modules())
+
+
+def train_batch(task: Task, data: Any, subset_masks: Any, seeds: Sequence[int],
+                epochs: int | None = None) -> StackedModels:
+    """Train B fresh models together, model b on subset ``subset_masks[b]`` with ``seeds[b]``.
+
+    ``subset_masks`` (B, N) bool, all rows with the same number of samples. Model b equals
+    ``train_one(task, data, subset_masks[b], seeds[b], epochs)`` up to rounding: the same
+    initialisation, minibatch order and optimizer steps. Buffers are stacked and updated per
+    model (BatchNorm running statistics). Random layers (dropout) draw different numbers for
+    every model (``vmap(randomness="different")``, seeded by ``seeds[0]``), so with dropout a
+    model equals its one-by-one counterpart in distribution only, and depends on the batch.
+    BatchNorm with ``momentum=None`` cannot run under ``vmap``: such models are trained one
+    by one with ``train_one``. Raises :class:`RetrainDiverged` on a NaN/inf training loss.
+    """
+    d = task.validate(data, "training data")
+    epochs = _resolve_epochs(task, epochs)
+    if isinstance(subset_masks, torch.Tensor):
+        subset_masks = subset_masks.detach().cpu().numpy()
+    masks = np.asarray(subset_masks)
+    seeds = [int(s) for s in seeds]
+    if masks.ndim != 2 or masks.shape[0] != len(seeds) or masks.shape[0] == 0:
+        raise InputError(f"subset_masks must be (B, N) with one row per seed; got shape "
+                         f"{masks.shape} for {len(seeds)} seeds")
+    rows = [_mask(row, len(d)) for row in masks]
+    sizes = {int(row.sum()) for row in rows}
+    if len(sizes) != 1:
+        raise InputError(f"batched training needs subsets of one size, got sizes {sorted(sizes)}")
+
+    if _one_by_one_only(task.model):
+        models = []
+        for b, (row, s) in enumerate(zip(rows, seeds, strict=True)):
+            model, complete = _train_one(task, d, row, s, epochs)
+            if not complete:
+                raise RetrainDiverged(b, "NaN/inf training loss")
+            models.append(model)
+        return _stack(models)
+
+    stacked = _stack([reinitialised(task.model, s) for s in seeds])
+    stacked.params = {k: v.detach().clone().requires_grad_(True)
+                      for k, v in stacked.params.items()}
+    opt = task.recipe.make_optimizer(list(stacked.params.values()))
+    index = torch.as_tensor(np.stack([np.flatnonzero(row) for row in rows]))  # (B, S)
+    n_models, size = index.shape
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    batch_size = int(task.recipe.batch_size)
+
+    with seeded(seeds[0], task.device), module_mode(stacked.module, True), torch.enable_grad():
+        for epoch in range(epochs):
+            order = torch.stack([index[b][torch.randperm(size, generator=gens[b])]
+                                 for b in range(n_models)]).to(d.x.device)
+            for start in range(0, size, batch_size):
+                idx = order[:, start : start + batch_size]  # (B, bs)
+                out = stacked.forward(d.x[idx])  # (B, bs, d)
+                k = idx.shape[1]
+                per_model = task.sample_loss(
+                    out.reshape(n_models * k, -1), d.targets[idx].reshape(n_models * k, -1)
+                ).reshape(n_models, k).mean(dim=1)
+                finite = torch.isfinite(per_model.detach())
+                if not bool(finite.all()):
+                    bad = int(torch.nonzero(~finite)[0, 0])
+                    raise RetrainDiverged(bad, f"NaN/inf training loss in epoch {epoch + 1} "
+                                               f"of {epochs}")
+                opt.zero_grad(set_to_none=True)
+                per_model.sum().backward()  # model b's gradient is that of its own loss
+                opt.step()
+    stacked.params = {k: v.detach() for k, v in stacked.params.items()}
+    for name, value in stacked.params.items():
+        finite = torch.isfinite(value.reshape(n_models, -1)).all(dim=1)
+        if not bool(finite.all()):
+            bad = int(torch.nonzero(~finite)[0, 0])
+            raise RetrainDiverged(bad, f"parameter {name} is NaN/inf after training")
+    return stacked
+
+
+def _stack(models: list[nn.Module]) -> StackedModels:
+    params, buffers = stack_module_state(models)
+    names = {n for n, p in models[0].named_parameters() if p.requires_grad}
+    return StackedModels(
+        module=models[0],
+        params={k: v.detach() for k, v in params.items() if k in names},
+        frozen={k: v.detach() for k, v in params.items() if k not in names},
+        buffers={k: v.detach().clone() for k, v in buffers.items()},
+    )
+
+
+# ---- cache key --------------------------------------------------------------------------
+def _hash_tensor(h: Any, name: str, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _describe_callable(fn: Any) -> str | None:
+    if fn is None:
+        return None
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{getattr(fn, '__module__', '?')}.{name}"
+
+
+def cache_key(task: Task, train_data: Any, test_data: Any, settings: RetrainSettings) -> str:
+    """SHA-256 (hex) of everything the ground-truth losses depend on: training and test data
+    (inputs and targets), the architecture (``repr``) and tensors of ``task.model``, the recipe,
+    the settings, the task kind, class count, dtype and the name of a custom loss.
+
+    Code is not hashed: editing a model's ``forward`` or a custom loss or optimizer without
+    changing its ``repr`` or name keeps the key; clear the cache folder then.
+    """
+    train_d = task.validate(train_data, "training data")
+    test_d = task.validate(test_data, "test data")
+    return _key(task, train_d, test_d, settings)
+
+
+def _key(task: Task, train_d: Data, test_d: Data, settings: RetrainSettings) -> str:
+    h = hashlib.sha256()
+    meta = {
+        "format": CACHE_FORMAT,
+        "kind": task.kind,
+        "num_classes": task.num_classes,
+        "dtype": str(task.dtype),
+        "loss": _describe_callable(task.loss),
+        "recipe": task.recipe.to_dict(),
+        "optimizer": _describe_callable(task.recipe.optimizer)
+        if callable(task.recipe.optimizer) else task.recipe.optimizer,
+        "settings": settings.to_dict(),
+        "architecture": repr(task.model),
+    }
+    h.update(json.dumps(jsonable(meta), sort_keys=True).encode())
+    for prefix, d in (("train", train_d), ("test", test_d)):
+        _hash_tensor(h, f"{prefix}.x", d.x)
+        _hash_tensor(h, f"{prefix}.targets", d.targets)
+    for name, p in task.model.named_parameters():
+        _hash_tensor(h, f"param.{name}.{p.requires_grad}", p)
+    for name, b in task.model.named_buffers():
+        _hash_tensor(h, f"buffer.{name}", b)
+    return h.hexdigest()
+
+
+# ---- cache files --------------------------------------------------------------------------
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def _load_npy(path: Path) -> np.ndarray | None:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / "manifest.json"
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read {path}: {exc}; delete the folder {folder} to "
+                         f"recompute") from exc
+    if not isinstance(manifest, dict) or manifest.get("key") != folder.name:
+        raise InputError(f"{path} does not belong to cache key {folder.name}; delete the "
+                         f"folder {folder} to recompute")
+    return manifest
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest, merging the chunks another run may have finished meanwhile."""
+    on_disk = _read_manifest(folder)
+    if on_disk is not None:
+        manifest["done"] = sorted({*manifest["done"], *on_disk.get("done", [])})
+        manifest["chunk_seconds"] = {**on_disk.get("chunk_seconds", {}),
+                                     **manifest["chunk_seconds"]}
+    text = json.dumps(jsonable(manifest), indent=1, sort_keys=True).encode()
+    atomic_write(folder / "manifest.json", lambda f: f.write(text))
+
+
+def _chunk_file(folder: Path, chunk: int) -> Path:
+    return folder / f"losses_{chunk:04d}.npy"
+
+
+# ---- the ground truth -------------------------------------------------------------------
+def ground_truth(
+    task: Task,
+    train_data: Any,
+    test_data: Any,
+    settings: RetrainSettings | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool | None = None,
+) -> GroundTruth:
+    """Retrain ``n_subsets * repeats`` models on random subsets and record their test losses.
+
+    ``train_data`` (N samples) and ``test_data`` (n_test samples) are (inputs, labels) pairs.
+    Returns subsets (M, N) and mean losses (M, n_test). With ``cache_dir``, finished chunks
+    are read from ``cache_dir/<key>/`` and only missing ones are trained. A diverged model
+    (NaN/inf loss) raises :class:`InputError` naming its subset; nothing of its chunk is cached.
+    """
+    settings = RetrainSettings() if settings is None else settings
+    if not isinstance(settings, RetrainSettings):
+        raise InputError(f"settings must be RetrainSettings, got {type(settings).__name__}")
+    start_time = time.perf_counter()
+    train_d = task.validate(train_data, "training data")
+    test_d = task.validate(test_data, "test data")
+    epochs = _resolve_epochs(task, settings.epochs)
+    key = _key(task, train_d, test_d, settings)
+    m_subsets, repeats, n_train = settings.n_subsets, settings.repeats, len(train_d)
+    n_models, chunk = m_subsets * repeats, settings.batch_models
+    n_chunks = math.ceil(n_models / chunk)
+
+    folder: Path | None = None
+    manifest: dict[str, Any] = {}
+    subsets = None
+    if cache_dir is not None:
+        folder = Path(cache_dir) / key
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest = _read_manifest(folder) or {}
+        cached = _load_npy(folder / "subsets.npy")
+        size = int(round(settings.fraction * n_train))
+        if (cached is not None and cached.dtype == bool and cached.shape == (m_subsets, n_train)
+                and np.all(cached.sum(1) == size)):
+            subsets = cached  # the losses on disk belong to these subsets
+    if subsets is None:
+        subsets = random_subsets(m_subsets, n_train, settings.fraction, settings.seed)
+        if folder is not None:
+            _save_npy(folder / "subsets.npy", subsets)
+    if folder is not None:
+        manifest = {
+            "format": CACHE_FORMAT, "key": key, "settings": settings.to_dict(),
+            "task": task.to_dict(), "epochs": epochs, "n_train": n_train,
+            "n_test": len(test_d), "n_models": n_models, "chunk_size": chunk,
+            "n_chunks": n_chunks, "done": manifest.get("done", []),
+            "chunk_seconds": manifest.get("chunk_seconds", {}),
+        }
+        _write_manifest(folder, manifest)
+
+    per_model = np.empty((n_models, len(test_d)), dtype=np.float64)
+    chunk_seconds: dict[str, float] = dict(manifest.get("chunk_seconds", {}))
+    trained, cached_chunks = 0, 0
+    for c in progress_bar(range(n_chunks), total=n_chunks, desc="retrain", enable=progress):
+        lo, hi = c * chunk, min((c + 1) * chunk, n_models)
+        if folder is not None and c in manifest["done"]:
+            values = _load_npy(_chunk_file(folder, c))
+            if (values is not None and values.shape == (hi - lo, len(test_d))
+                    and np.all(np.isfinite(values))):
+                per_model[lo:hi] = values
+                cached_chunks += 1
+                continue
+            log.warning("cache chunk %d in %s is missing or damaged; retraining it", c, folder)
+        t0 = time.perf_counter()
+        per_model[lo:hi] = _train_chunk(task, train_d, test_d, subsets, settings, epochs, lo, hi)
+        chunk_seconds[str(c)] = time.perf_counter() - t0
+        trained += hi - lo
+        if folder is not None:
+            _save_npy(_chunk_file(folder, c), per_model[lo:hi].copy())
+            manifest["done"] = sorted({*manifest["done"], c})
+            manifest["chunk_seconds"] = chunk_seconds
+            _write_manifest(folder, manifest)
+
+    repeat_losses = per_model.reshape(m_subsets, repeats, len(test_d))
+    info = {
+        "trained_models": trained,
+        "cached_chunks": cached_chunks,
+        "n_chunks": n_chunks,
+        "epochs": epochs,
+        "cache_dir": None if folder is None else str(folder),
+        "wall_seconds": time.perf_counter() - start_time,
+    }
+    if cached_chunks:
+        log.info("ground truth %s: %d of %d chunks from the cache", key[:12], cached_chunks,
+                 n_chunks)
+    return GroundTruth(subsets=subsets, losses=repeat_losses.mean(axis=1), settings=settings,
+                       key=key, seconds=float(sum(chunk_seconds.values())),
+                       repeat_losses=repeat_losses, info=info)
+
+
+def _train_chunk(task: Task, train_d: Data, test_d: Data, subsets: np.ndarray,
+                 settings: RetrainSettings, epochs: int, lo: int, hi: int) -> np.ndarray:
+    """Test losses (hi - lo, n_test) of models lo..hi-1 (model k is subset k // R, repeat
+    k % R)."""
+    repeats = settings.repeats
+    pairs = [(k // repeats, k % repeats) for k in range(lo, hi)]
+    seeds = [model_seed(settings.seed, m, r) for m, r in pairs]
+    masks = np.stack([subsets[m] for m, _ in pairs])
+    try:
+        models = train_batch(task, train_d, masks, seeds, epochs)
+        losses = models.losses(task, test_d.x, test_d.targets).detach().cpu().numpy()
+    except RetrainDiverged as exc:
+        m, r = pairs[exc.index]
+        raise InputError(f"the model retrained on subset {m} (repeat {r}) diverged: {exc}; "
+                         f"lower the recipe's learning rate or the epochs") from exc
+    bad = ~np.isfinite(losses).all(axis=1)
+    if bad.any():
+        m, r = pairs[int(np.flatnonzero(bad)[0])]
+        raise InputError(f"the model retrained on subset {m} (repeat {r}) diverged: NaN/inf "
+                         f"test loss; lower the recipe's learning rate or the epochs")
+    return losses.astype(np.float64)
