@@ -302,3 +302,53 @@ def test_kronecker_needs_the_model_and_a_valid_structure():
         ProjectionSettings(dim=8, structure="sparse")
     with pytest.raises(InputError, match="below the number"):
         _kron(_kron_model(), 1)
+
+
+def test_kronecker_fast_path_equals_projected_per_sample_gradients():
+    """Features built from layer inputs and output gradients (hooks) equal projecting the
+    per-sample Jacobians, for two scalars per sample and inputs with a position dimension."""
+    from torch import nn
+
+    from iif.features import projected_jacobians
+    from iif.grads import FunctionalModel, per_sample_jacobians
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    fmodel = FunctionalModel(model)
+    state = fmodel.state()
+    p = _kron(fmodel, 20, seed=2)
+    assert p.linear_only
+    gen = torch.Generator().manual_seed(4)
+    for x in (torch.randn(7, 4, generator=gen, dtype=torch.float64),
+              torch.randn(7, 5, 4, generator=gen, dtype=torch.float64)):  # positions
+        t = torch.randn(7, x[0].numel() // 4 * 3, generator=gen, dtype=torch.float64)
+
+        def fn(out, ti):
+            return torch.stack([(out * ti).sum(), (out ** 2).sum()])
+
+        fast = torch.cat([f for _, f in projected_jacobians(fmodel, state, x, fn, t,
+                                                            projector=p, chunk_size=3)])
+        slow = torch.cat([p.project(j) for _, j in per_sample_jacobians(fmodel, state, x, fn, t,
+                                                                       chunk_size=3)])
+        assert fast.shape == (7, 2, p.dim)
+        torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
+
+
+def test_kronecker_fast_path_is_skipped_for_shared_layers():
+    from torch import nn
+
+    from iif.features import _single_use_linears
+    from iif.grads import FunctionalModel
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(3, 3).double()
+
+        def forward(self, x):
+            return self.layer(torch.tanh(self.layer(x)))
+
+    fmodel = FunctionalModel(Twice())
+    p = _kron(fmodel, 9)
+    assert p.linear_only
+    assert not _single_use_linears(fmodel, fmodel.state(), torch.zeros(2, 3).double(), p)

@@ -18,6 +18,7 @@ from iif.errors import InputError
 from iif.grads import (
     FunctionalModel,
     ModelState,
+    module_mode,
     output_hessian_factor,
     path_step_fn,
     per_sample_jacobians,
@@ -47,6 +48,103 @@ def _check_finite(block: torch.Tensor, what: str) -> None:
         )
 
 
+def projected_jacobians(
+    fmodel: FunctionalModel,
+    state: ModelState,
+    x: torch.Tensor,
+    fn,
+    *args: torch.Tensor,
+    projector: Projector,
+    chunk_size: int = 128,
+):
+    """Yield ``(start, F)`` with F (n_chunk, R, P): the projected parameter gradients of the R
+    scalars ``fn(output_i, *args_i)`` per sample, finite-checked.
+
+    A Kronecker projector of a model whose parameters all sit in ``nn.Linear`` layers takes a
+    fast path: one batched forward with hooks records each layer's inputs ``a_i`` and R
+    backward passes give its output gradients ``delta_i``; the feature of a layer is then
+    ``(A_out^T delta_i) (x) (A_in^T [a_i, 1])``, equal to projecting the per-sample gradient
+    ``delta_i [a_i, 1]^T`` without ever forming it. Otherwise per-sample Jacobians
+    (``iif.grads.per_sample_jacobians``) are projected.
+    """
+    if getattr(projector, "linear_only", False) and _single_use_linears(fmodel, state, x,
+                                                                        projector):
+        chunks = _kronecker_chunks(fmodel, state, x, fn, args, projector, chunk_size)
+    else:
+        chunks = ((start, projector.project(jac)) for start, jac in
+                  per_sample_jacobians(fmodel, state, x, fn, *args, chunk_size=chunk_size))
+    for start, feats in chunks:
+        _check_finite(feats, "per-sample gradients")
+        yield start, feats
+
+
+def _single_use_linears(fmodel, state, x, projector) -> bool:
+    """True when one forward calls each projected Linear module exactly once (no weight
+    sharing), so that its hook sees the whole per-sample gradient."""
+    calls = [0] * len(projector.modules)
+    handles = [m.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, m in enumerate(projector.modules)]
+    try:
+        with torch.no_grad(), module_mode(fmodel.module, False):
+            fmodel(state.params, state.buffers, x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return all(c == 1 for c in calls)
+
+
+def _kronecker_chunks(fmodel, state, x, fn, args, projector, chunk_size):
+    from torch.func import vmap
+
+    inputs: list[torch.Tensor | None] = [None] * len(projector.modules)
+    outputs: list[torch.Tensor | None] = [None] * len(projector.modules)
+
+    def hook(index):
+        def record(module, inp, out):
+            inputs[index] = inp[0].detach()
+            outputs[index] = out
+        return record
+
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(projector.modules)]
+    # parameters require grad only so that the layer outputs do; their own gradients are
+    # never asked for
+    params = {k: v.detach().requires_grad_(True) for k, v in state.params.items()}
+    try:
+        with module_mode(fmodel.module, False), torch.enable_grad():
+            for start in range(0, x.shape[0], chunk_size):
+                stop = start + chunk_size
+                out = fmodel(params, state.buffers, x[start:stop])
+                values = vmap(lambda o, *a: fn(o, *a).reshape(-1))(
+                    out, *(a[start:stop] for a in args))  # (n, R)
+                n, r = values.shape
+                feats = []
+                for j in range(r):
+                    deltas = torch.autograd.grad(values[:, j].sum(), outputs,
+                                                 retain_graph=j < r - 1)
+                    feats.append(torch.cat([
+                        _layer_feature(a, d, layer)
+                        for a, d, layer in zip(inputs, deltas, projector.layers, strict=True)
+                    ], dim=1))
+                yield start, torch.stack(feats, dim=1).detach()  # (n, R, P)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _layer_feature(a: torch.Tensor, delta: torch.Tensor, layer) -> torch.Tensor:
+    """``(A_out^T delta) (x) (A_in^T [a, 1])`` per sample, summed over any positions between
+    the batch and feature dimensions; (n, p_out * p_in)."""
+    _, _, inp, b_off, a_out, a_in = layer
+    a_out, a_in = a_out.to(delta.dtype), a_in.to(delta.dtype)
+    left = delta @ a_out  # (n, ..., p_out)
+    right = a @ a_in[:inp]
+    if b_off is not None:
+        right = right + a_in[inp]
+    n = delta.shape[0]
+    left, right = left.reshape(n, -1, left.shape[-1]), right.reshape(n, -1, right.shape[-1])
+    return torch.einsum("ntq,ntp->nqp", left, right).reshape(n, -1)
+
+
 def step_features(
     fmodel: FunctionalModel,
     state: ModelState,
@@ -65,12 +163,10 @@ def step_features(
     _check_budget(2 * n, projector.dim, rho.dtype, max_bytes, "path features")
     u = torch.empty(n, projector.dim, dtype=rho.dtype, device=x.device)
     psi = torch.empty_like(u)
-    chunks = per_sample_jacobians(
-        fmodel, state, x, path_step_fn(task), rho, rho_prev, chunk_size=chunk_size
-    )
-    for start, jac in progress_bar(chunks, total=-(-n // chunk_size), desc=desc, enable=progress):
-        feats = projector.project(jac)  # (n_chunk, 2, P)
-        _check_finite(feats, "per-sample gradients")
+    chunks = projected_jacobians(fmodel, state, x, path_step_fn(task), rho, rho_prev,
+                                 projector=projector, chunk_size=chunk_size)
+    for start, feats in progress_bar(chunks, total=-(-n // chunk_size), desc=desc,
+                                     enable=progress):
         u[start : start + feats.shape[0]] = feats[:, 0]
         psi[start : start + feats.shape[0]] = feats[:, 1]
     return u, psi
@@ -96,10 +192,12 @@ def loss_features(
     def loss(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return task.sample_loss(o[None], t[None])[0]
 
-    for start, jac in per_sample_jacobians(fmodel, state, x, loss, targets, chunk_size=chunk_size):
-        feats = projector.project(jac[:, 0])
-        _check_finite(feats, what)
-        out[start : start + jac.shape[0]] = feats
+    try:
+        for start, feats in projected_jacobians(fmodel, state, x, loss, targets,
+                                                projector=projector, chunk_size=chunk_size):
+            out[start : start + feats.shape[0]] = feats[:, 0]
+    except InputError as exc:
+        raise InputError(str(exc).replace("per-sample gradients", what)) from None
     return out
 
 
@@ -124,9 +222,8 @@ def ggn_features(
     def contracted(o: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         return o @ f  # (d,): column c is <f(x), L[:, c]>, so its gradient is J^T L[:, c]
 
-    chunks = per_sample_jacobians(fmodel, state, x, contracted, factors, chunk_size=chunk_size)
-    for start, jac in chunks:
-        feats = projector.project(jac)
-        _check_finite(feats, "output Jacobians")
-        rows[start : start + jac.shape[0]] = feats
+    chunks = projected_jacobians(fmodel, state, x, contracted, factors, projector=projector,
+                                 chunk_size=chunk_size)
+    for start, feats in chunks:
+        rows[start : start + feats.shape[0]] = feats
     return rows.reshape(n * d, projector.dim)

@@ -140,6 +140,7 @@ class KroneckerProjector:
         offsets = dict(zip(fmodel.names, np.cumsum([0, *fmodel.sizes[:-1]]).tolist(),
                            strict=True))
         self.layers: list[tuple[int, int, int, int | None, torch.Tensor, torch.Tensor]] = []
+        self.modules: list[torch.nn.Module] = []  # the Linear module of each layer
         covered: set[str] = set()
         linears = [(name, m) for name, m in fmodel.module.named_modules()
                    if isinstance(m, torch.nn.Linear)]
@@ -171,6 +172,7 @@ class KroneckerProjector:
             a_in = _random_matrix((cols, p_in), settings.kind, seed + 1, device, dtype)
             self.layers.append((offsets[w], out, inp, None if b is None else offsets[b],
                                 a_out, a_in))
+            self.modules.append(module)
         self.rest_index = torch.as_tensor(rest_index, device=device, dtype=torch.long)
         self.rest = None
         if rest:
@@ -180,6 +182,9 @@ class KroneckerProjector:
                 block_elements=settings.block_elements), device=device, dtype=dtype)
         self.dim = (sum(a.shape[1] * c.shape[1] for _, _, _, _, a, c in self.layers)
                     + (self.rest.dim if self.rest is not None else 0))
+        # every trainable parameter sits in a Linear layer: features can be built from layer
+        # inputs and output gradients without per-sample gradients (iif.features)
+        self.linear_only = self.rest is None
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
         if grads.shape[-1] != self.num_params:
