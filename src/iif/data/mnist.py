@@ -64,3 +64,33 @@ def load_mnist(
     labels = read_idx(folder / labels_name).astype(np.int64)
     images = images.reshape(len(images), -1) if flatten else images[:, None]
     return images, labels
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Write a uint8 array as a gzip-compressed IDX file (the format ``read_idx`` reads), e.g.
+    to make an MNIST-format fixture or a subset of a local copy."""
+    arr = np.asarray(array)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"write_idx writes uint8 arrays, got {arr.dtype}")
+    header = bytes([0, 0, 0x08, arr.ndim]) + np.asarray(arr.shape, dtype=">u4").tobytes()
+    path = Path(path)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.tobytes())
+    return path
+
+
+def write_fake_mnist(folder: str | os.PathLike, n_train: int = 600, n_test: int = 100,
+                     seed: int = 0) -> Path:
+    """A small MNIST-format folder of class-dependent random images (for tests and demos
+    without the real files): each class is a noisy copy of its own random template."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    templates = rng.random((10, 28, 28)) < 0.25
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = rng.integers(0, 10, size=n).astype(np.uint8)
+        noise = rng.random((n, 28, 28)) < 0.1
+        images = (templates[labels] ^ noise).astype(np.uint8) * 255
+        write_idx(folder / FILES[split][0], images)
+        write_idx(folder / FILES[split][1], labels)
+    return folder
