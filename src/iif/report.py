@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from iif.errors import InputError
+from iif.io import atomic_write
 
 PROPONENTS_HEADING = "Proponents (lower the test loss)"
 OPPONENTS_HEADING = "Opponents (raise the test loss)"
@@ -230,10 +231,7 @@ def plot_proponents_opponents(
         sub = format_completeness(completeness, unicode=True) + "\n" + sub
     fig.text(0.02, 1 - 0.5 / height, sub, ha="left", va="top", fontsize=9.5, color="0.25")
 
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", facecolor="white")
-    return out
+    return save_png(fig, path)
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -295,3 +293,65 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "item") and np.ndim(value) == 0:
         return value.item()
     return value
+
+
+def plot_rankings(
+    test_image: Any,
+    heading: str,
+    rows: Sequence[tuple[str, Sequence[Mapping[str, Any]]]],
+    train_images: Any,
+    path: str | os.PathLike,
+    image_shape: Sequence[int] = (28, 28),
+    *,
+    cmap: str = "gray_r",
+    dpi: int = 110,
+) -> Path:
+    """Save a PNG comparing rankings: the test image on the left and one row per entry of
+    ``rows`` = ``[(row title, entries)]``, each entry ``{"index", "label", "score"}`` (as from
+    :func:`top_entries`) drawn as its training image with label and score beneath."""
+    from matplotlib.figure import Figure
+
+    if not rows:
+        raise InputError("plot_rankings needs at least one row")
+    train = np.asarray(train_images)
+    k = max(len(entries) for _, entries in rows)
+    test = _as_image(test_image, image_shape, "test image")
+    images = {e["index"]: _as_image(train[e["index"]], image_shape, "training image")
+              for _, entries in rows for e in entries}
+    vmin, vmax = _range([test, *images.values()])
+    show = {"cmap": cmap if test.ndim == 2 else None, "vmin": vmin, "vmax": vmax,
+            "interpolation": "nearest"}
+    row_h, head_h = 1.35, 0.7
+    height = head_h + row_h * len(rows)
+    fig = Figure(figsize=(1.15 * (k + 4.2), height), dpi=dpi)
+    grid = fig.add_gridspec(len(rows), k + 2, width_ratios=[2.6, 1.6] + [1.0] * k,
+                            left=0.01, right=0.995, top=1 - head_h / height, bottom=0.02,
+                            wspace=0.1, hspace=0.55)
+    fig.suptitle(heading, fontsize=11, fontweight="bold", x=0.01, ha="left")
+    ax = fig.add_subplot(grid[:, 0])
+    ax.imshow(test, **show)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title("test image", fontsize=9)
+    for r, (title, entries) in enumerate(rows):
+        label_ax = fig.add_subplot(grid[r, 1])
+        label_ax.axis("off")
+        label_ax.text(1.0, 0.5, title, ha="right", va="center", fontsize=9,
+                      transform=label_ax.transAxes)
+        for c, e in enumerate(entries):
+            cell = fig.add_subplot(grid[r, c + 2])
+            cell.imshow(images[e["index"]], **show)
+            cell.set_xticks([])
+            cell.set_yticks([])
+            cell.set_xlabel(f"{e.get('label', '')}  {e['score']:+.2g}", fontsize=7,
+                            labelpad=2)
+    return save_png(fig, path)
+
+
+def save_png(fig: Any, path: str | os.PathLike, dpi: int | None = None) -> Path:
+    """Write a matplotlib ``Figure`` as PNG atomically (parent folders created)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, lambda f: fig.savefig(f, format="png", facecolor="white",
+                                               **({"dpi": dpi} if dpi else {})))
+    return target
