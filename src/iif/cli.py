@@ -1,6 +1,7 @@
 """The ``iif`` command line.
 
     iif demo --out DIR [--n-test N] [--seed S] [--quick] [--no-progress] [--threads T]
+    iif reproduce NAME --out DIR [--scale smoke|full] [--seed S]
     iif --version
 
 Each subcommand is a function ``_cmd_<name>(args) -> int`` registered in :func:`build_parser`
@@ -87,6 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true",
                       help="a small run taking a few seconds (fewer samples, epochs, K=2)")
     demo.set_defaults(handler=_cmd_demo)
+
+    reproduce = sub.add_parser(
+        "reproduce", parents=[common],
+        help="reproduce a table or figure of the paper",
+        description="Run one of the paper's experiments (or all of them) and write NAME.json, "
+                    "NAME.md and any figures into --out. Experiments: "
+                    + ", ".join(_experiment_names()) + ".",
+    )
+    reproduce.add_argument("name", metavar="NAME",
+                           help="experiment: " + ", ".join(_experiment_names()) + " or all")
+    reproduce.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    reproduce.add_argument("--scale", choices=("smoke", "full"), default="smoke",
+                           help="smoke: a quick run of the same code (default); full: the "
+                                "paper's protocol")
+    reproduce.add_argument("--seed", type=int, default=0, metavar="S",
+                           help="seed of the data and subsets (default: 0)")
+    reproduce.set_defaults(handler=_cmd_reproduce)
     return parser
 
 
@@ -96,6 +114,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     run_demo(args.out, n_test=args.n_test, seed=args.seed, quick=args.quick,
              progress=getattr(args, "progress", None), top_k=args.top)
     return EXIT_OK
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from iif.experiments import EXPERIMENTS, get_experiment, run_experiment
+
+    names = list(EXPERIMENTS) if args.name == "all" else [args.name]
+    for name in names:
+        get_experiment(name)  # every name checked before anything runs
+    for name in names:
+        log.info("running %s at scale %s", name, args.scale)
+        result = run_experiment(name, args.out, scale=args.scale, seed=args.seed,
+                                progress=getattr(args, "progress", None))
+        print(f"{result.title} ({args.scale}, {result.seconds or 0.0:.1f} s); "
+              f"ours (paper):")
+        print(result.summary())
+        print("wrote " + ", ".join(str(p) for p in result.paths(args.out)))
+        print()
+    return EXIT_OK
+
+
+def _experiment_names() -> list[str]:
+    from iif.experiments import EXPERIMENTS
+
+    return list(EXPERIMENTS)
 
 
 # ---- helpers ---------------------------------------------------------------------------------

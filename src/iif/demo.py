@@ -29,7 +29,7 @@ from iif.attribution import Attribution
 from iif.baseline import BaselineSettings
 from iif.data import load_digits
 from iif.errors import InputError
-from iif.io import jsonable
+from iif.io import atomic_write, jsonable
 from iif.methods.integrated import IntegratedInfluence
 from iif.path import PathSettings
 from iif.projection import ProjectionSettings
@@ -203,7 +203,7 @@ def run_demo(
         },
     }
     text = json.dumps(jsonable(summary), indent=2, allow_nan=False)
-    (out / SUMMARY_FILE).write_text(text + "\n")
+    atomic_write(out / SUMMARY_FILE, lambda f: f.write((text + "\n").encode()))
     print(f"test accuracy {test_acc:.3f}; {summary['fallbacks']} of {len(chosen)} baselines "
           f"fell back; attribution {timings['attribution']:.1f} s, total "
           f"{timings['total']:.1f} s", file=stream)

@@ -1,5 +1,6 @@
 """Evaluation built in: LDS against retrained models, mislabel detection, datamodel ceiling."""
 
+from iif.evaluation.datamodel import datamodel_lds, fit_datamodel, ridge_grid
 from iif.evaluation.metrics import (
     LDSResult,
     auc,
@@ -29,13 +30,16 @@ __all__ = [
     "StackedModels",
     "auc",
     "cache_key",
+    "datamodel_lds",
     "detection_curve",
+    "fit_datamodel",
     "flip_labels",
     "ground_truth",
     "lds",
     "mislabel_auc",
     "model_seed",
     "random_subsets",
+    "ridge_grid",
     "spearman_columns",
     "subset_predictions",
     "train_batch",

@@ -1,0 +1,81 @@
+"""``iif reproduce``: every experiment's smoke scale through the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from iif.cli import main
+from iif.experiments import EXPERIMENTS
+
+REQUIRED = {"name", "scale", "settings", "results", "paper"}
+DOCUMENTED = {"stderr", "variants", "variant_stderr", "seconds", "notes", "files"}
+
+
+def _check_table(table: dict, allow_null: bool) -> None:
+    assert isinstance(table, dict) and table
+    for method, row in table.items():
+        assert isinstance(method, str) and isinstance(row, dict) and row
+        for column, value in row.items():
+            assert isinstance(column, str)
+            if value is None and allow_null:
+                continue
+            assert isinstance(value, (int, float)) and not isinstance(value, bool), (method,
+                                                                                     column)
+            assert math.isfinite(value), (method, column)
+
+
+@pytest.mark.parametrize("name", ["table1", "table4", "fig1"])
+def test_reproduce_smoke_writes_json_and_report(name, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["reproduce", name, "--scale", "smoke", "--out", str(out),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads((out / f"{name}.json").read_text())
+    assert REQUIRED <= set(doc) and set(doc) <= REQUIRED | DOCUMENTED
+    assert doc["name"] == name and doc["scale"] == "smoke"
+    assert isinstance(doc["settings"], dict) and doc["settings"]
+    _check_table(doc["results"], allow_null=False)
+    _check_table(doc["paper"], allow_null=True)
+    assert set(doc["paper"]) >= set(doc["results"])
+    for method, row in doc["results"].items():
+        assert set(doc["paper"][method]) == set(row)
+    if "stderr" in doc:
+        assert set(doc["stderr"]) == set(doc["results"])
+    report = (out / f"{name}.md").read_text()
+    assert report.startswith("# ") and "Differences from the paper" in report
+    for method in doc["results"]:
+        assert f"| {method} |" in report
+    assert str(out / f"{name}.json") in printed and "IIF" in printed
+    if name == "fig1":
+        png = out / "fig1.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        assert "fig1.png" in doc["files"]
+
+
+def test_paper_numbers_are_the_published_ones(tmp_path):
+    assert main(["reproduce", "table1", "--out", str(tmp_path), "--no-progress"]) == 0
+    paper = json.loads((tmp_path / "table1.json").read_text())["paper"]
+    assert list(paper["IIF"].values()) == [0.859, 0.744, 0.768]
+    assert list(paper["IF"].values()) == [0.856, 0.634, 0.423]
+    assert list(paper["TracIn"].values()) == [0.815, 0.607, 0.405]
+    assert all(v is None for v in paper["datamodel"].values())
+
+
+def test_reproduce_unknown_name_lists_the_valid_ones(tmp_path, capsys):
+    code = main(["reproduce", "nonsense", "--out", str(tmp_path / "x")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "nonsense" in err
+    for name in EXPERIMENTS:
+        assert name in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_reproduce_usage_errors(tmp_path):
+    assert main(["reproduce", "table1"]) == 2  # --out missing
+    assert main(["reproduce", "table1", "--out", str(tmp_path), "--scale", "huge"]) == 2
+    (tmp_path / "file").write_text("x")
+    assert main(["reproduce", "fig1", "--out", str(tmp_path / "file")]) == 1
