@@ -32,3 +32,18 @@ def test_mnist_experiment_smoke(fake_mnist, tmp_path, name):
         for column, value in row.items():
             assert isinstance(value, float) and math.isfinite(value), (method, column)
     assert (tmp_path / f"{name}.md").read_text().strip()
+
+
+@pytest.mark.slow
+def test_table3_runs_cifar10_from_a_batches_folder(fake_mnist, tmp_path, monkeypatch):
+    from iif.data.cifar import write_fake_cifar10
+
+    folder = write_fake_cifar10(tmp_path / "cifar-10-batches-py", per_batch=30)
+    monkeypatch.setenv("IIF_CIFAR10_DIR", str(folder))
+    assert main(["reproduce", "table3", "--scale", "smoke", "--out", str(tmp_path / "out"),
+                 "--no-progress"]) == 0
+    data = json.loads((tmp_path / "out" / "table3.json").read_text())
+    for method in ("IF", "TracIn", "TRAK", "IIF"):
+        value = data["results"][method]["CIFAR-10"]
+        assert isinstance(value, float) and 0.0 <= value <= 1.0
+    assert data["settings"]["cifar10_dir"] == str(folder)

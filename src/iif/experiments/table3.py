@@ -5,9 +5,10 @@ class at random, the model trained on the noisy labels; every method scores each
 sample's self-influence, and ``-self_influence`` ranks the samples (most negative first: the
 samples the model fits only through themselves). AUC of that ranking for the flipped samples.
 
-Datasets: MNIST with the 4-layer MLP of :mod:`iif.experiments.mnist`; Fashion-MNIST with a
-small CNN (the offline stand-in for the paper's CIFAR-10 / ResNet-9), run when its IDX files
-are found (Debian package ``dataset-fashion-mnist``, or ``$IIF_FASHION_MNIST_DIR``).
+Datasets: MNIST with the 4-layer MLP of :mod:`iif.experiments.mnist`; CIFAR-10 with ResNet-9
+when ``$IIF_CIFAR10_DIR`` names a ``cifar-10-batches-py`` folder; Fashion-MNIST with a small
+CNN (the offline stand-in for CIFAR-10), run when its IDX files are found (Debian package
+``dataset-fashion-mnist``, or ``$IIF_FASHION_MNIST_DIR``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 from iif.baseline import BaselineSettings
 from iif.checkpoints import train_with_checkpoints
 from iif.data import load_mnist
+from iif.data.cifar import cifar10_dir, load_cifar10
 from iif.evaluation import detection_curve, flip_labels, mislabel_auc
 from iif.experiments import mnist
 from iif.experiments.base import ExperimentResult, Table, check_scale, ensure_dir
@@ -46,9 +48,10 @@ PAPER: Table = {
 
 SIZES: dict[str, dict[str, Any]] = {
     "full": {"n_train": 1000, "epochs": mnist.EPOCHS, "cnn_epochs": 10, "checkpoints": 5,
-             "steps": 5, "dim": 256, "trak_dim": 2048},
+             "steps": 5, "dim": 256, "trak_dim": 2048, "resnet_width": 1.0,
+             "chunk_size": 16},
     "smoke": {"n_train": 120, "epochs": 3, "cnn_epochs": 2, "checkpoints": 3, "steps": 2,
-              "dim": 32, "trak_dim": 64},
+              "dim": 32, "trak_dim": 64, "resnet_width": 0.125, "chunk_size": 64},
 }
 
 
@@ -72,11 +75,40 @@ def cnn(seed: int) -> nn.Module:
         )
 
 
+def resnet9(seed: int, width: float = 1.0) -> nn.Module:
+    """ResNet-9 (paper Table 5: channels 64, 128, 128, 128, 256, 512, 512, 512, then 10
+    classes; dropout 0.1) for 3 x 32 x 32 images; ``width`` scales every channel count."""
+    def c(ch: int) -> int:
+        return max(4, int(round(ch * width)))
+
+    def block(cin: int, cout: int, pool: bool = False) -> list[nn.Module]:
+        layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                  nn.ReLU()]
+        return layers + ([nn.MaxPool2d(2)] if pool else [])
+
+    class Residual(nn.Module):
+        def __init__(self, ch: int):
+            super().__init__()
+            self.body = nn.Sequential(*block(ch, ch), *block(ch, ch))
+
+        def forward(self, x):
+            return x + self.body(x)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            *block(3, c(64)), *block(c(64), c(128), pool=True), Residual(c(128)),
+            *block(c(128), c(256), pool=True), *block(c(256), c(512), pool=True),
+            Residual(c(512)), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(0.1),
+            nn.Linear(c(512), 10),
+        )
+
+
 def methods(task, train, size, checkpoints, seed, progress) -> dict:
     """Self-influence of every method; IIF with the per-sample baselines of paper 3.3
     (lambda = 0 in the paper's Table 6: theta'_i = theta* + eta grad l_i)."""
     proj = ProjectionSettings(dim=size["dim"], seed=seed, structure="kronecker")
-    common = {"seed": seed, "progress": progress}
+    common = {"seed": seed, "progress": progress, "chunk_size": size["chunk_size"]}
     return {
         "IF": InfluenceFunction(task, train, solver="projected", projection=proj, **common),
         "TracIn": TracIn(task, train, checkpoints=checkpoints, projection=proj, **common),
@@ -125,18 +157,28 @@ def run(
         recipe = Recipe(lr=0.001, optimizer="adam", batch_size=64, epochs=size["cnn_epochs"])
         datasets["Fashion-MNIST"] = one_dataset(fx[order], fy[order], cnn(seed), recipe, size,
                                                 seed, progress)
+    cifar = cifar10_dir()
+    if cifar is not None:
+        cx, cy = load_cifar10("train", cifar)
+        order = np.random.default_rng(seed).permutation(len(cy))[: size["n_train"]]
+        recipe = Recipe(lr=0.001, optimizer="adam", batch_size=64, epochs=size["cnn_epochs"])
+        datasets["CIFAR-10"] = one_dataset(cx[order], cy[order],
+                                           resnet9(seed, size["resnet_width"]), recipe, size,
+                                           seed, progress)
     results: Table = {m: {d: datasets[d]["auc"][m] for d in datasets} for m in PAPER}
     notes = []
     if fashion is None:
         notes.append("Fashion-MNIST was not found (install the Debian package "
                      "dataset-fashion-mnist or set $IIF_FASHION_MNIST_DIR); its column is "
                      "missing.")
-    notes.append("CIFAR-10 / ResNet-9 is not run here: no offline copy exists; the paper's "
-                 "CIFAR-10 numbers are shown for reference only.")
+    if cifar is None:
+        notes.append("CIFAR-10 was not given (set $IIF_CIFAR10_DIR to a cifar-10-batches-py "
+                     "folder); the paper's CIFAR-10 numbers are shown for reference only.")
     settings = {**size, "seed": seed, "flip_fraction": 0.1,
                 "datasets": {d: {k: v for k, v in info.items() if k != "auc"}
                              for d, info in datasets.items()},
-                "fashion_mnist_dir": None if fashion is None else str(fashion)}
+                "fashion_mnist_dir": None if fashion is None else str(fashion),
+                "cifar10_dir": None if cifar is None else str(cifar)}
     best = {d: max(PAPER, key=lambda m, d=d: results[m][d]) for d in datasets}
     differences = " ".join(
         [f"{d}: best {best[d]} ({results[best[d]][d]:.3f}); " + ", ".join(
@@ -147,13 +189,16 @@ def run(
         f"{size['n_train']} random training images per dataset, 10% of labels flipped to a "
         f"random other class (seeded); MNIST: MLP 784-128-64-10, dropout 0.1, SGD lr 0.01 "
         f"momentum 0.9, {size['epochs']} epochs; Fashion-MNIST: a two-layer CNN, Adam lr "
-        f"0.001, {size['cnn_epochs']} epochs. Score: -self-influence; AUC over all training "
-        f"samples. IIF uses per-sample baselines theta*+eta grad l_i (paper 3.3); all "
+        f"0.001, {size['cnn_epochs']} epochs; CIFAR-10 (when given): ResNet-9 at width "
+        f"{size['resnet_width']:g}, Adam lr 0.001, {size['cnn_epochs']} epochs. Score: "
+        f"-self-influence; AUC over all training samples. IIF uses per-sample baselines "
+        f"theta*+eta grad l_i (paper 3.3); all "
         f"projections are Kronecker-factored with P = {size['dim']} "
         f"(TRAK: {size['trak_dim']}).")
     result = ExperimentResult(
         name=NAME, scale=scale, title=TITLE, settings=settings, results=results, paper=PAPER,
-        columns=["MNIST", "Fashion-MNIST", "CIFAR-10"] if fashion else ["MNIST", "CIFAR-10"],
+        columns=[c for c in ("MNIST", "Fashion-MNIST", "CIFAR-10")
+                 if c in datasets or c == "CIFAR-10"],
         protocol=protocol, differences=differences, notes=notes,
         seconds=time.perf_counter() - start,
     )
