@@ -133,3 +133,15 @@ def test_rankings_on_a_known_example():
     assert list(a.proponents(0, k=2)) == [1, 3]
     assert list(a.opponents(0, k=2)) == [4, 2]
     assert len(a.proponents(0)) == 5  # k larger than n_train
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    Attribution(np.zeros((1, 2)), "iif").save(tmp_path)
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("scores.npy", "attribution.json"):
+        mode = stat.S_IMODE(os.stat(tmp_path / name).st_mode)
+        assert mode == 0o666 & ~mask
