@@ -239,7 +239,8 @@ def bench_grads(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> d
 
         record(f"step_features, kronecker P={kron.dim}", chunk, timed(kron_feats, args.repeats),
                10 * m, 2 * kron_flops)
-        record("  of which kronecker projection", chunk, timed(kron_only, args.repeats), 0.0,
+        record("kronecker project() of (n, 2, M) grads", chunk, timed(kron_only, args.repeats),
+               0.0,
                2 * kron_flops)
 
     def regen() -> None:
