@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--proj-dim", type=int, default=512)
     ap.add_argument("--cg-iters", type=int, default=10)
     ap.add_argument("--damping", type=float, default=1e-2)
+    ap.add_argument("--methods", default="trak,tracin,if-cg",
+                    help="comma-separated subset of trak,tracin,if-cg")
     args = ap.parse_args(argv)
     n_train = args.n_train or (300 if args.quick else 2000)
     n_test = args.n_test or (10 if args.quick else 50)
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         return torch.exp(-nn.functional.cross_entropy(out, y.unsqueeze(0)))
 
     rows: list[dict[str, Any]] = []
+    num_params = sum(p.numel() for p in model.parameters())
 
     def compare(name: str, ours, theirs) -> None:
         our_scores, our_s = timed(ours)
@@ -130,18 +133,24 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     proj = {"dense": ProjectionSettings(dim=args.proj_dim, seed=SEED),
             "kronecker": ProjectionSettings(dim=args.proj_dim, seed=SEED, structure="kronecker")}
-    dattri_task = AttributionTask(loss_func=loss_func, model=model, checkpoints=final,
+    # dattri's TRAK takes its training features from loss_func and its test features from
+    # target_func: both must be the margin (the output function) for TRAK's estimator
+    dattri_task = AttributionTask(loss_func=margin, model=model, checkpoints=final,
                                   target_func=margin)
     cg_task = AttributionTask(loss_func=loss_func, model=model, checkpoints=final)
 
     def dattri_trak():
         attributor = TRAKAttributor(task=dattri_task, correct_probability_func=correct_probability,
                                     projector_kwargs={"proj_dim": args.proj_dim, "device": "cpu"},
-                                    device="cpu", regularization=args.damping)
+                                    device="cpu",
+                                    # dattri divides gradients by sqrt(M) first: the same
+                                    # damping on its scale is damping / M
+                                    regularization=args.damping / num_params)
         attributor.cache(train_loader)
         return attributor.attribute(test_loader)
 
-    for kind, settings in proj.items():
+    methods = set(args.methods.split(","))
+    for kind, settings in proj.items() if "trak" in methods else ():
         compare(f"TRAK, 1 model, P={args.proj_dim} ({kind})",
                 lambda s=settings: iif.TRAK(task, train, projection=s, damping=args.damping,
                                             progress=False).attribute(test).scores,
@@ -159,7 +168,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                                         "device": "cpu"}, device="cpu")
         return attributor.attribute(train_loader, test_loader)
 
-    for kind, settings in proj.items():
+    for kind, settings in proj.items() if "tracin" in methods else ():
         compare(f"TracIn, {len(checkpoints)} checkpoints, P={args.proj_dim} ({kind})",
                 lambda s=settings: iif.TracIn(task, train, checkpoints=checkpoints,
                                               projection=s, progress=False
@@ -183,7 +192,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         attributor.cache(train_loader)
         return attributor.attribute(train_loader, test_loader)
 
-    compare(f"IF, Hessian, CG {args.cg_iters} iterations", our_if_cg, dattri_if_cg)
+    if "if-cg" in methods:
+        compare(f"IF, Hessian, CG {args.cg_iters} iterations", our_if_cg, dattri_if_cg)
 
     print(f"\n{'method':<46}{'iif s':>9}{'dattri s':>10}{'dattri/iif':>12}{'Spearman':>10}")
     for r in rows:
