@@ -150,6 +150,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         return attributor.attribute(test_loader)
 
     methods = set(args.methods.split(","))
+    if "trak" in methods:  # the agreement two projection seeds of iif's own TRAK reach
+        seeds = [iif.TRAK(task, train, projection=ProjectionSettings(dim=args.proj_dim, seed=s),
+                          damping=args.damping, progress=False).attribute(test).scores
+                 for s in (0, 1)]
+        print(f"  iif TRAK, projection seed 0 against seed 1: Spearman "
+              f"{agreement(seeds[0], -seeds[1]):+.3f}", flush=True)
     for kind, settings in proj.items() if "trak" in methods else ():
         compare(f"TRAK, 1 model, P={args.proj_dim} ({kind})",
                 lambda s=settings: iif.TRAK(task, train, projection=s, damping=args.damping,
