@@ -20,7 +20,7 @@ from iif.baseline import BaselineSettings
 from iif.checkpoints import train_with_checkpoints
 from iif.experiments import mnist
 from iif.experiments.base import ExperimentResult, Table, check_scale, ensure_dir
-from iif.methods import TRAK, InfluenceFunction, IntegratedInfluence, TracIn
+from iif.methods import IntegratedInfluence
 from iif.path import PathSettings
 from iif.projection import ProjectionSettings
 from iif.report import plot_rankings, top_entries
@@ -74,12 +74,8 @@ def run(
             path=PathSettings(steps=size["steps"]), projection=proj, **common)
         return method.attribute(test).scores[0]
 
-    peers = {
-        "IF": InfluenceFunction(task, (x, y), solver="projected", projection=proj, **common),
-        "TracIn": TracIn(task, (x, y), checkpoints=checkpoints, projection=proj, **common),
-        "TRAK": TRAK(task, (x, y), projection=ProjectionSettings(
-            dim=size["trak_dim"], seed=seed, structure="kronecker"), **common),
-    }
+    peers = mnist.methods(task, (x, y), size, checkpoints, seed, progress)
+    del peers["IIF"]  # IIF runs twice below, with one baseline per question
     rankings: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for name, method in peers.items():
         row = method.attribute(test).scores[0]

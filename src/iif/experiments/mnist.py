@@ -57,3 +57,27 @@ def accuracy(model: nn.Module, data) -> float:
     with torch.no_grad():
         pred = model(torch.as_tensor(data[0])).argmax(1).numpy()
     return float(np.mean(pred == np.asarray(data[1])))
+
+
+def methods(task: Task, train, size: dict, checkpoints, seed: int, progress,
+            baseline=None, **common) -> dict:
+    """The four methods of the MNIST experiments with the paper's settings: Kronecker-factored
+    projections of ``size["dim"]`` (TRAK: ``size["trak_dim"]``), TracIn on ``checkpoints``,
+    IIF with ``baseline`` (default ``BaselineSettings()``) and ``size["steps"]`` path steps.
+    ``common`` goes to every method (e.g. ``chunk_size``)."""
+    from iif.baseline import BaselineSettings
+    from iif.methods import TRAK, InfluenceFunction, IntegratedInfluence, TracIn
+    from iif.path import PathSettings
+    from iif.projection import ProjectionSettings
+
+    proj = ProjectionSettings(dim=size["dim"], seed=seed, structure="kronecker")
+    common = {"seed": seed, "progress": progress, **common}
+    return {
+        "IF": InfluenceFunction(task, train, solver="projected", projection=proj, **common),
+        "TracIn": TracIn(task, train, checkpoints=checkpoints, projection=proj, **common),
+        "TRAK": TRAK(task, train, projection=ProjectionSettings(
+            dim=size["trak_dim"], seed=seed, structure="kronecker"), **common),
+        "IIF": IntegratedInfluence(task, train, baseline=baseline or BaselineSettings(),
+                                   path=PathSettings(steps=size["steps"]), projection=proj,
+                                   **common),
+    }

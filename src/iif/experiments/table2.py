@@ -22,9 +22,6 @@ from iif.evaluation import RetrainSettings, ground_truth
 from iif.evaluation.datamodel import datamodel_lds
 from iif.experiments import mnist
 from iif.experiments.base import ExperimentResult, Table, check_scale, ensure_dir
-from iif.methods import TRAK, InfluenceFunction, IntegratedInfluence, TracIn
-from iif.path import PathSettings
-from iif.projection import ProjectionSettings
 
 NAME = "table2"
 TITLE = "Table 2: LDS on MNIST"
@@ -47,21 +44,6 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def methods(task, train, size: dict[str, Any], checkpoints, seed: int, progress) -> dict:
-    """The methods of the table with the paper's settings (Table 6: lambda = 0.5, P = 256)."""
-    proj = ProjectionSettings(dim=size["dim"], seed=seed, structure="kronecker")
-    common = {"seed": seed, "progress": progress}
-    return {
-        "IF": InfluenceFunction(task, train, solver="projected", projection=proj, **common),
-        "TracIn": TracIn(task, train, checkpoints=checkpoints, projection=proj, **common),
-        "TRAK": TRAK(task, train, projection=ProjectionSettings(
-            dim=size["trak_dim"], seed=seed, structure="kronecker"), **common),
-        "IIF": IntegratedInfluence(task, train, baseline=BaselineSettings(lam=0.5, epochs=5),
-                                   path=PathSettings(steps=size["steps"]), projection=proj,
-                                   **common),
-    }
-
-
 def run(
     out_dir: str | Path, scale: str = "smoke", seed: int = 0, progress: bool | None = None
 ) -> ExperimentResult:
@@ -78,7 +60,10 @@ def run(
 
     timings: dict[str, float] = {}
     scores: dict[str, np.ndarray] = {}
-    for name, method in methods(task, train, size, checkpoints, seed, progress).items():
+    # the paper's Table 6 for MNIST attribution: lambda = 0.5, P = 256; 5 unlearning epochs
+    baseline = BaselineSettings(lam=0.5, epochs=5)
+    for name, method in mnist.methods(task, train, size, checkpoints, seed, progress,
+                                      baseline).items():
         t0 = time.perf_counter()
         scores[name] = method.attribute(test).scores
         timings[name] = time.perf_counter() - t0

@@ -22,16 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from iif.baseline import BaselineSettings
 from iif.checkpoints import train_with_checkpoints
 from iif.data import load_mnist
 from iif.data.cifar import cifar10_dir, load_cifar10
 from iif.evaluation import detection_curve, flip_labels, mislabel_auc
 from iif.experiments import mnist
 from iif.experiments.base import ExperimentResult, Table, check_scale, ensure_dir
-from iif.methods import TRAK, InfluenceFunction, IntegratedInfluence, TracIn
-from iif.path import PathSettings
-from iif.projection import ProjectionSettings
 from iif.task import Recipe, Task
 
 NAME = "table3"
@@ -104,22 +100,6 @@ def resnet9(seed: int, width: float = 1.0) -> nn.Module:
         )
 
 
-def methods(task, train, size, checkpoints, seed, progress) -> dict:
-    """Self-influence of every method; IIF with the per-sample baselines of paper 3.3
-    (lambda = 0 in the paper's Table 6: theta'_i = theta* + eta grad l_i)."""
-    proj = ProjectionSettings(dim=size["dim"], seed=seed, structure="kronecker")
-    common = {"seed": seed, "progress": progress, "chunk_size": size["chunk_size"]}
-    return {
-        "IF": InfluenceFunction(task, train, solver="projected", projection=proj, **common),
-        "TracIn": TracIn(task, train, checkpoints=checkpoints, projection=proj, **common),
-        "TRAK": TRAK(task, train, projection=ProjectionSettings(
-            dim=size["trak_dim"], seed=seed, structure="kronecker"), **common),
-        "IIF": IntegratedInfluence(task, train, baseline=BaselineSettings(),
-                                   path=PathSettings(steps=size["steps"]), projection=proj,
-                                   **common),
-    }
-
-
 def one_dataset(x, y, model: nn.Module, recipe: Recipe, size, seed, progress) -> dict:
     noisy, flipped = flip_labels(y, 0.1, num_classes=10, seed=seed)
     task = Task(model, "classification", recipe)
@@ -127,7 +107,10 @@ def one_dataset(x, y, model: nn.Module, recipe: Recipe, size, seed, progress) ->
     checkpoints = train_with_checkpoints(task, (x, noisy), every=every, seed=seed,
                                          progress=progress)
     out: dict[str, Any] = {"auc": {}, "curve": {}, "seconds": {}}
-    for name, method in methods(task, (x, noisy), size, checkpoints, seed, progress).items():
+    # IIF's self-influence uses the per-sample baselines of paper 3.3 (lambda = 0 in the
+    # paper's Table 6: theta'_i = theta* + eta grad l_i), not the unlearning settings
+    for name, method in mnist.methods(task, (x, noisy), size, checkpoints, seed, progress,
+                                      chunk_size=size["chunk_size"]).items():
         t0 = time.perf_counter()
         si = method.self_influence()
         out["seconds"][name] = time.perf_counter() - t0
