@@ -106,3 +106,27 @@ def mlp(sizes: list[int], seed: int) -> nn.Module:
     return nn.Sequential(*layers[:-1]).double()
 
 
+
+
+def removal_drops(x, y, xt, yt, scores, rng, k: int = 8, draws: int = 20):
+    """Change of each test sample's loss when least squares is refitted exactly without its k
+    most positive-scored, k random (mean of ``draws``) or k most negative-scored training
+    samples: three arrays (n_test,). ``y`` (N,) and ``yt`` (n_test,) are targets, ``x`` and
+    ``xt`` inputs; ``scores`` (n_test, N) in the project's sign."""
+
+    def retrained_loss(keep, s):
+        theta = np.linalg.lstsq(x[keep], y[keep], rcond=None)[0]  # exact retraining
+        return float((xt[s] @ theta - yt[s]) ** 2)
+
+    everyone, drops = np.arange(len(x)), []
+    for s in range(len(xt)):
+        full = retrained_loss(everyone, s)
+        top = np.argsort(-scores[s])[:k]
+        bottom = np.argsort(scores[s])[:k]
+        drops.append([
+            retrained_loss(np.setdiff1d(everyone, top), s) - full,
+            np.mean([retrained_loss(np.setdiff1d(everyone, rng.choice(len(x), k, replace=False)),
+                                    s) - full for _ in range(draws)]),
+            retrained_loss(np.setdiff1d(everyone, bottom), s) - full,
+        ])
+    return np.array(drops).T

@@ -21,6 +21,8 @@ from iif.methods.tracin import TracIn
 from iif.projection import ProjectionSettings, make_projector
 from iif.task import Recipe, Task
 
+from .reference import removal_drops
+
 N_TEST = 5
 
 
@@ -176,23 +178,7 @@ def test_removing_top_positive_samples_lowers_test_loss():
     assert len(checkpoints) == 10
     result = TracIn(task, (x, y[:, None]), checkpoints=checkpoints).attribute((xt, yt[:, None]))
 
-    def retrained_loss(keep, s):
-        theta = np.linalg.lstsq(x[keep], y[keep], rcond=None)[0]  # exact retraining
-        return float((xt[s] @ theta - yt[s]) ** 2)
-
-    k, everyone = 8, np.arange(60)
-    drops = []  # (top, random, bottom) change of the retrained test loss per test sample
-    for s in range(len(xt)):
-        full = retrained_loss(everyone, s)
-        top = np.argsort(-result.scores[s])[:k]
-        bottom = np.argsort(result.scores[s])[:k]
-        drops.append([
-            retrained_loss(np.setdiff1d(everyone, top), s) - full,
-            np.mean([retrained_loss(np.setdiff1d(everyone, rng.choice(60, k, replace=False)), s)
-                     - full for _ in range(20)]),
-            retrained_loss(np.setdiff1d(everyone, bottom), s) - full,
-        ])
-    top, rand, bottom = np.array(drops).T
+    top, rand, bottom = removal_drops(x, y, xt, yt, result.scores, rng)
     # removing opponents (positive scores) lowers the test loss, removing proponents raises it
     assert top.mean() < min(0.0, rand.mean()) and bottom.mean() > max(0.0, rand.mean())
     assert np.mean(top < rand) > 0.5 and np.mean(rand < bottom) > 0.5
