@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -26,8 +27,9 @@ from torch.func import vmap
 
 from iif.errors import InputError
 from iif.grads import FunctionalModel, ModelState, module_mode, per_sample_grads
+from iif.stacked import StackedState, fit_stacked
 from iif.task import Data, Task
-from iif.training import fit
+from iif.training import FitResult, fit
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,62 @@ def trivial_loss(task: Task, targets: torch.Tensor) -> float:
     return float((targets - targets.mean(0)).pow(2).mean()) or 1.0
 
 
+@dataclass
+class _Objective:
+    """What an unlearning run optimises and when it stops or counts as diverged."""
+
+    sign: float  # -1: unlearn (ascend the test loss), +1: reinforce
+    stop_at: float | None  # mean test loss that ends the run early
+    limit: float  # a training loss above this has exploded
+
+    def stopped(self, test_loss: torch.Tensor) -> torch.Tensor:
+        if self.stop_at is None:
+            return torch.zeros_like(test_loss, dtype=torch.bool)
+        return test_loss >= self.stop_at if self.sign < 0 else test_loss <= self.stop_at
+
+
+def _objective(task: Task, fmodel: FunctionalModel, state: ModelState, train: Data,
+               settings: BaselineSettings) -> _Objective:
+    sign = -1.0 if settings.direction == "unlearn" else 1.0
+    target = settings.stop_test_loss
+    if target == "chance":
+        target = trivial_loss(task, train.targets) if sign < 0 else None
+    before = mean_loss(task, fmodel, state, train.x, train.targets)
+    limit = settings.divergence_factor * max(before, trivial_loss(task, train.targets))
+    return _Objective(sign, target, limit)
+
+
+def _soundness(task: Task, fmodel: FunctionalModel, train: Data, test: Data, limit: float,
+               reasons: list[str]) -> Callable[[ModelState], bool]:
+    """``sound(candidate)``: False (and the reason appended) once the run has diverged."""
+
+    def sound(candidate: ModelState) -> bool:
+        after = mean_loss(task, fmodel, candidate, train.x, train.targets)
+        test_after = mean_loss(task, fmodel, candidate, test.x, test.targets)
+        if not (math.isfinite(after) and math.isfinite(test_after)):
+            reasons.append("the loss became NaN/inf")
+        elif after > limit:
+            reasons.append(f"the training loss exploded ({after:.3g} > {limit:.3g})")
+        return not reasons
+
+    return sound
+
+
+def _finish(task: Task, fmodel: FunctionalModel, state: ModelState, train: Data, res: FitResult,
+            reasons: list[str]) -> Baseline:
+    """The baseline an unlearning run ``res`` from theta* = ``state`` ends at."""
+    reason = reasons[-1] if reasons else "a loss or parameter became NaN/inf"
+    if not res.finite and res.epochs == 0:
+        log.warning("unlearning diverged in its first epoch (%s); falling back to the baseline "
+                    "f(x; theta*)", reason)
+        return Baseline(state, task.prediction_targets(fmodel.outputs(state, train.x)), True)
+    if not res.finite:
+        log.warning("unlearning diverged after %d epoch%s (%s); keeping the last sound epoch",
+                    res.epochs, "" if res.epochs == 1 else "s", reason)
+    targets = task.prediction_targets(fmodel.outputs(res.state, train.x))
+    return Baseline(res.state, targets, False, truncated=not res.finite)
+
+
 def unlearning_baseline(
     task: Task,
     fmodel: FunctionalModel,
@@ -113,50 +171,65 @@ def unlearning_baseline(
     progress: bool | None = False,
 ) -> Baseline:
     """theta' and its targets for the test sample(s) in ``test`` (mean test loss)."""
-    sign = -1.0 if settings.direction == "unlearn" else 1.0
+    goal = _objective(task, fmodel, state, train, settings)
 
     def test_loss(params, buffers):
         return task.sample_loss(fmodel(params, buffers, test.x), test.targets).mean()
 
     def test_term(params, buffers):
-        return sign * test_loss(params, buffers) / settings.lam
+        return goal.sign * test_loss(params, buffers) / settings.lam
 
-    stop = None
-    target = settings.stop_test_loss
-    if target == "chance":
-        target = trivial_loss(task, train.targets) if sign < 0 else None
-    if target is not None:
-        def stop(params, buffers) -> bool:
-            with torch.no_grad():
-                value = float(test_loss(params, buffers))
-            return value >= target if sign < 0 else value <= target
+    def stop(params, buffers) -> bool:
+        # judged on the model itself, without dropout noise
+        with torch.no_grad(), module_mode(fmodel.module, False):
+            return bool(goal.stopped(test_loss(params, buffers)))
 
-    before = mean_loss(task, fmodel, state, train.x, train.targets)
-    limit = settings.divergence_factor * max(before, trivial_loss(task, train.targets))
     reasons: list[str] = []
-
-    def sound(candidate: ModelState) -> bool:
-        after = mean_loss(task, fmodel, candidate, train.x, train.targets)
-        test_after = mean_loss(task, fmodel, candidate, test.x, test.targets)
-        if not (math.isfinite(after) and math.isfinite(test_after)):
-            reasons.append("the loss became NaN/inf")
-        elif after > limit:
-            reasons.append(f"the training loss exploded ({after:.3g} > {limit:.3g})")
-        return not reasons
-
     res = fit(task, fmodel, state, train.x, train.targets, epochs=settings.epochs,
-              lr=settings.lr, batch_size=settings.batch_size, extra=test_term, stop=stop,
-              sound=sound, generator=generator, progress=progress, desc="unlearning")
-    reason = reasons[-1] if reasons else "a loss or parameter became NaN/inf"
-    if not res.finite and res.epochs == 0:
-        log.warning("unlearning diverged in its first epoch (%s); falling back to the baseline "
-                    "f(x; theta*)", reason)
-        return Baseline(state, task.prediction_targets(fmodel.outputs(state, train.x)), True)
-    if not res.finite:
-        log.warning("unlearning diverged after %d epoch%s (%s); keeping the last sound epoch",
-                    res.epochs, "" if res.epochs == 1 else "s", reason)
-    targets = task.prediction_targets(fmodel.outputs(res.state, train.x))
-    return Baseline(res.state, targets, False, truncated=not res.finite)
+              lr=settings.lr, batch_size=settings.batch_size, extra=test_term,
+              stop=None if goal.stop_at is None else stop,
+              sound=_soundness(task, fmodel, train, test, goal.limit, reasons),
+              generator=generator, progress=progress, desc="unlearning")
+    return _finish(task, fmodel, state, train, res, reasons)
+
+
+def unlearning_baselines(
+    task: Task,
+    fmodel: FunctionalModel,
+    state: ModelState,
+    train: Data,
+    test: Data,
+    settings: BaselineSettings,
+    generator: torch.Generator | None = None,
+) -> list[Baseline]:
+    """One baseline per test sample, as :func:`unlearning_baseline` gives each alone, from one
+    stacked run of ``len(test)`` copies sharing the minibatch order (``iif.stacked``)."""
+    goal = _objective(task, fmodel, state, train, settings)
+    copies = len(test)
+
+    def test_term(params, buffers, xb, tb):
+        loss = task.sample_loss(fmodel(params, buffers, xb[None]), tb[None]).mean()
+        return goal.sign * loss / settings.lam
+
+    per_copy_loss = vmap(
+        lambda p, b, xb, tb: task.sample_loss(fmodel(p, b, xb[None]), tb[None]).mean())
+
+    def stop(params, buffers) -> torch.Tensor:
+        with torch.no_grad(), module_mode(fmodel.module, False):
+            return goal.stopped(per_copy_loss(params, buffers, test.x, test.targets))
+
+    reasons: list[list[str]] = [[] for _ in range(copies)]
+    checks = [_soundness(task, fmodel, train, test.subset([b]), goal.limit, reasons[b])
+              for b in range(copies)]
+    results = fit_stacked(task, fmodel, StackedState.repeat(state, copies), train.x,
+                          train.targets, epochs=settings.epochs, lr=settings.lr,
+                          batch_size=settings.batch_size, extra=test_term,
+                          extra_data=(test.x, test.targets),
+                          stop=None if goal.stop_at is None else stop,
+                          sound=lambda b, candidate: checks[b](candidate),
+                          generator=generator)
+    return [_finish(task, fmodel, state, train, res, reasons[b])
+            for b, res in enumerate(results)]
 
 
 def self_baseline_targets(

@@ -93,6 +93,18 @@ def _single_use_linears(fmodel, state, x, projector) -> bool:
     return all(c == 1 for c in calls)
 
 
+# rows per chunk on the Kronecker fast path: its memory per sample is a few layer widths and
+# R x P features instead of R x M gradient entries, so chunks grow by M / (that) up to this cap
+MAX_FAST_CHUNK = 4096
+
+
+def _fast_chunk(projector, fmodel, chunk_size: int, rows: int) -> int:
+    widths = sum(inp + out for _, out, inp, *_ in projector.layers)
+    per_sample = rows * (widths + projector.dim) + widths
+    grown = chunk_size * fmodel.num_params // max(per_sample, 1)
+    return max(chunk_size, min(MAX_FAST_CHUNK, grown))
+
+
 def _kronecker_chunks(fmodel, state, x, fn, args, projector, chunk_size):
     from torch.func import vmap
 
@@ -109,37 +121,49 @@ def _kronecker_chunks(fmodel, state, x, fn, args, projector, chunk_size):
     # parameters require grad only so that the layer outputs do; their own gradients are
     # never asked for
     params = {k: v.detach().requires_grad_(True) for k, v in state.params.items()}
+    step = None
     try:
         with module_mode(fmodel.module, False), torch.enable_grad():
-            for start in range(0, x.shape[0], chunk_size):
-                stop = start + chunk_size
+            start = 0
+            while start < x.shape[0]:
+                stop = start + (step or chunk_size)
                 out = fmodel(params, state.buffers, x[start:stop])
                 values = vmap(lambda o, *a: fn(o, *a).reshape(-1))(
                     out, *(a[start:stop] for a in args))  # (n, R)
                 n, r = values.shape
+                if step is None:
+                    step = _fast_chunk(projector, fmodel, chunk_size, r)
+                # the input side of each layer's feature serves all R rows
+                rights = [_input_factor(a, layer) for a, layer in
+                          zip(inputs, projector.layers, strict=True)]
                 feats = []
                 for j in range(r):
                     deltas = torch.autograd.grad(values[:, j].sum(), outputs,
                                                  retain_graph=j < r - 1)
                     feats.append(torch.cat([
-                        _layer_feature(a, d, layer)
-                        for a, d, layer in zip(inputs, deltas, projector.layers, strict=True)
+                        _layer_feature(d, right, layer)
+                        for d, right, layer in zip(deltas, rights, projector.layers, strict=True)
                     ], dim=1))
                 yield start, torch.stack(feats, dim=1).detach()  # (n, R, P)
+                start += n
     finally:
         for h in handles:
             h.remove()
 
 
-def _layer_feature(a: torch.Tensor, delta: torch.Tensor, layer) -> torch.Tensor:
-    """``(A_out^T delta) (x) (A_in^T [a, 1])`` per sample, summed over any positions between
-    the batch and feature dimensions; (n, p_out * p_in)."""
-    _, _, inp, b_off, a_out, a_in = layer
-    a_out, a_in = a_out.to(delta.dtype), a_in.to(delta.dtype)
-    left = delta @ a_out  # (n, ..., p_out)
+def _input_factor(a: torch.Tensor, layer) -> torch.Tensor:
+    """``A_in^T [a, 1]`` per sample (and position): (n, ..., p_in)."""
+    _, _, inp, b_off, _, a_in = layer
+    a_in = a_in.to(a.dtype)
     right = a @ a_in[:inp]
-    if b_off is not None:
-        right = right + a_in[inp]
+    return right + a_in[inp] if b_off is not None else right
+
+
+def _layer_feature(delta: torch.Tensor, right: torch.Tensor, layer) -> torch.Tensor:
+    """``(A_out^T delta) (x) right`` per sample, summed over any positions between the batch
+    and feature dimensions; (n, p_out * p_in)."""
+    a_out = layer[4].to(delta.dtype)
+    left = delta @ a_out  # (n, ..., p_out)
     n = delta.shape[0]
     left, right = left.reshape(n, -1, left.shape[-1]), right.reshape(n, -1, right.shape[-1])
     return torch.einsum("ntq,ntp->nqp", left, right).reshape(n, -1)

@@ -18,6 +18,7 @@ import torch
 
 from iif.errors import InputError
 from iif.grads import FunctionalModel, ModelState
+from iif.stacked import StackedState, fit_stacked
 from iif.task import Task
 from iif.training import fit
 
@@ -43,11 +44,15 @@ class PathSettings:
 
 
 class TargetPath:
-    """The K+1 datasets' targets between ``baseline`` (k=0) and ``targets`` (k=K)."""
+    """The K+1 datasets' targets between ``baseline`` (k=0) and ``targets`` (k=K).
+
+    ``baseline`` is (N, d), or (B, N, d) for B paths side by side (one per model copy of a
+    :class:`iif.stacked.StackedState`); ``path(k)`` then has the same leading dimension.
+    """
 
     def __init__(self, task: Task, targets: torch.Tensor, baseline: torch.Tensor,
                  steps: int, sparse: bool):
-        if baseline.shape != targets.shape:
+        if baseline.shape[-2:] != targets.shape or baseline.dim() not in (2, 3):
             raise InputError(
                 f"baseline targets have shape {tuple(baseline.shape)}, expected "
                 f"{tuple(targets.shape)}"
@@ -68,22 +73,33 @@ class TargetPath:
 def path_models(
     task: Task,
     fmodel: FunctionalModel,
-    state: ModelState,
+    state: ModelState | StackedState,
     x: torch.Tensor,
     path: TargetPath,
     settings: PathSettings,
     generator: torch.Generator | None = None,
-) -> Iterator[tuple[int, ModelState]]:
-    """Yield (k, theta_k) for k = K, K-1, ..., 1, training each from the previous one."""
+) -> Iterator[tuple[int, ModelState | StackedState]]:
+    """Yield (k, theta_k) for k = K, K-1, ..., 1, training each from the previous one.
+
+    A :class:`StackedState` of B copies walks B paths (``path`` with a (B, N, d) baseline)
+    in one stacked training that shares the minibatch order.
+    """
     current = state
     for k in range(path.steps, 0, -1):
         if k < path.steps and settings.epochs > 0:
-            res = fit(task, fmodel, current, x, path(k), epochs=settings.epochs,
-                      lr=settings.lr, batch_size=settings.batch_size, generator=generator)
-            if not res.finite:
+            options = dict(epochs=settings.epochs, lr=settings.lr,
+                           batch_size=settings.batch_size, generator=generator)
+            if isinstance(current, StackedState):
+                results = fit_stacked(task, fmodel, current, x, path(k), **options)
+                finite = all(r.finite for r in results)
+                trained = StackedState.stack([r.state for r in results])
+            else:
+                res = fit(task, fmodel, current, x, path(k), **options)
+                finite, trained = res.finite, res.state
+            if not finite:
                 raise InputError(
                     f"path model {k} of {path.steps} diverged (NaN/inf); lower the path "
                     f"learning rate or the number of path epochs"
                 )
-            current = res.state
+            current = trained
         yield k, current

@@ -8,6 +8,8 @@ the test loss.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -603,3 +605,58 @@ def test_ensemble_of_one_and_average_over_models(mlp_classifier):
             both.completeness[key],
             (singles[0].completeness[key] + singles[1].completeness[key]) / 2, rtol=1e-12)
     assert both.info["ensemble_size"] == 2
+
+
+@pytest.mark.parametrize("fixture", ["mlp_classifier", "mlp_regression"])
+def test_batched_test_samples_equal_one_at_a_time(fixture, request):
+    p = request.getfixturevalue(fixture)
+    # minibatches smaller than N, so the shared minibatch order matters; the classifier's
+    # unlearning stops at chance level at different steps for different test samples
+    settings = dict(path=PathSettings(steps=3, epochs=1, batch_size=16),
+                    baseline=BaselineSettings(batch_size=16, epochs=3))
+    test = (p.xt, p.yt)
+    looped = IntegratedInfluence(p.task, (p.x, p.y), test_batch=1, **settings).attribute(test)
+    batched = IntegratedInfluence(p.task, (p.x, p.y), test_batch=3, **settings).attribute(test)
+    np.testing.assert_allclose(batched.scores, looped.scores, rtol=1e-8,
+                               atol=1e-10 * np.abs(looped.scores).max())
+    for key in ("sum", "delta"):
+        np.testing.assert_allclose(batched.completeness[key], looped.completeness[key],
+                                   rtol=1e-8, atol=1e-12)
+    assert np.all(looped.completeness["delta"] != 0)
+    assert batched.info["fallback_tests"] == looped.info["fallback_tests"]
+    assert batched.info["truncated_tests"] == looped.info["truncated_tests"]
+
+
+def test_batched_unlearning_keeps_fallbacks_per_test_sample(mlp_regression):
+    p = mlp_regression
+    # a learning rate at which some test samples' unlearning diverges and others' does not
+    settings = dict(path=PathSettings(steps=2, epochs=1, batch_size=16),
+                    baseline=BaselineSettings(batch_size=16, epochs=3, lr=0.3, lam=0.2))
+    test = (p.xt, p.yt)
+    looped = IntegratedInfluence(p.task, (p.x, p.y), test_batch=1, **settings).attribute(test)
+    batched = IntegratedInfluence(p.task, (p.x, p.y), test_batch=4, **settings).attribute(test)
+    ended = looped.info["fallbacks"] + looped.info["truncated"]
+    assert 0 < ended < 4
+    assert batched.info["fallback_tests"] == looped.info["fallback_tests"]
+    assert batched.info["truncated_tests"] == looped.info["truncated_tests"]
+    np.testing.assert_allclose(batched.scores, looped.scores, rtol=1e-8,
+                               atol=1e-10 * np.abs(looped.scores).max())
+
+
+def test_test_batch_validation(mlp_classifier):
+    p = mlp_classifier
+    for bad in (0, -1, 2.5, True, "all"):
+        with pytest.raises(ValueError, match="test_batch"):
+            IntegratedInfluence(p.task, (p.x, p.y), test_batch=bad)
+    custom = dataclasses.replace(p.task, recipe=Recipe(
+        optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1)))
+    with pytest.raises(ValueError, match="custom optimizer"):
+        IntegratedInfluence(custom, (p.x, p.y), test_batch=2)
+    auto = IntegratedInfluence(p.task, (p.x, p.y))
+    assert auto._test_batch(100) == 32 and auto._test_batch(3) == 3
+    assert IntegratedInfluence(custom, (p.x, p.y))._test_batch(10) == 1
+    # a copy costs 5 M parameter-sized tensors and 3 path target sets (float64); a quarter of
+    # max_feature_bytes goes to the stacked copies
+    per_copy = 8 * (5 * auto.fmodel.num_params + 3 * len(p.x) * 3)
+    tight = IntegratedInfluence(p.task, (p.x, p.y), max_feature_bytes=4 * per_copy * 5)
+    assert tight._test_batch(100) == 5

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from iif.baseline import (
     BaselineSettings,
     self_baseline_targets,
     unlearning_baseline,
+    unlearning_baselines,
 )
 from iif.curvature import SOLVE_DTYPE, CurvatureSettings, fit_curvature, rows_times
 from iif.errors import InputError
@@ -33,6 +34,7 @@ from iif.methods.base import AttributionMethod, completeness_gap
 from iif.path import PathSettings, TargetPath, path_models
 from iif.progress import progress_bar
 from iif.projection import ProjectionSettings, make_projector
+from iif.stacked import StackedState, can_stack
 from iif.task import Data, Task
 from iif.training import fit, seeded
 
@@ -63,6 +65,9 @@ class IntegratedInfluence(AttributionMethod):
         baseline, path, projection, curvature: settings of each stage (defaults: per-test
             unlearning baseline with lam=0.5 and 5 epochs, K=5 one-epoch path models with
             sparse classification targets, no projection, damped empirical Fisher).
+        test_batch: per-test baselines for this many test samples are trained together as
+            stacked model copies sharing the minibatch order (``iif.stacked``); the scores
+            equal those of one test sample at a time. ``"auto"``: up to 32, as memory allows.
         models, chunk_size, seed, progress, max_feature_bytes: see
             :class:`iif.methods.base.AttributionMethod` (``models`` makes an ensemble).
     """
@@ -78,9 +83,19 @@ class IntegratedInfluence(AttributionMethod):
         path: PathSettings | None = None,
         projection: ProjectionSettings | None = None,
         curvature: CurvatureSettings | None = None,
+        test_batch: int | Literal["auto"] = "auto",
         **common: Any,
     ):
         super().__init__(task, train_data, **common)
+        if test_batch != "auto" and (isinstance(test_batch, bool) or not isinstance(
+                test_batch, int) or test_batch < 1):
+            raise InputError(f"test_batch must be a positive integer or 'auto', got "
+                             f"{test_batch!r}")
+        if test_batch not in ("auto", 1) and not can_stack(task):
+            raise InputError("test_batch > 1 trains stacked model copies, which needs the "
+                             "recipe's built-in 'sgd', 'adam' or 'adamw'; a custom optimizer "
+                             "runs with test_batch=1")
+        self.test_batch = test_batch
         self.baseline = baseline or BaselineSettings()
         self.path = path or PathSettings()
         self.projection = projection or ProjectionSettings()
@@ -153,7 +168,7 @@ class IntegratedInfluence(AttributionMethod):
             tidx = torch.as_tensor(idx, device=train.x.device)
             for k, state in path_models(self.task, self.fmodel, self.state, train.x, path,
                                         self.path, gen):
-                _, psi, solver = self._step(state, path, k)
+                _, psi, solver = self._step(state, path(k), path(k - 1), k)
                 grads = loss_features(self.fmodel, state, train.x[tidx], train.targets[tidx],
                                       self.task, self.projector, self.chunk_size,
                                       self.max_feature_bytes)
@@ -170,30 +185,58 @@ class IntegratedInfluence(AttributionMethod):
             "path": self.path.to_dict(),
             "projection": self.projection.to_dict(),
             "curvature": self.curvature.to_dict(),
+            "test_batch": self.test_batch,
         }
 
     # ---- baseline modes ------------------------------------------------------------------
     def _per_test(self, test: Data) -> tuple[_PathResult, np.ndarray, np.ndarray]:
+        """One unlearning baseline and path per test sample. Every test sample sees the same
+        minibatch orders (one generator for unlearning, one for the path epochs, both seeded
+        by ``seed``), so batches of them can be trained as stacked copies."""
         scores = np.zeros((len(test), len(self.train)))
         deltas = np.zeros(len(test))
         status = np.full(len(test), SOUND, dtype=object)
         dampings: list[float] = []
         retries = 0
-        for s in progress_bar(range(len(test)), total=len(test), desc="IIF test samples",
-                              enable=self.progress):
-            one = test.subset([s])
-            seed = self.seed * 1_000_003 + s
-            with seeded(seed, self.task.device):
-                gen = torch.Generator().manual_seed(seed)
-                base = unlearning_baseline(self.task, self.fmodel, self.state, self.train, one,
-                                           self.baseline, gen)
-                res = self._integrate(base.targets, one, gen)
-            scores[s] = res.scores[0]
-            deltas[s] = self._delta(one, base.state)[0]
-            status[s] = _status(base)
+        size = self._test_batch(len(test))
+        batches = [np.arange(lo, min(lo + size, len(test))) for lo in range(0, len(test), size)]
+        bar = progress_bar(range(len(test)), total=len(test), desc="IIF test samples",
+                           enable=self.progress)
+        for rows in batches:
+            part = test.subset(rows)
+            with seeded(self.seed, self.task.device):
+                unlearn_gen = torch.Generator().manual_seed(self.seed)
+                path_gen = torch.Generator().manual_seed(self.seed + 1)
+                if len(rows) == 1:
+                    bases = [unlearning_baseline(self.task, self.fmodel, self.state, self.train,
+                                                 part, self.baseline, unlearn_gen)]
+                    ybar = bases[0].targets
+                else:
+                    bases = unlearning_baselines(self.task, self.fmodel, self.state, self.train,
+                                                 part, self.baseline, unlearn_gen)
+                    ybar = torch.stack([b.targets for b in bases])
+                res = self._integrate(ybar, part, path_gen)
+            scores[rows] = res.scores
+            for j, (row, base) in enumerate(zip(rows, bases, strict=True)):
+                deltas[row] = self._delta(part.subset([j]), base.state)[0]
+                status[row] = _status(base)
             dampings += res.dampings
             retries += res.retries
+            for _ in rows:
+                next(bar, None)
         return _PathResult(scores, dampings, retries, self.state), deltas, status
+
+    def _test_batch(self, n_test: int) -> int:
+        """Test samples per stacked batch: the setting, or for "auto" as many (up to 32) as
+        fit a quarter of ``max_feature_bytes`` at the stacked copies' cost: parameters,
+        gradients and optimizer state of each copy, and its path targets."""
+        if self.test_batch != "auto":
+            return min(int(self.test_batch), n_test)
+        if not can_stack(self.task):
+            return 1
+        size = self.train.targets.element_size()
+        per_copy = size * (5 * self.fmodel.num_params + 3 * self.train.targets.numel())
+        return max(1, min(32, n_test, (self.max_feature_bytes // 4) // per_copy))
 
     def _shared(self, test: Data) -> tuple[_PathResult, np.ndarray, np.ndarray]:
         with seeded(self.seed, self.task.device):
@@ -221,28 +264,38 @@ class IntegratedInfluence(AttributionMethod):
 
     # ---- the integral --------------------------------------------------------------------
     def _integrate(self, ybar: torch.Tensor, test: Data, gen: torch.Generator) -> _PathResult:
+        """Scores (n_test, N) along the path from baseline targets ``ybar``: (N, d) for one
+        path explaining every test sample, or (B, N, d) for B = n_test paths walked by stacked
+        model copies, copy b explaining test sample b."""
         path = TargetPath(self.task, self.train.targets, ybar, self.path.steps, self.path.sparse)
-        n = len(self.train)
-        scores = torch.zeros(len(test), n, dtype=SOLVE_DTYPE, device=self.task.device)
+        stacked = ybar.dim() == 3
+        start = StackedState.repeat(self.state, len(test)) if stacked else self.state
+        scores = torch.zeros(len(test), len(self.train), dtype=SOLVE_DTYPE,
+                             device=self.task.device)
         dampings: list[float] = []
         retries = 0
         state = self.state
-        for k, state in path_models(self.task, self.fmodel, self.state, self.train.x, path,
+        for k, state in path_models(self.task, self.fmodel, start, self.train.x, path,
                                     self.path, gen):
-            _, psi, solver = self._step(state, path, k)
-            gamma = loss_features(self.fmodel, state, test.x, test.targets, self.task,
-                                  self.projector, self.chunk_size, self.max_feature_bytes,
-                                  "test gradients")
-            sol = solver.solve(gamma.T)  # (P, n_test)
-            scores -= rows_times(psi, sol).T / n
-            dampings.append(solver.damping)
-            retries += solver.retries
+            rho, rho_prev = path(k), path(k - 1)
+            if stacked:
+                jobs = [(m, rho[b], rho_prev[b], [b]) for b, m in enumerate(state.members())]
+            else:
+                jobs = [(state, rho, rho_prev, slice(None))]
+            for member, r, r_prev, rows in jobs:
+                _, psi, solver = self._step(member, r, r_prev, k)
+                gamma = loss_features(self.fmodel, member, test.x[rows], test.targets[rows],
+                                      self.task, self.projector, self.chunk_size,
+                                      self.max_feature_bytes, "test gradients")
+                sol = solver.solve(gamma.T)  # (P, rows)
+                scores[rows] -= rows_times(psi, sol).T / len(self.train)
+                dampings.append(solver.damping)
+                retries += solver.retries
         return _PathResult(scores.cpu().numpy(), dampings, retries, state)
 
-    def _step(self, state: ModelState, path: TargetPath, k: int):
+    def _step(self, state: ModelState, rho: torch.Tensor, rho_prev: torch.Tensor, k: int):
         """Features u, psi (N, P) and the curvature solver at path point k."""
-        rho = path(k)
-        u, psi = step_features(self.fmodel, state, self.train.x, rho, path(k - 1), self.task,
+        u, psi = step_features(self.fmodel, state, self.train.x, rho, rho_prev, self.task,
                                self.projector, self.chunk_size, self.max_feature_bytes,
                                progress=self.progress, desc=f"features k={k}")
         solver = fit_curvature(self.curvature, self.fmodel, state, self.train.x, rho, self.task,

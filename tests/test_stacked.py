@@ -1,0 +1,171 @@
+"""Stacked model copies against one ``fit`` per copy with the same minibatch order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from iif.grads import FunctionalModel, ModelState
+from iif.stacked import StackedState, can_stack, fit_stacked, stacked_outputs
+from iif.task import Recipe, Task
+from iif.training import FitResult, fit
+
+COPIES = 3
+
+
+def _perturbed(fmodel: FunctionalModel, copies: int) -> list[ModelState]:
+    base = fmodel.state()
+    gen = torch.Generator().manual_seed(11)
+    states = []
+    for _ in range(copies):
+        s = base.clone()
+        for v in s.params.values():
+            v.add_(0.2 * torch.randn(v.shape, generator=gen, dtype=v.dtype))
+        states.append(s)
+    return states
+
+
+def _assert_same(result, expected) -> None:
+    assert result.finite == expected.finite
+    assert result.epochs == expected.epochs
+    assert result.losses == pytest.approx(expected.losses, rel=1e-10)
+    for k in expected.state.params:
+        torch.testing.assert_close(result.state.params[k], expected.state.params[k],
+                                   rtol=1e-10, atol=1e-12)
+    for k in expected.state.buffers:
+        torch.testing.assert_close(result.state.buffers[k], expected.state.buffers[k],
+                                   rtol=1e-10, atol=1e-12)
+
+
+def _one_by_one(task, fmodel, states, x, targets, *, extra_coefs=None, stop_at=None, **kw):
+    """``fit`` per copy, each with a fresh generator of the same seed."""
+    out = []
+    for b, s in enumerate(states):
+        extra = stop = None
+        if extra_coefs is not None:
+            def extra(p, buf, c=extra_coefs[b]):
+                return c * sum((v**2).sum() for v in p.values())
+        if stop_at is not None:
+            def stop(p, buf, limit=stop_at[b]):
+                return bool(sum((v**2).sum() for v in p.values()) >= limit)
+        t = targets[b] if targets.dim() == 3 else targets
+        out.append(fit(task, fmodel, s, x, t, extra=extra, stop=stop,
+                       generator=torch.Generator().manual_seed(4), **kw))
+    return out
+
+
+def _stacked(task, fmodel, states, x, targets, *, extra_coefs=None, stop_at=None, **kw):
+    extra = stop = None
+    data = ()
+    if extra_coefs is not None:
+        def extra(p, buf, c):
+            return c * sum((v**2).sum() for v in p.values())
+        data = (torch.as_tensor(extra_coefs, dtype=torch.float64),)
+    if stop_at is not None:
+        limits = torch.as_tensor(stop_at, dtype=torch.float64)
+
+        def stop(p, buf):
+            norms = sum((v**2).flatten(1).sum(1) for v in p.values())
+            return norms >= limits
+    return fit_stacked(task, fmodel, StackedState.stack(states), x, targets, extra=extra,
+                       extra_data=data, stop=stop,
+                       generator=torch.Generator().manual_seed(4), **kw)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_each_copy_follows_its_own_fit(mlp_factory, regression_data, optimizer):
+    x, y = regression_data
+    model = mlp_factory(seed=2)
+    task = Task(model, "regression", Recipe(lr=0.05, batch_size=5, momentum=0.9,
+                                            weight_decay=0.01, optimizer=optimizer))
+    fmodel = FunctionalModel(model)
+    states = _perturbed(fmodel, COPIES)
+    gen = torch.Generator().manual_seed(3)
+    targets = y + 0.3 * torch.randn(COPIES, *y.shape, generator=gen, dtype=y.dtype)
+    kw = dict(epochs=3, extra_coefs=[0.0, 0.01, -0.02])
+    got = _stacked(task, fmodel, states, x, targets, **kw)
+    want = _one_by_one(task, fmodel, states, x, targets, **kw)
+    for g, w in zip(got, want, strict=True):
+        _assert_same(g, w)
+    # shared targets broadcast to every copy
+    got = _stacked(task, fmodel, states, x, y, epochs=2)
+    want = _one_by_one(task, fmodel, states, x, y, epochs=2)
+    for g, w in zip(got, want, strict=True):
+        _assert_same(g, w)
+
+
+def test_copies_stop_and_diverge_independently(mlp_factory, regression_data):
+    x, y = regression_data
+    model = mlp_factory(seed=2)
+    task = Task(model, "regression", Recipe(lr=0.05, batch_size=5, momentum=0.9))
+    fmodel = FunctionalModel(model)
+    states = _perturbed(fmodel, COPIES)
+    norms = [float(sum((v**2).sum() for v in s.params.values())) for s in states]
+    # copy 0 grows its norm until a stop fires mid-run; copy 1 is pushed to overflow (NaN/inf
+    # ends it at its last sound epoch); copy 2 trains all epochs
+    coefs = [-0.5, -1e30, 0.0]
+    stop_at = [norms[0] * 1.3, float("inf"), float("inf")]
+    kw = dict(epochs=4, extra_coefs=coefs, stop_at=stop_at)
+    got = _stacked(task, fmodel, states, x, y, **kw)
+    want = _one_by_one(task, fmodel, states, x, y, **kw)
+    assert want[0].finite and 0 < len(want[0].losses) <= 4 and want[0].epochs < 4
+    assert not want[1].finite and want[1].epochs >= 1  # kept its last sound epoch
+    assert want[2].finite and want[2].epochs == 4
+    for g, w in zip(got, want, strict=True):
+        _assert_same(g, w)
+
+
+def test_sound_check_rejects_an_epoch_of_one_copy(mlp_factory, regression_data):
+    x, y = regression_data
+    model = mlp_factory(seed=2)
+    task = Task(model, "regression", Recipe(lr=0.05, batch_size=5))
+    fmodel = FunctionalModel(model)
+    states = _perturbed(fmodel, 2)
+    calls = {0: 0, 1: 0}
+
+    def sound(b, state):
+        calls[b] += 1
+        return b == 0 or calls[b] < 2  # copy 1's second epoch is rejected
+
+    res = fit_stacked(task, fmodel, StackedState.stack(states), x, y, epochs=3, sound=sound,
+                      generator=torch.Generator().manual_seed(4))
+    one = fit(task, fmodel, states[1], x, y, epochs=1, generator=torch.Generator().manual_seed(4))
+    assert res[0].finite and res[0].epochs == 3
+    assert not res[1].finite and res[1].epochs == 1
+    kept = res[1]
+    _assert_same(FitResult(kept.state, True, kept.losses, kept.epochs), one)
+
+
+def test_batchnorm_buffers_are_per_copy(mlp_factory, regression_data):
+    x, y = regression_data
+    model = mlp_factory(seed=2, batchnorm=True)
+    task = Task(model, "regression", Recipe(lr=0.05, batch_size=6))
+    fmodel = FunctionalModel(model)
+    states = _perturbed(fmodel, COPIES)
+    got = _stacked(task, fmodel, states, x, y, epochs=2)
+    want = _one_by_one(task, fmodel, states, x, y, epochs=2)
+    assert not torch.equal(want[0].state.buffers["1.running_mean"],
+                           states[0].buffers["1.running_mean"])
+    for g, w in zip(got, want, strict=True):
+        _assert_same(g, w)
+
+
+def test_stacked_outputs_and_members(mlp_factory, regression_data):
+    x, _ = regression_data
+    model = mlp_factory(seed=2)
+    fmodel = FunctionalModel(model)
+    states = _perturbed(fmodel, COPIES)
+    stacked = StackedState.stack(states)
+    assert len(stacked) == COPIES
+    out = stacked_outputs(fmodel, stacked, x, chunk_size=5)
+    assert out.shape == (COPIES, len(x), 2)
+    for b, s in enumerate(stacked.members()):
+        torch.testing.assert_close(out[b], fmodel.outputs(s, x))
+        torch.testing.assert_close(s.params["0.weight"], states[b].params["0.weight"])
+
+
+def test_custom_optimizers_cannot_be_stacked(mlp_factory):
+    model = mlp_factory()
+    assert can_stack(Task(model, "regression", Recipe(optimizer="adamw")))
+    assert not can_stack(Task(model, "regression",
+                              Recipe(optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))))
