@@ -12,6 +12,7 @@ from iif.grads import (
     full_hessian,
     loss_and_target_difference,
     loss_and_target_jvp,
+    loss_and_target_jvps,
     mean_loss_grad,
     output_hessian_factor,
     path_step_fn,
@@ -308,3 +309,27 @@ def test_output_hessian_factor_clips_negative_curvature(mlp_factory):
     factor = output_hessian_factor(task, out, torch.zeros(4, 2, dtype=torch.float64))
     expected = torch.diag(torch.tensor([2.0, 0.0], dtype=torch.float64)).expand(4, 2, 2)
     torch.testing.assert_close(factor @ factor.transpose(1, 2), expected, **TOL)
+
+
+@pytest.mark.parametrize("kind", ["regression", "classification", "quartic"])
+def test_target_jacobian_products_of_several_paths_share_one_forward(mlp_factory,
+                                                                      regression_data, kind):
+    """Row 0 is the loss gradient, row 1 + b the product J dy_b of path b, each equal to the
+    autograd definition (also for a loss that is not linear in its target)."""
+    x, _ = regression_data
+    if kind == "quartic":
+        task, d = _make_task(mlp_factory, "regression", loss=_quartic, linear=False)
+    else:
+        task, d = _make_task(mlp_factory, kind)
+    pair_kind = "regression" if kind == "quartic" else kind
+    rho, _ = _path_pair(pair_kind, x.shape[0], d, seed=3)
+    prevs = torch.stack([_path_pair(pair_kind, x.shape[0], d, seed=20 + b)[1] for b in range(3)])
+    fmodel = FunctionalModel(task.model)
+    jac = torch.cat([j for _, j in per_sample_jacobians(
+        fmodel, fmodel.state(), x, loss_and_target_jvps(task), rho, prevs.transpose(0, 1),
+        chunk_size=5)])
+    assert jac.shape == (x.shape[0], 4, fmodel.num_params)
+    torch.testing.assert_close(jac[:, 0], _loop_grads(task.model, task, x, rho), **TOL)
+    for b in range(3):
+        torch.testing.assert_close(
+            jac[:, 1 + b], _jdy_autograd(task.model, task, x, rho, prevs[b]), **TOL)

@@ -18,6 +18,7 @@ from iif.errors import InputError
 from iif.grads import (
     FunctionalModel,
     ModelState,
+    loss_and_target_jvps,
     module_mode,
     output_hessian_factor,
     path_step_fn,
@@ -41,7 +42,11 @@ def _check_budget(rows: int, dim: int, dtype: torch.dtype, max_bytes: int, what:
 
 def _check_finite(block: torch.Tensor, what: str) -> None:
     # checked after projection: NaN and inf survive a random projection, and the projected
-    # block is P / M times the size of the raw one
+    # block is P / M times the size of the raw one. NaN and inf also survive a sum, which
+    # reads the block once without a boolean copy; only a sum that overflows from finite
+    # entries (|values| near the dtype's limit) needs the elementwise check.
+    if bool(torch.isfinite(block.sum())):
+        return
     if not bool(torch.isfinite(block).all()):
         raise InputError(
             f"{what} contain NaN or inf: the model or its loss is not finite on some samples"
@@ -99,9 +104,11 @@ MAX_FAST_CHUNK = 4096
 
 
 def _fast_chunk(projector, fmodel, chunk_size: int, rows: int) -> int:
+    """Samples per fast-path chunk: as many as fit the memory of a dense chunk of
+    ``chunk_size`` samples (``chunk_size * rows * M`` values), up to ``MAX_FAST_CHUNK``."""
     widths = sum(inp + out for _, out, inp, *_ in projector.layers)
     per_sample = rows * (widths + projector.dim) + widths
-    grown = chunk_size * fmodel.num_params // max(per_sample, 1)
+    grown = chunk_size * rows * fmodel.num_params // max(per_sample, 1)
     return max(chunk_size, min(MAX_FAST_CHUNK, grown))
 
 
@@ -182,17 +189,30 @@ def step_features(
     progress: bool | None = None,
     desc: str = "features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Projected ``u`` and ``psi``, each (N, P), from one shared forward per sample."""
+    """Projected ``u`` (N, P) and ``psi`` from one shared forward per sample.
+
+    ``rho_prev`` (N, d) gives ``psi`` (N, P); (B, N, d), the previous targets of B paths that
+    share this model and ``rho`` (the first step of stacked per-test paths), gives ``psi``
+    (N, B, P) from the same forward.
+    """
     n = x.shape[0]
-    _check_budget(2 * n, projector.dim, rho.dtype, max_bytes, "path features")
+    many = rho_prev.dim() == 3
+    rows = 1 + (rho_prev.shape[0] if many else 1)
+    _check_budget(rows * n, projector.dim, rho.dtype, max_bytes, "path features")
     u = torch.empty(n, projector.dim, dtype=rho.dtype, device=x.device)
-    psi = torch.empty_like(u)
-    chunks = projected_jacobians(fmodel, state, x, path_step_fn(task), rho, rho_prev,
-                                 projector=projector, chunk_size=chunk_size)
-    for start, feats in progress_bar(chunks, total=-(-n // chunk_size), desc=desc,
-                                     enable=progress):
+    psi = torch.empty(n, *((rows - 1,) if many else ()), projector.dim, dtype=rho.dtype,
+                      device=x.device)
+    if many:
+        fn, args = loss_and_target_jvps(task), (rho, rho_prev.transpose(0, 1))
+        # per-sample Jacobians hold rows x M values per sample: keep a chunk's memory
+        chunk_size = max(1, chunk_size * 2 // rows)
+    else:
+        fn, args = path_step_fn(task), (rho, rho_prev)
+    chunks = projected_jacobians(fmodel, state, x, fn, *args, projector=projector,
+                                 chunk_size=chunk_size)
+    for start, feats in progress_bar(chunks, total=None, desc=desc, enable=progress):
         u[start : start + feats.shape[0]] = feats[:, 0]
-        psi[start : start + feats.shape[0]] = feats[:, 1]
+        psi[start : start + feats.shape[0]] = feats[:, 1:] if many else feats[:, 1]
     return u, psi
 
 

@@ -192,6 +192,21 @@ def path_step_fn(task: Task) -> SampleFn:
     return loss_and_target_difference(task) if task.linear_in_target else loss_and_target_jvp(task)
 
 
+def loss_and_target_jvps(task: Task) -> SampleFn:
+    """``fn(out, rho, rho_prevs) -> [l(out, rho), <dl/drho (out, rho), rho - rho_prev_b>]_b``
+    with ``rho_prevs`` (B, d): the gradients of B target-Jacobian products ``J_i dy_b`` and of
+    the loss from one forward, for B paths that share the model and the targets ``rho``."""
+
+    def fn(out: torch.Tensor, rho: torch.Tensor, rho_prevs: torch.Tensor) -> torch.Tensor:
+        def loss_of_target(r: torch.Tensor) -> torch.Tensor:
+            return task.sample_loss(out[None], r[None])[0]
+
+        dl_drho = grad(loss_of_target)(rho)  # stays differentiable in out
+        return torch.cat([loss_of_target(rho)[None], (rho - rho_prevs) @ dl_drho])
+
+    return fn
+
+
 def output_hessian_factor(task: Task, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample factors L_i (n, d, d) with L_i L_i^T = d^2 l / d f^2 at (output_i, target_i).
 

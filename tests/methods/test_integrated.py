@@ -655,8 +655,9 @@ def test_test_batch_validation(mlp_classifier):
     auto = IntegratedInfluence(p.task, (p.x, p.y))
     assert auto._test_batch(100) == 32 and auto._test_batch(3) == 3
     assert IntegratedInfluence(custom, (p.x, p.y))._test_batch(10) == 1
-    # a copy costs 5 M parameter-sized tensors and 3 path target sets (float64); a quarter of
-    # max_feature_bytes goes to the stacked copies
-    per_copy = 8 * (5 * auto.fmodel.num_params + 3 * len(p.x) * 3)
+    # a copy costs 5 M parameter-sized tensors, 3 path target sets and N x P first-step
+    # features (float64; unprojected here, P = M); a quarter of max_feature_bytes goes to them
+    m = auto.fmodel.num_params
+    per_copy = 8 * (5 * m + 3 * len(p.x) * 3 + len(p.x) * m)
     tight = IntegratedInfluence(p.task, (p.x, p.y), max_feature_bytes=4 * per_copy * 5)
     assert tight._test_batch(100) == 5

@@ -228,14 +228,15 @@ class IntegratedInfluence(AttributionMethod):
 
     def _test_batch(self, n_test: int) -> int:
         """Test samples per stacked batch: the setting, or for "auto" as many (up to 32) as
-        fit a quarter of ``max_feature_bytes`` at the stacked copies' cost: parameters,
-        gradients and optimizer state of each copy, and its path targets."""
+        fit a quarter of ``max_feature_bytes`` at what each copy adds: parameters, gradients
+        and optimizer state, path targets, and its (N, P) features of the first step."""
         if self.test_batch != "auto":
             return min(int(self.test_batch), n_test)
         if not can_stack(self.task):
             return 1
         size = self.train.targets.element_size()
-        per_copy = size * (5 * self.fmodel.num_params + 3 * self.train.targets.numel())
+        per_copy = size * (5 * self.fmodel.num_params + 3 * self.train.targets.numel()
+                           + len(self.train) * self.projector.dim)
         return max(1, min(32, n_test, (self.max_feature_bytes // 4) // per_copy))
 
     def _shared(self, test: Data) -> tuple[_PathResult, np.ndarray, np.ndarray]:
@@ -278,6 +279,19 @@ class IntegratedInfluence(AttributionMethod):
         for k, state in path_models(self.task, self.fmodel, start, self.train.x, path,
                                     self.path, gen):
             rho, rho_prev = path(k), path(k - 1)
+            if stacked and k == path.steps:
+                # every copy is still theta* with the real targets: one featurisation and one
+                # curvature serve all of them
+                _, psi, solver = self._step(self.state, rho[0], rho_prev, k)
+                gamma = loss_features(self.fmodel, self.state, test.x, test.targets, self.task,
+                                      self.projector, self.chunk_size, self.max_feature_bytes,
+                                      "test gradients")
+                sol = solver.solve(gamma.T).to(SOLVE_DTYPE)  # (P, B)
+                for b in range(len(test)):
+                    scores[b] -= rows_times(psi[:, b], sol[:, b : b + 1])[:, 0] / len(self.train)
+                dampings.append(solver.damping)
+                retries += solver.retries
+                continue
             if stacked:
                 jobs = [(m, rho[b], rho_prev[b], [b]) for b, m in enumerate(state.members())]
             else:
@@ -294,7 +308,8 @@ class IntegratedInfluence(AttributionMethod):
         return _PathResult(scores.cpu().numpy(), dampings, retries, state)
 
     def _step(self, state: ModelState, rho: torch.Tensor, rho_prev: torch.Tensor, k: int):
-        """Features u, psi (N, P) and the curvature solver at path point k."""
+        """Features u (N, P), psi (N, P), or (N, B, P) for B previous targets (B, N, d), and
+        the curvature solver at path point k."""
         u, psi = step_features(self.fmodel, state, self.train.x, rho, rho_prev, self.task,
                                self.projector, self.chunk_size, self.max_feature_bytes,
                                progress=self.progress, desc=f"features k={k}")
