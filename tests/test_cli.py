@@ -1,4 +1,5 @@
-"""``iif reproduce``: every experiment's smoke scale through the command line."""
+"""The command line: ``iif reproduce`` (every experiment's smoke scale), ``iif attribute``
+and ``iif show``."""
 
 from __future__ import annotations
 
@@ -79,3 +80,55 @@ def test_reproduce_usage_errors(tmp_path):
     assert main(["reproduce", "table1", "--out", str(tmp_path), "--scale", "huge"]) == 2
     (tmp_path / "file").write_text("x")
     assert main(["reproduce", "fig1", "--out", str(tmp_path / "file")]) == 1
+
+
+def test_attribute_writes_a_resumable_store_equal_to_the_api(tmp_path, capsys):
+    import numpy as np
+    import tiny_job
+
+    from iif import Attribution
+
+    settings = tmp_path / "s.toml"
+    settings.write_text(tiny_job.SETTINGS)
+    out = tmp_path / "run"
+    args = ["attribute", "--task", "tiny_job:job", "--out", str(out), "--settings",
+            str(settings), "--chunk", "4", "--no-progress"]
+    assert main(args) == 0
+    assert "wrote" in capsys.readouterr().out
+    task, train, test = tiny_job.problem()
+    expected = tiny_job.method(task, train).attribute(test)
+    got = Attribution.load(out)
+    np.testing.assert_allclose(got.scores, expected.scores, rtol=1e-10, atol=1e-14)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["path"]["steps"] == 3 and manifest["bounds"] == [0, 4, 6]
+    # the same command again: nothing left to compute, same result
+    assert main(args) == 0
+    np.testing.assert_array_equal(Attribution.load(out).scores, got.scores)
+    # other settings into the same folder: refused with a clear message
+    assert main(args + ["--proj-dim", "16"]) == 1
+    assert "different settings" in capsys.readouterr().err
+
+
+def test_show_prints_and_draws(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["attribute", "--task", "tiny_job:job", "--out", str(out), "--method", "trak",
+                 "--proj-dim", "16", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["show", str(out), "--test-index", "0", "2", "--top", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "trak, 6 test x 200 training samples" in text
+    assert text.count("proponents:") == 2 and "png" not in text
+    assert main(["show", str(out), "--task", "tiny_job:job", "--test-index", "1",
+                 "--image-shape", "2", "2"]) == 0
+    assert (out / "show_1.png").stat().st_size > 1000
+    assert main(["show", str(out), "--test-index", "9"]) == 1
+    assert "outside 0..5" in capsys.readouterr().err
+    assert main(["show", str(tmp_path / "nothing")]) == 1
+
+
+def test_attribute_rejects_bad_jobs(tmp_path, capsys):
+    assert main(["attribute", "--task", "tiny_job", "--out", str(tmp_path)]) == 1
+    assert "MODULE:FUNCTION" in capsys.readouterr().err
+    assert main(["attribute", "--task", "tiny_job:job", "--out", str(tmp_path),
+                 "--method", "tracin"]) == 1
+    assert "checkpoints" in capsys.readouterr().err

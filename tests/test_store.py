@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_job
 import torch
 
 import iif
@@ -21,52 +22,14 @@ from iif import BaselineSettings, IntegratedInfluence, PathSettings
 from iif.errors import InputError
 from iif.store import CHUNKS, MANIFEST, ResultStore, attribute_to
 
-PROBLEM = textwrap.dedent('''
-    import numpy as np
-    import torch
-    from torch import nn
-
-    import iif
-    from iif import IntegratedInfluence, PathSettings, ProjectionSettings, Recipe, Task
-
-
-    def problem(n_test=6):
-        torch.manual_seed(0)
-        rng = np.random.default_rng(0)
-        x = rng.normal(size=(200, 5))
-        y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(int) + (x[:, 2] > 1).astype(int)
-        xt = rng.normal(size=(n_test, 5))
-        yt = (xt[:, 0] + 0.5 * xt[:, 1] > 0).astype(int)
-        model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
-        task = Task(model, "classification", Recipe(lr=0.2, epochs=30, batch_size=25))
-        iif.train(task, (x, y), seed=0)
-        return task, (x, y), (xt, yt)
-
-
-    def method(task, train, **kw):
-        return IntegratedInfluence(task, train, path=PathSettings(steps=3), progress=False,
-                                   projection=ProjectionSettings(dim=32), **kw)
-''')
+HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
-def problem_module(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("problem")
-    (folder / "store_problem.py").write_text(PROBLEM)
-    sys.path.insert(0, str(folder))
-    import store_problem
-
-    yield folder, store_problem
-    sys.path.remove(str(folder))
-    sys.modules.pop("store_problem", None)
-
-
-@pytest.fixture(scope="module")
-def problem(problem_module):
-    _, mod = problem_module
-    task, train, test = mod.problem()
-    whole = mod.method(task, train, test_batch=1).attribute(test)
-    return mod, task, train, test, whole
+def problem():
+    task, train, test = tiny_job.problem()
+    whole = tiny_job.method(task, train, test_batch=1).attribute(test)
+    return tiny_job, task, train, test, whole
 
 
 def _json_chunks(folder: Path) -> list[Path]:
@@ -164,17 +127,17 @@ CHILD = textwrap.dedent('''
     import torch
     torch.set_num_threads(1)
     sys.path.insert(0, sys.argv[2])
-    import store_problem
+    import tiny_job
     from iif.store import attribute_to
-    task, train, test = store_problem.problem(n_test=int(sys.argv[3]))
-    attribute_to(sys.argv[1], store_problem.method(task, train, test_batch=1), test, chunk=1)
+    task, train, test = tiny_job.problem(n_test=int(sys.argv[3]))
+    attribute_to(sys.argv[1], tiny_job.method(task, train, test_batch=1), test, chunk=1)
 ''')
 
 
-def test_sigkill_mid_run_then_rerun_equals_uninterrupted(problem_module, tmp_path):
+def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path):
     """A child attributing one test sample per chunk is killed with SIGKILL once a random
     number of chunks are on disk; the rerun finishes and equals an uninterrupted run."""
-    folder, mod = problem_module
+    folder, mod = HERE, tiny_job
     n_test = 12
     out = tmp_path / "run"
     script = tmp_path / "child.py"

@@ -2,6 +2,8 @@
 
     iif demo --out DIR [--n-test N] [--seed S] [--quick] [--no-progress] [--threads T]
     iif reproduce NAME --out DIR [--scale smoke|full] [--seed S]
+    iif attribute --task MODULE:FUNCTION --out DIR [--method M] [--settings FILE.toml] ...
+    iif show DIR [--task MODULE:FUNCTION] [--test-index I ...] [--top K]
     iif --version
 
 Each subcommand is a function ``_cmd_<name>(args) -> int`` registered in :func:`build_parser`
@@ -105,6 +107,52 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--seed", type=int, default=0, metavar="S",
                            help="seed of the data and subsets (default: 0)")
     reproduce.set_defaults(handler=_cmd_reproduce)
+
+    attribute = sub.add_parser(
+        "attribute", parents=[common],
+        help="attribute your own model's test predictions to its training samples",
+        description="Call the task function (no arguments; returns (task, train, test) or a "
+                    "mapping with keys task, train, test and optionally models, checkpoints), "
+                    "build the method from --settings and the flags (flags win), and write the "
+                    "scores chunk by chunk into --out. Re-running the same command resumes; "
+                    "under torchrun every rank takes its share of the chunks.",
+    )
+    attribute.add_argument("--task", required=True, metavar="MODULE:FUNCTION",
+                           help="the task function, e.g. mytask:build or path/to/file.py:build")
+    attribute.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    attribute.add_argument("--method", choices=("iif", "if", "tracin", "trak"), default=None,
+                           help="attribution method (default: settings file, else iif)")
+    attribute.add_argument("--settings", metavar="FILE.toml", default=None,
+                           help="settings file (see iif.config)")
+    attribute.add_argument("--proj-dim", type=_positive_int, default=None, metavar="P",
+                           help="projection dimension ([projection] dim)")
+    attribute.add_argument("--kronecker", action="store_true", default=None,
+                           help="Kronecker-factored projection of linear layers")
+    attribute.add_argument("--test-batch", type=_positive_int, default=None, metavar="B",
+                           help="iif: test samples trained together as stacked copies")
+    attribute.add_argument("--chunk", type=_positive_int, default=None, metavar="N",
+                           help="test samples per stored chunk (default: by method)")
+    attribute.add_argument("--seed", type=int, default=None, metavar="S",
+                           help="seed of the method's random choices")
+    attribute.set_defaults(handler=_cmd_attribute)
+
+    show = sub.add_parser(
+        "show", parents=[common],
+        help="summarise an attribution folder and draw proponents and opponents",
+        description="Print what an attribution folder holds (method, settings, progress, "
+                    "completeness, top proponents and opponents) and, given --task for the "
+                    "images, write show_<i>.png per test index into the folder.",
+    )
+    show.add_argument("folder", metavar="DIR", help="folder written by iif attribute")
+    show.add_argument("--task", default=None, metavar="MODULE:FUNCTION",
+                      help="the task function, for the pictures")
+    show.add_argument("--test-index", type=int, nargs="+", default=[0], metavar="I",
+                      help="test samples to show (default: 0)")
+    show.add_argument("--top", type=_positive_int, default=8, metavar="K",
+                      help="proponents and opponents per test sample (default: 8)")
+    show.add_argument("--image-shape", type=int, nargs="+", default=None, metavar="D",
+                      help="shape of one input image, e.g. 28 28 (default: from the data)")
+    show.set_defaults(handler=_cmd_show)
     return parser
 
 
@@ -131,6 +179,34 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         print(result.summary())
         print("wrote " + ", ".join(str(p) for p in result.paths(args.out)))
         print()
+    return EXIT_OK
+
+
+def _cmd_attribute(args: argparse.Namespace) -> int:
+    from iif.config import build_method, load_job, load_settings, merge
+    from iif.distributed import attribute_job
+
+    settings = merge(load_settings(args.settings), {
+        "method": args.method, "seed": args.seed, "chunk": args.chunk,
+        "test_batch": args.test_batch, "projection.dim": args.proj_dim,
+        "projection.structure": "kronecker" if args.kronecker else None,
+    })
+    if getattr(args, "progress", None) is False:
+        settings["progress"] = False
+    job = load_job(args.task)
+    method = build_method(job, settings)
+    result = attribute_job(args.out, method, job, chunk=settings.get("chunk"))
+    if result is not None:
+        print(f"wrote {args.out}: {result.method} scores {result.scores.shape[0]} test x "
+              f"{result.scores.shape[1]} training samples in {result.info['seconds']:.1f} s")
+    return EXIT_OK
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from iif.show import show
+
+    print(show(args.folder, task=args.task, test_indices=args.test_index, k=args.top,
+               image_shape=args.image_shape))
     return EXIT_OK
 
 
