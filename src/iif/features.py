@@ -271,3 +271,151 @@ def ggn_features(
     for start, feats in chunks:
         rows[start : start + feats.shape[0]] = feats
     return rows.reshape(n * d, projector.dim)
+
+
+# ---- stacked model copies ---------------------------------------------------------------------
+def can_stack_features(fmodel: FunctionalModel, state: ModelState, x: torch.Tensor,
+                       projector: Projector) -> bool:
+    """Whether :func:`stacked_projected_jacobians` applies: a Kronecker projector of a model
+    whose parameters all sit in Linear layers that one forward calls once each."""
+    return bool(getattr(projector, "linear_only", False)) and _single_use_linears(
+        fmodel, state, x, projector)
+
+
+def stacked_projected_jacobians(
+    fmodel: FunctionalModel,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    fn,
+    *args: torch.Tensor,
+    projector: Projector,
+    chunk_size: int = 128,
+    x_per_copy: bool = False,
+):
+    """:func:`projected_jacobians` for B model copies at once (``params`` and ``buffers`` with
+    a leading dimension B): yields ``(start, F)`` with F (B, n_chunk, R, P).
+
+    ``x`` (n, ...) is shared by the copies, or (B, n, ...) with ``x_per_copy``; every arg is
+    (B, n, ...). The Kronecker fast path runs as one function of a copy's parameters under
+    ``vmap``: each Linear layer's output gets a zero probe whose vector-Jacobian products are
+    the layer's output gradients, and its input is returned beside the values, so the B
+    copies' features come from B-wide matrix products instead of a loop over copies.
+    """
+    from torch.func import vjp, vmap
+
+    modules = projector.modules
+    layers = projector.layers
+    shapes: list[tuple[int, ...]] = []
+
+    def record_shapes(index):
+        def hook(module, inp, out):
+            shapes.append((index, tuple(out.shape[1:])))
+        return hook
+
+    first = {k: v[0] for k, v in params.items()}, {k: v[0] for k, v in buffers.items()}
+    handles = [m.register_forward_hook(record_shapes(i)) for i, m in enumerate(modules)]
+    try:
+        with torch.no_grad(), module_mode(fmodel.module, False):
+            fmodel(*first, (x[0] if x_per_copy else x)[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    out_shapes = dict(shapes)
+
+    def one_copy(p, b, xc, *ac):
+        def forward(probes):
+            inputs: list[torch.Tensor | None] = [None] * len(modules)
+
+            def probe(index):
+                def hook(module, inp, out):
+                    inputs[index] = inp[0]
+                    return out + probes[index]
+                return hook
+
+            handles = [m.register_forward_hook(probe(i)) for i, m in enumerate(modules)]
+            try:
+                out = fmodel(p, b, xc)
+            finally:
+                for h in handles:
+                    h.remove()
+            values = vmap(lambda o, *a: fn(o, *a).reshape(-1))(out, *ac)  # (n, R)
+            return values, [a.detach() for a in inputs]
+
+        n = xc.shape[0]
+        probes = [torch.zeros((n, *out_shapes[i]), dtype=xc.dtype, device=xc.device)
+                  for i in range(len(modules))]
+        values, pullback, inputs = vjp(forward, probes, has_aux=True)
+        rights = [_input_factor(a, layer) for a, layer in zip(inputs, layers, strict=True)]
+        feats = []
+        for j in range(values.shape[1]):
+            cotangent = torch.zeros_like(values)
+            cotangent[:, j] = 1
+            (deltas,) = pullback(cotangent)
+            feats.append(torch.cat([_layer_feature(d, r, layer)
+                                    for d, r, layer in zip(deltas, rights, layers, strict=True)],
+                                   dim=1))
+        return torch.stack(feats, dim=1)  # (n, R, P)
+
+    batched = vmap(one_copy, in_dims=(0, 0, 0 if x_per_copy else None) + (0,) * len(args))
+    copies = next(iter(params.values())).shape[0]
+    n_total = x.shape[1] if x_per_copy else x.shape[0]
+    step = max(1, _fast_chunk(projector, fmodel, chunk_size, 2) // copies)
+    with module_mode(fmodel.module, False):
+        for start in range(0, n_total, step):
+            stop = start + step
+            xc = x[:, start:stop] if x_per_copy else x[start:stop]
+            feats = batched(params, buffers, xc, *(a[:, start:stop] for a in args))
+            _check_finite(feats, "per-sample gradients")
+            yield start, feats.detach()
+
+
+def stacked_step_features(
+    fmodel: FunctionalModel,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    rho: torch.Tensor,
+    rho_prev: torch.Tensor,
+    task: Task,
+    projector: Projector,
+    chunk_size: int = 128,
+    max_bytes: int = DEFAULT_MAX_FEATURE_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`step_features` of B copies: ``rho``, ``rho_prev`` (B, N, d) -> u, psi (B, N, P)."""
+    copies, n = rho.shape[0], x.shape[0]
+    _check_budget(2 * copies * n, projector.dim, rho.dtype, max_bytes, "path features")
+    u = torch.empty(copies, n, projector.dim, dtype=rho.dtype, device=x.device)
+    psi = torch.empty_like(u)
+    for start, feats in stacked_projected_jacobians(
+            fmodel, params, buffers, x, path_step_fn(task), rho, rho_prev,
+            projector=projector, chunk_size=chunk_size):
+        u[:, start : start + feats.shape[1]] = feats[:, :, 0]
+        psi[:, start : start + feats.shape[1]] = feats[:, :, 1]
+    return u, psi
+
+
+def stacked_loss_features(
+    fmodel: FunctionalModel,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    task: Task,
+    projector: Projector,
+    chunk_size: int = 128,
+    what: str = "per-sample gradients",
+) -> torch.Tensor:
+    """Copy b's projected loss gradients of its own samples ``x[b]``, ``targets[b]``
+    ((B, n, ...) and (B, n, d)) -> (B, n, P), e.g. each copy's test gradient."""
+
+    def loss(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return task.sample_loss(o[None], t[None])[0]
+
+    try:
+        parts = [feats[:, :, 0] for _, feats in stacked_projected_jacobians(
+            fmodel, params, buffers, x, loss, targets, projector=projector,
+            chunk_size=chunk_size, x_per_copy=True)]
+    except InputError as exc:
+        raise InputError(str(exc).replace("per-sample gradients", what)) from None
+    return torch.cat(parts, dim=1)

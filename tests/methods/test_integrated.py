@@ -608,12 +608,14 @@ def test_ensemble_of_one_and_average_over_models(mlp_classifier):
 
 
 @pytest.mark.parametrize("fixture", ["mlp_classifier", "mlp_regression"])
-def test_batched_test_samples_equal_one_at_a_time(fixture, request):
+@pytest.mark.parametrize("projection", [None, ProjectionSettings(dim=16, structure="kronecker")])
+def test_batched_test_samples_equal_one_at_a_time(fixture, projection, request):
     p = request.getfixturevalue(fixture)
     # minibatches smaller than N, so the shared minibatch order matters; the classifier's
-    # unlearning stops at chance level at different steps for different test samples
+    # unlearning stops at chance level at different steps for different test samples. A
+    # Kronecker projection of these all-Linear models takes the stacked feature path.
     settings = dict(path=PathSettings(steps=3, epochs=1, batch_size=16),
-                    baseline=BaselineSettings(batch_size=16, epochs=3))
+                    baseline=BaselineSettings(batch_size=16, epochs=3), projection=projection)
     test = (p.xt, p.yt)
     looped = IntegratedInfluence(p.task, (p.x, p.y), test_batch=1, **settings).attribute(test)
     batched = IntegratedInfluence(p.task, (p.x, p.y), test_batch=3, **settings).attribute(test)
@@ -655,9 +657,9 @@ def test_test_batch_validation(mlp_classifier):
     auto = IntegratedInfluence(p.task, (p.x, p.y))
     assert auto._test_batch(100) == 32 and auto._test_batch(3) == 3
     assert IntegratedInfluence(custom, (p.x, p.y))._test_batch(10) == 1
-    # a copy costs 5 M parameter-sized tensors, 3 path target sets and N x P first-step
-    # features (float64; unprojected here, P = M); a quarter of max_feature_bytes goes to them
+    # a copy costs 5 M parameter-sized tensors, 3 path target sets and two N x P feature
+    # sets (float64; unprojected here, P = M); a quarter of max_feature_bytes goes to them
     m = auto.fmodel.num_params
-    per_copy = 8 * (5 * m + 3 * len(p.x) * 3 + len(p.x) * m)
+    per_copy = 8 * (5 * m + 3 * len(p.x) * 3 + 2 * len(p.x) * m)
     tight = IntegratedInfluence(p.task, (p.x, p.y), max_feature_bytes=4 * per_copy * 5)
     assert tight._test_batch(100) == 5

@@ -17,6 +17,7 @@ and ``self_influence`` instead.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +30,8 @@ from iif.errors import InputError
 from iif.features import DEFAULT_MAX_FEATURE_BYTES
 from iif.grads import FunctionalModel
 from iif.task import Data, Task
+
+log = logging.getLogger(__name__)
 
 
 class AttributionMethod:
@@ -68,6 +71,7 @@ class AttributionMethod:
         self.max_feature_bytes = int(max_feature_bytes)
         self.fmodel = FunctionalModel(task.model)
         self.state = self.fmodel.state()  # theta*, frozen at construction
+        _warn_train_mode(task.model)
         self.models = _check_models(task.model, models)
         self._members: list[AttributionMethod] | None = None
 
@@ -152,6 +156,20 @@ class AttributionMethod:
                 or idx.min() < 0 or idx.max() >= n):
             raise InputError(f"indices must be a non-empty 1-d integer array within 0..{n - 1}")
         return idx.astype(np.int64)
+
+
+_MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+
+
+def _warn_train_mode(model: nn.Module) -> None:
+    """Gradients, features and losses are always taken in eval mode (dropout off, BatchNorm on
+    its running statistics); a model handed over in train mode gets told so once."""
+    layers = [type(m).__name__ for m in model.modules()
+              if m.training and isinstance(m, _MODE_DEPENDENT)]
+    if layers:
+        log.warning("the model is in train mode (%s); gradients, features and losses use eval "
+                    "mode (dropout off, BatchNorm running statistics); training epochs keep "
+                    "train mode", ", ".join(sorted(set(layers))))
 
 
 def completeness_gap(total: np.ndarray, delta: np.ndarray) -> np.ndarray:

@@ -28,7 +28,13 @@ from iif.baseline import (
 )
 from iif.curvature import SOLVE_DTYPE, CurvatureSettings, fit_curvature, rows_times
 from iif.errors import InputError
-from iif.features import loss_features, step_features
+from iif.features import (
+    can_stack_features,
+    loss_features,
+    stacked_loss_features,
+    stacked_step_features,
+    step_features,
+)
 from iif.grads import ModelState
 from iif.methods.base import AttributionMethod, completeness_gap
 from iif.path import PathSettings, TargetPath, path_models
@@ -96,6 +102,7 @@ class IntegratedInfluence(AttributionMethod):
                              "recipe's built-in 'sgd', 'adam' or 'adamw'; a custom optimizer "
                              "runs with test_batch=1")
         self.test_batch = test_batch
+        self._stack_features: bool | None = None
         self.baseline = baseline or BaselineSettings()
         self.path = path or PathSettings()
         self.projection = projection or ProjectionSettings()
@@ -229,14 +236,14 @@ class IntegratedInfluence(AttributionMethod):
     def _test_batch(self, n_test: int) -> int:
         """Test samples per stacked batch: the setting, or for "auto" as many (up to 32) as
         fit a quarter of ``max_feature_bytes`` at what each copy adds: parameters, gradients
-        and optimizer state, path targets, and its (N, P) features of the first step."""
+        and optimizer state, path targets, and its (N, P) features u and psi."""
         if self.test_batch != "auto":
             return min(int(self.test_batch), n_test)
         if not can_stack(self.task):
             return 1
         size = self.train.targets.element_size()
         per_copy = size * (5 * self.fmodel.num_params + 3 * self.train.targets.numel()
-                           + len(self.train) * self.projector.dim)
+                           + 2 * len(self.train) * self.projector.dim)
         return max(1, min(32, n_test, (self.max_feature_bytes // 4) // per_copy))
 
     def _shared(self, test: Data) -> tuple[_PathResult, np.ndarray, np.ndarray]:
@@ -292,6 +299,24 @@ class IntegratedInfluence(AttributionMethod):
                 dampings.append(solver.damping)
                 retries += solver.retries
                 continue
+            if stacked and self._stackable(len(test)):
+                # the copies' features in B-wide products (iif.features, stacked)
+                u, psi = stacked_step_features(self.fmodel, state.params, state.buffers,
+                                               self.train.x, rho, rho_prev, self.task,
+                                               self.projector, self.chunk_size,
+                                               self.max_feature_bytes)
+                gamma = stacked_loss_features(self.fmodel, state.params, state.buffers,
+                                              test.x[:, None], test.targets[:, None], self.task,
+                                              self.projector, self.chunk_size, "test gradients")
+                for b, member in enumerate(state.members()):
+                    solver = fit_curvature(self.curvature, self.fmodel, member, self.train.x,
+                                           rho[b], self.task, self.projector, u[b],
+                                           self.chunk_size)
+                    sol = solver.solve(gamma[b].T)  # (P, 1)
+                    scores[b] -= rows_times(psi[b], sol)[:, 0] / len(self.train)
+                    dampings.append(solver.damping)
+                    retries += solver.retries
+                continue
             if stacked:
                 jobs = [(m, rho[b], rho_prev[b], [b]) for b, m in enumerate(state.members())]
             else:
@@ -306,6 +331,16 @@ class IntegratedInfluence(AttributionMethod):
                 dampings.append(solver.damping)
                 retries += solver.retries
         return _PathResult(scores.cpu().numpy(), dampings, retries, state)
+
+    def _stackable(self, copies: int) -> bool:
+        """Whether B copies' path features can be computed together: the Kronecker fast path
+        applies and their (B, N, P) features fit ``max_feature_bytes``."""
+        if self._stack_features is None:
+            self._stack_features = can_stack_features(self.fmodel, self.state,
+                                                      self.train.x[:1], self.projector)
+        need = 2 * copies * len(self.train) * self.projector.dim
+        return self._stack_features and need * self.train.x.element_size() <= \
+            self.max_feature_bytes
 
     def _step(self, state: ModelState, rho: torch.Tensor, rho_prev: torch.Tensor, k: int):
         """Features u (N, P), psi (N, P), or (N, B, P) for B previous targets (B, N, d), and
