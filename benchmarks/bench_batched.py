@@ -47,6 +47,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def training_epoch_per_copy(task: Task, x: torch.Tensor, y: torch.Tensor,
+                            batches: list[int]) -> dict[int, float]:
+    """Seconds per model copy of one training epoch: ``fit`` for one model, ``fit_stacked``
+    for B copies sharing the minibatches (median of 3 after a warm-up)."""
+    from iif.grads import FunctionalModel
+    from iif.stacked import StackedState, fit_stacked
+    from iif.training import fit
+
+    data = task.validate((x, y), "training data")
+    fmodel = FunctionalModel(task.model)
+    state = fmodel.state()
+    out = {}
+    for b in batches:
+        def run(b: int = b) -> None:
+            gen = torch.Generator().manual_seed(0)
+            if b == 1:
+                fit(task, fmodel, state, data.x, data.targets, epochs=1, generator=gen)
+            else:
+                fit_stacked(task, fmodel, StackedState.repeat(state, b), data.x, data.targets,
+                            epochs=1, generator=gen)
+        run()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        out[b] = sorted(times)[1] / b
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -79,13 +109,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"sample, max |diff| / max |score| to test_batch {args.batches[0]}: {diff:.1e}",
               flush=True)
 
+    epoch = training_epoch_per_copy(task, x, y, args.batches)
+
     base = rows[0]["s_per_test"]
     print(f"\n{'test_batch':>10}{'s / test':>10}{'tests / s':>11}{'ratio':>8}")
     for r in rows:
         r["ratio"] = base / r["s_per_test"]
         print(f"{r['test_batch']:>10}{r['s_per_test']:>10.3f}{1 / r['s_per_test']:>11.2f}"
               f"{r['ratio']:>7.2f}x")
-    out = {"machine": info, "args": vars(args), "rows": rows, "max_rss_mib": max_rss_mib()}
+    print("\none epoch of path training (SGD, batch 64), seconds per model copy:")
+    for b, sec in epoch.items():
+        print(f"  {b:>3} cop{'y' if b == 1 else 'ies'}: {sec:.4f} s per copy "
+              f"({epoch[min(epoch)] / sec:.2f}x)")
+    out = {"machine": info, "args": vars(args), "rows": rows, "epoch_per_copy_s": epoch,
+           "max_rss_mib": max_rss_mib()}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1)

@@ -1,5 +1,5 @@
-"""The command line: ``iif reproduce`` (every experiment's smoke scale), ``iif attribute``
-and ``iif show``."""
+"""The command line: ``iif reproduce`` (every experiment's smoke scale), ``iif attribute``,
+``iif show`` and ``iif explain``."""
 
 from __future__ import annotations
 
@@ -132,3 +132,23 @@ def test_attribute_rejects_bad_jobs(tmp_path, capsys):
     assert main(["attribute", "--task", "tiny_job:job", "--out", str(tmp_path),
                  "--method", "tracin"]) == 1
     assert "checkpoints" in capsys.readouterr().err
+
+
+def test_explain_with_and_without_contrast(tmp_path, capsys):
+    out = tmp_path / "explain"
+    common = ["explain", "--task", "tiny_job:job", "--out", str(out), "--top", "3",
+              "--image-shape", "2", "2", "--no-progress"]
+    assert main(common + ["--test-index", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "proponents:" in text and "opponents:" in text
+    assert main(common + ["--test-index", "2", "--contrast", "runner-up"]) == 0
+    text = capsys.readouterr().out
+    record = json.loads((out / "explain_2.json").read_text())
+    a, b = record["contrast"]["A"][0], record["contrast"]["B"][0]
+    assert f"why class {a} and not {b}" in text and f"towards {a}:" in text
+    assert (out / "explain_2.png").stat().st_size > 1000
+    assert record["completeness"]["delta"] > 0  # theta* has the larger margin for A
+    assert main(common + ["--test-index", "2", "--contrast", str(a)]) == 1
+    assert "equals the predicted class" in capsys.readouterr().err
+    assert main(common + ["--test-index", "2", "--contrast", "x"]) == 1
+    assert main(common + ["--test-index", "99"]) == 1

@@ -4,6 +4,7 @@
     iif reproduce NAME --out DIR [--scale smoke|full] [--seed S]
     iif attribute --task MODULE:FUNCTION --out DIR [--method M] [--settings FILE.toml] ...
     iif show DIR [--task MODULE:FUNCTION] [--test-index I ...] [--top K]
+    iif explain --task MODULE:FUNCTION --test-index I [--contrast B|runner-up] [--out DIR]
     iif --version
 
 Each subcommand is a function ``_cmd_<name>(args) -> int`` registered in :func:`build_parser`
@@ -153,6 +154,30 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--image-shape", type=int, nargs="+", default=None, metavar="D",
                       help="shape of one input image, e.g. 28 28 (default: from the data)")
     show.set_defaults(handler=_cmd_show)
+
+    explain = sub.add_parser(
+        "explain", parents=[common],
+        help="explain one test prediction: proponents and opponents, or why A and not B",
+        description="Attribute one test sample of the task function's test data with "
+                    "Integrated Influence and print and draw the training samples behind it. "
+                    "With --contrast B (a class or 'runner-up'): why the model predicts A and "
+                    "not B, the samples pushing towards A and towards B.",
+    )
+    explain.add_argument("--task", required=True, metavar="MODULE:FUNCTION",
+                         help="the task function (see iif attribute)")
+    explain.add_argument("--test-index", type=int, required=True, metavar="I",
+                         help="which test sample")
+    explain.add_argument("--contrast", default=None, metavar="B",
+                         help="the other class: an index or 'runner-up'")
+    explain.add_argument("--out", default="explain-out", metavar="DIR",
+                         help="folder for explain_<I>.png and .json (default: explain-out)")
+    explain.add_argument("--settings", metavar="FILE.toml", default=None,
+                         help="IIF settings file (see iif attribute)")
+    explain.add_argument("--top", type=_positive_int, default=8, metavar="K",
+                         help="training samples per row (default: 8)")
+    explain.add_argument("--image-shape", type=int, nargs="+", default=None, metavar="D",
+                         help="shape of one input image (default: from the data)")
+    explain.set_defaults(handler=_cmd_explain)
     return parser
 
 
@@ -207,6 +232,30 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
     print(show(args.folder, task=args.task, test_indices=args.test_index, k=args.top,
                image_shape=args.image_shape))
+    return EXIT_OK
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from iif.config import build_method, load_job, load_settings, merge
+    from iif.explain import explain
+
+    settings = merge(load_settings(args.settings), {"method": "iif"})
+    if settings["method"] != "iif":
+        raise InputError("iif explain uses Integrated Influence (method = \"iif\")")
+    settings.pop("chunk", None)
+    if getattr(args, "progress", None) is False:
+        settings["progress"] = False
+    contrast = args.contrast
+    if contrast is not None and contrast != "runner-up":
+        try:
+            contrast = int(contrast)
+        except ValueError:
+            raise InputError(f"--contrast must be a class index or 'runner-up', got "
+                             f"{contrast!r}") from None
+    job = load_job(args.task)
+    text, _ = explain(build_method(job, settings), job.test, args.test_index, args.out,
+                      contrast=contrast, k=args.top, image_shape=args.image_shape)
+    print(text)
     return EXIT_OK
 
 

@@ -19,6 +19,7 @@ finally used and the number of retries are reported on the solver.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -125,6 +126,7 @@ def _default_damping(settings: CurvatureSettings, trace: float, dim: int) -> flo
 def gram_solver(
     rows: torch.Tensor, n: int, settings: CurvatureSettings, kind: str,
     effective_dim: int | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Solver:
     """Solver for ``C = (1/n) rows^T rows + delta I``, rows of shape (R, D).
 
@@ -132,10 +134,17 @@ def gram_solver(
 
     Uses the Woodbury identity in R dimensions when R < D and damping > 0:
     ``C^{-1} v = (1/delta) [v - rows^T (n delta I + rows rows^T)^{-1} rows v]``.
+    ``reduce`` (for rows split across processes, ``n`` counting all of them) sums the (D, D)
+    matrices of the parts, e.g. an all-reduce; the solve then uses the explicit matrix.
     """
     if not bool(torch.isfinite(rows).all()):
         raise InputError("per-sample gradients contain NaN or inf; the curvature cannot be built")
     n_rows, dim = rows.shape
+    if reduce is not None:
+        matrix = reduce(_gram(rows))
+        trace = float(torch.diagonal(matrix).sum()) / n
+        base = _default_damping(settings, trace, effective_dim or dim)
+        return dense_solver(matrix / n, settings, kind, base=base)
     # rows stay in their dtype; products run in float64 one column block at a time, so no
     # float64 copy of the (R, D) matrix is ever made
     blocks = _column_blocks(n_rows, dim)
@@ -159,12 +168,18 @@ def gram_solver(
             return out
 
         return Solver(dim, damping, retries, apply, kind)
+    return dense_solver(_gram(rows) / n, settings, kind, base=base)
+
+
+def _gram(rows: torch.Tensor) -> torch.Tensor:
+    """``rows^T rows`` (D, D) in float64, converting a block of rows at a time."""
+    dim = rows.shape[1]
     matrix = torch.zeros(dim, dim, dtype=SOLVE_DTYPE, device=rows.device)
     step = max(1, _BLOCK_ELEMENTS // dim)
-    for lo in range(0, n_rows, step):
+    for lo in range(0, rows.shape[0], step):
         part = rows[lo : lo + step].to(SOLVE_DTYPE)
         matrix += part.T @ part
-    return dense_solver(matrix / n, settings, kind, base=base)
+    return matrix
 
 
 _BLOCK_ELEMENTS = 1 << 24  # float64 elements of one temporary block (128 MiB)
@@ -214,22 +229,29 @@ def fit_curvature(
     projector,
     u: torch.Tensor,
     chunk_size: int = 128,
+    n_total: int | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Solver:
     """The damped solver of the chosen curvature at (state, targets).
 
     ``u`` are the projected per-sample gradients at the same point (the Fisher features).
+    With ``reduce``, ``x``, ``targets`` and ``u`` are this process's part of a training set of
+    ``n_total`` samples and ``reduce`` sums the parts' matrices (see :func:`gram_solver`).
     """
     from iif.features import ggn_features
     from iif.grads import full_hessian
     from iif.projection import IdentityProjector
 
-    n = x.shape[0]
+    n = x.shape[0] if n_total is None else n_total
     effective_dim = min(projector.dim, fmodel.num_params)
     if settings.kind == "fisher":
-        return gram_solver(u, n, settings, "fisher", effective_dim)
+        return gram_solver(u, n, settings, "fisher", effective_dim, reduce)
     if settings.kind == "ggn":
         rows = ggn_features(fmodel, state, x, targets, task, projector, chunk_size)
-        return gram_solver(rows, n, settings, "ggn", effective_dim)
+        return gram_solver(rows, n, settings, "ggn", effective_dim, reduce)
+    if reduce is not None:
+        raise InputError("the explicit Hessian is not split across processes; use 'fisher' or "
+                         "'ggn' curvature, or run in one process")
     h = full_hessian(fmodel, state, x, targets, task, chunk_size=chunk_size)
     if not isinstance(projector, IdentityProjector):
         # A^T H A without forming A: project the rows of H, then the rows of (H A)^T.

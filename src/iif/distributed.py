@@ -6,6 +6,12 @@ environment, joins a process group (gloo on CPU, NCCL on CUDA), computes its sha
 result store's chunks (chunk i goes to rank i mod WORLD_SIZE), waits for the others, and rank 0
 assembles the result. Chunks are independent and written atomically, so a job whose rank dies
 keeps every finished chunk: the same command run again resumes.
+
+IIF with a shared baseline has one path for all test samples, so it splits the training set
+instead: every rank trains the same baseline and path models (seeded, identical), featurises
+its block of training samples, the P x P curvature is summed with an all-reduce, and each rank
+scores its own columns (:class:`Sharding`). LDS retraining shares out its chunks of models
+through the cache folder (:func:`ground_truth_job`).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +27,7 @@ import torch
 
 from iif.attribution import Attribution
 from iif.errors import InputError
-from iif.store import attribute_to
+from iif.store import attribute_to, open_store
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,30 @@ def _join(device: torch.device, timeout_s: float) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
+@dataclass
+class Sharding:
+    """This process's block of the training set and the sum over all processes."""
+
+    rank: int
+    world: int
+
+    def rows(self, n: int) -> slice:
+        size = -(-n // self.world)
+        return slice(min(self.rank * size, n), min((self.rank + 1) * size, n))
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor)  # sum, in place
+        return tensor
+
+
+def splits_training_set(method: Any) -> bool:
+    """Methods whose one path serves every test sample split the training set instead of
+    the test samples: IIF with a shared baseline."""
+    return getattr(method, "method", None) == "iif" and method.baseline.mode == "shared"
+
+
 def attribute_job(
     out: str | Path,
     method: Any,
@@ -64,8 +95,11 @@ def attribute_job(
 
     _join(method.task.device, timeout_s)
     try:
-        attribute_to(out, method, job.test, chunk=chunk, ranks=(rank, size),
-                     progress=method.progress if rank == 0 else False)
+        if splits_training_set(method):
+            _attribute_split(out, method, job.test, chunk, rank, size)
+        else:
+            attribute_to(out, method, job.test, chunk=chunk, ranks=(rank, size),
+                         progress=method.progress if rank == 0 else False)
         dist.barrier()
     except RuntimeError as exc:  # a peer died or the rendezvous broke
         raise InputError(
@@ -77,3 +111,53 @@ def attribute_job(
     dist.barrier()
     dist.destroy_process_group()
     return result
+
+
+def _attribute_split(out, method, test_data, chunk, rank: int, size: int) -> None:
+    """One chunk computed by every rank together, each on its block of training samples;
+    rank 0 writes it."""
+    import torch.distributed as dist
+
+    test = method.task.validate(test_data, "test data")
+    if rank == 0:
+        store = open_store(out, method, test, chunk)  # writes the manifest first
+    dist.barrier()
+    if rank != 0:
+        store = open_store(out, method, test, chunk)
+    todo = store.pending()
+    dist.barrier()  # every rank has looked before rank 0 can finish the chunk
+    method.sharding = Sharding(rank, size)
+    try:
+        for lo, hi in todo:
+            part = test.subset(slice(lo, hi))
+            result = method.attribute((part.x, part.labels))
+            if rank == 0:
+                store.write(lo, hi, result)
+    finally:
+        method.sharding = None
+
+
+def ground_truth_job(task: Any, train_data: Any, test_data: Any, settings: Any = None, *,
+                     cache_dir: str | Path, progress: bool | None = None,
+                     timeout_s: float = 6 * 3600):
+    """:func:`iif.evaluation.ground_truth` (LDS retraining) with its chunks of models shared
+    out across torchrun's ranks through ``cache_dir``; every rank returns the whole result.
+    In a single process it is ``ground_truth`` with a cache."""
+    from iif.evaluation.retrain import ground_truth
+
+    rank, size = world()
+    if size == 1:
+        return ground_truth(task, train_data, test_data, settings, cache_dir=cache_dir,
+                            progress=progress)
+    import torch.distributed as dist
+
+    _join(task.device, timeout_s)
+    try:
+        ground_truth(task, train_data, test_data, settings, cache_dir=cache_dir,
+                     progress=progress if rank == 0 else False, ranks=(rank, size))
+        dist.barrier()
+    except RuntimeError as exc:
+        raise InputError(
+            f"rank {rank} of {size}: the process group failed ({exc}); the finished chunks in "
+            f"{cache_dir} are kept, run the same command again to resume") from None
+    return ground_truth(task, train_data, test_data, settings, cache_dir=cache_dir)

@@ -348,6 +348,19 @@ def plot_rankings(
     return save_png(fig, path)
 
 
+def image_shape(sample_shape: Sequence[int], given: Sequence[int] | None = None
+                ) -> tuple[int, ...] | None:
+    """The shape to draw one input as: ``given``, the input's own shape when it has two or
+    three dimensions, a square for a flat input of square length, else None (no picture)."""
+    if given:
+        return tuple(given)
+    shape = tuple(sample_shape)
+    if len(shape) == 1:
+        side = int(round(shape[0] ** 0.5))
+        return (side, side) if side * side == shape[0] else None
+    return shape if len(shape) in (2, 3) else None
+
+
 def save_png(fig: Any, path: str | os.PathLike, dpi: int | None = None) -> Path:
     """Write a matplotlib ``Figure`` as PNG atomically (parent folders created)."""
     target = Path(path)

@@ -11,6 +11,7 @@ import numpy as np
 from iif.attribution import META_FILE, SCORES_FILE, Attribution
 from iif.errors import InputError
 from iif.report import format_completeness, plot_proponents_opponents, top_entries
+from iif.report import image_shape as guess_shape
 from iif.store import CHUNKS, MANIFEST
 
 
@@ -74,12 +75,9 @@ def show(
                 f"#{e['index']}" + (f" (label {e['label']})" if "label" in e else "")
                 + f" {e['score']:+.3g}" for e in entries))
         if job is not None:
-            shape = tuple(image_shape) if image_shape else images.shape[1:]
-            if len(shape) == 1:
-                side = int(round(shape[0] ** 0.5))
-                if side * side != shape[0]:
-                    raise InputError("inputs are not square images: give --image-shape")
-                shape = (side, side)
+            shape = guess_shape(images.shape[1:], image_shape)
+            if shape is None:
+                raise InputError("inputs are not square images: give --image-shape")
             x_test = test.x[i].cpu().numpy()
             path = plot_proponents_opponents(
                 x_test, test.labels[i].cpu().numpy().tolist(), images, labels, result.scores[i],

@@ -210,6 +210,23 @@ def inputs_digest(method: Any, test: Any) -> str:
     return tensor_digest(tensors)
 
 
+def open_store(folder: str | Path, method: Any, test: Any, chunk: int | None = None
+               ) -> ResultStore:
+    """The store of ``method`` on the validated test data ``test`` in ``folder``, in chunks of
+    ``chunk`` test samples (default: :func:`default_chunk`)."""
+    n = len(test)
+    size = int(chunk) if chunk is not None else default_chunk(method, n)
+    if size < 1:
+        raise InputError(f"chunk must be >= 1, got {chunk!r}")
+    if getattr(method, "method", None) == "iif" and method.baseline.mode == "shared" and size < n:
+        raise InputError("a shared baseline unlearns all test samples together: it cannot be "
+                         "split into chunks (use chunk >= the number of test samples)")
+    bounds = list(range(0, n, size)) + [n]
+    return ResultStore(folder, method=method.method, settings=method.settings(),
+                       inputs_hash=inputs_digest(method, test), n_test=n,
+                       n_train=len(method.train), bounds=bounds)
+
+
 def attribute_to(
     folder: str | Path,
     method: Any,
@@ -229,17 +246,7 @@ def attribute_to(
     from iif.progress import progress_bar
 
     test = method.task.validate(test_data, "test data")
-    n = len(test)
-    size = int(chunk) if chunk is not None else default_chunk(method, n)
-    if size < 1:
-        raise InputError(f"chunk must be >= 1, got {chunk!r}")
-    if getattr(method, "method", None) == "iif" and method.baseline.mode == "shared" and size < n:
-        raise InputError("a shared baseline unlearns all test samples together: it cannot be "
-                         "split into chunks (use chunk >= the number of test samples)")
-    bounds = list(range(0, n, size)) + [n]
-    store = ResultStore(folder, method=method.method, settings=method.settings(),
-                        inputs_hash=inputs_digest(method, test), n_test=n,
-                        n_train=len(method.train), bounds=bounds)
+    store = open_store(folder, method, test, chunk)
     rank, world = ranks
     mine = [c for i, c in enumerate(store.chunks) if i % world == rank]
     todo = [c for c in mine if not store.done(*c)]

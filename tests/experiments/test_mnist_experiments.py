@@ -21,7 +21,7 @@ def fake_mnist(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["table2", "table3", "fig2"])
+@pytest.mark.parametrize("name", ["table2", "table3", "fig2", "contrast"])
 def test_mnist_experiment_smoke(fake_mnist, tmp_path, name):
     assert main(["reproduce", name, "--scale", "smoke", "--out", str(tmp_path),
                  "--no-progress"]) == 0

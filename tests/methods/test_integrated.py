@@ -663,3 +663,125 @@ def test_test_batch_validation(mlp_classifier):
     per_copy = 8 * (5 * m + 3 * len(p.x) * 3 + 2 * len(p.x) * m)
     tight = IntegratedInfluence(p.task, (p.x, p.y), max_feature_bytes=4 * per_copy * 5)
     assert tight._test_batch(100) == 5
+
+
+# ---- contrast and groups -------------------------------------------------------------------
+def _logistic_problem():
+    """Three overlapping classes and an L2-regularised linear softmax model trained full-batch
+    to its unique minimiser, so that retraining without some samples is exact."""
+    rng = np.random.default_rng(7)
+    centres = np.array([[1.0, 0.0, 0.0, 0.5], [0.0, 1.0, 0.0, -0.5], [0.6, 0.6, 0.3, 0.0]])
+    y = np.arange(90) % 3
+    x = centres[y] + 0.6 * rng.normal(size=(90, 4))
+    xt = centres[[0, 1, 2, 2, 0]] + 0.6 * rng.normal(size=(5, 4))
+    yt = np.array([0, 1, 2, 2, 0])
+    recipe = Recipe(lr=1.0, epochs=400, batch_size=90, weight_decay=0.02)
+
+    def fit(keep):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3).double()
+        task = Task(model, "classification", recipe)
+        iif.train(task, (x[keep], y[keep]), seed=0)
+        return task
+
+    return x, y, xt, yt, fit
+
+
+def _margins(task, xt, a, b):
+    with torch.no_grad():
+        logp = torch.log_softmax(task.model(torch.as_tensor(xt)), 1).numpy()
+    return logp[np.arange(len(a)), a] - logp[np.arange(len(b)), b]
+
+
+def test_contrast_scores_point_towards_the_predicted_class():
+    """Removing the training samples scored as pushing most towards A (and retraining
+    exactly) lowers the margin log p_A - log p_B more than removing random samples."""
+    x, y, xt, yt, fit = _logistic_problem()
+    everyone = np.arange(len(x))
+    task = fit(everyone)
+    method = IntegratedInfluence(task, (x, y), path=PathSettings(steps=5, batch_size=90),
+                                 baseline=BaselineSettings(batch_size=90, epochs=5))
+    result = method.attribute((xt, yt), contrast="runner-up")
+    a = np.array(result.info["contrast"]["A"])
+    b = np.array(result.info["contrast"]["B"])
+    assert np.all(a != b)
+    full = _margins(task, xt, a, b)
+    # the baseline was trained towards B, so theta* has the larger margin
+    assert np.all(result.completeness["delta"] > 0)
+    rng = np.random.default_rng(0)
+    k = 9
+    top_drop, random_drop = [], []
+    for s in range(len(xt)):
+        top = np.argsort(-result.scores[s])[:k]
+        top_drop.append(full[s] - _margins(fit(np.setdiff1d(everyone, top)), xt, a, b)[s])
+        random_drop.append(np.mean([
+            full[s] - _margins(fit(np.setdiff1d(everyone, rng.choice(len(x), k, False))),
+                               xt, a, b)[s] for _ in range(4)]))
+    top_drop, random_drop = np.array(top_drop), np.array(random_drop)
+    assert top_drop.mean() > 0
+    assert top_drop.mean() > 3 * abs(random_drop.mean())
+    assert np.sum(top_drop > random_drop) >= 4
+
+
+def test_contrast_sum_tracks_the_margin_change():
+    x, y, xt, yt, fit = _logistic_problem()
+    task = fit(np.arange(len(x)))
+    method = IntegratedInfluence(task, (x, y), path=PathSettings(steps=5, batch_size=90),
+                                 baseline=BaselineSettings(batch_size=90, epochs=5))
+    result = method.attribute((xt, yt), contrast=[1, 2, 0, 0, 2])
+    assert result.info["contrast"]["B"] == [1, 2, 0, 0, 2]
+    assert result.info["baseline_mode"] == "per-test contrast"
+    # completeness for a nearly linear (convex, converged) model: the sum follows delta
+    assert np.corrcoef(result.completeness["sum"], result.completeness["delta"])[0, 1] > 0.9
+    # a plain attribute afterwards is back to the unlearning baseline
+    plain = method.attribute((xt, yt))
+    assert np.all(plain.completeness["delta"] < 0)
+
+
+def test_invalid_contrast_classes(mlp_classifier, mlp_regression):
+    p = mlp_classifier
+    method = IntegratedInfluence(p.task, (p.x, p.y))
+    test = (p.xt, p.yt)
+    with torch.no_grad():
+        predicted = p.task.model(torch.as_tensor(p.xt)).argmax(1).numpy()
+    for bad, match in ((3, "out of range"), (-1, "out of range"), ([0, 1], "one class per"),
+                       ("second", "runner-up"), (1.5, "integers"),
+                       (predicted, "equals the predicted class")):
+        with pytest.raises(ValueError, match=match):
+            method.attribute(test, contrast=bad)
+    shared = IntegratedInfluence(p.task, (p.x, p.y), baseline=BaselineSettings(mode="shared"))
+    with pytest.raises(ValueError, match="shared baseline"):
+        shared.attribute(test, contrast="runner-up")
+    reg = IntegratedInfluence(mlp_regression.task, (mlp_regression.x, mlp_regression.y))
+    with pytest.raises(ValueError, match="classification"):
+        reg.attribute((mlp_regression.xt, mlp_regression.yt), contrast=0)
+
+
+def test_group_of_one_is_the_per_sample_result(mlp_classifier):
+    p = mlp_classifier
+    settings = dict(path=PathSettings(steps=3, batch_size=16),
+                    baseline=BaselineSettings(batch_size=16, epochs=3), test_batch=1)
+    method = IntegratedInfluence(p.task, (p.x, p.y), **settings)
+    for s in (0, 3):
+        one = (p.xt[s : s + 1], p.yt[s : s + 1])
+        group = method.attribute_group(one)
+        single = method.attribute(one)
+        assert group.scores.shape == (1, len(p.x))
+        np.testing.assert_allclose(group.scores, single.scores, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(group.completeness["delta"], single.completeness["delta"])
+
+
+def test_group_attributes_the_mean_loss(mlp_classifier):
+    p = mlp_classifier
+    method = IntegratedInfluence(p.task, (p.x, p.y), path=PathSettings(steps=3, batch_size=16),
+                                 baseline=BaselineSettings(batch_size=16, epochs=3))
+    group = method.attribute_group((p.xt, p.yt))
+    shared = IntegratedInfluence(p.task, (p.x, p.y), path=PathSettings(steps=3, batch_size=16),
+                                 baseline=BaselineSettings(batch_size=16, epochs=3,
+                                                           mode="shared"))
+    rows = shared.attribute((p.xt, p.yt))
+    assert group.scores.shape == (1, len(p.x)) and group.info["group_size"] == 4
+    # the same shared path, up to which generator orders the minibatches: scores of the
+    # mean loss are the mean of the rows, so they correlate strongly
+    assert np.corrcoef(group.scores[0], rows.scores.mean(0))[0, 1] > 0.9
+    assert group.completeness["delta"][0] < 0

@@ -428,14 +428,22 @@ def ground_truth(
     settings: RetrainSettings | None = None,
     cache_dir: str | Path | None = None,
     progress: bool | None = None,
-) -> GroundTruth:
+    ranks: tuple[int, int] = (0, 1),
+) -> GroundTruth | None:
     """Retrain ``n_subsets * repeats`` models on random subsets and record their test losses.
 
     ``train_data`` (N samples) and ``test_data`` (n_test samples) are (inputs, labels) pairs.
     Returns subsets (M, N) and mean losses (M, n_test). With ``cache_dir``, finished chunks
     are read from ``cache_dir/<key>/`` and only missing ones are trained. A diverged model
     (NaN/inf loss) raises :class:`InputError` naming its subset; nothing of its chunk is cached.
+    ``ranks = (rank, world)`` with world > 1 (needs ``cache_dir``, shared by the ranks): train
+    only chunks ``rank, rank + world, ...`` into the cache and return None; once every rank is
+    done, a call with the default ``ranks`` reads the whole result from the cache
+    (``iif.distributed.ground_truth_job`` does both).
     """
+    rank, world = ranks
+    if world > 1 and cache_dir is None:
+        raise InputError("ground truth split across ranks needs a cache_dir shared by them")
     settings = RetrainSettings() if settings is None else settings
     if not isinstance(settings, RetrainSettings):
         raise InputError(f"settings must be RetrainSettings, got {type(settings).__name__}")
@@ -479,7 +487,11 @@ def ground_truth(
     trained, cached_chunks = 0, 0
     for c in progress_bar(range(n_chunks), total=n_chunks, desc="retrain", enable=progress):
         lo, hi = c * chunk, min((c + 1) * chunk, n_models)
-        if folder is not None and c in manifest["done"]:
+        if c % world != rank:
+            continue  # another rank's chunk
+        # a chunk file is written atomically and only when complete: its presence counts even
+        # when another rank's manifest update has not landed yet
+        if folder is not None and (c in manifest["done"] or _chunk_file(folder, c).exists()):
             values = _load_npy(_chunk_file(folder, c))
             if (values is not None and values.shape == (hi - lo, len(test_d))
                     and np.all(np.isfinite(values))):
@@ -497,6 +509,8 @@ def ground_truth(
             manifest["chunk_seconds"] = chunk_seconds
             _write_manifest(folder, manifest)
 
+    if world > 1:
+        return None
     repeat_losses = per_model.reshape(m_subsets, repeats, len(test_d))
     info = {
         "trained_models": trained,

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 from iif.errors import InputError
-from iif.experiments import fig1, fig2, table1, table2, table3, table4
+from iif.experiments import contrast, fig1, fig2, table1, table2, table3, table4
 from iif.experiments.base import SCALES, ExperimentResult, check_scale
 
 EXPERIMENTS: dict[str, ModuleType] = {
@@ -22,6 +22,7 @@ EXPERIMENTS: dict[str, ModuleType] = {
     "table2": table2,
     "table3": table3,
     "fig2": fig2,
+    "contrast": contrast,
 }
 
 __all__ = ["EXPERIMENTS", "SCALES", "ExperimentResult", "get_experiment", "run_experiment"]

@@ -10,6 +10,7 @@ reported per test sample with every result.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -103,6 +104,9 @@ class IntegratedInfluence(AttributionMethod):
                              "runs with test_batch=1")
         self.test_batch = test_batch
         self._stack_features: bool | None = None
+        # set by iif.distributed for a single path split over processes by training samples
+        self.sharding: Any = None
+        self._baseline_override: BaselineSettings | None = None
         self.baseline = baseline or BaselineSettings()
         self.path = path or PathSettings()
         self.projection = projection or ProjectionSettings()
@@ -112,19 +116,80 @@ class IntegratedInfluence(AttributionMethod):
         )
 
     # ---- public API ----------------------------------------------------------------------
-    def attribute(self, test_data: Any, baseline_targets: Any = None) -> Attribution:
+    def attribute(self, test_data: Any, baseline_targets: Any = None,
+                  contrast: Any = None) -> Attribution:
         """Scores (n_test, n_train) for the test samples.
 
         ``baseline_targets`` (optional): explicit baseline targets for every training sample,
         shape (n_train, d) (probabilities for classification, values for regression) or
         (n_train,) class labels; one shared path then serves all test samples, and theta'
         for completeness is a model trained on the baseline dataset from theta_1.
-        """
-        return super().attribute(test_data, baseline_targets=baseline_targets)
 
-    def _attribute(self, test: Data, baseline_targets: Any = None) -> Attribution:
+        ``contrast`` (classification): "why the predicted class A and not class B?" B is a
+        class index, one per test sample, or ``"runner-up"`` for the model's second choice.
+        Each test sample's baseline model is trained towards B on it (``L_train +
+        L_test(x, B) / lam``, the reinforce recipe), and the scores attribute the margin
+        ``log p_A - log p_B``: **positive = the training sample pushes towards A** (the
+        opposite orientation to loss scores, where positive raises the loss). Completeness
+        compares their sum with ``margin(theta*) - margin(theta')``; ``info["contrast"]``
+        holds A and B per test sample.
+        """
+        return super().attribute(test_data, baseline_targets=baseline_targets,
+                                 contrast=contrast)
+
+    def attribute_group(self, test_data: Any) -> Attribution:
+        """One attribution for a group of test samples: a single baseline unlearns the
+        group's mean test loss, and the scores, shape (1, n_train), attribute that mean loss
+        (positive = including the training sample raises it); completeness is the group's.
+        A group of one gives that sample's per-test scores."""
+        test = self.task.validate(test_data, "test data")
+        parts = [m._group(test) for m in self.members()]
+        result = parts[0] if len(parts) == 1 else self._combine(parts)
+        result.info["ensemble_size"] = len(parts)
+        return result
+
+    def _group(self, test: Data) -> Attribution:
         start = time.perf_counter()
-        if baseline_targets is not None:
+        res, base = self._one_path(test, test)
+        scores = res.scores.mean(axis=0, keepdims=True)  # the gradient of a mean is the mean
+        delta = np.array([self._delta(test, base.state).mean()])
+        total = scores.sum(axis=1)
+        info = {"baseline_mode": "group", "group_size": len(test),
+                "fallbacks": int(base.fell_back), "truncated": int(base.truncated),
+                "damping": res.dampings, "damping_retries": res.retries,
+                "seconds": time.perf_counter() - start}
+        return Attribution(scores, self.method, self.settings(),
+                           {"sum": total, "delta": delta,
+                            "gap": completeness_gap(total, delta)}, info)
+
+    def _one_path(self, unlearn: Data, test: Data) -> tuple[_PathResult, Baseline]:
+        """One baseline unlearning the mean loss of ``unlearn`` and its path, scoring ``test``
+        row by row, with the generators every per-test baseline uses."""
+        with seeded(self.seed, self.task.device):
+            unlearn_gen = torch.Generator().manual_seed(self.seed)
+            path_gen = torch.Generator().manual_seed(self.seed + 1)
+            base = unlearning_baseline(self.task, self.fmodel, self.state, self.train, unlearn,
+                                       self._unlearning, unlearn_gen)
+            return self._integrate(base.targets, test, path_gen), base
+
+    def _attribute(self, test: Data, baseline_targets: Any = None,
+                   contrast: Any = None) -> Attribution:
+        start = time.perf_counter()
+        extra_info: dict[str, Any] = {}
+        if contrast is not None:
+            if baseline_targets is not None or self.baseline.mode == "shared":
+                raise InputError("contrast uses one baseline per test sample: it does not "
+                                 "combine with baseline_targets or a shared baseline")
+            toward_b, margin, a, b = self._contrast(test, contrast)
+            try:
+                res, deltas, status = self._per_test(margin, toward_b)
+            finally:
+                self._baseline_override = None
+            mode = "per-test contrast"
+            extra_info["contrast"] = {"A": a.tolist(), "B": b.tolist(),
+                                      "scores": "margin log p_A - log p_B; positive = "
+                                                "pushes towards A"}
+        elif baseline_targets is not None:
             res, deltas, status = self._explicit(test, baseline_targets)
             mode = "explicit"
         elif self.baseline.mode == "shared":
@@ -144,6 +209,7 @@ class IntegratedInfluence(AttributionMethod):
             "damping": res.dampings,
             "damping_retries": res.retries,
             "seconds": time.perf_counter() - start,
+            **extra_info,
         }
         if info["fallbacks"] or info["truncated"]:
             log.warning("unlearning diverged for %d of %d test samples: %d fell back to the "
@@ -196,10 +262,14 @@ class IntegratedInfluence(AttributionMethod):
         }
 
     # ---- baseline modes ------------------------------------------------------------------
-    def _per_test(self, test: Data) -> tuple[_PathResult, np.ndarray, np.ndarray]:
+    def _per_test(self, test: Data, unlearn: Data | None = None
+                  ) -> tuple[_PathResult, np.ndarray, np.ndarray]:
         """One unlearning baseline and path per test sample. Every test sample sees the same
         minibatch orders (one generator for unlearning, one for the path epochs, both seeded
-        by ``seed``), so batches of them can be trained as stacked copies."""
+        by ``seed``), so batches of them can be trained as stacked copies. ``unlearn``: the
+        test samples with the targets their baselines are trained on, when these differ from
+        the scored ones (contrast)."""
+        unlearn = test if unlearn is None else unlearn
         scores = np.zeros((len(test), len(self.train)))
         deltas = np.zeros(len(test))
         status = np.full(len(test), SOUND, dtype=object)
@@ -211,18 +281,18 @@ class IntegratedInfluence(AttributionMethod):
                            enable=self.progress)
         for rows in batches:
             part = test.subset(rows)
-            with seeded(self.seed, self.task.device):
-                unlearn_gen = torch.Generator().manual_seed(self.seed)
-                path_gen = torch.Generator().manual_seed(self.seed + 1)
-                if len(rows) == 1:
-                    bases = [unlearning_baseline(self.task, self.fmodel, self.state, self.train,
-                                                 part, self.baseline, unlearn_gen)]
-                    ybar = bases[0].targets
-                else:
+            if len(rows) == 1:
+                res, base = self._one_path(unlearn.subset(rows), part)
+                bases = [base]
+            else:
+                with seeded(self.seed, self.task.device):
+                    unlearn_gen = torch.Generator().manual_seed(self.seed)
+                    path_gen = torch.Generator().manual_seed(self.seed + 1)
                     bases = unlearning_baselines(self.task, self.fmodel, self.state, self.train,
-                                                 part, self.baseline, unlearn_gen)
+                                                 unlearn.subset(rows), self._unlearning,
+                                                 unlearn_gen)
                     ybar = torch.stack([b.targets for b in bases])
-                res = self._integrate(ybar, part, path_gen)
+                    res = self._integrate(ybar, part, path_gen)
             scores[rows] = res.scores
             for j, (row, base) in enumerate(zip(rows, bases, strict=True)):
                 deltas[row] = self._delta(part.subset([j]), base.state)[0]
@@ -232,6 +302,49 @@ class IntegratedInfluence(AttributionMethod):
             for _ in rows:
                 next(bar, None)
         return _PathResult(scores, dampings, retries, self.state), deltas, status
+
+    @property
+    def _unlearning(self) -> BaselineSettings:
+        """The baseline settings of the current run (contrast trains towards B)."""
+        return self._baseline_override or self.baseline
+
+    def _contrast(self, test: Data, contrast: Any) -> tuple[Data, Data, np.ndarray, np.ndarray]:
+        """For "A and not B": the test samples with one-hot B targets (what the baselines are
+        trained towards) and with targets e_B - e_A, whose soft cross-entropy is the margin
+        ``log p_A - log p_B``; and A, B per test sample."""
+        if self.task.kind != "classification" or self.task.loss is not None:
+            raise InputError("contrast explains a class margin: it needs a classification "
+                             "task with the built-in cross-entropy")
+        n_cls = self.train.targets.shape[1]
+        logits = self.fmodel.outputs(self.state, test.x)
+        order = torch.argsort(logits, dim=1, descending=True)
+        a = order[:, 0]
+        if isinstance(contrast, str):
+            if contrast != "runner-up":
+                raise InputError(f"contrast must be a class index, one per test sample, or "
+                                 f"'runner-up'; got {contrast!r}")
+            b = order[:, 1]
+        else:
+            values = np.asarray(contrast)
+            if values.ndim > 1 or not np.issubdtype(values.dtype, np.integer):
+                raise InputError(f"contrast classes must be integers, got {contrast!r}")
+            values = np.broadcast_to(values, (len(test),)) if values.ndim == 0 else values
+            if values.shape != (len(test),):
+                raise InputError(f"contrast needs one class per test sample ({len(test)}), "
+                                 f"got {values.shape[0]}")
+            if values.min() < 0 or values.max() >= n_cls:
+                raise InputError(f"contrast classes out of range: found [{values.min()}, "
+                                 f"{values.max()}], expected 0..{n_cls - 1}")
+            b = torch.as_tensor(np.array(values), device=a.device).long()
+        same = torch.nonzero(a == b).flatten().tolist()
+        if same:
+            raise InputError(f"contrast class equals the predicted class for test sample(s) "
+                             f"{same[:5]}: 'why A and not A' has no answer")
+        eye = torch.eye(n_cls, dtype=test.targets.dtype, device=test.targets.device)
+        toward_b = Data(test.x, b, eye[b])
+        margin = Data(test.x, a, eye[b] - eye[a])
+        self._baseline_override = dataclasses.replace(self.baseline, direction="reinforce")
+        return toward_b, margin, a.cpu().numpy(), b.cpu().numpy()
 
     def _test_batch(self, n_test: int) -> int:
         """Test samples per stacked batch: the setting, or for "auto" as many (up to 32) as
@@ -322,14 +435,23 @@ class IntegratedInfluence(AttributionMethod):
             else:
                 jobs = [(state, rho, rho_prev, slice(None))]
             for member, r, r_prev, rows in jobs:
-                _, psi, solver = self._step(member, r, r_prev, k)
+                cols = slice(None)
+                if self.sharding is not None and not stacked:
+                    # this process's block of training samples; the curvature is summed
+                    # over all processes
+                    cols = self.sharding.rows(len(self.train))
+                    _, psi, solver = self._step(member, r, r_prev, k, cols)
+                else:
+                    _, psi, solver = self._step(member, r, r_prev, k)
                 gamma = loss_features(self.fmodel, member, test.x[rows], test.targets[rows],
                                       self.task, self.projector, self.chunk_size,
                                       self.max_feature_bytes, "test gradients")
                 sol = solver.solve(gamma.T)  # (P, rows)
-                scores[rows] -= rows_times(psi, sol).T / len(self.train)
+                scores[rows, cols] -= rows_times(psi, sol).T / len(self.train)
                 dampings.append(solver.damping)
                 retries += solver.retries
+        if self.sharding is not None and not stacked:
+            scores = self.sharding.all_reduce(scores)  # every process filled its own columns
         return _PathResult(scores.cpu().numpy(), dampings, retries, state)
 
     def _stackable(self, copies: int) -> bool:
@@ -342,14 +464,22 @@ class IntegratedInfluence(AttributionMethod):
         return self._stack_features and need * self.train.x.element_size() <= \
             self.max_feature_bytes
 
-    def _step(self, state: ModelState, rho: torch.Tensor, rho_prev: torch.Tensor, k: int):
+    def _step(self, state: ModelState, rho: torch.Tensor, rho_prev: torch.Tensor, k: int,
+              part: slice | None = None):
         """Features u (N, P), psi (N, P), or (N, B, P) for B previous targets (B, N, d), and
-        the curvature solver at path point k."""
-        u, psi = step_features(self.fmodel, state, self.train.x, rho, rho_prev, self.task,
+        the curvature solver at path point k. ``part``: only these training samples'
+        features, the curvature summed with the other processes' parts (``self.sharding``)."""
+        x = self.train.x
+        reduce = None
+        if part is not None:
+            x, rho, rho_prev = x[part], rho[part], rho_prev[part]
+            reduce = self.sharding.all_reduce
+        u, psi = step_features(self.fmodel, state, x, rho, rho_prev, self.task,
                                self.projector, self.chunk_size, self.max_feature_bytes,
                                progress=self.progress, desc=f"features k={k}")
-        solver = fit_curvature(self.curvature, self.fmodel, state, self.train.x, rho, self.task,
-                               self.projector, u, self.chunk_size)
+        solver = fit_curvature(self.curvature, self.fmodel, state, x, rho, self.task,
+                               self.projector, u, self.chunk_size, n_total=len(self.train),
+                               reduce=reduce)
         return u, psi, solver
 
     def _delta(self, test: Data, theta_prime: ModelState) -> np.ndarray:
