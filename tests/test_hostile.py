@@ -2,8 +2,7 @@
 code 1, one line naming the problem) or a correct recovery, and no finished chunk is lost.
 
 Elsewhere: corrupt chunks and SIGKILL (tests/test_store.py), a dying torchrun rank
-(tests/test_distributed.py), unsafe checkpoints (tests/test_checkpoints.py), the validation
-rules one by one (tests/test_task.py).
+(tests/test_distributed.py), the validation rules one by one (tests/test_task.py).
 """
 
 from __future__ import annotations
@@ -181,3 +180,34 @@ def test_finished_chunks_survive_a_failing_rerun(hostile, tmp_path, capsys):
     capsys.readouterr()
     assert sorted(p.name for p in (out / "chunks").iterdir()) == files
     np.testing.assert_array_equal(Attribution.load(out).scores, before)
+
+
+class _Trap:
+    """Unpickling this object creates a file: proof that code ran while loading."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_unsafe_checkpoint_is_refused_without_running_its_code(tmp_path):
+    from iif.checkpoints import Checkpoint
+    from iif.errors import InputError
+    from iif.grads import FunctionalModel
+
+    task, _, _ = tiny_job.problem()
+    fmodel = FunctionalModel(task.model)
+    marker = tmp_path / "code-ran"
+    state = fmodel.state()
+    torch.save({"params": state.params, "buffers": state.buffers, "extra": _Trap(marker)},
+               tmp_path / "evil.pt")
+    with pytest.raises(InputError, match="weights_only=True"):
+        Checkpoint(1, 0.1, path=tmp_path / "evil.pt").load(fmodel)
+    assert not marker.exists()
+    # the trap is real: a plain unpickling runs it
+    torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert marker.exists()
