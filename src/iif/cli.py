@@ -5,6 +5,7 @@
     iif attribute --task MODULE:FUNCTION --out DIR [--method M] [--settings FILE.toml] ...
     iif show DIR [--task MODULE:FUNCTION] [--test-index I ...] [--top K]
     iif explain --task MODULE:FUNCTION --test-index I [--contrast B|runner-up] [--out DIR]
+                [--settings FILE.toml] [--proj-dim P] [--kronecker]
     iif --version
 
 Each subcommand is a function ``_cmd_<name>(args) -> int`` registered in :func:`build_parser`
@@ -125,10 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="attribution method (default: settings file, else iif)")
     attribute.add_argument("--settings", metavar="FILE.toml", default=None,
                            help="settings file (see iif.config)")
-    attribute.add_argument("--proj-dim", type=_positive_int, default=None, metavar="P",
-                           help="projection dimension ([projection] dim)")
-    attribute.add_argument("--kronecker", action="store_true", default=None,
-                           help="Kronecker-factored projection of linear layers")
+    _projection_flags(attribute)
     attribute.add_argument("--test-batch", type=_positive_int, default=None, metavar="B",
                            help="iif: test samples trained together as stacked copies")
     attribute.add_argument("--chunk", type=_positive_int, default=None, metavar="N",
@@ -173,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="folder for explain_<I>.png and .json (default: explain-out)")
     explain.add_argument("--settings", metavar="FILE.toml", default=None,
                          help="IIF settings file (see iif attribute)")
+    _projection_flags(explain)
     explain.add_argument("--top", type=_positive_int, default=8, metavar="K",
                          help="training samples per row (default: 8)")
     explain.add_argument("--image-shape", type=int, nargs="+", default=None, metavar="D",
@@ -207,14 +206,25 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _projection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--proj-dim", type=_positive_int, default=None, metavar="P",
+                        help="projection dimension ([projection] dim)")
+    parser.add_argument("--kronecker", action="store_true", default=None,
+                        help="Kronecker-factored projection of linear layers")
+
+
+def _projection_settings(args: argparse.Namespace) -> dict:
+    return {"projection.dim": args.proj_dim,
+            "projection.structure": "kronecker" if args.kronecker else None}
+
+
 def _cmd_attribute(args: argparse.Namespace) -> int:
     from iif.config import build_method, load_job, load_settings, merge
     from iif.distributed import attribute_job
 
     settings = merge(load_settings(args.settings), {
         "method": args.method, "seed": args.seed, "chunk": args.chunk,
-        "test_batch": args.test_batch, "projection.dim": args.proj_dim,
-        "projection.structure": "kronecker" if args.kronecker else None,
+        "test_batch": args.test_batch, **_projection_settings(args),
     })
     if getattr(args, "progress", None) is False:
         settings["progress"] = False
@@ -239,7 +249,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from iif.config import build_method, load_job, load_settings, merge
     from iif.explain import explain
 
-    settings = merge(load_settings(args.settings), {"method": "iif"})
+    settings = merge(load_settings(args.settings), _projection_settings(args))
+    settings.setdefault("method", "iif")
     if settings["method"] != "iif":
         raise InputError("iif explain uses Integrated Influence (method = \"iif\")")
     settings.pop("chunk", None)

@@ -47,7 +47,8 @@ def explain(
     low, high = top_entries(scores, labels, k)
     if contrast is not None:
         a, b = result.info["contrast"]["A"][0], result.info["contrast"]["B"][0]
-        heading = f"Test sample {index} (label {true}): why class {a} and not {b}?"
+        heading = (f"Test sample {index} (label {true}, predicted {predicted}): why class {a} "
+                   f"and not {b}?")
         rows = [(f"towards {a}", high), (f"towards {b}", low)]
         what = (f"scores attribute the margin log p_{a} - log p_{b}; positive = pushes "
                 f"towards {a}")
@@ -55,7 +56,12 @@ def explain(
         heading = f"Test sample {index} (label {true}, predicted {predicted})"
         rows = [("proponents", low), ("opponents", high)]
         what = "positive = including the sample raises the test loss"
-    lines = [heading, f"  {what}", f"  {format_completeness(comp)}"]
+    if contrast is not None:
+        check = (f"completeness: sum of scores {comp['sum']:+.4g}, margin(theta*) - "
+                 f"margin(theta') = {comp['delta']:+.4g}, gap {comp['gap']:.2g}")
+    else:
+        check = format_completeness(comp)
+    lines = [heading, f"  {what}", f"  {check}"]
     for title, entries in rows:
         lines.append(f"  {title}: " + ", ".join(
             f"#{e['index']} (label {e['label']}) {e['score']:+.3g}" for e in entries))

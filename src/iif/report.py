@@ -322,10 +322,11 @@ def plot_rankings(
     show = {"cmap": cmap if test.ndim == 2 else None, "vmin": vmin, "vmax": vmax,
             "interpolation": "nearest"}
     row_h, head_h = 1.35, 0.7
-    height = head_h + row_h * len(rows)
+    height = head_h + row_h * len(rows) + 0.25
     fig = Figure(figsize=(1.15 * (k + 4.2), height), dpi=dpi)
     grid = fig.add_gridspec(len(rows), k + 2, width_ratios=[2.6, 1.6] + [1.0] * k,
-                            left=0.01, right=0.995, top=1 - head_h / height, bottom=0.02,
+                            left=0.01, right=0.995, top=1 - head_h / height,
+                            bottom=0.25 / height,  # room for the last row's labels
                             wspace=0.1, hspace=0.55)
     fig.suptitle(heading, fontsize=11, fontweight="bold", x=0.01, ha="left")
     ax = fig.add_subplot(grid[:, 0])
