@@ -352,3 +352,34 @@ def test_kronecker_fast_path_is_skipped_for_shared_layers():
     p = _kron(fmodel, 9)
     assert p.linear_only
     assert not _single_use_linears(fmodel, fmodel.state(), torch.zeros(2, 3).double(), p)
+
+
+def test_kronecker_at_full_size_reconstructs_per_sample_gradients_exactly():
+    """With square factors (P = out x (in + 1)) nothing is lost: identity factors give the
+    per-sample gradient [dW | db] itself, and the seeded random factors give it back through
+    their inverses, on the fast path that never forms the gradient."""
+    from torch import nn
+
+    from iif.features import loss_features
+    from iif.grads import FunctionalModel, per_sample_grads
+    from iif.task import Task
+
+    torch.manual_seed(4)
+    model = nn.Linear(6, 5).double()
+    task = Task(model, "regression")
+    fmodel = FunctionalModel(model)
+    state = fmodel.state()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    t = torch.randn(9, 5, generator=gen, dtype=torch.float64)
+    grads = per_sample_grads(fmodel, state, x, t, task)  # (9, 35): weight then bias
+    stacked = torch.cat([grads[:, :30].reshape(9, 5, 6), grads[:, 30:, None]], dim=2)
+    p = _kron(fmodel, 35)
+    w_off, out, inp, b_off, a_out, a_in = p.layers[0]
+    assert p.dim == 35 and a_out.shape == (5, 5) and a_in.shape == (7, 7)
+    feats = loss_features(fmodel, state, x, t, task, p).reshape(9, 5, 7)
+    back = torch.linalg.solve(a_out.T, feats) @ torch.linalg.inv(a_in)
+    torch.testing.assert_close(back, stacked, rtol=1e-9, atol=1e-10)
+    p.layers[0] = (w_off, out, inp, b_off, torch.eye(5).double(), torch.eye(7).double())
+    torch.testing.assert_close(loss_features(fmodel, state, x, t, task, p).reshape(9, 5, 7),
+                               stacked, rtol=1e-12, atol=1e-12)
