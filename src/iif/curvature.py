@@ -171,6 +171,28 @@ def gram_solver(
     return dense_solver(_gram(rows) / n, settings, kind, base=base)
 
 
+def stacked_gram_solvers(
+    rows: torch.Tensor, n: int, settings: CurvatureSettings, kind: str,
+    effective_dim: int | None = None,
+) -> list[Solver]:
+    """:func:`gram_solver` for B matrices at once, ``rows`` (B, R, D) with R >= D: the B
+    Gram matrices come from batched float64 products, one block of rows at a time."""
+    copies, n_rows, dim = rows.shape
+    matrices = torch.zeros(copies, dim, dim, dtype=SOLVE_DTYPE, device=rows.device)
+    step = max(1, _BLOCK_ELEMENTS // (dim * copies))
+    for lo in range(0, n_rows, step):
+        part = rows[:, lo : lo + step].to(SOLVE_DTYPE)
+        matrices += part.transpose(1, 2) @ part
+    if not bool(torch.isfinite(matrices).all()):
+        raise InputError("per-sample gradients contain NaN or inf; the curvature cannot be built")
+    solvers = []
+    for matrix in matrices:
+        base = _default_damping(settings, float(torch.diagonal(matrix).sum()) / n,
+                                effective_dim or dim)
+        solvers.append(dense_solver(matrix / n, settings, kind, base=base))
+    return solvers
+
+
 def _gram(rows: torch.Tensor) -> torch.Tensor:
     """``rows^T rows`` (D, D) in float64, converting a block of rows at a time."""
     dim = rows.shape[1]

@@ -27,7 +27,13 @@ from iif.baseline import (
     unlearning_baseline,
     unlearning_baselines,
 )
-from iif.curvature import SOLVE_DTYPE, CurvatureSettings, fit_curvature, rows_times
+from iif.curvature import (
+    SOLVE_DTYPE,
+    CurvatureSettings,
+    fit_curvature,
+    rows_times,
+    stacked_gram_solvers,
+)
 from iif.errors import InputError
 from iif.features import (
     can_stack_features,
@@ -421,10 +427,17 @@ class IntegratedInfluence(AttributionMethod):
                 gamma = stacked_loss_features(self.fmodel, state.params, state.buffers,
                                               test.x[:, None], test.targets[:, None], self.task,
                                               self.projector, self.chunk_size, "test gradients")
-                for b, member in enumerate(state.members()):
-                    solver = fit_curvature(self.curvature, self.fmodel, member, self.train.x,
-                                           rho[b], self.task, self.projector, u[b],
-                                           self.chunk_size)
+                if self.curvature.kind == "fisher" and len(self.train) >= self.projector.dim:
+                    # the B Fisher matrices from batched products
+                    solvers = stacked_gram_solvers(
+                        u, len(self.train), self.curvature, "fisher",
+                        min(self.projector.dim, self.fmodel.num_params))
+                else:
+                    solvers = [fit_curvature(self.curvature, self.fmodel, member, self.train.x,
+                                             rho[b], self.task, self.projector, u[b],
+                                             self.chunk_size)
+                               for b, member in enumerate(state.members())]
+                for b, solver in enumerate(solvers):
                     sol = solver.solve(gamma[b].T)  # (P, 1)
                     scores[b] -= rows_times(psi[b], sol)[:, 0] / len(self.train)
                     dampings.append(solver.damping)
