@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -68,3 +69,31 @@ def test_dense_projection_or_other_layers_do_not_stack():
                           "cpu", torch.float64, fmodel)
     assert not can_stack_features(fmodel, fmodel.state(), x, dense)
     assert not can_stack_features(fmodel, fmodel.state(), x, kron)  # LayerNorm is not Linear
+
+
+def test_features_beyond_the_budget_are_memory_mapped_with_a_feature_dir(tmp_path, monkeypatch):
+    """Past max_feature_bytes, features are refused, or memory-mapped from unnamed files in
+    feature_dir: the same scores, no file left behind."""
+    import numpy as np
+    import tiny_job
+
+    from iif.errors import InputError
+
+    task, train, test = tiny_job.problem()
+    small = tiny_job.method(task, train, test_batch=1, max_feature_bytes=2_000)
+    with pytest.raises(InputError, match="feature_dir"):
+        small.attribute(test)
+    mapped = []
+    original = np.memmap
+
+    def counting(*args, **kwargs):
+        mapped.append(kwargs.get("shape"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(np, "memmap", counting)
+    spilled = tiny_job.method(task, train, test_batch=1, max_feature_bytes=2_000,
+                              feature_dir=tmp_path / "spill").attribute(test)
+    expected = tiny_job.method(task, train, test_batch=1).attribute(test)
+    assert mapped and all(shape[-1] == 32 for shape in mapped)  # (N, P) feature matrices
+    np.testing.assert_allclose(spilled.scores, expected.scores, rtol=1e-12, atol=1e-15)
+    assert list((tmp_path / "spill").iterdir()) == []

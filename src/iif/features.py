@@ -6,12 +6,22 @@ For a model state theta_k and the path targets rho_k, rho_{k-1}:
 - ``psi_i = A^T J_i (rho_k - rho_{k-1})``               (target-Jacobian products),
 - ``gamma = A^T grad_theta L_test(theta_k)``            (test gradients).
 
-Features are stored as (N, P) in the model's dtype; for the unprojected case P = M, and a
-memory budget turns an N x M request that would not fit into a clear error.
+Features are stored as (N, P) in the model's dtype; for the unprojected case P = M. A matrix
+beyond the memory budget (``max_bytes``) is a clear error, or, inside
+:func:`spill_features_to` (a method's ``feature_dir``), memory-mapped from disk.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from contextvars import ContextVar
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from iif.errors import InputError
@@ -31,13 +41,45 @@ from iif.task import Task
 DEFAULT_MAX_FEATURE_BYTES = 4 << 30
 
 
-def _check_budget(rows: int, dim: int, dtype: torch.dtype, max_bytes: int, what: str) -> None:
-    need = rows * dim * torch.empty((), dtype=dtype).element_size()
-    if need > max_bytes:
+# where features larger than max_bytes go instead of memory (see spill_features_to)
+_SPILL_DIR: ContextVar[Path | None] = ContextVar("iif_feature_dir", default=None)
+
+
+@contextlib.contextmanager
+def spill_features_to(folder: str | os.PathLike | None) -> Iterator[None]:
+    """Within the block, feature matrices larger than ``max_bytes`` are memory-mapped from
+    unnamed files in ``folder`` instead of refused (None: refuse, the default). The files are
+    unlinked as soon as they are mapped, so nothing is left behind, even after a crash."""
+    token = _SPILL_DIR.set(None if folder is None else Path(folder))
+    try:
+        yield
+    finally:
+        _SPILL_DIR.reset(token)
+
+
+def _feature_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                    max_bytes: int, what: str) -> torch.Tensor:
+    """An uninitialised (shape) tensor for features: in memory up to ``max_bytes``, beyond it
+    memory-mapped from disk when a spill folder is set (CPU), else a clear error."""
+    need = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if need <= max_bytes:
+        return torch.empty(shape, dtype=dtype, device=device)
+    folder = _SPILL_DIR.get()
+    if folder is None or torch.device(device).type != "cpu":
         raise InputError(
-            f"{what} would take {need / 2**30:.1f} GiB ({rows} x {dim}); use a projection "
-            f"(ProjectionSettings(dim=...)) or raise max_feature_bytes"
+            f"{what} would take {need / 2**30:.1f} GiB ({' x '.join(map(str, shape))}); use a "
+            f"projection (ProjectionSettings(dim=...)), raise max_feature_bytes, or give "
+            f"feature_dir= to memory-map them from disk"
         )
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".features-", suffix=".bin")
+    try:
+        os.close(fd)
+        array = np.memmap(name, dtype=torch.empty((), dtype=dtype).numpy().dtype, mode="w+",
+                          shape=shape)
+    finally:
+        os.unlink(name)  # the mapping keeps the pages; the name goes now
+    return torch.from_numpy(array)
 
 
 def _check_finite(block: torch.Tensor, what: str) -> None:
@@ -198,10 +240,10 @@ def step_features(
     n = x.shape[0]
     many = rho_prev.dim() == 3
     rows = 1 + (rho_prev.shape[0] if many else 1)
-    _check_budget(rows * n, projector.dim, rho.dtype, max_bytes, "path features")
-    u = torch.empty(n, projector.dim, dtype=rho.dtype, device=x.device)
-    psi = torch.empty(n, *((rows - 1,) if many else ()), projector.dim, dtype=rho.dtype,
-                      device=x.device)
+    u = _feature_buffer((n, projector.dim), rho.dtype, x.device, max_bytes // rows,
+                        "path features")
+    psi = _feature_buffer((n, *((rows - 1,) if many else ()), projector.dim), rho.dtype,
+                          x.device, max_bytes * (rows - 1) // rows, "path features")
     if many:
         fn, args = loss_and_target_jvps(task), (rho, rho_prev.transpose(0, 1))
         # per-sample Jacobians hold rows x M values per sample: keep a chunk's memory
@@ -230,8 +272,8 @@ def loss_features(
     """Projected per-sample loss gradients (n, P), e.g. the test gradients gamma. ``what``
     names them in errors."""
     n = x.shape[0]
-    _check_budget(n, projector.dim, targets.dtype, max_bytes, "gradient features")
-    out = torch.empty(n, projector.dim, dtype=targets.dtype, device=x.device)
+    out = _feature_buffer((n, projector.dim), targets.dtype, x.device, max_bytes,
+                          "gradient features")
 
     def loss(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return task.sample_loss(o[None], t[None])[0]
@@ -260,8 +302,8 @@ def ggn_features(
     outputs = fmodel.outputs(state, x)
     factors = output_hessian_factor(task, outputs, targets)  # (N, d, d)
     d = factors.shape[-1]
-    _check_budget(n * d, projector.dim, targets.dtype, max_bytes, "Gauss-Newton features")
-    rows = torch.empty(n, d, projector.dim, dtype=targets.dtype, device=x.device)
+    rows = _feature_buffer((n, d, projector.dim), targets.dtype, x.device, max_bytes,
+                           "Gauss-Newton features")
 
     def contracted(o: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         return o @ f  # (d,): column c is <f(x), L[:, c]>, so its gradient is J^T L[:, c]
@@ -384,9 +426,10 @@ def stacked_step_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`step_features` of B copies: ``rho``, ``rho_prev`` (B, N, d) -> u, psi (B, N, P)."""
     copies, n = rho.shape[0], x.shape[0]
-    _check_budget(2 * copies * n, projector.dim, rho.dtype, max_bytes, "path features")
-    u = torch.empty(copies, n, projector.dim, dtype=rho.dtype, device=x.device)
-    psi = torch.empty_like(u)
+    u = _feature_buffer((copies, n, projector.dim), rho.dtype, x.device, max_bytes // 2,
+                        "path features")
+    psi = _feature_buffer((copies, n, projector.dim), rho.dtype, x.device, max_bytes // 2,
+                          "path features")
     for start, feats in stacked_projected_jacobians(
             fmodel, params, buffers, x, path_step_fn(task), rho, rho_prev,
             projector=projector, chunk_size=chunk_size):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -27,7 +28,7 @@ from torch import nn
 
 from iif.attribution import Attribution
 from iif.errors import InputError
-from iif.features import DEFAULT_MAX_FEATURE_BYTES
+from iif.features import DEFAULT_MAX_FEATURE_BYTES, spill_features_to
 from iif.grads import FunctionalModel
 from iif.task import Data, Task
 
@@ -45,7 +46,9 @@ class AttributionMethod:
         chunk_size: samples per per-sample-gradient chunk (bounds memory).
         seed: seeds every random choice of the method (minibatches, dropout, projections).
         progress: tqdm bars (None: only on a terminal).
-        max_feature_bytes: refuse to store features larger than this (use a projection).
+        max_feature_bytes: features larger than this are refused (use a projection), or with
+            ``feature_dir`` memory-mapped from unnamed files in that folder.
+        feature_dir: folder for memory-mapped features beyond ``max_feature_bytes`` (CPU).
     """
 
     method = "base"
@@ -60,6 +63,7 @@ class AttributionMethod:
         seed: int = 0,
         progress: bool | None = None,
         max_feature_bytes: int = DEFAULT_MAX_FEATURE_BYTES,
+        feature_dir: str | os.PathLike | None = None,
     ):
         self.task = task
         self.train: Data = task.validate(train_data, "training data")
@@ -69,6 +73,7 @@ class AttributionMethod:
         self.seed = int(seed)
         self.progress = progress
         self.max_feature_bytes = int(max_feature_bytes)
+        self.feature_dir = None if feature_dir is None else str(feature_dir)
         self.fmodel = FunctionalModel(task.model)
         self.state = self.fmodel.state()  # theta*, frozen at construction
         _warn_train_mode(task.model)
@@ -81,7 +86,8 @@ class AttributionMethod:
         loss. ``options`` go to the method (see its ``attribute``)."""
         test = self.task.validate(test_data, "test data")
         start = time.perf_counter()
-        parts = [m._attribute(test, **options) for m in self.members()]
+        with spill_features_to(self.feature_dir):
+            parts = [m._attribute(test, **options) for m in self.members()]
         result = parts[0] if len(parts) == 1 else self._combine(parts)
         result.info.setdefault("seconds", time.perf_counter() - start)
         result.info["ensemble_size"] = len(parts)
@@ -92,7 +98,8 @@ class AttributionMethod:
         ensemble: the score of each sample on its own loss. The most negative are the samples
         the model fits only through themselves, often mislabelled ones."""
         idx = self._indices(indices)
-        return np.mean([m._self_influence(idx) for m in self.members()], axis=0)
+        with spill_features_to(self.feature_dir):
+            return np.mean([m._self_influence(idx) for m in self.members()], axis=0)
 
     def settings(self) -> dict[str, Any]:
         return {

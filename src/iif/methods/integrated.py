@@ -38,6 +38,7 @@ from iif.errors import InputError
 from iif.features import (
     can_stack_features,
     loss_features,
+    spill_features_to,
     stacked_loss_features,
     stacked_step_features,
     step_features,
@@ -149,7 +150,8 @@ class IntegratedInfluence(AttributionMethod):
         (positive = including the training sample raises it); completeness is the group's.
         A group of one gives that sample's per-test scores."""
         test = self.task.validate(test_data, "test data")
-        parts = [m._group(test) for m in self.members()]
+        with spill_features_to(self.feature_dir):
+            parts = [m._group(test) for m in self.members()]
         result = parts[0] if len(parts) == 1 else self._combine(parts)
         result.info["ensemble_size"] = len(parts)
         return result
