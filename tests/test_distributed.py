@@ -110,6 +110,7 @@ def test_shared_baseline_splits_the_training_set_over_two_ranks(tmp_path):
     settings.write_text(SHARED_SETTINGS)
     run = _torchrun("tiny_job:job", tmp_path / "out", settings, chunk=None)
     assert run.returncode == 0, run.stderr.decode()[-3000:]
+    assert "rank 1 of 2: training samples 100..199" in run.stderr.decode()
     task, train, test = tiny_job.problem()
     single = tiny_job.method(task, train, baseline=BaselineSettings(mode="shared"))
     expected = single.attribute(test)
@@ -137,3 +138,25 @@ def test_lds_ground_truth_over_two_ranks_equals_one_process(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "losses.npy"), alone.losses, rtol=1e-10)
     # both ranks trained: the three chunks of two models came from two processes
     assert len(list((tmp_path / "cache").glob("*/losses_*.npy"))) == 3
+
+
+@pytest.mark.parametrize(("settings_text", "name"), [
+    ('method = "trak"\n[projection]\ndim = 16\n', "trak"),
+    ('method = "if"\nsolver = "projected"\n[projection]\ndim = 16\n', "if"),
+])
+def test_trak_and_projected_if_split_the_training_set(tmp_path, settings_text, name):
+    from iif.config import build_method, load_job, load_settings
+
+    settings = tmp_path / "s.toml"
+    settings.write_text(settings_text)
+    run = _torchrun("tiny_job:job", tmp_path / "out", settings, chunk=4)
+    assert run.returncode == 0, run.stderr.decode()[-3000:]
+    job = load_job("tiny_job:job")
+    expected = build_method(job, load_settings(settings)).attribute(job.test)
+    got = Attribution.load(tmp_path / "out")
+    assert got.method == name
+    log = run.stderr.decode()
+    assert "rank 0 of 2: training samples 0..99" in log
+    assert "rank 1 of 2: training samples 100..199" in log
+    np.testing.assert_allclose(got.scores, expected.scores, rtol=1e-8,
+                               atol=1e-11 * np.abs(expected.scores).max())

@@ -10,8 +10,9 @@ keeps every finished chunk: the same command run again resumes.
 IIF with a shared baseline has one path for all test samples, so it splits the training set
 instead: every rank trains the same baseline and path models (seeded, identical), featurises
 its block of training samples, the P x P curvature is summed with an all-reduce, and each rank
-scores its own columns (:class:`Sharding`). LDS retraining shares out its chunks of models
-through the cache folder (:func:`ground_truth_job`).
+scores its own columns (:class:`Sharding`). TRAK and projected IF split the training set the
+same way (their kernel or curvature all-reduced), every rank seeing every test chunk. LDS
+retraining shares out its chunks of models through the cache folder (:func:`ground_truth_job`).
 """
 
 from __future__ import annotations
@@ -70,9 +71,11 @@ class Sharding:
 
 
 def splits_training_set(method: Any) -> bool:
-    """Methods whose one path serves every test sample split the training set instead of
-    the test samples: IIF with a shared baseline."""
-    return getattr(method, "method", None) == "iif" and method.baseline.mode == "shared"
+    """Methods whose training-set work serves every test sample split the training set
+    instead of the test samples: IIF with a shared baseline, TRAK and projected IF."""
+    name = getattr(method, "method", None)
+    return ((name == "iif" and method.baseline.mode == "shared") or name == "trak"
+            or (name == "if" and method.solver == "projected"))
 
 
 def attribute_job(
@@ -127,6 +130,9 @@ def _attribute_split(out, method, test_data, chunk, rank: int, size: int) -> Non
     todo = store.pending()
     dist.barrier()  # every rank has looked before rank 0 can finish the chunk
     method.sharding = Sharding(rank, size)
+    block = method.sharding.rows(len(method.train))
+    log.info("rank %d of %d: training samples %d..%d, %d chunk(s) of test samples", rank, size,
+             block.start, block.stop - 1, len(todo))
     try:
         for lo, hi in todo:
             part = test.subset(slice(lo, hi))

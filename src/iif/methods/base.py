@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from iif.attribution import Attribution
@@ -79,6 +80,8 @@ class AttributionMethod:
         _warn_train_mode(task.model)
         self.models = _check_models(task.model, models)
         self._members: list[AttributionMethod] | None = None
+        # set by iif.distributed when this process works on a block of the training set
+        self.sharding: Any = None
 
     # ---- public API ----------------------------------------------------------------------
     def attribute(self, test_data: Any, **options: Any) -> Attribution:
@@ -156,6 +159,20 @@ class AttributionMethod:
         return {}
 
     # ---- helpers -------------------------------------------------------------------------
+    def _train_block(self) -> slice:
+        """The training samples this process featurises: all, or its block under sharding."""
+        return slice(None) if self.sharding is None else self.sharding.rows(len(self.train))
+
+    def _gather_columns(self, block: torch.Tensor) -> torch.Tensor:
+        """Scores of this process's training block (..., n_block) as (..., N), summed over
+        the processes (each fills its own columns); unchanged without sharding."""
+        if self.sharding is None:
+            return block
+        full = torch.zeros(*block.shape[:-1], len(self.train), dtype=block.dtype,
+                           device=block.device)
+        full[..., self._train_block()] = block
+        return self.sharding.all_reduce(full)
+
     def _indices(self, indices: Any) -> np.ndarray:
         n = len(self.train)
         idx = np.arange(n) if indices is None else np.asarray(indices)

@@ -105,11 +105,13 @@ class InfluenceFunction(AttributionMethod):
         grads, solver = self._fit()
         test_grads = self._features(test.x, test.targets)  # (n_test, D)
         sol = solver.solve(test_grads.T)  # (D, n_test) = C^{-1} g_s
-        scores = -self._train_products(grads, sol).T / len(self.train)
+        scores = self._gather_columns(-self._train_products(grads, sol).T / len(self.train))
         info = {"solver": solver.report()}
         return Attribution(scores.cpu().numpy(), self.method, self.settings(), None, info)
 
     def _self_influence(self, idx: np.ndarray) -> np.ndarray:
+        if self.sharding is not None:
+            raise InputError("self-influence runs in one process")
         grads, solver = self._fit()
         out = np.empty(idx.size)
         step = self.chunk_size if self.solver != "cg" else max(1, self.chunk_size // 4)
@@ -150,10 +152,12 @@ class InfluenceFunction(AttributionMethod):
                                    self.curvature.kind, trace)
                 self._fitted = (None, solver)
             else:
-                grads = self._features(train.x, train.targets)
-                solver = fit_curvature(self.curvature, self.fmodel, self.state, train.x,
-                                       train.targets, self.task, self.projector, grads,
-                                       self.chunk_size)
+                block = self._train_block()
+                grads = self._features(train.x[block], train.targets[block])
+                reduce = None if self.sharding is None else self.sharding.all_reduce
+                solver = fit_curvature(self.curvature, self.fmodel, self.state, train.x[block],
+                                       train.targets[block], self.task, self.projector, grads,
+                                       self.chunk_size, n_total=len(train), reduce=reduce)
                 self._fitted = (grads, solver)
         return self._fitted
 

@@ -111,8 +111,6 @@ class IntegratedInfluence(AttributionMethod):
                              "runs with test_batch=1")
         self.test_batch = test_batch
         self._stack_features: bool | None = None
-        # set by iif.distributed for a single path split over processes by training samples
-        self.sharding: Any = None
         self._baseline_override: BaselineSettings | None = None
         self.baseline = baseline or BaselineSettings()
         self.path = path or PathSettings()

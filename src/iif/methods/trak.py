@@ -223,13 +223,15 @@ class TRAK(AttributionMethod):
         cache = self._train_features()
         phi_test = self._features(test.x, test.targets, "test")
         sol = cache.solver.solve(phi_test.T)  # (P, n_test)
-        kernel = rows_times(cache.phi, sol).T  # (n_test, N)
+        kernel = self._gather_columns(rows_times(cache.phi, sol).T)  # (n_test, N)
         if self.task.kind == "regression":
             kernel = kernel * self._slopes(test.x, test.targets)[:, None]
-        return kernel.cpu().numpy(), cache.weights.cpu().numpy()
+        return kernel.cpu().numpy(), self._gather_columns(cache.weights).cpu().numpy()
 
     def _self_parts(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``c_i phi_i^T K phi_i`` and ``w_i`` for training samples idx, each (n,)."""
+        if self.sharding is not None:
+            raise InputError("self-influence runs in one process")
         cache = self._train_features()
         tidx = torch.as_tensor(idx, device=cache.phi.device)
         diag = torch.empty(idx.size, dtype=SOLVE_DTYPE, device=cache.phi.device)
@@ -252,16 +254,20 @@ class TRAK(AttributionMethod):
             # Phi in the model dtype, and the solver's float64 N x N (Woodbury, N < P) or P x P.
             solve_values = n * n if n < dim else dim * dim
             self._check_memory(n * dim, solve_values, "TRAK training features")
-            phi = self._features(train.x, train.targets, "train", progress=self.progress)
-            outputs = self.fmodel.outputs(self.state, train.x, self.chunk_size)
-            weights = self._slopes(train.x, train.targets, outputs)
+            block = self._train_block()
+            x, targets = train.x[block], train.targets[block]
+            phi = self._features(x, targets, "train", progress=self.progress)
+            outputs = self.fmodel.outputs(self.state, x, self.chunk_size)
+            weights = self._slopes(x, targets, outputs)
             rows = phi
             if self.task.kind == "regression":
-                curv = output_hessian_factor(self.task, outputs, train.targets)[:, 0, 0]
+                curv = output_hessian_factor(self.task, outputs, targets)[:, 0, 0]
                 rows = phi * curv.to(phi.dtype)[:, None]  # sqrt(l''_i) phi_i
             settings = CurvatureSettings(damping=self.damping)
             rank = min(n, dim, self.fmodel.num_params)
-            solver = gram_solver(rows, 1, settings, "TRAK kernel", effective_dim=rank)
+            reduce = None if self.sharding is None else self.sharding.all_reduce
+            solver = gram_solver(rows, 1, settings, "TRAK kernel", effective_dim=rank,
+                                 reduce=reduce)
             self._cache = _TrainFeatures(phi, weights, solver, time.perf_counter() - start)
         return self._cache
 
