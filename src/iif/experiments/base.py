@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +207,14 @@ def check_scale(scale: str) -> str:
     if scale not in SCALES:
         raise InputError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
     return scale
+
+
+def begin(out_dir: str | Path, scale: str, sizes: dict[str, dict[str, Any]]
+          ) -> tuple[float, Path, dict[str, Any]]:
+    """The start of an experiment's ``run``: (clock at the start, the output folder, created,
+    and the sizes of ``scale``); an unknown scale is an :class:`InputError`."""
+    check_scale(scale)
+    return time.perf_counter(), ensure_dir(out_dir), sizes[scale]
 
 
 # ---- helpers ---------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 from iif.baseline import BaselineSettings
 from iif.evaluation.retrain import train_batch
 from iif.experiments import mnist
-from iif.experiments.base import ExperimentResult, Table, check_scale, ensure_dir
+from iif.experiments.base import ExperimentResult, Table, begin
 from iif.grads import FunctionalModel, module_mode
 from iif.methods import InfluenceFunction, IntegratedInfluence
 from iif.path import PathSettings
@@ -75,10 +75,7 @@ def run(
     out_dir: str | Path, scale: str = "smoke", seed: int = 0, progress: bool | None = None
 ) -> ExperimentResult:
     """Run the contrast experiment at ``scale``: writes contrast.json, .md and .png."""
-    check_scale(scale)
-    start = time.perf_counter()
-    out = ensure_dir(out_dir)
-    size = SIZES[scale]
+    start, out, size = begin(out_dir, scale, SIZES)
     (x, y), (xt_all, yt_all) = mnist.draw(size["n_train"], 2000, seed)
     task = mnist.task(seed, size["epochs"])
     masks_all = np.ones((1, len(y)), dtype=bool)

@@ -19,7 +19,7 @@ import torch
 from iif.baseline import BaselineSettings
 from iif.checkpoints import train_with_checkpoints
 from iif.experiments import mnist
-from iif.experiments.base import ExperimentResult, Table, check_scale, ensure_dir
+from iif.experiments.base import ExperimentResult, Table, begin
 from iif.methods import IntegratedInfluence
 from iif.path import PathSettings
 from iif.projection import ProjectionSettings
@@ -54,10 +54,7 @@ def run(
     out_dir: str | Path, scale: str = "smoke", seed: int = 0, progress: bool | None = None
 ) -> ExperimentResult:
     """Run Figure 2 at ``scale``: writes ``fig2.png``, ``fig2.json`` and ``fig2.md``."""
-    check_scale(scale)
-    start = time.perf_counter()
-    out = ensure_dir(out_dir)
-    size = SIZES[scale]
+    start, out, size = begin(out_dir, scale, SIZES)
     (x, y), (xt, yt) = mnist.draw(size["n_train"], 1000, seed)
     task = mnist.task(seed, size["epochs"])
     every = max(1, size["epochs"] // size["checkpoints"])

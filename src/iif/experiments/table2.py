@@ -21,7 +21,7 @@ from iif.checkpoints import train_with_checkpoints
 from iif.evaluation import RetrainSettings, ground_truth
 from iif.evaluation.datamodel import datamodel_lds
 from iif.experiments import mnist
-from iif.experiments.base import ExperimentResult, Table, check_scale, ensure_dir
+from iif.experiments.base import ExperimentResult, Table, begin
 
 NAME = "table2"
 TITLE = "Table 2: LDS on MNIST"
@@ -48,10 +48,7 @@ def run(
     out_dir: str | Path, scale: str = "smoke", seed: int = 0, progress: bool | None = None
 ) -> ExperimentResult:
     """Run Table 2 at ``scale`` and write ``table2.json`` and ``table2.md`` into ``out_dir``."""
-    check_scale(scale)
-    start = time.perf_counter()
-    out = ensure_dir(out_dir)
-    size = SIZES[scale]
+    start, out, size = begin(out_dir, scale, SIZES)
     train, test = mnist.draw(size["n_train"], size["n_test"], seed)
     task = mnist.task(seed, size["epochs"])
     every = max(1, size["epochs"] // size["checkpoints"])

@@ -27,7 +27,7 @@ from iif.data import load_mnist
 from iif.data.cifar import cifar10_dir, load_cifar10
 from iif.evaluation import detection_curve, flip_labels, mislabel_auc
 from iif.experiments import mnist
-from iif.experiments.base import ExperimentResult, Table, check_scale, ensure_dir
+from iif.experiments.base import ExperimentResult, Table, begin
 from iif.task import Recipe, Task
 
 NAME = "table3"
@@ -125,10 +125,7 @@ def run(
     out_dir: str | Path, scale: str = "smoke", seed: int = 0, progress: bool | None = None
 ) -> ExperimentResult:
     """Run Table 3 at ``scale`` and write ``table3.json`` and ``table3.md`` into ``out_dir``."""
-    check_scale(scale)
-    start = time.perf_counter()
-    out = ensure_dir(out_dir)
-    size = SIZES[scale]
+    start, out, size = begin(out_dir, scale, SIZES)
     datasets: dict[str, dict] = {}
     (x, y), _ = mnist.draw(size["n_train"], None, seed)
     datasets["MNIST"] = one_dataset(x, y, mnist.mlp(seed), mnist.recipe(size["epochs"]), size,
