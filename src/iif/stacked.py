@@ -156,21 +156,23 @@ def fit_stacked(
             if bool(frozen.all()):
                 break
             order = torch.randperm(n, generator=generator).to(x.device)
-            total = torch.zeros(copies, dtype=torch.float64)
+            total = torch.zeros(copies, dtype=torch.float64, device=x.device)
             count = 0
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
                 tb = targets[:, idx] if per_copy_targets else targets[idx]
                 loss = losses_of(params, work.buffers, x[idx], tb, *extra_data)
-                finite = torch.isfinite(loss.detach())
-                for b in torch.nonzero(~finite & ~frozen).flatten().tolist():
+                broken = ~torch.isfinite(loss.detach()) & ~frozen
+                # one device sync per step, as fit's own finiteness check
+                for b in (torch.nonzero(broken).flatten().tolist() if bool(broken.any())
+                          else []):
                     freeze(b, FitResult(good[b], False, history[b], done[b]))
                 live = ~frozen
                 opt.zero_grad(set_to_none=True)
                 torch.where(live, loss, torch.zeros_like(loss)).sum().backward()
                 opt.step()
                 restore_frozen()
-                total += torch.where(live, loss.detach(), 0.0).double().cpu() * len(idx)
+                total += torch.where(live, loss.detach(), 0.0).double() * len(idx)
                 count += len(idx)
                 if stop is not None:
                     with torch.no_grad():
