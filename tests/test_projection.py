@@ -383,3 +383,41 @@ def test_kronecker_at_full_size_reconstructs_per_sample_gradients_exactly():
     p.layers[0] = (w_off, out, inp, b_off, torch.eye(5).double(), torch.eye(7).double())
     torch.testing.assert_close(loss_features(fmodel, state, x, t, task, p).reshape(9, 5, 7),
                                stacked, rtol=1e-12, atol=1e-12)
+
+
+def test_kronecker_fast_path_for_convolutions_equals_projected_per_sample_gradients():
+    """Conv2d layers (stride, padding, dilation, with and without bias) enter the fast path
+    through their input patches; features equal projecting the per-sample Jacobians, one copy
+    at a time and for stacked copies."""
+    from torch import nn
+
+    from iif.features import projected_jacobians, stacked_projected_jacobians
+    from iif.grads import FunctionalModel, per_sample_jacobians
+    from iif.stacked import StackedState
+
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(),
+        nn.Conv2d(3, 4, 2, dilation=2, bias=False), nn.Tanh(), nn.Flatten(),
+        nn.Linear(16, 3)).double()
+    fmodel = FunctionalModel(model)
+    state = fmodel.state()
+    p = _kron(fmodel, 40, seed=3)
+    assert p.linear_only and [g is not None for g in p.patches] == [True, True, False]
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 2, 7, 7, generator=gen, dtype=torch.float64)
+    t = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+
+    def fn(out, ti):
+        return torch.stack([(out * ti).sum(), (out ** 2).sum()])
+
+    fast = torch.cat([f for _, f in projected_jacobians(fmodel, state, x, fn, t, projector=p,
+                                                        chunk_size=2)])
+    slow = torch.cat([p.project(j) for _, j in per_sample_jacobians(fmodel, state, x, fn, t,
+                                                                   chunk_size=2)])
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
+    copies = StackedState.stack([state, state])
+    both = torch.cat([f for _, f in stacked_projected_jacobians(
+        fmodel, copies.params, copies.buffers, x, fn, torch.stack([t, 2 * t]), projector=p,
+        chunk_size=4)], dim=1)
+    torch.testing.assert_close(both[0], slow, rtol=1e-10, atol=1e-12)

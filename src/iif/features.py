@@ -148,6 +148,9 @@ MAX_FAST_CHUNK = 4096
 def _fast_chunk(projector, fmodel, chunk_size: int, rows: int) -> int:
     """Samples per fast-path chunk: as many as fit the memory of a dense chunk of
     ``chunk_size`` samples (``chunk_size * rows * M`` values), up to ``MAX_FAST_CHUNK``."""
+    if any(projector.patches):
+        # a convolution's working set grows with its positions: keep the asked chunk
+        return chunk_size
     widths = sum(inp + out for _, out, inp, *_ in projector.layers)
     per_sample = rows * (widths + projector.dim) + widths
     grown = chunk_size * rows * fmodel.num_params // max(per_sample, 1)
@@ -183,15 +186,16 @@ def _kronecker_chunks(fmodel, state, x, fn, args, projector, chunk_size):
                 if step is None:
                     step = _fast_chunk(projector, fmodel, chunk_size, r)
                 # the input side of each layer's feature serves all R rows
-                rights = [_input_factor(a, layer) for a, layer in
-                          zip(inputs, projector.layers, strict=True)]
+                rights = [_input_factor(a, layer, geo) for a, layer, geo in
+                          zip(inputs, projector.layers, projector.patches, strict=True)]
                 feats = []
                 for j in range(r):
                     deltas = torch.autograd.grad(values[:, j].sum(), outputs,
                                                  retain_graph=j < r - 1)
                     feats.append(torch.cat([
-                        _layer_feature(d, right, layer)
-                        for d, right, layer in zip(deltas, rights, projector.layers, strict=True)
+                        _layer_feature(d, right, layer, geo)
+                        for d, right, layer, geo in zip(deltas, rights, projector.layers,
+                                                        projector.patches, strict=True)
                     ], dim=1))
                 yield start, torch.stack(feats, dim=1).detach()  # (n, R, P)
                 start += n
@@ -200,18 +204,24 @@ def _kronecker_chunks(fmodel, state, x, fn, args, projector, chunk_size):
             h.remove()
 
 
-def _input_factor(a: torch.Tensor, layer) -> torch.Tensor:
-    """``A_in^T [a, 1]`` per sample (and position): (n, ..., p_in)."""
+def _input_factor(a: torch.Tensor, layer, patches: dict | None = None) -> torch.Tensor:
+    """``A_in^T [a, 1]`` per sample (and position): (n, ..., p_in). A convolution's input
+    enters as its patches, one position per output pixel: (n, L, p_in)."""
     _, _, inp, b_off, _, a_in = layer
     a_in = a_in.to(a.dtype)
+    if patches is not None:
+        a = torch.nn.functional.unfold(a, **patches).transpose(1, 2)  # (n, L, in kh kw)
     right = a @ a_in[:inp]
     return right + a_in[inp] if b_off is not None else right
 
 
-def _layer_feature(delta: torch.Tensor, right: torch.Tensor, layer) -> torch.Tensor:
+def _layer_feature(delta: torch.Tensor, right: torch.Tensor, layer,
+                   patches: dict | None = None) -> torch.Tensor:
     """``(A_out^T delta) (x) right`` per sample, summed over any positions between the batch
-    and feature dimensions; (n, p_out * p_in)."""
+    and feature dimensions (for a convolution: over output pixels); (n, p_out * p_in)."""
     a_out = layer[4].to(delta.dtype)
+    if patches is not None:
+        delta = delta.flatten(2).transpose(1, 2)  # (n, C_out, H, W) -> (n, L, C_out)
     left = delta @ a_out  # (n, ..., p_out)
     n = delta.shape[0]
     left, right = left.reshape(n, -1, left.shape[-1]), right.reshape(n, -1, right.shape[-1])
@@ -388,14 +398,17 @@ def stacked_projected_jacobians(
         probes = [torch.zeros((n, *out_shapes[i]), dtype=xc.dtype, device=xc.device)
                   for i in range(len(modules))]
         values, pullback, inputs = vjp(forward, probes, has_aux=True)
-        rights = [_input_factor(a, layer) for a, layer in zip(inputs, layers, strict=True)]
+        geometry = projector.patches
+        rights = [_input_factor(a, layer, geo)
+                  for a, layer, geo in zip(inputs, layers, geometry, strict=True)]
         feats = []
         for j in range(values.shape[1]):
             cotangent = torch.zeros_like(values)
             cotangent[:, j] = 1
             (deltas,) = pullback(cotangent)
-            feats.append(torch.cat([_layer_feature(d, r, layer)
-                                    for d, r, layer in zip(deltas, rights, layers, strict=True)],
+            feats.append(torch.cat([_layer_feature(d, r, layer, geo)
+                                    for d, r, layer, geo in zip(deltas, rights, layers,
+                                                                geometry, strict=True)],
                                    dim=1))
         return torch.stack(feats, dim=1)  # (n, R, P)
 

@@ -7,11 +7,12 @@ expectation:
   ``(seed, block index)`` each time it is applied, so memory is ``block_rows * P`` values.
   Entries have variance 1/P. Cost 2 M P FLOPs per projected row, plus generating A.
 - ``kronecker``: the gradient of an ``nn.Linear`` layer is a matrix G (out x in) [with its
-  bias as one more input column]; it is projected as ``A_out^T G A_in`` with small seeded
+  bias as one more input column], that of an ``nn.Conv2d`` (no groups, zero padding) one of
+  out_channels x (in_channels kh kw); it is projected as ``A_out^T G A_in`` with small seeded
   factors A_out (out x p_out) and A_in (in+1 x p_in), i.e. by ``A_out (x) A_in``, to
   p_out x p_in values. The factors are stored (they are tiny) and the cost per row is
   ``2 out (in+1) p_in + 2 out p_in p_out`` FLOPs instead of ``2 out in P``. Parameters outside
-  Linear layers get a dense projection of their own. The total dim is split evenly across
+  these layers get a dense projection of their own. The total dim is split evenly across
   the blocks, so ``projector.dim`` can be slightly below the requested P.
 
 The same seed gives the same A on the same device type; CPU and CUDA generators draw
@@ -140,10 +141,12 @@ class KroneckerProjector:
         offsets = dict(zip(fmodel.names, np.cumsum([0, *fmodel.sizes[:-1]]).tolist(),
                            strict=True))
         self.layers: list[tuple[int, int, int, int | None, torch.Tensor, torch.Tensor]] = []
-        self.modules: list[torch.nn.Module] = []  # the Linear module of each layer
+        self.modules: list[torch.nn.Module] = []  # the Linear or Conv2d module of each layer
+        # per layer: None for Linear, the unfold arguments for Conv2d (its input patches)
+        self.patches: list[dict[str, Any] | None] = []
         covered: set[str] = set()
         linears = [(name, m) for name, m in fmodel.module.named_modules()
-                   if isinstance(m, torch.nn.Linear)]
+                   if isinstance(m, torch.nn.Linear) or _factorable_conv(m)]
         found = []
         for name, module in linears:
             w = f"{name}.weight" if name else "weight"
@@ -163,7 +166,15 @@ class KroneckerProjector:
             raise InputError(f"projection dim {settings.dim} is below the number of parameter "
                              f"blocks ({n_blocks}) of a kronecker projection")
         for index, (w, b, module) in enumerate(found):
-            out, inp = module.out_features, module.in_features
+            if isinstance(module, torch.nn.Linear):
+                out, inp = module.out_features, module.in_features
+                self.patches.append(None)
+            else:  # a Conv2d weight (out, in, kh, kw) is an out x (in kh kw) matrix
+                out = module.out_channels
+                inp = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+                self.patches.append({"kernel_size": module.kernel_size,
+                                     "dilation": module.dilation, "padding": module.padding,
+                                     "stride": module.stride})
             cols = inp + (1 if b is not None else 0)
             p_out = max(1, min(out, round(share ** 0.5)))
             p_in = max(1, min(cols, share // p_out))
@@ -182,8 +193,8 @@ class KroneckerProjector:
                 block_elements=settings.block_elements), device=device, dtype=dtype)
         self.dim = (sum(a.shape[1] * c.shape[1] for _, _, _, _, a, c in self.layers)
                     + (self.rest.dim if self.rest is not None else 0))
-        # every trainable parameter sits in a Linear layer: features can be built from layer
-        # inputs and output gradients without per-sample gradients (iif.features)
+        # every trainable parameter sits in a Linear or Conv2d layer: features can be built
+        # from layer inputs and output gradients without per-sample gradients (iif.features)
         self.linear_only = self.rest is None
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
@@ -205,6 +216,13 @@ class KroneckerProjector:
         if self.rest is not None:
             parts.append(self.rest.project(g.index_select(1, self.rest_index)))
         return torch.cat(parts, dim=1).reshape(*lead, self.dim)
+
+
+def _factorable_conv(module: torch.nn.Module) -> bool:
+    """A Conv2d whose weight gradient is a sum over positions of output gradient x input
+    patch (``unfold``): no groups, zero padding."""
+    return (isinstance(module, torch.nn.Conv2d) and module.groups == 1
+            and module.padding_mode == "zeros" and not isinstance(module.padding, str))
 
 
 def make_projector(
