@@ -30,6 +30,7 @@ from iif.baseline import (
 from iif.curvature import (
     SOLVE_DTYPE,
     CurvatureSettings,
+    Solver,
     fit_curvature,
     rows_times,
     stacked_gram_solvers,
@@ -399,73 +400,82 @@ class IntegratedInfluence(AttributionMethod):
         start = StackedState.repeat(self.state, len(test)) if stacked else self.state
         scores = torch.zeros(len(test), len(self.train), dtype=SOLVE_DTYPE,
                              device=self.task.device)
-        dampings: list[float] = []
-        retries = 0
+        solvers: list[Solver] = []
         state = self.state
         for k, state in path_models(self.task, self.fmodel, start, self.train.x, path,
                                     self.path, gen):
             rho, rho_prev = path(k), path(k - 1)
             if stacked and k == path.steps:
-                # every copy is still theta* with the real targets: one featurisation and one
-                # curvature serve all of them
-                _, psi, solver = self._step(self.state, rho[0], rho_prev, k)
-                gamma = loss_features(self.fmodel, self.state, test.x, test.targets, self.task,
-                                      self.projector, self.chunk_size, self.max_feature_bytes,
-                                      "test gradients")
-                sol = solver.solve(gamma.T).to(SOLVE_DTYPE)  # (P, B)
-                for b in range(len(test)):
-                    scores[b] -= rows_times(psi[:, b], sol[:, b : b + 1])[:, 0] / len(self.train)
-                dampings.append(solver.damping)
-                retries += solver.retries
-                continue
-            if stacked and self._stackable(len(test)):
-                # the copies' features in B-wide products (iif.features, stacked)
-                u, psi = stacked_step_features(self.fmodel, state.params, state.buffers,
-                                               self.train.x, rho, rho_prev, self.task,
-                                               self.projector, self.chunk_size,
-                                               self.max_feature_bytes)
-                gamma = stacked_loss_features(self.fmodel, state.params, state.buffers,
-                                              test.x[:, None], test.targets[:, None], self.task,
-                                              self.projector, self.chunk_size, "test gradients")
-                if self.curvature.kind == "fisher" and len(self.train) >= self.projector.dim:
-                    # the B Fisher matrices from batched products
-                    solvers = stacked_gram_solvers(
-                        u, len(self.train), self.curvature, "fisher",
-                        min(self.projector.dim, self.fmodel.num_params))
-                else:
-                    solvers = [fit_curvature(self.curvature, self.fmodel, member, self.train.x,
-                                             rho[b], self.task, self.projector, u[b],
-                                             self.chunk_size)
-                               for b, member in enumerate(state.members())]
-                for b, solver in enumerate(solvers):
-                    sol = solver.solve(gamma[b].T)  # (P, 1)
-                    scores[b] -= rows_times(psi[b], sol)[:, 0] / len(self.train)
-                    dampings.append(solver.damping)
-                    retries += solver.retries
-                continue
-            if stacked:
-                jobs = [(m, rho[b], rho_prev[b], [b]) for b, m in enumerate(state.members())]
+                solvers += self._first_stacked_step(test, rho[0], rho_prev, k, scores)
+            elif stacked:
+                solvers += self._stacked_step(state, test, rho, rho_prev, k, scores)
             else:
-                jobs = [(state, rho, rho_prev, slice(None))]
-            for member, r, r_prev, rows in jobs:
-                cols = slice(None)
-                if self.sharding is not None and not stacked:
-                    # this process's block of training samples; the curvature is summed
-                    # over all processes
-                    cols = self.sharding.rows(len(self.train))
-                    _, psi, solver = self._step(member, r, r_prev, k, cols)
-                else:
-                    _, psi, solver = self._step(member, r, r_prev, k)
-                gamma = loss_features(self.fmodel, member, test.x[rows], test.targets[rows],
-                                      self.task, self.projector, self.chunk_size,
-                                      self.max_feature_bytes, "test gradients")
-                sol = solver.solve(gamma.T)  # (P, rows)
-                scores[rows, cols] -= rows_times(psi, sol).T / len(self.train)
-                dampings.append(solver.damping)
-                retries += solver.retries
+                solvers += self._single_step(state, test, rho, rho_prev, k, scores)
         if self.sharding is not None and not stacked:
             scores = self.sharding.all_reduce(scores)  # every process filled its own columns
-        return _PathResult(scores.cpu().numpy(), dampings, retries, state)
+        return _PathResult(scores.cpu().numpy(), [s.damping for s in solvers],
+                           sum(s.retries for s in solvers), state)
+
+    # Each step subtracts I^(k) = (1/N) gamma^T C^{-1} psi_i from ``scores`` in place and
+    # returns the solvers it used (for the damping report).
+    def _single_step(self, state: ModelState, test: Data, rho: torch.Tensor,
+                     rho_prev: torch.Tensor, k: int, scores: torch.Tensor) -> list[Solver]:
+        """One path for every test sample; under sharding, this process's training block."""
+        block = self._train_block()
+        _, psi, solver = self._step(state, rho, rho_prev, k,
+                                    None if self.sharding is None else block)
+        gamma = loss_features(self.fmodel, state, test.x, test.targets, self.task,
+                              self.projector, self.chunk_size, self.max_feature_bytes,
+                              "test gradients")
+        sol = solver.solve(gamma.T)  # (P, n_test)
+        scores[:, block] -= rows_times(psi, sol).T / len(self.train)
+        return [solver]
+
+    def _first_stacked_step(self, test: Data, rho: torch.Tensor, rho_prev: torch.Tensor, k: int,
+                            scores: torch.Tensor) -> list[Solver]:
+        """Every copy is still theta* with the real targets ``rho``: one featurisation (the
+        loss gradient and the B copies' psi from ``rho_prev`` (B, N, d)) and one curvature."""
+        _, psi, solver = self._step(self.state, rho, rho_prev, k)
+        gamma = loss_features(self.fmodel, self.state, test.x, test.targets, self.task,
+                              self.projector, self.chunk_size, self.max_feature_bytes,
+                              "test gradients")
+        sol = solver.solve(gamma.T).to(SOLVE_DTYPE)  # (P, B)
+        for b in range(len(test)):
+            scores[b] -= rows_times(psi[:, b], sol[:, b : b + 1])[:, 0] / len(self.train)
+        return [solver]
+
+    def _stacked_step(self, state: StackedState, test: Data, rho: torch.Tensor,
+                      rho_prev: torch.Tensor, k: int, scores: torch.Tensor) -> list[Solver]:
+        """Copy b at theta_k^b explains test sample b; features of all copies in B-wide
+        products when the Kronecker fast path applies, else one copy at a time."""
+        n = len(self.train)
+        if not self._stackable(len(test)):
+            solvers = []
+            for b, member in enumerate(state.members()):
+                _, psi, solver = self._step(member, rho[b], rho_prev[b], k)
+                gamma = loss_features(self.fmodel, member, test.x[b : b + 1],
+                                      test.targets[b : b + 1], self.task, self.projector,
+                                      self.chunk_size, self.max_feature_bytes,
+                                      "test gradients")
+                scores[b] -= rows_times(psi, solver.solve(gamma.T))[:, 0] / n
+                solvers.append(solver)
+            return solvers
+        u, psi = stacked_step_features(self.fmodel, state.params, state.buffers, self.train.x,
+                                       rho, rho_prev, self.task, self.projector,
+                                       self.chunk_size, self.max_feature_bytes)
+        gamma = stacked_loss_features(self.fmodel, state.params, state.buffers,
+                                      test.x[:, None], test.targets[:, None], self.task,
+                                      self.projector, self.chunk_size, "test gradients")
+        if self.curvature.kind == "fisher" and n >= self.projector.dim:
+            solvers = stacked_gram_solvers(u, n, self.curvature, "fisher",
+                                           min(self.projector.dim, self.fmodel.num_params))
+        else:
+            solvers = [fit_curvature(self.curvature, self.fmodel, member, self.train.x, rho[b],
+                                     self.task, self.projector, u[b], self.chunk_size)
+                       for b, member in enumerate(state.members())]
+        for b, solver in enumerate(solvers):
+            scores[b] -= rows_times(psi[b], solver.solve(gamma[b].T))[:, 0] / n
+        return solvers
 
     def _stackable(self, copies: int) -> bool:
         """Whether B copies' path features can be computed together: the Kronecker fast path
