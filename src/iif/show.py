@@ -38,8 +38,11 @@ def show(
                 f"finished (n_test {manifest['n_test']}, n_train {manifest['n_train']}); "
                 f"rerun the attribute command to finish it")
     result = Attribution.load(folder)
+    meaning = "score > 0: the training sample raises the test loss"
+    if "contrast" in result.info:
+        meaning = "scores of the margin log p_A - log p_B; score > 0: pushes towards A"
     lines = [f"{folder}: {result.method}, {result.n_test} test x {result.n_train} training "
-             f"samples; score > 0: the training sample raises the test loss"]
+             f"samples; {meaning}"]
     settings = result.settings
     for key in ("projection", "baseline", "path", "curvature"):
         if key in settings:
