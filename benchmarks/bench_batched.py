@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from typing import Any
 
 import numpy as np
 import torch
-from bench_engine import machine_info, make_mlp, max_rss_mib, mnist_subset
+from bench_engine import machine_info, make_mlp, max_rss_mib, mnist_subset, timed
 
 import iif
 from iif import IntegratedInfluence, PathSettings, ProjectionSettings, Recipe, Task
@@ -67,13 +68,7 @@ def training_epoch_per_copy(task: Task, x: torch.Tensor, y: torch.Tensor,
             else:
                 fit_stacked(task, fmodel, StackedState.repeat(state, b), data.x, data.targets,
                             epochs=1, generator=gen)
-        run()
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        out[b] = sorted(times)[1] / b
+        out[b] = statistics.median(timed(run, repeats=3)) / b
     return out
 
 

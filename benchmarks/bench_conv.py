@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from bench_engine import timed
 
 from iif.experiments.table3 import cnn
 from iif.features import step_features
@@ -49,13 +49,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         def run(projector=projector) -> None:
             step_features(fmodel, state, x, y, 0.5 * y, task, projector, args.chunk)
 
-        run()
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        out[structure] = statistics.median(times) * 1e3
+        out[structure] = statistics.median(timed(run, repeats=3)) * 1e3
         print(f"  {structure:<9} P = {projector.dim:>4}: {out[structure]:8.1f} ms")
     print(f"  ratio dense / kronecker: {out['dense'] / out['kronecker']:.1f}x")
     return out
