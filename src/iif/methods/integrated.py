@@ -10,9 +10,11 @@ reported per test sample with every result.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -112,7 +114,6 @@ class IntegratedInfluence(AttributionMethod):
                              "runs with test_batch=1")
         self.test_batch = test_batch
         self._stack_features: bool | None = None
-        self._baseline_override: BaselineSettings | None = None
         self.baseline = baseline or BaselineSettings()
         self.path = path or PathSettings()
         self.projection = projection or ProjectionSettings()
@@ -157,7 +158,7 @@ class IntegratedInfluence(AttributionMethod):
 
     def _group(self, test: Data) -> Attribution:
         start = time.perf_counter()
-        res, base = self._one_path(test, test)
+        res, base = self._one_path(test, test, self.baseline)
         scores = res.scores.mean(axis=0, keepdims=True)  # the gradient of a mean is the mean
         delta = np.array([self._delta(test, base.state).mean()])
         total = scores.sum(axis=1)
@@ -169,15 +170,22 @@ class IntegratedInfluence(AttributionMethod):
                            {"sum": total, "delta": delta,
                             "gap": completeness_gap(total, delta)}, info)
 
-    def _one_path(self, unlearn: Data, test: Data) -> tuple[_PathResult, Baseline]:
+    def _one_path(self, unlearn: Data, test: Data, settings: BaselineSettings
+                  ) -> tuple[_PathResult, Baseline]:
         """One baseline unlearning the mean loss of ``unlearn`` and its path, scoring ``test``
         row by row, with the generators every per-test baseline uses."""
-        with seeded(self.seed, self.task.device):
-            unlearn_gen = torch.Generator().manual_seed(self.seed)
-            path_gen = torch.Generator().manual_seed(self.seed + 1)
+        with self._per_test_generators() as (unlearn_gen, path_gen):
             base = unlearning_baseline(self.task, self.fmodel, self.state, self.train, unlearn,
-                                       self._unlearning, unlearn_gen)
+                                       settings, unlearn_gen)
             return self._integrate(base.targets, test, path_gen), base
+
+    @contextlib.contextmanager
+    def _per_test_generators(self) -> Iterator[tuple[torch.Generator, torch.Generator]]:
+        """The global RNG (dropout) seeded, and the minibatch generators of the unlearning
+        and of the path epochs, the same for every test sample."""
+        with seeded(self.seed, self.task.device):
+            yield (torch.Generator().manual_seed(self.seed),
+                   torch.Generator().manual_seed(self.seed + 1))
 
     def _attribute(self, test: Data, baseline_targets: Any = None,
                    contrast: Any = None) -> Attribution:
@@ -188,10 +196,8 @@ class IntegratedInfluence(AttributionMethod):
                 raise InputError("contrast uses one baseline per test sample: it does not "
                                  "combine with baseline_targets or a shared baseline")
             toward_b, margin, a, b = self._contrast(test, contrast)
-            try:
-                res, deltas, status = self._per_test(margin, toward_b)
-            finally:
-                self._baseline_override = None
+            res, deltas, status = self._per_test(
+                margin, toward_b, dataclasses.replace(self.baseline, direction="reinforce"))
             mode = "per-test contrast"
             extra_info["contrast"] = {"A": a.tolist(), "B": b.tolist(),
                                       "scores": "margin log p_A - log p_B; positive = "
@@ -269,14 +275,16 @@ class IntegratedInfluence(AttributionMethod):
         }
 
     # ---- baseline modes ------------------------------------------------------------------
-    def _per_test(self, test: Data, unlearn: Data | None = None
+    def _per_test(self, test: Data, unlearn: Data | None = None,
+                  settings: BaselineSettings | None = None
                   ) -> tuple[_PathResult, np.ndarray, np.ndarray]:
         """One unlearning baseline and path per test sample. Every test sample sees the same
         minibatch orders (one generator for unlearning, one for the path epochs, both seeded
         by ``seed``), so batches of them can be trained as stacked copies. ``unlearn``: the
-        test samples with the targets their baselines are trained on, when these differ from
-        the scored ones (contrast)."""
+        test samples with the targets their baselines are trained on, and ``settings`` how,
+        when these differ from the scored ones and ``self.baseline`` (contrast)."""
         unlearn = test if unlearn is None else unlearn
+        settings = self.baseline if settings is None else settings
         scores = np.zeros((len(test), len(self.train)))
         deltas = np.zeros(len(test))
         status = np.full(len(test), SOUND, dtype=object)
@@ -289,15 +297,12 @@ class IntegratedInfluence(AttributionMethod):
         for rows in batches:
             part = test.subset(rows)
             if len(rows) == 1:
-                res, base = self._one_path(unlearn.subset(rows), part)
+                res, base = self._one_path(unlearn.subset(rows), part, settings)
                 bases = [base]
             else:
-                with seeded(self.seed, self.task.device):
-                    unlearn_gen = torch.Generator().manual_seed(self.seed)
-                    path_gen = torch.Generator().manual_seed(self.seed + 1)
+                with self._per_test_generators() as (unlearn_gen, path_gen):
                     bases = unlearning_baselines(self.task, self.fmodel, self.state, self.train,
-                                                 unlearn.subset(rows), self._unlearning,
-                                                 unlearn_gen)
+                                                 unlearn.subset(rows), settings, unlearn_gen)
                     ybar = torch.stack([b.targets for b in bases])
                     res = self._integrate(ybar, part, path_gen)
             scores[rows] = res.scores
@@ -309,11 +314,6 @@ class IntegratedInfluence(AttributionMethod):
             for _ in rows:
                 next(bar, None)
         return _PathResult(scores, dampings, retries, self.state), deltas, status
-
-    @property
-    def _unlearning(self) -> BaselineSettings:
-        """The baseline settings of the current run (contrast trains towards B)."""
-        return self._baseline_override or self.baseline
 
     def _contrast(self, test: Data, contrast: Any) -> tuple[Data, Data, np.ndarray, np.ndarray]:
         """For "A and not B": the test samples with one-hot B targets (what the baselines are
@@ -350,7 +350,6 @@ class IntegratedInfluence(AttributionMethod):
         eye = torch.eye(n_cls, dtype=test.targets.dtype, device=test.targets.device)
         toward_b = Data(test.x, b, eye[b])
         margin = Data(test.x, a, eye[b] - eye[a])
-        self._baseline_override = dataclasses.replace(self.baseline, direction="reinforce")
         return toward_b, margin, a.cpu().numpy(), b.cpu().numpy()
 
     def _test_batch(self, n_test: int) -> int:
