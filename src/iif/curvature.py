@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from iif.errors import CurvatureError, InputError
@@ -140,17 +141,16 @@ def gram_solver(
     if not bool(torch.isfinite(rows).all()):
         raise InputError("per-sample gradients contain NaN or inf; the curvature cannot be built")
     n_rows, dim = rows.shape
-    if reduce is not None:
-        matrix = reduce(_gram(rows))
-        trace = float(torch.diagonal(matrix).sum()) / n
-        base = _default_damping(settings, trace, effective_dim or dim)
-        return dense_solver(matrix / n, settings, kind, base=base)
-    # rows stay in their dtype; products run in float64 one column block at a time, so no
-    # float64 copy of the (R, D) matrix is ever made
+    if reduce is not None or n_rows >= dim:
+        matrix = _gram(rows)
+        return _matrix_solver(matrix if reduce is None else reduce(matrix), n, settings, kind,
+                              effective_dim or dim)
+    # R < D: rows stay in their dtype; products run in float64 one column block at a time, so
+    # no float64 copy of the (R, D) matrix is ever made
     blocks = _column_blocks(n_rows, dim)
     trace = sum(float(rows[:, b].to(SOLVE_DTYPE).pow(2).sum()) for b in blocks) / n
     base = _default_damping(settings, trace, effective_dim or dim)
-    if n_rows < dim and base > 0:
+    if base > 0:
         gram = torch.zeros(n_rows, n_rows, dtype=SOLVE_DTYPE, device=rows.device)
         for b in blocks:
             part = rows[:, b].to(SOLVE_DTYPE)
@@ -176,31 +176,30 @@ def stacked_gram_solvers(
     effective_dim: int | None = None,
 ) -> list[Solver]:
     """:func:`gram_solver` for B matrices at once, ``rows`` (B, R, D) with R >= D: the B
-    Gram matrices come from batched float64 products, one block of rows at a time."""
-    copies, n_rows, dim = rows.shape
-    matrices = torch.zeros(copies, dim, dim, dtype=SOLVE_DTYPE, device=rows.device)
-    step = max(1, _BLOCK_ELEMENTS // (dim * copies))
-    for lo in range(0, n_rows, step):
-        part = rows[:, lo : lo + step].to(SOLVE_DTYPE)
-        matrices += part.transpose(1, 2) @ part
+    Gram matrices come from batched float64 products."""
+    matrices = _gram(rows)
     if not bool(torch.isfinite(matrices).all()):
         raise InputError("per-sample gradients contain NaN or inf; the curvature cannot be built")
-    solvers = []
-    for matrix in matrices:
-        base = _default_damping(settings, float(torch.diagonal(matrix).sum()) / n,
-                                effective_dim or dim)
-        solvers.append(dense_solver(matrix / n, settings, kind, base=base))
-    return solvers
+    return [_matrix_solver(m, n, settings, kind, effective_dim or rows.shape[-1])
+            for m in matrices]
+
+
+def _matrix_solver(matrix: torch.Tensor, n: int, settings: CurvatureSettings, kind: str,
+                   effective_dim: int) -> Solver:
+    """Solver for ``matrix / n + delta I``, the default damping from the matrix's trace."""
+    base = _default_damping(settings, float(torch.diagonal(matrix).sum()) / n, effective_dim)
+    return dense_solver(matrix / n, settings, kind, base=base)
 
 
 def _gram(rows: torch.Tensor) -> torch.Tensor:
-    """``rows^T rows`` (D, D) in float64, converting a block of rows at a time."""
-    dim = rows.shape[1]
-    matrix = torch.zeros(dim, dim, dtype=SOLVE_DTYPE, device=rows.device)
-    step = max(1, _BLOCK_ELEMENTS // dim)
-    for lo in range(0, rows.shape[0], step):
-        part = rows[lo : lo + step].to(SOLVE_DTYPE)
-        matrix += part.T @ part
+    """``rows^T rows`` (..., D, D) in float64 for rows (..., R, D), converting a block of rows
+    at a time (``_BLOCK_ELEMENTS`` float64 values per block over all leading dimensions)."""
+    *lead, n_rows, dim = rows.shape
+    matrix = torch.zeros(*lead, dim, dim, dtype=SOLVE_DTYPE, device=rows.device)
+    step = max(1, _BLOCK_ELEMENTS // (dim * max(1, int(np.prod(lead)))))
+    for lo in range(0, n_rows, step):
+        part = rows[..., lo : lo + step, :].to(SOLVE_DTYPE)
+        matrix += part.transpose(-1, -2) @ part
     return matrix
 
 
