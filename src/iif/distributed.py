@@ -28,7 +28,7 @@ import torch
 
 from iif.attribution import Attribution
 from iif.errors import InputError
-from iif.store import attribute_to, open_store
+from iif.store import ResultStore, attribute_to, fill, open_store
 
 log = logging.getLogger(__name__)
 
@@ -97,38 +97,34 @@ def attribute_job(
     import torch.distributed as dist
 
     _join(method.task.device, timeout_s)
+    test = method.task.validate(job.test, "test data")
+    # every rank opens the store: the manifest is written atomically with the same content,
+    # and a refusal (other settings or inputs) stops every rank alike
+    store = open_store(out, method, test, chunk)
     try:
         if splits_training_set(method):
-            _attribute_split(out, method, job.test, chunk, rank, size)
+            _attribute_split(store, method, test, rank, size)
         else:
-            attribute_to(out, method, job.test, chunk=chunk, ranks=(rank, size),
-                         progress=method.progress if rank == 0 else False)
+            fill(store, method, test, ranks=(rank, size),
+                 progress=method.progress if rank == 0 else False)
         dist.barrier()
     except RuntimeError as exc:  # a peer died or the rendezvous broke
         raise InputError(
             f"rank {rank} of {size}: the process group failed ({exc}); the finished chunks in "
             f"{out} are kept, run the same command again to resume") from None
-    result = None
-    if rank == 0:
-        result = attribute_to(out, method, job.test, chunk=chunk)  # every chunk is done
+    result = store.assemble() if rank == 0 else None  # every chunk is done
     dist.barrier()
     dist.destroy_process_group()
     return result
 
 
-def _attribute_split(out, method, test_data, chunk, rank: int, size: int) -> None:
-    """One chunk computed by every rank together, each on its block of training samples;
-    rank 0 writes it."""
+def _attribute_split(store: ResultStore, method: Any, test: Any, rank: int, size: int) -> None:
+    """The store's unfinished chunks computed by every rank together, each on its block of
+    training samples; rank 0 writes them."""
     import torch.distributed as dist
 
-    test = method.task.validate(test_data, "test data")
-    if rank == 0:
-        store = open_store(out, method, test, chunk)  # writes the manifest first
-    dist.barrier()
-    if rank != 0:
-        store = open_store(out, method, test, chunk)
     todo = store.pending()
-    dist.barrier()  # every rank has looked before rank 0 can finish the chunk
+    dist.barrier()  # every rank has looked before rank 0 can finish a chunk
     method.sharding = Sharding(rank, size)
     block = method.sharding.rows(len(method.train))
     log.info("rank %d of %d: training samples %d..%d, %d chunk(s) of test samples", rank, size,

@@ -243,10 +243,18 @@ def attribute_to(
     returns None unless ``world == 1``; the caller assembles once every rank is done.
     Returns the assembled :class:`Attribution`, equal to one uninterrupted call.
     """
-    from iif.progress import progress_bar
-
     test = method.task.validate(test_data, "test data")
     store = open_store(folder, method, test, chunk)
+    fill(store, method, test, ranks=ranks, progress=progress)
+    return store.assemble() if ranks[1] == 1 else None
+
+
+def fill(store: ResultStore, method: Any, test: Any, *, ranks: tuple[int, int] = (0, 1),
+         progress: bool | None = None) -> None:
+    """Compute and write the unfinished chunks ``rank, rank + world, ...`` of ``store`` for
+    the validated test data ``test``."""
+    from iif.progress import progress_bar
+
     rank, world = ranks
     mine = [c for i, c in enumerate(store.chunks) if i % world == rank]
     todo = [c for c in mine if not store.done(*c)]
@@ -256,4 +264,3 @@ def attribute_to(
     for lo, hi in progress_bar(todo, total=len(todo), desc="chunks", enable=progress):
         part = test.subset(slice(lo, hi))
         store.write(lo, hi, method.attribute((part.x, part.labels)))
-    return store.assemble() if world == 1 else None
