@@ -218,16 +218,23 @@ def _projection_settings(args: argparse.Namespace) -> dict:
             "projection.structure": "kronecker" if args.kronecker else None}
 
 
-def _cmd_attribute(args: argparse.Namespace) -> int:
-    from iif.config import build_method, load_job, load_settings, merge
-    from iif.distributed import attribute_job
+def _run_settings(args: argparse.Namespace, **flags) -> dict:
+    """The settings file (``--settings``) with the command's flags and ``--no-progress`` laid
+    over it (flags given as None leave the file's value)."""
+    from iif.config import load_settings, merge
 
-    settings = merge(load_settings(args.settings), {
-        "method": args.method, "seed": args.seed, "chunk": args.chunk,
-        "test_batch": args.test_batch, **_projection_settings(args),
-    })
+    settings = merge(load_settings(args.settings), {**flags, **_projection_settings(args)})
     if getattr(args, "progress", None) is False:
         settings["progress"] = False
+    return settings
+
+
+def _cmd_attribute(args: argparse.Namespace) -> int:
+    from iif.config import build_method, load_job
+    from iif.distributed import attribute_job
+
+    settings = _run_settings(args, method=args.method, seed=args.seed, chunk=args.chunk,
+                             test_batch=args.test_batch)
     job = load_job(args.task)
     method = build_method(job, settings)
     result = attribute_job(args.out, method, job, chunk=settings.get("chunk"))
@@ -246,16 +253,13 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from iif.config import build_method, load_job, load_settings, merge
+    from iif.config import build_method, load_job
     from iif.explain import explain
 
-    settings = merge(load_settings(args.settings), _projection_settings(args))
+    settings = _run_settings(args)
     settings.setdefault("method", "iif")
     if settings["method"] != "iif":
         raise InputError("iif explain uses Integrated Influence (method = \"iif\")")
-    settings.pop("chunk", None)
-    if getattr(args, "progress", None) is False:
-        settings["progress"] = False
     contrast = args.contrast
     if contrast is not None and contrast != "runner-up":
         try:

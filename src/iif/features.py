@@ -33,6 +33,7 @@ from iif.grads import (
     output_hessian_factor,
     path_step_fn,
     per_sample_jacobians,
+    sample_loss_fn,
 )
 from iif.progress import progress_bar
 from iif.projection import Projector
@@ -285,11 +286,8 @@ def loss_features(
     out = _feature_buffer((n, projector.dim), targets.dtype, x.device, max_bytes,
                           "gradient features")
 
-    def loss(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return task.sample_loss(o[None], t[None])[0]
-
     try:
-        for start, feats in projected_jacobians(fmodel, state, x, loss, targets,
+        for start, feats in projected_jacobians(fmodel, state, x, sample_loss_fn(task), targets,
                                                 projector=projector, chunk_size=chunk_size):
             out[start : start + feats.shape[0]] = feats[:, 0]
     except InputError as exc:
@@ -465,12 +463,9 @@ def stacked_loss_features(
     """Copy b's projected loss gradients of its own samples ``x[b]``, ``targets[b]``
     ((B, n, ...) and (B, n, d)) -> (B, n, P), e.g. each copy's test gradient."""
 
-    def loss(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return task.sample_loss(o[None], t[None])[0]
-
     try:
         parts = [feats[:, :, 0] for _, feats in stacked_projected_jacobians(
-            fmodel, params, buffers, x, loss, targets, projector=projector,
+            fmodel, params, buffers, x, sample_loss_fn(task), targets, projector=projector,
             chunk_size=chunk_size, x_per_copy=True)]
     except InputError as exc:
         raise InputError(str(exc).replace("per-sample gradients", what)) from None

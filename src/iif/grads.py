@@ -151,11 +151,19 @@ def per_sample_grads(
         [
             j[:, 0]
             for _, j in per_sample_jacobians(
-                fmodel, state, x, lambda out, t: task.sample_loss(out[None], t[None])[0],
-                targets, chunk_size=chunk_size,
+                fmodel, state, x, sample_loss_fn(task), targets, chunk_size=chunk_size,
             )
         ]
     )
+
+
+def sample_loss_fn(task: Task) -> SampleFn:
+    """``fn(output_i, target_i) -> l(output_i, target_i)`` for one sample (unbatched)."""
+
+    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return task.sample_loss(out[None], target[None])[0]
+
+    return loss
 
 
 def loss_and_target_jvp(task: Task) -> SampleFn:
@@ -214,10 +222,7 @@ def output_hessian_factor(task: Task, output: torch.Tensor, target: torch.Tensor
     clipped to zero so that the Gauss-Newton matrix stays positive semi-definite.
     """
 
-    def loss_of_output(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return task.sample_loss(o[None], t[None])[0]
-
-    h = vmap(hessian(loss_of_output))(output.detach(), target.detach())
+    h = vmap(hessian(sample_loss_fn(task)))(output.detach(), target.detach())
     h = 0.5 * (h + h.transpose(1, 2))
     evals, evecs = torch.linalg.eigh(h)
     return evecs * evals.clamp_min(0).sqrt().unsqueeze(1)

@@ -65,7 +65,7 @@ from torch.func import grad, vmap
 from iif.attribution import Attribution
 from iif.curvature import SOLVE_DTYPE, CurvatureSettings, Solver, gram_solver, rows_times
 from iif.errors import InputError
-from iif.grads import output_hessian_factor, per_sample_jacobians
+from iif.grads import output_hessian_factor, per_sample_jacobians, sample_loss_fn
 from iif.methods.base import AttributionMethod
 from iif.progress import progress_bar
 from iif.projection import IdentityProjector, ProjectionSettings, make_projector
@@ -305,10 +305,7 @@ class TRAK(AttributionMethod):
         if self.task.kind == "classification":
             slopes = torch.sigmoid(-margin(outputs, targets))
         else:
-            def loss(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return self.task.sample_loss(o[None], t[None])[0]
-
-            slopes = -vmap(grad(loss))(outputs, targets)[:, 0]
+            slopes = -vmap(grad(sample_loss_fn(self.task)))(outputs, targets)[:, 0]
         slopes = slopes.detach().to(SOLVE_DTYPE)
         if not bool(torch.isfinite(slopes).all()):
             raise InputError("loss slopes contain NaN or inf: the model or its loss is not "
