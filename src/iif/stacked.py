@@ -126,7 +126,11 @@ def fit_stacked(
     history: list[list[float]] = [[] for _ in range(copies)]
     results: list[FitResult | None] = [None] * copies
     held = work.clone()  # parameters frozen copies are put back to
+    # a copy is frozen once its result is set; the mask serves the vmapped loss
     frozen = torch.zeros(copies, dtype=torch.bool, device=x.device)
+
+    def running() -> list[int]:
+        return [b for b, r in enumerate(results) if r is None]
 
     def freeze(b: int, result: FitResult) -> None:
         results[b] = result
@@ -140,7 +144,7 @@ def fit_stacked(
     def restore_frozen() -> None:
         # slice by slice: a masked rewrite of every stacked tensor costs more than the step
         with torch.no_grad():
-            for b in torch.nonzero(frozen).flatten().tolist():
+            for b in (b for b, r in enumerate(results) if r is not None):
                 for tree, keep in ((params, held.params), (work.buffers, held.buffers)):
                     for k, v in tree.items():
                         v[b] = keep[k][b]
@@ -153,7 +157,7 @@ def fit_stacked(
 
     with module_mode(fmodel.module, train_mode), torch.enable_grad():
         for _ in range(int(epochs)):
-            if bool(frozen.all()):
+            if not running():
                 break
             order = torch.randperm(n, generator=generator).to(x.device)
             total = torch.zeros(copies, dtype=torch.float64, device=x.device)
@@ -185,9 +189,9 @@ def fit_stacked(
                                                 done[b] + 1))
                         else:
                             freeze(b, FitResult(good[b], False, history[b], done[b]))
-                if bool(frozen.all()):
+                if not running():
                     break
-            for b in torch.nonzero(~frozen).flatten().tolist():
+            for b in running():
                 result = current(b)
                 if not ok(b, result):
                     freeze(b, FitResult(good[b], False, history[b], done[b]))
