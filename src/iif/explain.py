@@ -35,8 +35,7 @@ def explain(
     if not 0 <= index < len(test):
         raise InputError(f"test index {index} is outside 0..{len(test) - 1}")
     one = test.subset([index])
-    result = method.attribute((one.x, one.labels), contrast=contrast) if contrast is not None \
-        else method.attribute((one.x, one.labels))
+    result = method.attribute((one.x, one.labels), contrast=contrast)
     scores = result.scores[0]
     labels = method.train.labels.cpu().numpy()
     comp = {key: v[0] for key, v in result.completeness.items()}
