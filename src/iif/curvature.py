@@ -35,11 +35,14 @@ SOLVE_DTYPE = torch.float64
 
 @dataclass
 class CurvatureSettings:
-    """``damping=None`` chooses ``default_damping_ratio`` times the mean eigenvalue.
+    """``damping=None`` chooses ``default_damping_ratio`` times the mean nonzero eigenvalue.
 
-    The mean is taken over ``min(D, M)`` eigenvalues (D the solve dimension, M the number of
-    parameters): a projection to P > M dimensions adds only null directions, and counting them
-    would shrink the damping as P grows, so projected scores would not approach unprojected ones.
+    The mean is taken over the rank bound ``min(D, M, R)`` (:func:`rank_bound`): D the solve
+    dimension, M the number of parameters, R the number of rows the matrix is a Gram matrix
+    of (N samples for the empirical Fisher, N x d outputs for Gauss-Newton and the Hessian).
+    Counting null directions would shrink the damping with the size of the model (dividing by
+    M gave 1e-5 to 1e-6 on small MLPs, far below what attribution quality wants) and with P,
+    so projected scores would not approach unprojected ones. ``docs/quality.md`` measures it.
     """
 
     kind: Literal["fisher", "ggn", "hessian"] = "fisher"
@@ -116,6 +119,14 @@ def _damped_cholesky(
 def _tiny(matrix: torch.Tensor) -> float:
     mean_eig = float(torch.diagonal(matrix).abs().mean())
     return 1e-6 * mean_eig if mean_eig > 0 else 1e-12
+
+
+def rank_bound(kind: str, n: int, outputs: int, dim: int, num_params: int) -> int:
+    """How many eigenvalues of the ``kind`` curvature can be nonzero: at most one per row of
+    its Gram form (N per-sample gradients for ``fisher``; N x d output directions for ``ggn``
+    and ``hessian``), and at most the solve dimension and the parameter count."""
+    rows = n if kind == "fisher" else n * outputs
+    return max(1, min(dim, num_params, rows))
 
 
 def _default_damping(settings: CurvatureSettings, trace: float, dim: int) -> float:
@@ -264,7 +275,8 @@ def fit_curvature(
     from iif.projection import IdentityProjector
 
     n = x.shape[0] if n_total is None else n_total
-    effective_dim = min(projector.dim, fmodel.num_params)
+    effective_dim = rank_bound(settings.kind, n, targets.shape[-1], projector.dim,
+                               fmodel.num_params)
     if settings.kind == "fisher":
         return gram_solver(u, n, settings, "fisher", effective_dim, reduce)
     if settings.kind == "ggn":
@@ -362,16 +374,17 @@ def curvature_product(
 
 def cg_solver(
     product, dim: int, settings: CurvatureSettings, cg: CGSettings, kind: str,
-    trace: float,
+    trace: float, effective_dim: int | None = None,
 ) -> Solver:
     """Solver for ``C + damping I`` by conjugate gradients on ``product`` (v -> C v).
 
-    ``trace`` (of C) sets the default damping, ``default_damping_ratio * trace / dim``. A
+    ``trace`` (of C) sets the default damping, ``default_damping_ratio * trace /
+    effective_dim`` (default ``dim``; see :func:`rank_bound`). A
     direction of non-positive curvature (C + damping I not positive definite) restarts the
     solve at ``retry_factor`` times the damping, as the Cholesky solvers do. The number of
     iterations and the final relative residuals of every solve are in ``solver.details``.
     """
-    damping = _default_damping(settings, trace, dim)
+    damping = _default_damping(settings, trace, effective_dim or dim)
     if damping == 0:
         damping = 1e-12 * max(abs(trace) / dim, 1e-300)
     solver = Solver(dim, damping, 0, None, kind)

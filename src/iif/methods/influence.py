@@ -34,6 +34,7 @@ from iif.curvature import (
     cg_solver,
     curvature_product,
     fit_curvature,
+    rank_bound,
     rows_times,
 )
 from iif.errors import InputError
@@ -148,8 +149,10 @@ class InfluenceFunction(AttributionMethod):
                 product = curvature_product(self.curvature.kind, self.fmodel, self.state,
                                             train.x, train.targets, self.task, self.chunk_size)
                 trace = self._trace(product)
-                solver = cg_solver(product, self.fmodel.num_params, self.curvature, self.cg,
-                                   self.curvature.kind, trace)
+                m = self.fmodel.num_params
+                solver = cg_solver(product, m, self.curvature, self.cg, self.curvature.kind,
+                                   trace, rank_bound(self.curvature.kind, len(train),
+                                                     train.targets.shape[-1], m, m))
                 self._fitted = (None, solver)
             else:
                 block = self._train_block()

@@ -34,6 +34,7 @@ from iif.curvature import (
     CurvatureSettings,
     Solver,
     fit_curvature,
+    rank_bound,
     rows_times,
     stacked_gram_solvers,
 )
@@ -467,7 +468,8 @@ class IntegratedInfluence(AttributionMethod):
                                       self.projector, self.chunk_size, "test gradients")
         if self.curvature.kind == "fisher" and n >= self.projector.dim:
             solvers = stacked_gram_solvers(u, n, self.curvature, "fisher",
-                                           min(self.projector.dim, self.fmodel.num_params))
+                                           rank_bound("fisher", n, rho.shape[-1],
+                                                      self.projector.dim, self.fmodel.num_params))
         else:
             solvers = [fit_curvature(self.curvature, self.fmodel, member, self.train.x, rho[b],
                                      self.task, self.projector, u[b], self.chunk_size)
