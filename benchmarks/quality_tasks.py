@@ -104,3 +104,11 @@ def lds_scores(gt: GroundTruth, scores: np.ndarray, half: str) -> dict[str, floa
     r5 = lds(scores, gt.subsets[rows], gt.losses[rows])
     r1 = lds(scores, gt.subsets[rows], gt.repeat_losses[rows, 0])
     return {"r1": r1.mean, "r1_se": r1.stderr, "r5": r5.mean, "r5_se": r5.stderr}
+
+
+def subset_truth(gt: GroundTruth, test_idx: np.ndarray) -> GroundTruth:
+    """The ground truth of some test samples only (columns ``test_idx``)."""
+    from dataclasses import replace
+
+    return replace(gt, losses=gt.losses[:, test_idx],
+                   repeat_losses=gt.repeat_losses[:, :, test_idx])

@@ -42,6 +42,16 @@ class BaselineSettings:
         baseline that unlearns the mean loss of all test samples given together).
     lam: lambda of Eq. 12; the objective is ``L_train -/+ L_test / lam``.
     epochs, lr, batch_size: of the unlearning run (None: the recipe's).
+    objective: what the unlearning ascends. ``"auto"`` (default) is ``"complement"`` for a
+        classification task with the built-in cross-entropy and ``"loss"`` otherwise.
+        ``"loss"`` ascends the test loss itself (paper Eq. 12): its gradient vanishes on a
+        confidently correct test sample (p_y -> 1), so such a baseline hardly moves, and grows
+        without bound once the sample is misclassified, so the ascent overshoots or diverges.
+        ``"complement"`` minimises ``-log(1 - p_y)`` (the cross-entropy towards "any class but
+        y"; for soft targets t, ``-log(1 - <t, p>)``) instead: the same direction, a gradient
+        of size p_y on the logits, so it moves saturated samples at full speed and fades as the
+        sample stops being predicted, bounded below by 0, so it cannot diverge. It applies to
+        ``unlearn``; ``reinforce`` always descends the test loss, which is bounded.
     stop_test_loss: end unlearning early once the mean test loss reaches this value (for
         ``reinforce``: falls to it). ``"chance"`` (default) stops ``unlearn`` at the loss of a
         predictor that ignores its input: ``log(C)`` for classification, the mean variance of
@@ -53,6 +63,7 @@ class BaselineSettings:
 
     mode: Literal["per-test", "shared"] = "per-test"
     direction: Literal["unlearn", "reinforce"] = "unlearn"
+    objective: Literal["auto", "complement", "loss"] = "auto"
     lam: float = 0.5
     epochs: int = 5
     lr: float | None = None
@@ -68,6 +79,9 @@ class BaselineSettings:
             raise InputError(
                 f"baseline direction must be 'unlearn' or 'reinforce', got {self.direction!r}"
             )
+        if self.objective not in ("auto", "complement", "loss"):
+            raise InputError(f"baseline objective must be 'auto', 'complement' or 'loss', got "
+                             f"{self.objective!r}")
         if not (self.lam > 0 and math.isfinite(self.lam)):
             raise InputError(f"baseline lam must be positive and finite, got {self.lam!r}")
         if int(self.epochs) < 0:
@@ -104,6 +118,14 @@ def trivial_loss(task: Task, targets: torch.Tensor) -> float:
     return float((targets - targets.mean(0)).pow(2).mean()) or 1.0
 
 
+def complement_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``-log(1 - <t, softmax(z)>)`` (n,): the cross-entropy towards "any class
+    but the target", computed as ``logsumexp(z) - logsumexp(z + log(1 - t))`` so that it stays
+    exact for a saturated p_y (where ``1 - p_y`` rounds to 0)."""
+    rest = torch.log1p(-target.clamp(max=1.0))  # log(1 - t): -inf on a one-hot target class
+    return torch.logsumexp(output, dim=-1) - torch.logsumexp(output + rest, dim=-1)
+
+
 @dataclass
 class _Objective:
     """What an unlearning run optimises and when it stops or counts as diverged."""
@@ -111,11 +133,21 @@ class _Objective:
     sign: float  # -1: unlearn (ascend the test loss), +1: reinforce
     stop_at: float | None  # mean test loss that ends the run early
     limit: float  # a training loss above this has exploded
+    # per-sample test term the run minimises (before the 1/lam weight)
+    term: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
     def stopped(self, test_loss: torch.Tensor) -> torch.Tensor:
         if self.stop_at is None:
             return torch.zeros_like(test_loss, dtype=torch.bool)
         return test_loss >= self.stop_at if self.sign < 0 else test_loss <= self.stop_at
+
+
+def resolved_objective(task: Task, settings: BaselineSettings) -> str:
+    """The objective ``settings.objective`` means for this task (see BaselineSettings)."""
+    if settings.objective != "auto":
+        return settings.objective
+    builtin_ce = task.kind == "classification" and task.loss is None
+    return "complement" if builtin_ce and settings.direction == "unlearn" else "loss"
 
 
 def _objective(task: Task, fmodel: FunctionalModel, state: ModelState, train: Data,
@@ -126,7 +158,15 @@ def _objective(task: Task, fmodel: FunctionalModel, state: ModelState, train: Da
         target = trivial_loss(task, train.targets) if sign < 0 else None
     before = mean_loss(task, fmodel, state, train.x, train.targets)
     limit = settings.divergence_factor * max(before, trivial_loss(task, train.targets))
-    return _Objective(sign, target, limit)
+    if sign < 0 and resolved_objective(task, settings) == "complement":
+        if task.kind != "classification" or task.loss is not None:
+            raise InputError("baseline objective 'complement' needs a classification task with "
+                             "the built-in cross-entropy; use objective='loss'")
+        term = complement_loss
+    else:
+        def term(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return sign * task.sample_loss(out, t)
+    return _Objective(sign, target, limit, term)
 
 
 def _soundness(task: Task, fmodel: FunctionalModel, train: Data, test: Data, limit: float,
@@ -177,7 +217,7 @@ def unlearning_baseline(
         return task.sample_loss(fmodel(params, buffers, test.x), test.targets).mean()
 
     def test_term(params, buffers):
-        return goal.sign * test_loss(params, buffers) / settings.lam
+        return goal.term(fmodel(params, buffers, test.x), test.targets).mean() / settings.lam
 
     def stop(params, buffers) -> bool:
         # judged on the model itself, without dropout noise
@@ -208,8 +248,7 @@ def unlearning_baselines(
     copies = len(test)
 
     def test_term(params, buffers, xb, tb):
-        loss = task.sample_loss(fmodel(params, buffers, xb[None]), tb[None]).mean()
-        return goal.sign * loss / settings.lam
+        return goal.term(fmodel(params, buffers, xb[None]), tb[None]).mean() / settings.lam
 
     per_copy_loss = vmap(
         lambda p, b, xb, tb: task.sample_loss(fmodel(p, b, xb[None]), tb[None]).mean())

@@ -38,6 +38,7 @@ from iif.curvature import (
     rows_times,
     stacked_gram_solvers,
 )
+from iif.diagnostics import log_flags, trust_flags
 from iif.errors import InputError
 from iif.features import (
     can_stack_features,
@@ -119,9 +120,16 @@ class IntegratedInfluence(AttributionMethod):
         self.path = path or PathSettings()
         self.projection = projection or ProjectionSettings()
         self.curvature = curvature or CurvatureSettings()
+        self._reset()
+
+    def _reset(self) -> None:
+        # the projector is built from *this* model: a Kronecker projector's layer hooks sit on
+        # its modules, so an ensemble member must not share the first model's
         self.projector = make_projector(
-            self.fmodel.num_params, self.projection, task.device, task.dtype, self.fmodel
+            self.fmodel.num_params, self.projection, self.task.device, self.task.dtype,
+            self.fmodel
         )
+        self._stack_features = None
 
     # ---- public API ----------------------------------------------------------------------
     def attribute(self, test_data: Any, baseline_targets: Any = None,
@@ -165,11 +173,14 @@ class IntegratedInfluence(AttributionMethod):
         total = scores.sum(axis=1)
         info = {"baseline_mode": "group", "group_size": len(test),
                 "fallbacks": int(base.fell_back), "truncated": int(base.truncated),
+                "fallback_tests": [0] if base.fell_back else [],
+                "truncated_tests": [0] if base.truncated else [],
                 "damping": res.dampings, "damping_retries": res.retries,
                 "seconds": time.perf_counter() - start}
-        return Attribution(scores, self.method, self.settings(),
-                           {"sum": total, "delta": delta,
-                            "gap": completeness_gap(total, delta)}, info)
+        completeness = {"sum": total, "delta": delta, "gap": completeness_gap(total, delta)}
+        info["flags"] = trust_flags(completeness, info)  # row 0: the group
+        log_flags(log, info["flags"], completeness, noun="group")
+        return Attribution(scores, self.method, self.settings(), completeness, info)
 
     def _one_path(self, unlearn: Data, test: Data, settings: BaselineSettings
                   ) -> tuple[_PathResult, Baseline]:
@@ -225,13 +236,11 @@ class IntegratedInfluence(AttributionMethod):
             "seconds": time.perf_counter() - start,
             **extra_info,
         }
-        if info["fallbacks"] or info["truncated"]:
-            log.warning("unlearning diverged for %d of %d test samples: %d fell back to the "
-                        "theta* baseline, %d kept their last sound epoch",
-                        info["fallbacks"] + info["truncated"], len(test), info["fallbacks"],
-                        info["truncated"])
-        return Attribution(res.scores, self.method, self.settings(),
-                           {"sum": total, "delta": deltas, "gap": gap}, info)
+        completeness = {"sum": total, "delta": deltas, "gap": gap}
+        # which test samples' answers cannot be trusted, and one warning naming them
+        info["flags"] = trust_flags(completeness, info)
+        log_flags(log, info["flags"], completeness)
+        return Attribution(res.scores, self.method, self.settings(), completeness, info)
 
     def self_influence(self, indices: Any = None) -> np.ndarray:
         """Self-influence I_i(i) of training samples (default all), shape (n,).
@@ -367,11 +376,11 @@ class IntegratedInfluence(AttributionMethod):
         return max(1, min(32, n_test, (self.max_feature_bytes // 4) // per_copy))
 
     def _shared(self, test: Data) -> tuple[_PathResult, np.ndarray, np.ndarray]:
-        with seeded(self.seed, self.task.device):
-            gen = torch.Generator().manual_seed(self.seed)
+        # the per-test generators: a shared baseline of one test sample is its per-test one
+        with self._per_test_generators() as (unlearn_gen, path_gen):
             base = unlearning_baseline(self.task, self.fmodel, self.state, self.train, test,
-                                       self.baseline, gen, self.progress)
-            res = self._integrate(base.targets, test, gen)
+                                       self.baseline, unlearn_gen, self.progress)
+            res = self._integrate(base.targets, test, path_gen)
         return res, self._delta(test, base.state), np.full(len(test), _status(base), dtype=object)
 
     def _explicit(self, test: Data, targets: Any) -> tuple[_PathResult, np.ndarray, np.ndarray]:

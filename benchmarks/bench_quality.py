@@ -1,0 +1,235 @@
+"""Attribution quality of every method on held-out ground truth: LDS R1 and R5.
+
+Tasks, ground truth and the tuning / report split are defined in ``quality_tasks.py``: 100
+random half-size subsets with 5 retrained models each; even subsets tune, odd subsets report.
+Each configuration's scores are cached under ``.cache/quality/<task>/scores/`` (``.npy``
+without pickle, keyed by the configuration's name and settings), so a table can be rebuilt
+without recomputing what did not change.
+
+Usage::
+
+    python benchmarks/bench_quality.py --task digits [--threads 2] [--only iif,if-ggn]
+        [--half report] [--tests 200] [--json out.json]
+    python benchmarks/bench_quality.py --task digits --sweep damping --half tune
+
+``--sweep NAME`` runs the tuning grids (``SWEEPS``) on the tuning half; the default run prints
+the table of ``CONFIGS`` (each method at its chosen settings) on the report half.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import quality_tasks as qtasks  # noqa: E402
+
+from iif import (  # noqa: E402
+    TRAK,
+    BaselineSettings,
+    CurvatureSettings,
+    InfluenceFunction,
+    IntegratedInfluence,
+    PathSettings,
+    ProjectionSettings,
+    TracIn,
+    train_ensemble,
+)
+
+Runner = Callable[["qtasks.QualityTask", np.ndarray], tuple[np.ndarray, dict[str, Any]]]
+
+
+# ---- methods -----------------------------------------------------------------------------------
+def run_iif(**options: Any) -> Runner:
+    """IIF with the given settings dataclasses (defaults for the rest)."""
+    models = options.pop("models", 1)
+
+    def run(qt, test_idx):
+        members = None
+        if models > 1:
+            members = _ensemble(qt, models)
+        method = IntegratedInfluence(qt.task, qt.train, models=members, progress=False,
+                                     **options)
+        xt, yt = qt.test
+        res = method.attribute((xt[test_idx], yt[test_idx]))
+        gap = res.completeness["gap"] if res.completeness is not None else None
+        info = {"median_gap": None if gap is None else float(np.nanmedian(gap)),
+                "fallbacks": _count(res.info, "fallbacks"),
+                "truncated": _count(res.info, "truncated"),
+                "flags": {k: len(v) for k, v in res.info.get("flags", {}).items()}}
+        return res.scores, info
+    return run
+
+
+def run_if(**options: Any) -> Runner:
+    def run(qt, test_idx):
+        method = InfluenceFunction(qt.task, qt.train, progress=False, **options)
+        xt, yt = qt.test
+        return method.attribute((xt[test_idx], yt[test_idx])).scores, {}
+    return run
+
+
+def run_trak(models: int = 10, **options: Any) -> Runner:
+    def run(qt, test_idx):
+        members = _ensemble(qt, models, subset="half")
+        method = TRAK(qt.task, qt.train, models=members, progress=False, **options)
+        xt, yt = qt.test
+        return method.attribute((xt[test_idx], yt[test_idx])).scores, {}
+    return run
+
+
+def run_tracin(checkpoints: int = 10, **options: Any) -> Runner:
+    def run(qt, test_idx):
+        from iif.checkpoints import train_with_checkpoints
+
+        model = qt.make_model(qtasks.SEED)
+        task = qtasks.Task(model, "classification", qt.task.recipe)
+        every = max(1, qt.task.recipe.epochs // checkpoints)
+        ckpts = train_with_checkpoints(task, qt.train, every=every, seed=qtasks.SEED)
+        method = TracIn(task, qt.train, checkpoints=ckpts, progress=False, **options)
+        xt, yt = qt.test
+        return method.attribute((xt[test_idx], yt[test_idx])).scores, {}
+    return run
+
+
+def _count(info: dict[str, Any], key: str) -> int:
+    if key in info:
+        return int(info[key])
+    return sum(int(m.get(key, 0)) for m in info.get("members", []))
+
+
+_ENSEMBLES: dict[tuple[str, int, str], list] = {}
+
+
+def _ensemble(qt, n: int, subset: str = "full") -> list:
+    key = (qt.name, n, subset)
+    if key not in _ENSEMBLES:
+        _ENSEMBLES[key] = train_ensemble(qt.task, qt.train, n, subset=subset,
+                                         seed=qtasks.SEED + 1, progress=False)
+    return _ENSEMBLES[key]
+
+
+# ---- configurations ----------------------------------------------------------------------------
+def configs() -> dict[str, tuple[Runner, dict[str, Any]]]:
+    """The report table: each method at the settings chosen on the tuning half."""
+    return {
+        "iif": (run_iif(), {}),
+        "if-fisher": (run_if(curvature=CurvatureSettings(kind="fisher")), {}),
+        "if-ggn": (run_if(curvature=CurvatureSettings(kind="ggn")), {}),
+        "trak-10": (run_trak(10), {}),
+        "tracin-10": (run_tracin(10), {}),
+    }
+
+
+def sweeps() -> dict[str, dict[str, tuple[Runner, dict[str, Any]]]]:
+    """Tuning grids, each evaluated on the tuning half only."""
+    out: dict[str, dict[str, tuple[Runner, dict[str, Any]]]] = {}
+    out["if-damping"] = {
+        f"if-{kind}-d{ratio:g}": (run_if(curvature=CurvatureSettings(
+            kind=kind, default_damping_ratio=ratio)), {})
+        for kind in ("fisher", "ggn") for ratio in (0.01, 0.03, 0.1, 0.3, 1.0)
+    }
+    out["iif-damping"] = {
+        f"iif-d{ratio:g}": (run_iif(curvature=CurvatureSettings(default_damping_ratio=ratio)),
+                            {}) for ratio in (0.01, 0.03, 0.1, 0.3, 1.0)
+    }
+    out["iif-path"] = {
+        f"iif-K{k}-e{e}-{'sparse' if sp else 'dense'}": (
+            run_iif(path=PathSettings(steps=k, epochs=e, sparse=sp)), {})
+        for k in (1, 3, 5) for e in (1,) for sp in (True, False)
+    }
+    out["iif-baseline"] = {
+        f"iif-{obj}-lam{lam:g}-e{ep}": (run_iif(baseline=BaselineSettings(
+            objective=obj, lam=lam, epochs=ep)), {})
+        for obj in ("complement", "loss") for lam in (0.5, 2.0) for ep in (1, 5)
+    }
+    out["iif-projection"] = {
+        f"iif-{st}-P{p}": (run_iif(projection=ProjectionSettings(dim=p, structure=st)), {})
+        for st in ("kronecker", "dense") for p in (256, 1024)
+    }
+    return out
+
+
+# ---- running and caching -----------------------------------------------------------------------
+def test_indices(qt, n_tests: int | None) -> np.ndarray:
+    n = len(qt.test[1])
+    return np.arange(n if n_tests is None else min(n, n_tests))
+
+
+def evaluate(qt, gt, name: str, runner: Runner, test_idx: np.ndarray, half: str,
+             refresh: bool = False) -> dict[str, Any]:
+    folder = qtasks.CACHE / qt.name / "scores"
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = hashlib.sha256(f"{name}|{gt.key}|{test_idx.tolist()}".encode()).hexdigest()[:12]
+    npy, meta = folder / f"{name}-{tag}.npy", folder / f"{name}-{tag}.json"
+    if npy.exists() and meta.exists() and not refresh:
+        scores = np.load(npy, allow_pickle=False)
+        info = json.loads(meta.read_text())
+    else:
+        start = time.perf_counter()
+        scores, info = runner(qt, test_idx)
+        info = {**info, "seconds": time.perf_counter() - start,
+                "threads": torch.get_num_threads()}
+        np.save(npy, np.asarray(scores), allow_pickle=False)
+        meta.write_text(json.dumps(info))
+    sub_gt = qtasks.subset_truth(gt, test_idx)
+    return {"name": name, **qtasks.lds_scores(sub_gt, scores, half), **info}
+
+
+def print_table(rows: list[dict[str, Any]], half: str) -> None:
+    print(f"\n| configuration | LDS R1 ({half}) | LDS R5 ({half}) | seconds | threads | "
+          f"median gap | fallbacks |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        gap = r.get("median_gap")
+        print(f"| {r['name']} | {r['r1']:.3f} ± {r['r1_se']:.3f} | {r['r5']:.3f} ± "
+              f"{r['r5_se']:.3f} | {r['seconds']:.1f} | {r['threads']} | "
+              f"{'' if gap is None else f'{gap:.3f}'} | {r.get('fallbacks', '')} |")
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", choices=sorted(qtasks.TASKS), default="digits")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", default=None, help="comma-separated configuration names")
+    p.add_argument("--sweep", default=None, help="a tuning grid (runs on the tuning half)")
+    p.add_argument("--half", choices=("tune", "report"), default=None)
+    p.add_argument("--tests", type=int, default=None, help="first n test samples only")
+    p.add_argument("--refresh", action="store_true", help="recompute cached scores")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    half = args.half or ("tune" if args.sweep else "report")
+    table = sweeps()[args.sweep] if args.sweep else configs()
+    if args.only:
+        wanted = args.only.split(",")
+        table = {k: v for k, v in table.items() if k in wanted}
+    qt = qtasks.TASKS[args.task]()
+    gt = qtasks.truth(qt)
+    idx = test_indices(qt, args.tests)
+    print(f"task {qt.name}: {len(qt.train[1])} train, {idx.size} test samples, "
+          f"{gt.subsets.shape[0]} subsets x {gt.settings.repeats} retrains; half {half}; "
+          f"{args.threads} threads", flush=True)
+    rows = []
+    for name, (runner, _) in table.items():
+        rows.append(evaluate(qt, gt, name, runner, idx, half, args.refresh))
+        r = rows[-1]
+        print(f"{name}: R1 {r['r1']:.3f}  R5 {r['r5']:.3f}  ({r['seconds']:.1f} s)", flush=True)
+    print_table(rows, half)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
