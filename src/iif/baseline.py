@@ -102,6 +102,9 @@ class Baseline:
     targets: torch.Tensor  # (N, d) baseline targets ybar_i
     fell_back: bool  # unlearning diverged in its first epoch and theta' = theta* was used
     truncated: bool = False  # unlearning diverged later; theta' is the last sound epoch
+    # theta' = theta* + pulled_back (theta_end - theta*): < 1 when the run passed its stop
+    # level (or the divergence limit) and was pulled back onto it (see _land)
+    pulled_back: float = 1.0
 
 
 def mean_loss(
@@ -169,24 +172,75 @@ def _objective(task: Task, fmodel: FunctionalModel, state: ModelState, train: Da
     return _Objective(sign, target, limit, term)
 
 
-def _soundness(task: Task, fmodel: FunctionalModel, train: Data, test: Data, limit: float,
+def _soundness(task: Task, fmodel: FunctionalModel, train: Data, test: Data, goal: _Objective,
                reasons: list[str]) -> Callable[[ModelState], bool]:
-    """``sound(candidate)``: False (and the reason appended) once the run has diverged."""
+    """``sound(candidate)``: False (and the reason appended) once the run has diverged. A
+    candidate that has passed the stop level is sound when finite: :func:`_finish` pulls it
+    back to the stop level, and only then judges its training loss."""
 
     def sound(candidate: ModelState) -> bool:
         after = mean_loss(task, fmodel, candidate, train.x, train.targets)
         test_after = mean_loss(task, fmodel, candidate, test.x, test.targets)
         if not (math.isfinite(after) and math.isfinite(test_after)):
             reasons.append("the loss became NaN/inf")
-        elif after > limit:
-            reasons.append(f"the training loss exploded ({after:.3g} > {limit:.3g})")
+        elif after > goal.limit and not _passed_stop(goal, test_after):
+            reasons.append(f"the training loss exploded ({after:.3g} > {goal.limit:.3g})")
         return not reasons
 
     return sound
 
 
-def _finish(task: Task, fmodel: FunctionalModel, state: ModelState, train: Data, res: FitResult,
-            reasons: list[str]) -> Baseline:
+def _passed_stop(goal: _Objective, test_loss: float) -> bool:
+    return goal.stop_at is not None and bool(goal.stopped(torch.tensor(test_loss)))
+
+
+def _between(start: ModelState, end: ModelState, alpha: float) -> ModelState:
+    """The point ``start + alpha (end - start)`` of the segment between two states (buffers
+    such as BatchNorm statistics are interpolated too)."""
+    def mix(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: a[k] + alpha * (b[k] - a[k]) if a[k].is_floating_point() else b[k]
+                for k in a}
+    return ModelState(mix(start.params, end.params), mix(start.buffers, end.buffers))
+
+
+def _bisect(good: Callable[[float], bool], steps: int = 30) -> float:
+    """The largest alpha in [0, 1] with ``good(alpha)``, for a predicate that holds at 0 and
+    fails beyond one crossing (to 2^-steps)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if good(mid) else (lo, mid)
+    return lo
+
+
+def _land(task: Task, fmodel: FunctionalModel, start: ModelState, end: ModelState,
+          train: Data, test: Data, goal: _Objective) -> tuple[ModelState, float]:
+    """Pull an unlearning run that overshot back along the segment from theta* to where it
+    ended: to the point whose test loss is the stop level, and, if its training loss is
+    still above the divergence limit, further back to where it is not. One optimizer step on
+    a single test sample can move its loss by tens of nats (the per-sample tangent kernel is
+    large), so without this the stop level would only bound where the last step started.
+    Returns the state and alpha (1: kept as it ended)."""
+    def test_loss(alpha: float) -> float:
+        return mean_loss(task, fmodel, _between(start, end, alpha), test.x, test.targets)
+
+    def train_loss(alpha: float) -> float:
+        return mean_loss(task, fmodel, _between(start, end, alpha), train.x, train.targets)
+
+    alpha = 1.0
+    # a test sample already past the stop level at theta* keeps its one step
+    if _passed_stop(goal, test_loss(1.0)) and not _passed_stop(goal, test_loss(0.0)):
+        alpha = _bisect(lambda a: not _passed_stop(goal, test_loss(a)))
+        # the crossing itself: the first point at or beyond the stop level
+        alpha = min(1.0, alpha + 2.0 ** -30)
+    if not train_loss(alpha) <= goal.limit:
+        top = alpha
+        alpha = top * _bisect(lambda a: train_loss(top * a) <= goal.limit)
+    return (end, 1.0) if alpha == 1.0 else (_between(start, end, alpha), alpha)
+
+
+def _finish(task: Task, fmodel: FunctionalModel, state: ModelState, train: Data, test: Data,
+            goal: _Objective, res: FitResult, reasons: list[str]) -> Baseline:
     """The baseline an unlearning run ``res`` from theta* = ``state`` ends at."""
     reason = reasons[-1] if reasons else "a loss or parameter became NaN/inf"
     if not res.finite and res.epochs == 0:
@@ -196,8 +250,11 @@ def _finish(task: Task, fmodel: FunctionalModel, state: ModelState, train: Data,
     if not res.finite:
         log.warning("unlearning diverged after %d epoch%s (%s); keeping the last sound epoch",
                     res.epochs, "" if res.epochs == 1 else "s", reason)
-    targets = task.prediction_targets(fmodel.outputs(res.state, train.x))
-    return Baseline(res.state, targets, False, truncated=not res.finite)
+    end, alpha = res.state, 1.0
+    if res.finite:
+        end, alpha = _land(task, fmodel, state, res.state, train, test, goal)
+    targets = task.prediction_targets(fmodel.outputs(end, train.x))
+    return Baseline(end, targets, False, truncated=not res.finite, pulled_back=alpha)
 
 
 def unlearning_baseline(
@@ -228,9 +285,9 @@ def unlearning_baseline(
     res = fit(task, fmodel, state, train.x, train.targets, epochs=settings.epochs,
               lr=settings.lr, batch_size=settings.batch_size, extra=test_term,
               stop=None if goal.stop_at is None else stop,
-              sound=_soundness(task, fmodel, train, test, goal.limit, reasons),
+              sound=_soundness(task, fmodel, train, test, goal, reasons),
               generator=generator, progress=progress, desc="unlearning")
-    return _finish(task, fmodel, state, train, res, reasons)
+    return _finish(task, fmodel, state, train, test, goal, res, reasons)
 
 
 def unlearning_baselines(
@@ -258,7 +315,7 @@ def unlearning_baselines(
             return goal.stopped(per_copy_loss(params, buffers, test.x, test.targets))
 
     reasons: list[list[str]] = [[] for _ in range(copies)]
-    checks = [_soundness(task, fmodel, train, test.subset([b]), goal.limit, reasons[b])
+    checks = [_soundness(task, fmodel, train, test.subset([b]), goal, reasons[b])
               for b in range(copies)]
     results = fit_stacked(task, fmodel, StackedState.repeat(state, copies), train.x,
                           train.targets, epochs=settings.epochs, lr=settings.lr,
@@ -267,7 +324,7 @@ def unlearning_baselines(
                           stop=None if goal.stop_at is None else stop,
                           sound=lambda b, candidate: checks[b](candidate),
                           generator=generator)
-    return [_finish(task, fmodel, state, train, res, reasons[b])
+    return [_finish(task, fmodel, state, train, test.subset([b]), goal, res, reasons[b])
             for b, res in enumerate(results)]
 
 

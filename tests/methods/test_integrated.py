@@ -28,6 +28,8 @@ from iif import (
     Recipe,
     Task,
 )
+from iif.baseline import mean_loss, trivial_loss, unlearning_baseline
+from iif.grads import FunctionalModel
 from iif.methods.linear import (
     linear_delta,
     linear_fit,
@@ -489,10 +491,36 @@ def test_direction_sets_the_sign_of_delta(mlp_classifier, direction):
         assert np.all(delta < before)
 
 
+def test_overshooting_unlearning_is_pulled_back_to_the_stop_level(mlp_regression):
+    # a step far too large for the ascent: instead of falling back to theta*, the run is
+    # pulled back along its segment to the stop level (chance) with a sound training loss
+    p = mlp_regression
+    settings = BaselineSettings(lr=1e8, lam=0.01, epochs=5)
+    result = _full_batch(p, baseline=settings).attribute((p.xt, p.yt))
+    assert result.info["fallbacks"] == 0 and result.info["truncated"] == 0
+    task = p.task
+    fmodel = FunctionalModel(task.model)
+    train = task.validate((p.x, p.y))
+    for j in range(len(p.xt)):
+        test = task.validate((p.xt[j : j + 1], p.yt[j : j + 1]))
+        base = unlearning_baseline(task, fmodel, fmodel.state(), train, test,
+                                   dataclasses.replace(settings, batch_size=len(p.x)),
+                                   torch.Generator().manual_seed(0))
+        assert 0 < base.pulled_back < 1 and not base.fell_back
+        after = mean_loss(task, fmodel, base.state, test.x, test.targets)
+        before = mean_loss(task, fmodel, fmodel.state(), test.x, test.targets)
+        assert after > before
+        assert mean_loss(task, fmodel, base.state, train.x, train.targets) <= \
+            settings.divergence_factor * max(mean_loss(task, fmodel, fmodel.state(), train.x,
+                                                       train.targets),
+                                             trivial_loss(task, train.targets))
+
+
 def test_diverging_unlearning_falls_back_to_theta_star(mlp_regression):
     p = mlp_regression
     n = len(p.x)
-    diverging = _full_batch(p, baseline=BaselineSettings(lr=1e8, lam=0.01, epochs=5))
+    diverging = _full_batch(p, baseline=BaselineSettings(lr=1e8, lam=0.01, epochs=5,
+                                                         stop_test_loss=None))
     result = diverging.attribute((p.xt, p.yt))
     assert result.info["fallbacks"] == 4
     assert result.info["fallback_tests"] == [0, 1, 2, 3]
@@ -676,7 +704,8 @@ def test_batched_unlearning_keeps_fallbacks_per_test_sample(mlp_regression):
     p = mlp_regression
     # a learning rate at which some test samples' unlearning diverges and others' does not
     settings = dict(path=PathSettings(steps=2, epochs=1, batch_size=16),
-                    baseline=BaselineSettings(batch_size=16, epochs=3, lr=0.3, lam=0.2))
+                    baseline=BaselineSettings(batch_size=16, epochs=3, lr=0.3, lam=3.0,
+                                              stop_test_loss=None))
     test = (p.xt, p.yt)
     looped = IntegratedInfluence(p.task, (p.x, p.y), test_batch=1, **settings).attribute(test)
     batched = IntegratedInfluence(p.task, (p.x, p.y), test_batch=4, **settings).attribute(test)
