@@ -9,7 +9,13 @@ import pytest
 import torch
 from torch.func import functional_call, jacrev
 
-from iif.curvature import CurvatureSettings, dense_solver, fit_curvature, gram_solver
+from iif.curvature import (
+    CurvatureSettings,
+    dense_solver,
+    fit_curvature,
+    gram_solver,
+    rank_bound,
+)
 from iif.errors import CurvatureError, InputError
 from iif.grads import FunctionalModel
 from iif.projection import IdentityProjector, ProjectionSettings, RandomProjector
