@@ -79,6 +79,25 @@ def run_if(**options: Any) -> Runner:
     return run
 
 
+RATIOS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+_SWEPT: dict[tuple[str, str, tuple[int, ...]], list[np.ndarray]] = {}
+
+
+def run_if_ratio(kind: str, ratio: float) -> Runner:
+    """IF at one damping ratio; all ratios of a kind come from one featurisation
+    (``InfluenceFunction.attribute_dampings``)."""
+    def run(qt, test_idx):
+        key = (qt.name, kind, tuple(test_idx.tolist()))
+        if key not in _SWEPT:
+            method = InfluenceFunction(qt.task, qt.train, progress=False,
+                                       curvature=CurvatureSettings(kind=kind))
+            xt, yt = qt.test
+            _SWEPT[key] = [r.scores for r in method.attribute_dampings(
+                (xt[test_idx], yt[test_idx]), RATIOS, relative=True)]
+        return _SWEPT[key][RATIOS.index(ratio)], {}
+    return run
+
+
 def run_trak(models: int = 10, **options: Any) -> Runner:
     def run(qt, test_idx):
         members = _ensemble(qt, models, subset="half")
@@ -135,9 +154,8 @@ def sweeps() -> dict[str, dict[str, tuple[Runner, dict[str, Any]]]]:
     """Tuning grids, each evaluated on the tuning half only."""
     out: dict[str, dict[str, tuple[Runner, dict[str, Any]]]] = {}
     out["if-damping"] = {
-        f"if-{kind}-d{ratio:g}": (run_if(curvature=CurvatureSettings(
-            kind=kind, default_damping_ratio=ratio)), {})
-        for kind in ("fisher", "ggn") for ratio in (0.01, 0.03, 0.1, 0.3, 1.0)
+        f"if-{kind}-d{ratio:g}": (run_if_ratio(kind, ratio), {})
+        for kind in ("fisher", "ggn") for ratio in RATIOS
     }
     out["iif-damping"] = {
         f"iif-d{ratio:g}": (run_iif(curvature=CurvatureSettings(default_damping_ratio=ratio)),
@@ -153,6 +171,12 @@ def sweeps() -> dict[str, dict[str, tuple[Runner, dict[str, Any]]]]:
             objective=obj, lam=lam, epochs=ep)), {})
         for obj in ("complement", "loss") for lam in (0.5, 2.0) for ep in (1, 5)
     }
+    out["trak"] = {
+        f"trak-10-P{dim}-d{ratio}": (run_trak(10, projection=ProjectionSettings(dim=dim),
+                                             damping=ratio), {})
+        for dim in (512, 2048, 8192) for ratio in (None, 0.0)
+    }
+    out["tracin"] = {f"tracin-{c}": (run_tracin(c), {}) for c in (5, 10, 20, 40)}
     out["iif-projection"] = {
         f"iif-{st}-P{p}": (run_iif(projection=ProjectionSettings(dim=p, structure=st)), {})
         for st in ("kronecker", "dense") for p in (256, 1024)

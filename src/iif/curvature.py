@@ -270,18 +270,30 @@ def fit_curvature(
     With ``reduce``, ``x``, ``targets`` and ``u`` are this process's part of a training set of
     ``n_total`` samples and ``reduce`` sums the parts' matrices (see :func:`gram_solver`).
     """
+    n = x.shape[0] if n_total is None else n_total
+    factor = curvature_factor(settings.kind, fmodel, state, x, targets, task, projector, u,
+                              chunk_size, reduce)
+    return solver_from_factor(factor, settings, n, targets.shape[-1], projector.dim,
+                              fmodel.num_params, reduce)
+
+
+def curvature_factor(
+    kind: str, fmodel, state, x: torch.Tensor, targets: torch.Tensor, task, projector,
+    u: torch.Tensor | None, chunk_size: int = 128,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[str, torch.Tensor]:
+    """What a solver of the ``kind`` curvature is built from, without the damping:
+    ``("rows", R)`` whose Gram matrix / N is the curvature (the Fisher's ``u``, the
+    Gauss-Newton rows ``A^T J_i^T L_i``), or ``("matrix", H)`` for the explicit Hessian. One
+    factor serves any number of damping values (:func:`solver_from_factor`)."""
     from iif.features import ggn_features
     from iif.grads import full_hessian
     from iif.projection import IdentityProjector
 
-    n = x.shape[0] if n_total is None else n_total
-    effective_dim = rank_bound(settings.kind, n, targets.shape[-1], projector.dim,
-                               fmodel.num_params)
-    if settings.kind == "fisher":
-        return gram_solver(u, n, settings, "fisher", effective_dim, reduce)
-    if settings.kind == "ggn":
-        rows = ggn_features(fmodel, state, x, targets, task, projector, chunk_size)
-        return gram_solver(rows, n, settings, "ggn", effective_dim, reduce)
+    if kind == "fisher":
+        return "rows", u
+    if kind == "ggn":
+        return "rows", ggn_features(fmodel, state, x, targets, task, projector, chunk_size)
     if reduce is not None:
         raise InputError("the explicit Hessian is not split across processes; use 'fisher' or "
                          "'ggn' curvature, or run in one process")
@@ -289,7 +301,21 @@ def fit_curvature(
     if not isinstance(projector, IdentityProjector):
         # A^T H A without forming A: project the rows of H, then the rows of (H A)^T.
         h = projector.project(projector.project(h).T.contiguous())
-    return dense_solver(h, settings, "hessian", effective_dim=effective_dim)
+    return "matrix", h
+
+
+def solver_from_factor(
+    factor: tuple[str, torch.Tensor], settings: CurvatureSettings, n: int, outputs: int,
+    dim: int, num_params: int,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Solver:
+    """The damped solver of a :func:`curvature_factor` at ``settings.damping``, for a
+    training set of ``n`` samples with ``outputs`` model outputs."""
+    what, value = factor
+    effective_dim = rank_bound(settings.kind, n, outputs, dim, num_params)
+    if what == "rows":
+        return gram_solver(value, n, settings, settings.kind, effective_dim, reduce)
+    return dense_solver(value, settings, "hessian", effective_dim=effective_dim)
 
 
 # ---- matrix-free curvature and conjugate gradients -------------------------------------------

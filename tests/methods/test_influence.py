@@ -223,3 +223,29 @@ def test_bad_settings_raise(mlp_regression):
             InfluenceFunction(p.task, data, **kwargs)
     with pytest.raises(ValueError, match="max_iter"):
         CGSettings(max_iter=0)
+
+
+@pytest.mark.parametrize("kind", ["fisher", "ggn"])
+@pytest.mark.parametrize("solver", ["exact", "projected"])
+def test_one_featurisation_serves_several_dampings(mlp_classifier, kind, solver):
+    p = mlp_classifier
+    projection = ProjectionSettings(dim=24) if solver == "projected" else None
+    test = (p.xt, p.yt)
+    method = InfluenceFunction(p.task, (p.x, p.y), curvature=CurvatureSettings(kind=kind),
+                               solver=solver, projection=projection)
+    values = [1e-3, 1e-1]
+    swept = method.attribute_dampings(test, values)
+    for value, result in zip(values, swept, strict=True):
+        alone = InfluenceFunction(p.task, (p.x, p.y), solver=solver, projection=projection,
+                                  curvature=CurvatureSettings(kind=kind, damping=value))
+        expected = alone.attribute(test).scores
+        np.testing.assert_allclose(result.scores, expected, rtol=1e-9,
+                                   atol=1e-12 * np.abs(expected).max())
+        assert result.settings["curvature"]["damping"] == value
+    assert not np.allclose(swept[0].scores, swept[1].scores)
+    ratio = method.attribute_dampings(test, [0.3], relative=True)[0]
+    default = InfluenceFunction(p.task, (p.x, p.y), solver=solver, projection=projection,
+                                curvature=CurvatureSettings(kind=kind, default_damping_ratio=0.3))
+    np.testing.assert_allclose(ratio.scores, default.attribute(test).scores, rtol=1e-9)
+    with pytest.raises(ValueError, match="dampings"):
+        method.attribute_dampings(test, [-1.0])

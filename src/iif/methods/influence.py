@@ -19,7 +19,9 @@ Solvers:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -32,10 +34,12 @@ from iif.curvature import (
     CurvatureSettings,
     Solver,
     cg_solver,
+    curvature_factor,
     curvature_product,
     fit_curvature,
     rank_bound,
     rows_times,
+    solver_from_factor,
 )
 from iif.errors import InputError
 from iif.features import loss_features
@@ -109,6 +113,40 @@ class InfluenceFunction(AttributionMethod):
         scores = self._gather_columns(-self._train_products(grads, sol).T / len(self.train))
         info = {"solver": solver.report()}
         return Attribution(scores.cpu().numpy(), self.method, self.settings(), None, info)
+
+    def attribute_dampings(self, test_data: Any, dampings: Sequence[float],
+                           relative: bool = False) -> list[Attribution]:
+        """One attribution per damping value, from one featurisation: the training features
+        and the curvature's rows (or explicit Hessian) are computed once, and each value
+        only refactors the solve. ``relative``: the values are ratios to the mean nonzero
+        eigenvalue (``default_damping_ratio``) instead of absolute dampings. ``exact`` and
+        ``projected`` solvers, one model."""
+        if self.solver == "cg" or len(self.members()) > 1 or self.sharding is not None:
+            raise InputError("attribute_dampings needs the 'exact' or 'projected' solver, one "
+                             "model and one process")
+        values = [float(d) for d in dampings]
+        if not values or any(not (d >= 0 and math.isfinite(d)) for d in values):
+            raise InputError(f"dampings must be finite numbers >= 0, got {dampings!r}")
+        test = self.task.validate(test_data, "test data")
+        grads, _ = self._fit()
+        train = self.train
+        factor = curvature_factor(self.curvature.kind, self.fmodel, self.state, train.x,
+                                  train.targets, self.task, self.projector, grads,
+                                  self.chunk_size)
+        test_grads = self._features(test.x, test.targets).T  # (D, n_test)
+        results = []
+        for value in values:
+            settings = (dataclasses.replace(self.curvature, damping=None,
+                                            default_damping_ratio=value) if relative
+                        else dataclasses.replace(self.curvature, damping=value))
+            solver = solver_from_factor(factor, settings, len(train), train.targets.shape[-1],
+                                        self.projector.dim, self.fmodel.num_params)
+            scores = -self._train_products(grads, solver.solve(test_grads)).T / len(train)
+            result = Attribution(scores.cpu().numpy(), self.method,
+                                 {**self.settings(), "curvature": settings.to_dict()}, None,
+                                 {"solver": solver.report()})
+            results.append(result)
+        return results
 
     def _self_influence(self, idx: np.ndarray) -> np.ndarray:
         if self.sharding is not None:
