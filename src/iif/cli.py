@@ -231,6 +231,7 @@ def _run_settings(args: argparse.Namespace, **flags) -> dict:
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
     from iif.config import build_method, load_job
+    from iif.diagnostics import summarize
     from iif.distributed import attribute_job
 
     settings = _run_settings(args, method=args.method, seed=args.seed, chunk=args.chunk,
@@ -241,6 +242,9 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     if result is not None:
         print(f"wrote {args.out}: {result.method} scores {result.scores.shape[0]} test x "
               f"{result.scores.shape[1]} training samples in {result.info['seconds']:.1f} s")
+        summary = summarize(result.info.get("flags"), result.completeness)
+        if summary:  # test samples by global index (iif.diagnostics)
+            print(f"warning: {summary}")
     return EXIT_OK
 
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from iif.diagnostics import describe, index_offset, kinds_of, summarize, trust_flags
 from iif.errors import InputError
 from iif.io import atomic_write, jsonable
 from iif.report import format_completeness, plot_rankings, top_entries
@@ -35,7 +36,12 @@ def explain(
     if not 0 <= index < len(test):
         raise InputError(f"test index {index} is outside 0..{len(test) - 1}")
     one = test.subset([index])
-    result = method.attribute((one.x, one.labels), contrast=contrast)
+    with index_offset(index):  # a warning names the sample by its index in test_data
+        result = method.attribute((one.x, one.labels), contrast=contrast)
+    # flags by the sample's index in test_data (row 0 of the result)
+    flags = trust_flags(result.completeness, result.info, offset=index)
+    warning = summarize(flags, result.completeness, offset=index)
+    note = describe(flags, index, result.completeness, row=0)
     scores = result.scores[0]
     labels = method.train.labels.cpu().numpy()
     comp = {key: v[0] for key, v in result.completeness.items()}
@@ -61,6 +67,8 @@ def explain(
     else:
         check = format_completeness(comp)
     lines = [heading, f"  {what}", f"  {check}"]
+    if warning:
+        lines.append(f"warning: {warning}")
     for title, entries in rows:
         lines.append(f"  {title}: " + ", ".join(
             f"#{e['index']} (label {e['label']}) {e['score']:+.3g}" for e in entries))
@@ -68,6 +76,7 @@ def explain(
     folder.mkdir(parents=True, exist_ok=True)
     record = {"test_index": index, "label": true, "predicted": predicted,
               "contrast": result.info.get("contrast"), "completeness": comp,
+              "flags": kinds_of(flags, index), "warning": note,
               "rows": {title: entries for title, entries in rows},
               "settings": result.settings}
     text = json.dumps(jsonable(record), indent=2, allow_nan=False)
@@ -76,7 +85,8 @@ def explain(
     shape = guess_shape(images.shape[1:], image_shape)
     if shape is not None:
         path = plot_rankings(one.x[0].cpu().numpy(), heading, rows, images,
-                             folder / f"explain_{index}.png", image_shape=shape)
+                             folder / f"explain_{index}.png", image_shape=shape,
+                             warning=note)
         lines.append(f"  wrote {path}")
     else:
         lines.append("  (inputs are not square images: give --image-shape for a picture)")

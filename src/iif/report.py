@@ -142,6 +142,7 @@ def plot_proponents_opponents(
     *,
     prediction: Any = None,
     completeness: Mapping[str, Any] | None = None,
+    warning: str | None = None,
     cmap: str = "gray_r",
     dpi: int = 120,
 ) -> Path:
@@ -160,6 +161,8 @@ def plot_proponents_opponents(
         title: heading; default "Test label L, predicted P" from the arguments.
         prediction: the model's prediction for the test sample (optional).
         completeness: ``{"sum", "delta", "gap"}`` of this test sample (optional, shown).
+        warning: why this answer cannot be trusted (``iif.diagnostics.describe``), drawn as a
+            red note under the heading; None for none.
         cmap: colour map for grey-scale images (``gray_r``: dark ink on white).
     """
     from matplotlib.figure import Figure
@@ -180,6 +183,8 @@ def plot_proponents_opponents(
     vmin, vmax = _range([test, *shown.values()])
 
     col_w, header_h, row_h, foot_h = 1.25, 1.05, 1.95, 0.45
+    note, note_h = _wrap_note(warning, col_w * (k + 2.2)) if warning else ("", 0.0)
+    header_h += note_h
     height = header_h + 2 * row_h + foot_h
     fig = Figure(figsize=(col_w * (k + 2.2), height), dpi=dpi)
     grid = fig.add_gridspec(
@@ -230,11 +235,26 @@ def plot_proponents_opponents(
     if completeness is not None:
         sub = format_completeness(completeness, unicode=True) + "\n" + sub
     fig.text(0.02, 1 - 0.5 / height, sub, ha="left", va="top", fontsize=9.5, color="0.25")
+    if warning:
+        _warning_note(fig, note, 0.02, 1 - (header_h - note_h + 0.02) / height)
 
     return save_png(fig, path)
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+def _wrap_note(text: str, width_in: float) -> tuple[str, float]:
+    """A warning note wrapped to ``width_in`` inches, and the inches of height it needs."""
+    import textwrap
+
+    lines = textwrap.wrap("WARNING: " + text, width=max(40, int(width_in * 11)))
+    return "\n".join(lines), 0.08 + 0.19 * len(lines)
+
+
+def _warning_note(fig: Any, text: str, x: float, y: float) -> None:
+    """A flagged answer's note, in red and bold, its top at figure height fraction ``y``."""
+    fig.text(x, y, text, ha="left", va="top", fontsize=10, color="#c00000", fontweight="bold")
+
+
 def _frame(ax, width: float = 0.8) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
@@ -303,12 +323,14 @@ def plot_rankings(
     path: str | os.PathLike,
     image_shape: Sequence[int] = (28, 28),
     *,
+    warning: str | None = None,
     cmap: str = "gray_r",
     dpi: int = 110,
 ) -> Path:
     """Save a PNG comparing rankings: the test image on the left and one row per entry of
     ``rows`` = ``[(row title, entries)]``, each entry ``{"index", "label", "score"}`` (as from
-    :func:`top_entries`) drawn as its training image with label and score beneath."""
+    :func:`top_entries`) drawn as its training image with label and score beneath.
+    ``warning``: why this answer cannot be trusted, a red note under the heading."""
     from matplotlib.figure import Figure
 
     if not rows:
@@ -321,7 +343,8 @@ def plot_rankings(
     vmin, vmax = _range([test, *images.values()])
     show = {"cmap": cmap if test.ndim == 2 else None, "vmin": vmin, "vmax": vmax,
             "interpolation": "nearest"}
-    row_h, head_h = 1.35, 0.7
+    note, note_h = _wrap_note(warning, 1.15 * (k + 4.2)) if warning else ("", 0.0)
+    row_h, head_h = 1.35, 0.7 + note_h
     height = head_h + row_h * len(rows) + 0.25
     fig = Figure(figsize=(1.15 * (k + 4.2), height), dpi=dpi)
     grid = fig.add_gridspec(len(rows), k + 2, width_ratios=[2.6, 1.6] + [1.0] * k,
@@ -329,6 +352,8 @@ def plot_rankings(
                             bottom=0.25 / height,  # room for the last row's labels
                             wspace=0.1, hspace=0.55)
     fig.suptitle(heading, fontsize=11, fontweight="bold", x=0.01, ha="left")
+    if warning:
+        _warning_note(fig, note, 0.01, 1 - 0.4 / height)
     ax = fig.add_subplot(grid[:, 0])
     ax.imshow(test, **show)
     ax.set_xticks([])

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from iif.attribution import META_FILE, SCORES_FILE, Attribution
+from iif.diagnostics import describe, summarize, trust_flags
 from iif.errors import InputError
 from iif.report import format_completeness, plot_proponents_opponents, top_entries
 from iif.report import image_shape as guess_shape
@@ -52,6 +53,12 @@ def show(
         if np.isfinite(gap).any():
             lines.append(f"  completeness gap |sum - delta| / |delta|: median "
                          f"{np.nanmedian(gap):.3f}, max {np.nanmax(gap):.3f}")
+    flags = result.info.get("flags")
+    if not isinstance(flags, dict):  # a result saved before flags were recorded
+        flags = trust_flags(result.completeness, result.info)
+    summary = summarize(flags, result.completeness)
+    if summary:
+        lines.append(f"warning: {summary}")
     job = None
     if task is not None:
         from iif.config import load_job
@@ -73,6 +80,9 @@ def show(
         comp = None if result.completeness is None else {
             key: v[i] for key, v in result.completeness.items()}
         lines.append(f"test sample {i}: {format_completeness(comp)}")
+        note = describe(flags, i, result.completeness)
+        if note:
+            lines.append(f"  warning: test {i}: {note}")
         for title, entries in (("proponents", pro), ("opponents", opp)):
             lines.append(f"  {title}: " + ", ".join(
                 f"#{e['index']}" + (f" (label {e['label']})" if "label" in e else "")
@@ -84,6 +94,7 @@ def show(
             x_test = test.x[i].cpu().numpy()
             path = plot_proponents_opponents(
                 x_test, test.labels[i].cpu().numpy().tolist(), images, labels, result.scores[i],
-                folder / f"show_{i}.png", k=k, image_shape=shape, completeness=comp)
+                folder / f"show_{i}.png", k=k, image_shape=shape, completeness=comp,
+                warning=note)
             lines.append(f"  wrote {path}")
     return "\n".join(lines)

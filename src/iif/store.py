@@ -5,7 +5,9 @@ Layout of the folder::
     manifest.json                 method, settings, hashes of the inputs, chunk boundaries
     chunks/rows-LLLLLLL-HHHHHHH.npy   scores of test samples LLL..HHH-1 (float64, no pickle)
     chunks/rows-LLLLLLL-HHHHHHH.json  its SHA-256, completeness and info, written after it
-    scores.npy, attribution.json  the assembled result (``iif.Attribution.load``)
+    scores.npy, attribution.json  the assembled result (``iif.Attribution.load``); its
+                                  ``info["flags"]`` names untrustworthy test samples by
+                                  global index (``iif.diagnostics``)
 
 Every file is written to a temporary name and renamed into place, so a crash leaves finished
 chunks intact and at most one temporary file behind. A chunk counts as finished only when its
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 
 from iif.attribution import Attribution
+from iif.diagnostics import index_offset, trust_flags
 from iif.errors import InputError
 from iif.io import atomic_write, jsonable
 
@@ -181,12 +184,12 @@ class ResultStore:
                 continue
             for k, v in comp.items():
                 completeness.setdefault(k, []).extend(np.nan if x is None else x for x in v)
-        result = Attribution(
-            scores, m["method"], m["settings"],
-            None if completeness is None else {k: np.asarray(v, dtype=float)
-                                               for k, v in completeness.items()},
-            {"chunks": infos, "seconds": sum(i.get("seconds", 0.0) or 0.0 for i in infos)},
-        )
+        whole = None if completeness is None else {k: np.asarray(v, dtype=float)
+                                                   for k, v in completeness.items()}
+        info = {"chunks": infos, "seconds": sum(i.get("seconds", 0.0) or 0.0 for i in infos)}
+        # per-test flags by global test index (a chunk's own are relative to its first row)
+        info["flags"] = trust_flags(whole, info)
+        result = Attribution(scores, m["method"], m["settings"], whole, info)
         result.save(self.folder)
         return result
 
@@ -263,4 +266,5 @@ def fill(store: ResultStore, method: Any, test: Any, *, ranks: tuple[int, int] =
                  len(mine))
     for lo, hi in progress_bar(todo, total=len(todo), desc="chunks", enable=progress):
         part = test.subset(slice(lo, hi))
-        store.write(lo, hi, method.attribute((part.x, part.labels)))
+        with index_offset(lo):  # warnings name the chunk's test samples by global index
+            store.write(lo, hi, method.attribute((part.x, part.labels)))

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from iif.attribution import Attribution
+from iif.diagnostics import log_flags, trust_flags
 from iif.errors import InputError
 from iif.features import DEFAULT_MAX_FEATURE_BYTES, spill_features_to
 from iif.grads import FunctionalModel
@@ -145,7 +146,10 @@ class AttributionMethod:
             total = np.mean([p.completeness["sum"] for p in parts], axis=0)
             delta = np.mean([p.completeness["delta"] for p in parts], axis=0)
             completeness = {"sum": total, "delta": delta, "gap": completeness_gap(total, delta)}
-        info = {"members": [p.info for p in parts]}
+        info: dict[str, Any] = {"members": [p.info for p in parts]}
+        # the members' fallbacks, truncations and unmoved baselines, and large gaps of the mean
+        info["flags"] = trust_flags(completeness, info)
+        log_flags(log, info["flags"], completeness, prefix=f"ensemble of {len(parts)}: ")
         return Attribution(scores, self.method, self.settings(), completeness, info)
 
     # ---- to implement --------------------------------------------------------------------
