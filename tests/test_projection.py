@@ -304,16 +304,20 @@ def test_kronecker_needs_the_model_and_a_valid_structure():
         _kron(_kron_model(), 1)
 
 
-def test_kronecker_fast_path_equals_projected_per_sample_gradients():
+@pytest.mark.parametrize("activation", ["tanh", "inplace-relu"])
+def test_kronecker_fast_path_equals_projected_per_sample_gradients(activation):
     """Features built from layer inputs and output gradients (hooks) equal projecting the
-    per-sample Jacobians, for two scalars per sample and inputs with a position dimension."""
+    per-sample Jacobians, for two scalars per sample and inputs with a position dimension;
+    also when an in-place activation follows a layer (it must not overwrite the recorded
+    output)."""
     from torch import nn
 
     from iif.features import projected_jacobians
     from iif.grads import FunctionalModel, per_sample_jacobians
 
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    act = nn.Tanh() if activation == "tanh" else nn.ReLU(inplace=True)
+    model = nn.Sequential(nn.Linear(4, 6), act, nn.Linear(6, 3)).double()
     fmodel = FunctionalModel(model)
     state = fmodel.state()
     p = _kron(fmodel, 20, seed=2)

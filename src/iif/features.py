@@ -168,6 +168,9 @@ def _kronecker_chunks(fmodel, state, x, fn, args, projector, chunk_size):
         def record(module, inp, out):
             inputs[index] = inp[0].detach()
             outputs[index] = out
+            # the rest of the model gets a copy: an in-place activation (ReLU(inplace=True))
+            # would otherwise overwrite the output whose gradient is asked for
+            return out.clone()
         return record
 
     handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(projector.modules)]

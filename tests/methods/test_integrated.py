@@ -730,9 +730,16 @@ def test_test_batch_validation(mlp_classifier):
     assert auto._test_batch(100) == 32 and auto._test_batch(3) == 3
     assert IntegratedInfluence(custom, (p.x, p.y))._test_batch(10) == 1
     # a copy costs 5 M parameter-sized tensors, 3 path target sets and two N x P feature
-    # sets (float64; unprojected here, P = M); a quarter of max_feature_bytes goes to them
+    # sets (float64); a quarter of max_feature_bytes goes to them
     m = auto.fmodel.num_params
-    per_copy = 8 * (5 * m + 3 * len(p.x) * 3 + 2 * len(p.x) * m)
+    proj = ProjectionSettings(dim=8)
+    per_copy = 8 * (5 * m + 3 * len(p.x) * 3 + 2 * len(p.x) * 8)
+    tight = IntegratedInfluence(p.task, (p.x, p.y), projection=proj,
+                                max_feature_bytes=4 * per_copy * 5)
+    assert tight._test_batch(100) == 5
+    # exact solves from layer factors hold no per-copy features
+    assert auto._use_factored()
+    per_copy = 8 * (5 * m + 3 * len(p.x) * 3)
     tight = IntegratedInfluence(p.task, (p.x, p.y), max_feature_bytes=4 * per_copy * 5)
     assert tight._test_batch(100) == 5
 
@@ -857,3 +864,21 @@ def test_group_attributes_the_mean_loss(mlp_classifier):
     # mean of the rows
     np.testing.assert_allclose(group.scores[0], rows.scores.mean(0), rtol=1e-6, atol=1e-12)
     assert group.completeness["delta"][0] < 0
+
+
+@pytest.mark.parametrize("test_batch", [1, 4])
+def test_factored_exact_solves_equal_per_sample_gradient_solves(mlp_classifier, monkeypatch,
+                                                                test_batch):
+    # exact Fisher IIF on a Linear model runs from layer factors; it must give the scores of
+    # the Woodbury solve on stored per-sample gradients
+    p = mlp_classifier
+    kwargs = {"path": PathSettings(steps=3, batch_size=16), "test_batch": test_batch,
+              "baseline": BaselineSettings(batch_size=16)}
+    method = IntegratedInfluence(p.task, (p.x, p.y), **kwargs)
+    assert method._use_factored()
+    factored = method.attribute((p.xt, p.yt))
+    monkeypatch.setattr(IntegratedInfluence, "_use_factored", lambda self: False)
+    dense = IntegratedInfluence(p.task, (p.x, p.y), **kwargs).attribute((p.xt, p.yt))
+    np.testing.assert_allclose(factored.scores, dense.scores, rtol=1e-8,
+                               atol=1e-10 * np.abs(dense.scores).max())
+    assert factored.info["damping"] == pytest.approx(dense.info["damping"], rel=1e-9)

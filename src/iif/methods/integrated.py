@@ -40,6 +40,7 @@ from iif.curvature import (
 )
 from iif.diagnostics import log_flags, trust_flags
 from iif.errors import InputError
+from iif.factored import factored_step_scores, supports_factored
 from iif.features import (
     can_stack_features,
     loss_features,
@@ -130,6 +131,7 @@ class IntegratedInfluence(AttributionMethod):
             self.fmodel
         )
         self._stack_features = None
+        self._supports_factored: bool | None = None
 
     # ---- public API ----------------------------------------------------------------------
     def attribute(self, test_data: Any, baseline_targets: Any = None,
@@ -371,8 +373,10 @@ class IntegratedInfluence(AttributionMethod):
         if not can_stack(self.task):
             return 1
         size = self.train.targets.element_size()
+        # factored solves hold no (N, P) features per copy, only one N x N kernel at a time
+        features = 0 if self._use_factored() else 2 * len(self.train) * self.projector.dim
         per_copy = size * (5 * self.fmodel.num_params + 3 * self.train.targets.numel()
-                           + 2 * len(self.train) * self.projector.dim)
+                           + features)
         return max(1, min(32, n_test, (self.max_feature_bytes // 4) // per_copy))
 
     def _shared(self, test: Data) -> tuple[_PathResult, np.ndarray, np.ndarray]:
@@ -427,9 +431,37 @@ class IntegratedInfluence(AttributionMethod):
 
     # Each step subtracts I^(k) = (1/N) gamma^T C^{-1} psi_i from ``scores`` in place and
     # returns the solvers it used (for the damping report).
+    def _use_factored(self) -> bool:
+        """Whether the exact Fisher solves run from layer factors (``iif.factored``): no
+        projection, N < M, a model of single-use Linear layers, one process. Equal to the
+        per-sample-gradient Woodbury solve, without any N x M matrix."""
+        if not (self.projection.dim is None and self.curvature.kind == "fisher"
+                and self.sharding is None and len(self.train) < self.fmodel.num_params):
+            return False
+        if self._supports_factored is None:
+            self._supports_factored = supports_factored(self.fmodel, self.state, self.train.x)
+        return self._supports_factored
+
+    def _factored_step(self, state: ModelState, test_x: torch.Tensor,
+                       test_targets: torch.Tensor, rho: torch.Tensor,
+                       rho_prev: torch.Tensor) -> tuple[torch.Tensor, Solver]:
+        """I^(k) (n_test, N) from layer factors; ``rho_prev`` (B, N, d) pairs test b with
+        path b (the shared first step of stacked paths)."""
+        n = len(self.train)
+        return factored_step_scores(
+            self.fmodel, state, self.train.x, rho, rho_prev, test_x, test_targets, self.task,
+            self.curvature, effective_dim=rank_bound("fisher", n, rho.shape[-1],
+                                                     self.projector.dim,
+                                                     self.fmodel.num_params),
+            chunk_size=self.chunk_size)
+
     def _single_step(self, state: ModelState, test: Data, rho: torch.Tensor,
                      rho_prev: torch.Tensor, k: int, scores: torch.Tensor) -> list[Solver]:
         """One path for every test sample; under sharding, this process's training block."""
+        if self._use_factored():
+            step, solver = self._factored_step(state, test.x, test.targets, rho, rho_prev)
+            scores += step.to(scores.device)
+            return [solver]
         block = self._train_block()
         _, psi, solver = self._step(state, rho, rho_prev, k,
                                     None if self.sharding is None else block)
@@ -444,6 +476,10 @@ class IntegratedInfluence(AttributionMethod):
                             scores: torch.Tensor) -> list[Solver]:
         """Every copy is still theta* with the real targets ``rho``: one featurisation (the
         loss gradient and the B copies' psi from ``rho_prev`` (B, N, d)) and one curvature."""
+        if self._use_factored():
+            step, solver = self._factored_step(self.state, test.x, test.targets, rho, rho_prev)
+            scores += step.to(scores.device)
+            return [solver]
         _, psi, solver = self._step(self.state, rho, rho_prev, k)
         gamma = loss_features(self.fmodel, self.state, test.x, test.targets, self.task,
                               self.projector, self.chunk_size, self.max_feature_bytes,
@@ -461,6 +497,13 @@ class IntegratedInfluence(AttributionMethod):
         if not self._stackable(len(test)):
             solvers = []
             for b, member in enumerate(state.members()):
+                if self._use_factored():
+                    step, solver = self._factored_step(member, test.x[b : b + 1],
+                                                       test.targets[b : b + 1], rho[b],
+                                                       rho_prev[b])
+                    scores[b] += step[0].to(scores.device)
+                    solvers.append(solver)
+                    continue
                 _, psi, solver = self._step(member, rho[b], rho_prev[b], k)
                 gamma = loss_features(self.fmodel, member, test.x[b : b + 1],
                                       test.targets[b : b + 1], self.task, self.projector,
