@@ -157,6 +157,14 @@ def sweeps() -> dict[str, dict[str, tuple[Runner, dict[str, Any]]]]:
         f"if-{kind}-d{ratio:g}": (run_if_ratio(kind, ratio), {})
         for kind in ("fisher", "ggn") for ratio in RATIOS
     }
+    out["iif-grid"] = {
+        f"iif-d{ratio:g}-K{k}-{'sparse' if sp else 'dense'}-stop{stop}": (run_iif(
+            curvature=CurvatureSettings(default_damping_ratio=ratio),
+            path=PathSettings(steps=k, sparse=sp),
+            baseline=BaselineSettings(stop_test_loss=stop)), {})
+        for ratio in (0.3, 1.0) for k in (1, 3, 5) for sp in (True, False)
+        for stop in ("chance", 0.5)
+    }
     out["iif-damping"] = {
         f"iif-d{ratio:g}": (run_iif(curvature=CurvatureSettings(default_damping_ratio=ratio)),
                             {}) for ratio in (0.01, 0.03, 0.1, 0.3, 1.0)

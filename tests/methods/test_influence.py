@@ -249,3 +249,16 @@ def test_one_featurisation_serves_several_dampings(mlp_classifier, kind, solver)
     np.testing.assert_allclose(ratio.scores, default.attribute(test).scores, rtol=1e-9)
     with pytest.raises(ValueError, match="dampings"):
         method.attribute_dampings(test, [-1.0])
+
+
+def test_factored_exact_fisher_equals_per_sample_gradient_solve(mlp_classifier, monkeypatch):
+    p = mlp_classifier
+    method = InfluenceFunction(p.task, (p.x, p.y))
+    assert method._use_factored()
+    factored = method.attribute((p.xt, p.yt))
+    monkeypatch.setattr(InfluenceFunction, "_use_factored", lambda self: False)
+    dense = InfluenceFunction(p.task, (p.x, p.y)).attribute((p.xt, p.yt))
+    np.testing.assert_allclose(factored.scores, dense.scores, rtol=1e-8,
+                               atol=1e-10 * np.abs(dense.scores).max())
+    assert factored.info["solver"]["damping"] == pytest.approx(
+        dense.info["solver"]["damping"], rel=1e-9)

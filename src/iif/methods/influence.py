@@ -42,6 +42,7 @@ from iif.curvature import (
     solver_from_factor,
 )
 from iif.errors import InputError
+from iif.factored import factored_influence_scores, supports_factored
 from iif.features import loss_features
 from iif.grads import per_sample_grads
 from iif.methods.base import AttributionMethod
@@ -104,9 +105,20 @@ class InfluenceFunction(AttributionMethod):
             if self.solver == "projected" else IdentityProjector(self.fmodel.num_params)
         )
         self._fitted: tuple[torch.Tensor | None, Solver] | None = None
+        self._supports_factored: bool | None = None
 
     # ---- the method ----------------------------------------------------------------------
     def _attribute(self, test: Data) -> Attribution:
+        if self._use_factored():
+            n = len(self.train)
+            scores, solver = factored_influence_scores(
+                self.fmodel, self.state, self.train.x, self.train.targets, test.x,
+                test.targets, self.task, self.curvature,
+                effective_dim=rank_bound("fisher", n, self.train.targets.shape[-1],
+                                         self.projector.dim, self.fmodel.num_params),
+                chunk_size=self.chunk_size)
+            return Attribution(scores.cpu().numpy(), self.method, self.settings(), None,
+                               {"solver": solver.report()})
         grads, solver = self._fit()
         test_grads = self._features(test.x, test.targets)  # (n_test, D)
         sol = solver.solve(test_grads.T)  # (D, n_test) = C^{-1} g_s
@@ -147,6 +159,16 @@ class InfluenceFunction(AttributionMethod):
                                  {"solver": solver.report()})
             results.append(result)
         return results
+
+    def _use_factored(self) -> bool:
+        """Exact Fisher solves from layer factors (``iif.factored``) when they apply: the
+        ``exact`` solver, N < M, single-use Linear layers, one process."""
+        if not (self.solver == "exact" and self.curvature.kind == "fisher"
+                and self.sharding is None and len(self.train) < self.fmodel.num_params):
+            return False
+        if self._supports_factored is None:
+            self._supports_factored = supports_factored(self.fmodel, self.state, self.train.x)
+        return self._supports_factored
 
     def _self_influence(self, idx: np.ndarray) -> np.ndarray:
         if self.sharding is not None:
