@@ -165,6 +165,34 @@ def sweeps() -> dict[str, dict[str, tuple[Runner, dict[str, Any]]]]:
         for ratio in (0.3, 1.0) for k in (1, 3, 5) for sp in (True, False)
         for stop in ("chance", 0.5)
     }
+    out["iif-grid2"] = {
+        f"iif-d0.3-K{k}-e{e}-{'sparse' if sp else 'dense'}-stop{stop}": (run_iif(
+            curvature=CurvatureSettings(default_damping_ratio=0.3),
+            path=PathSettings(steps=k, epochs=e, sparse=sp),
+            baseline=BaselineSettings(stop_test_loss=stop)), {})
+        for sp in (False, True) for stop in (0.1, 0.02) for k in (1, 3) for e in (1, 3)
+    }
+    out["iif-grid3"] = {
+        f"iif-d0.3-K3-{'sparse' if sp else 'dense'}-nostop-lam{lam:g}-e{ep}": (run_iif(
+            curvature=CurvatureSettings(default_damping_ratio=0.3),
+            path=PathSettings(steps=3, sparse=sp),
+            baseline=BaselineSettings(stop_test_loss=None, lam=lam, epochs=ep)), {})
+        for sp in (True, False) for lam in (2.0, 20.0) for ep in (1, 3)
+    }
+    out["iif-grid4"] = {
+        f"iif-d0.3-K3-sparse-nostop-lam{lam:g}-e{ep}": (run_iif(
+            curvature=CurvatureSettings(default_damping_ratio=0.3),
+            path=PathSettings(steps=3, sparse=True),
+            baseline=BaselineSettings(stop_test_loss=None, lam=lam, epochs=ep)), {})
+        for lam in (0.1, 0.25, 0.5, 1.0) for ep in (1, 3)
+    }
+    out["iif-grid5"] = {
+        f"iif-d{ratio:g}-K{k}-e{e}-sparse-nostop-lam1": (run_iif(
+            curvature=CurvatureSettings(default_damping_ratio=ratio),
+            path=PathSettings(steps=k, epochs=e, sparse=True),
+            baseline=BaselineSettings(stop_test_loss=None, lam=1.0, epochs=1)), {})
+        for ratio in (0.3, 1.0) for k in (1, 3, 5) for e in (1, 3)
+    }
     out["iif-damping"] = {
         f"iif-d{ratio:g}": (run_iif(curvature=CurvatureSettings(default_damping_ratio=ratio)),
                             {}) for ratio in (0.01, 0.03, 0.1, 0.3, 1.0)

@@ -264,7 +264,8 @@ def test_fit_curvature_ggn(mlp_factory, kind, damping):
     if damping is None:
         # the mean over the rank bound: at most N x d nonzero eigenvalues
         rank = min(ggn.shape[0], x.shape[0] * targets.shape[1])
-        expected_damping = 0.1 * float(torch.trace(ggn)) / rank
+        ratio = CurvatureSettings().default_damping_ratio
+        expected_damping = ratio * float(torch.trace(ggn)) / rank
         assert solver.damping == pytest.approx(expected_damping, rel=1e-9)
     _dense_inverse_check(solver, ggn)
 
@@ -324,7 +325,7 @@ def test_fit_curvature_projected_ggn(mlp_factory):
 
 def test_default_damping_averages_over_the_rank_bound(mlp_factory):
     # N < M: the empirical Fisher has at most N nonzero eigenvalues, so the default damping is
-    # 0.1 x trace / N, not 0.1 x trace / M (which shrinks with the model's size)
+    # ratio x trace / N, not ratio x trace / M (which shrinks with the model size)
     task, fmodel, x, targets = _problem(mlp_factory, "classification")
     state = fmodel.state()
     u = _loop_grads(task, fmodel, state, x, targets)
@@ -333,6 +334,7 @@ def test_default_damping_averages_over_the_rank_bound(mlp_factory):
     solver = fit_curvature(CurvatureSettings(kind="fisher"), fmodel, state, x, targets, task,
                            IdentityProjector(m), u)
     trace = float((u.double() ** 2).sum()) / n
-    assert solver.damping == pytest.approx(0.1 * trace / n, rel=1e-9)
+    ratio = CurvatureSettings().default_damping_ratio
+    assert solver.damping == pytest.approx(ratio * trace / n, rel=1e-9)
     assert rank_bound("fisher", n, 3, m, m) == n
     assert rank_bound("ggn", n, 3, 5, m) == 5

@@ -42,12 +42,14 @@ class CurvatureSettings:
     of (N samples for the empirical Fisher, N x d outputs for Gauss-Newton and the Hessian).
     Counting null directions would shrink the damping with the size of the model (dividing by
     M gave 1e-5 to 1e-6 on small MLPs, far below what attribution quality wants) and with P,
-    so projected scores would not approach unprojected ones. ``docs/quality.md`` measures it.
+    so projected scores would not approach unprojected ones. The ratio 0.3 was chosen on the
+    tuning half of ``benchmarks/bench_quality.py`` for influence functions and IIF alike
+    (docs/quality.md).
     """
 
     kind: Literal["fisher", "ggn", "hessian"] = "fisher"
     damping: float | None = None
-    default_damping_ratio: float = 0.1
+    default_damping_ratio: float = 0.3
     max_retries: int = 8
     retry_factor: float = 10.0
 

@@ -487,8 +487,8 @@ class FactoredFisher:
             return base, 0
         mean_diag = abs(self.trace) / self.fmodel.num_params
         nxt = 1e-6 * mean_diag if mean_diag > 0 else 1e-12
-        log.info("fisher curvature has no damping; the factored Woodbury solve needs one, "
-                 "retrying at %.3g", nxt)
+        log.warning("fisher curvature with damping 0 is singular in the Woodbury form "
+                    "(N < M); solved with damping %.3g", nxt)
         return nxt, 1
 
     def solver(self, damping: float | None = None) -> FactoredSolver:

@@ -805,8 +805,10 @@ def test_contrast_scores_point_towards_the_predicted_class():
 def test_contrast_sum_tracks_the_margin_change():
     x, y, xt, yt, fit = _logistic_problem()
     task = fit(np.arange(len(x)))
+    # completeness wants light damping: the curvature, not the damping, should set the solve
     method = IntegratedInfluence(task, (x, y), path=PathSettings(steps=5, batch_size=90),
-                                 baseline=BaselineSettings(batch_size=90, epochs=5))
+                                 baseline=BaselineSettings(batch_size=90, epochs=5, lam=0.5),
+                                 curvature=CurvatureSettings(default_damping_ratio=0.1))
     result = method.attribute((xt, yt), contrast=[1, 2, 0, 0, 2])
     assert result.info["contrast"]["B"] == [1, 2, 0, 0, 2]
     assert result.info["baseline_mode"] == "per-test contrast"
