@@ -262,8 +262,8 @@ def test_fit_curvature_ggn(mlp_factory, kind, damping):
                            chunk_size=3)
     assert solver.kind == "ggn"
     if damping is None:
-        # the mean over the rank bound: at most N x d nonzero eigenvalues
-        rank = min(ggn.shape[0], x.shape[0] * targets.shape[1])
+        # the mean over min(M, N) eigenvalues
+        rank = min(ggn.shape[0], x.shape[0])
         ratio = CurvatureSettings().default_damping_ratio
         expected_damping = ratio * float(torch.trace(ggn)) / rank
         assert solver.damping == pytest.approx(expected_damping, rel=1e-9)
@@ -338,3 +338,4 @@ def test_default_damping_averages_over_the_rank_bound(mlp_factory):
     assert solver.damping == pytest.approx(ratio * trace / n, rel=1e-9)
     assert rank_bound("fisher", n, 3, m, m) == n
     assert rank_bound("ggn", n, 3, 5, m) == 5
+    assert rank_bound("ggn", n, 3, m, m) == n

@@ -385,4 +385,4 @@ def test_other_curvature_kinds_are_refused():
     x, rho, prev = _data()
     with pytest.raises(InputError, match="empirical Fisher"):
         factored_step_scores(fmodel, state, x, rho, prev, x[:1], rho[:1], task,
-                             CurvatureSettings(kind="ggn"))
+                             CurvatureSettings(kind="hessian"))

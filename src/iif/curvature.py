@@ -49,6 +49,9 @@ class CurvatureSettings:
 
     kind: Literal["fisher", "ggn", "hessian"] = "fisher"
     damping: float | None = None
+    # Gauss-Newton only: keep the top ggn_rank directions of each sample's output Hessian
+    # (None: all d). The Woodbury dimension of an exact solve is N x ggn_rank.
+    ggn_rank: int | None = None
     default_damping_ratio: float = 0.3
     max_retries: int = 8
     retry_factor: float = 10.0
@@ -60,6 +63,10 @@ class CurvatureSettings:
             )
         if self.damping is not None and not (self.damping >= 0):
             raise InputError(f"damping must be >= 0, got {self.damping!r}")
+        if self.ggn_rank is not None and (isinstance(self.ggn_rank, bool) or not isinstance(
+                self.ggn_rank, int) or self.ggn_rank < 1):
+            raise InputError(f"ggn_rank must be a positive integer or None, got "
+                             f"{self.ggn_rank!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,11 +131,15 @@ def _tiny(matrix: torch.Tensor) -> float:
 
 
 def rank_bound(kind: str, n: int, outputs: int, dim: int, num_params: int) -> int:
-    """How many eigenvalues of the ``kind`` curvature can be nonzero: at most one per row of
-    its Gram form (N per-sample gradients for ``fisher``; N x d output directions for ``ggn``
-    and ``hessian``), and at most the solve dimension and the parameter count."""
-    rows = n if kind == "fisher" else n * outputs
-    return max(1, min(dim, num_params, rows))
+    """How many eigenvalues of the curvature the default damping averages: at most one per
+    training sample, the solve dimension and the parameter count. For the empirical Fisher
+    this is its rank bound. Gauss-Newton and Hessian matrices can reach N x d, but a trained
+    classifier's per-sample output Hessian ``diag(p) - p p^T`` has one dominant direction
+    (towards the runner-up class), so N counts their significant eigenvalues too; with N x d
+    the best damping ratio on the tuning half was 10x the Fisher's, with N the same ratio
+    serves both (docs/quality.md). ``kind`` and ``outputs`` are kept for that record."""
+    del kind, outputs
+    return max(1, min(dim, num_params, n))
 
 
 def _default_damping(settings: CurvatureSettings, trace: float, dim: int) -> float:
@@ -274,7 +285,7 @@ def fit_curvature(
     """
     n = x.shape[0] if n_total is None else n_total
     factor = curvature_factor(settings.kind, fmodel, state, x, targets, task, projector, u,
-                              chunk_size, reduce)
+                              chunk_size, reduce, settings.ggn_rank)
     return solver_from_factor(factor, settings, n, targets.shape[-1], projector.dim,
                               fmodel.num_params, reduce)
 
@@ -283,6 +294,7 @@ def curvature_factor(
     kind: str, fmodel, state, x: torch.Tensor, targets: torch.Tensor, task, projector,
     u: torch.Tensor | None, chunk_size: int = 128,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ggn_rank: int | None = None,
 ) -> tuple[str, torch.Tensor]:
     """What a solver of the ``kind`` curvature is built from, without the damping:
     ``("rows", R)`` whose Gram matrix / N is the curvature (the Fisher's ``u``, the
@@ -295,7 +307,8 @@ def curvature_factor(
     if kind == "fisher":
         return "rows", u
     if kind == "ggn":
-        return "rows", ggn_features(fmodel, state, x, targets, task, projector, chunk_size)
+        return "rows", ggn_features(fmodel, state, x, targets, task, projector, chunk_size,
+                                    rank=ggn_rank)
     if reduce is not None:
         raise InputError("the explicit Hessian is not split across processes; use 'fisher' or "
                          "'ggn' curvature, or run in one process")

@@ -57,6 +57,7 @@ from iif.features import MAX_FAST_CHUNK
 from iif.grads import (
     FunctionalModel,
     ModelState,
+    ggn_factor,
     loss_and_target_jvps,
     module_mode,
     path_step_fn,
@@ -556,7 +557,8 @@ class FactoredSolver(Solver):
 
     def __init__(self, fisher: FactoredFisher, damping: float, retries: int,
                  inner: Callable[[torch.Tensor], torch.Tensor], how: str):
-        super().__init__(fisher.fmodel.num_params, damping, retries, self._flat, "fisher")
+        super().__init__(fisher.fmodel.num_params, damping, retries, self._flat,
+                         fisher.settings.kind)
         self.fisher = fisher
         self.inner = inner
         self.details = {"solver": "factored", "factorisation": how, "trace": fisher.trace,
@@ -645,6 +647,40 @@ def _kernel_route(n: int, s: int, solves: int, layers: list[LinearLayer]) -> boo
     return n * (outs + s * solves) < 2 * s * m * solves
 
 
+def ggn_rows(fmodel: FunctionalModel, state: ModelState, x: torch.Tensor,
+             targets: torch.Tensor, task: Task, rank: int | None,
+             layers: list[LinearLayer], chunk_size: int = 128) -> Factors:
+    """Factors of the Gauss-Newton rows ``J_i^T L_i[:, r]`` (``iif.grads.ggn_factor``),
+    one factor sample per (i, r): their Gram matrix / N is the Gauss-Newton matrix."""
+    outputs = fmodel.outputs(state, x)
+    factor = ggn_factor(task, outputs, targets, rank).to(outputs.dtype)  # (n, d, r)
+
+    def contracted(o: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        return o @ f  # (r,): the gradient of <f(x), L[:, r]> is J^T L[:, r]
+
+    rows = linear_factors(fmodel, state, x, contracted, factor, chunk_size=chunk_size,
+                          layers=layers)
+    r = rows.rows
+    return Factors(layers, [a.repeat_interleave(r, dim=0) for a in rows.inputs],
+                   [d.reshape(-1, 1, d.shape[-1]) for d in rows.grads])
+
+
+def _curvature(fmodel: FunctionalModel, state: ModelState, train: Factors, x: torch.Tensor,
+               targets: torch.Tensor, task: Task, settings: CurvatureSettings,
+               effective_dim: int | None, chunk_size: int, gram: torch.Tensor | None = None
+               ) -> FactoredFisher:
+    """The damped curvature of ``settings.kind`` at ``state``: the empirical Fisher of row 0
+    of ``train``, or the Gauss-Newton matrix of ``targets`` (N x ggn_rank Woodbury rows)."""
+    if settings.kind == "fisher":
+        return FactoredFisher(fmodel, train, settings, effective_dim, gram=gram)
+    if settings.kind == "ggn":
+        rows = ggn_rows(fmodel, state, x, targets, task, settings.ggn_rank, train.layers,
+                        chunk_size)
+        return FactoredFisher(fmodel, rows, settings, effective_dim, n=len(train))
+    raise InputError(f"factored solves use the empirical Fisher or Gauss-Newton, not "
+                     f"{settings.kind!r}")
+
+
 # ---- entry points of the methods -------------------------------------------------------------
 def factored_step_scores(
     fmodel: FunctionalModel,
@@ -675,8 +711,9 @@ def factored_step_scores(
     featurisation and Gram matrix (``method``: see :meth:`FactoredFisher.solvers`); then
     lists of scores and solvers, one per value.
     """
-    if settings.kind != "fisher":
-        raise InputError(f"factored solves use the empirical Fisher, not {settings.kind!r}")
+    if settings.kind not in ("fisher", "ggn"):
+        raise InputError(f"factored solves use the empirical Fisher or Gauss-Newton, not "
+                         f"{settings.kind!r}")
     layers = _require_layers(fmodel)
     paired = rho_prev.dim() == 3
     if paired:
@@ -692,15 +729,21 @@ def factored_step_scores(
     test = linear_factors(fmodel, state, test_x, sample_loss_fn(task), test_targets,
                           chunk_size=chunk_size, layers=layers)
     solves = 1 if dampings is None else len(dampings)
-    kernel = not paired and _kernel_route(len(train), len(test), solves, layers)
-    mats = grams(train, pairs=((0, 0), (1, 0)) if kernel else ((0, 0),))
-    fisher = FactoredFisher(fmodel, train, settings, effective_dim, gram=mats[0])
-    k_psi_u = mats[1] if kernel else None
+    if settings.kind == "ggn":
+        # the curvature has its own rows; psi and gamma stay the path-step factors
+        fisher = _curvature(fmodel, state, train, train_x, rho, task, settings, effective_dim,
+                            chunk_size)
+        psi, k_psi_u = train, None
+    else:
+        kernel = not paired and _kernel_route(len(train), len(test), solves, layers)
+        mats = grams(train, pairs=((0, 0), (1, 0)) if kernel else ((0, 0),))
+        fisher = FactoredFisher(fmodel, train, settings, effective_dim, gram=mats[0])
+        psi, k_psi_u = None, mats[1] if kernel else None
     if dampings is None:
         solver = fisher.solver()
-        return solver.scores(test, 1, paired, k_psi_u=k_psi_u), solver
+        return solver.scores(test, 1, paired, psi=psi, k_psi_u=k_psi_u), solver
     solvers = fisher.solvers(dampings, method)
-    return woodbury_scores(solvers, test, 1, paired, k_psi_u=k_psi_u), solvers
+    return woodbury_scores(solvers, test, 1, paired, psi=psi, k_psi_u=k_psi_u), solvers
 
 
 def factored_influence_scores(
@@ -718,14 +761,19 @@ def factored_influence_scores(
     """Influence-function scores ``-(1/N) g_s^T F^{-1} g_i`` (n_test, N) float64 with the
     exact empirical Fisher of the training loss gradients, from layer factors; and the
     solver."""
-    if settings.kind != "fisher":
-        raise InputError(f"factored solves use the empirical Fisher, not {settings.kind!r}")
+    if settings.kind not in ("fisher", "ggn"):
+        raise InputError(f"factored solves use the empirical Fisher or Gauss-Newton, not "
+                         f"{settings.kind!r}")
     layers = _require_layers(fmodel)
     loss = sample_loss_fn(task)
     train = linear_factors(fmodel, state, train_x, loss, train_targets, chunk_size=chunk_size,
                            layers=layers)
     test = linear_factors(fmodel, state, test_x, loss, test_targets, chunk_size=chunk_size,
                           layers=layers)
+    if settings.kind == "ggn":
+        solver = _curvature(fmodel, state, train, train_x, train_targets, task, settings,
+                            effective_dim, chunk_size).solver()
+        return solver.scores(test, psi_row=0, psi=train), solver
     k = gram(train)  # here Psi U^T = U U^T: the kernel route costs n^2 s more
     solver = FactoredFisher(fmodel, train, settings, effective_dim, gram=k).solver()
     return solver.scores(test, psi_row=0, k_psi_u=k), solver

@@ -28,9 +28,9 @@ from iif.errors import InputError
 from iif.grads import (
     FunctionalModel,
     ModelState,
+    ggn_factor,
     loss_and_target_jvps,
     module_mode,
-    output_hessian_factor,
     path_step_fn,
     per_sample_jacobians,
     sample_loss_fn,
@@ -307,11 +307,13 @@ def ggn_features(
     projector: Projector,
     chunk_size: int = 128,
     max_bytes: int = DEFAULT_MAX_FEATURE_BYTES,
+    rank: int | None = None,
 ) -> torch.Tensor:
-    """Rows ``A^T J_i^T L_i`` (N * d, P) whose Gram matrix / N is the Gauss-Newton matrix."""
+    """Rows ``A^T J_i^T L_i`` (N * r, P) whose Gram matrix / N is the Gauss-Newton matrix,
+    with ``L_i`` the top-``rank`` factor of the output Hessian (all d for None)."""
     n = x.shape[0]
     outputs = fmodel.outputs(state, x)
-    factors = output_hessian_factor(task, outputs, targets)  # (N, d, d)
+    factors = ggn_factor(task, outputs, targets, rank)  # (N, d, r)
     d = factors.shape[-1]
     rows = _feature_buffer((n, d, projector.dim), targets.dtype, x.device, max_bytes,
                            "Gauss-Newton features")

@@ -228,6 +228,18 @@ def output_hessian_factor(task: Task, output: torch.Tensor, target: torch.Tensor
     return evecs * evals.clamp_min(0).sqrt().unsqueeze(1)
 
 
+def ggn_factor(task: Task, output: torch.Tensor, target: torch.Tensor,
+               rank: int | None = None) -> torch.Tensor:
+    """(n, d, r): the ``rank`` columns of :func:`output_hessian_factor` with the largest
+    eigenvalues (all d for None), so ``L L^T`` is the loss Hessian in output space truncated
+    to its top-r directions. For a softmax cross-entropy ``diag(p) - p p^T`` has one
+    dominant direction per confident sample (towards the runner-up class)."""
+    factor = output_hessian_factor(task, output, target)  # eigh: ascending eigenvalues
+    if rank is None or rank >= factor.shape[-1]:
+        return factor
+    return factor[..., -rank:]
+
+
 def full_hessian(
     fmodel: FunctionalModel,
     state: ModelState,

@@ -251,14 +251,37 @@ def test_one_featurisation_serves_several_dampings(mlp_classifier, kind, solver)
         method.attribute_dampings(test, [-1.0])
 
 
-def test_factored_exact_fisher_equals_per_sample_gradient_solve(mlp_classifier, monkeypatch):
+@pytest.mark.parametrize("curvature", [CurvatureSettings(), CurvatureSettings(kind="ggn"),
+                                       CurvatureSettings(kind="ggn", ggn_rank=1)])
+def test_factored_exact_solves_equal_per_sample_gradient_solves(mlp_classifier, monkeypatch,
+                                                                curvature):
     p = mlp_classifier
-    method = InfluenceFunction(p.task, (p.x, p.y))
+    method = InfluenceFunction(p.task, (p.x, p.y), curvature=curvature)
     assert method._use_factored()
     factored = method.attribute((p.xt, p.yt))
     monkeypatch.setattr(InfluenceFunction, "_use_factored", lambda self: False)
-    dense = InfluenceFunction(p.task, (p.x, p.y)).attribute((p.xt, p.yt))
+    dense = InfluenceFunction(p.task, (p.x, p.y), curvature=curvature).attribute((p.xt, p.yt))
     np.testing.assert_allclose(factored.scores, dense.scores, rtol=1e-8,
                                atol=1e-10 * np.abs(dense.scores).max())
     assert factored.info["solver"]["damping"] == pytest.approx(
         dense.info["solver"]["damping"], rel=1e-9)
+
+
+def test_truncated_ggn_keeps_the_top_output_hessian_directions(mlp_classifier):
+    # rank d is the full Gauss-Newton matrix; rank r keeps the r largest eigen-directions of
+    # each sample's output Hessian, so its trace is the sum of those eigenvalues
+    from iif.grads import FunctionalModel, ggn_factor
+
+    p = mlp_classifier
+    fmodel = FunctionalModel(p.task.model)
+    out = fmodel.outputs(fmodel.state(), torch.as_tensor(p.x))
+    targets = p.task.validate((p.x, p.y)).targets
+    full = ggn_factor(p.task, out, targets)
+    top = ggn_factor(p.task, out, targets, rank=1)
+    h = full @ full.transpose(1, 2)
+    evals = torch.linalg.eigvalsh(h)
+    torch.testing.assert_close((top ** 2).sum((1, 2)), evals[:, -1], rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close((full ** 2).sum((1, 2)), evals.clamp_min(0).sum(1), rtol=1e-8,
+                               atol=1e-12)
+    with pytest.raises(ValueError, match="ggn_rank"):
+        CurvatureSettings(kind="ggn", ggn_rank=0)

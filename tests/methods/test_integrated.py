@@ -869,13 +869,15 @@ def test_group_attributes_the_mean_loss(mlp_classifier):
 
 
 @pytest.mark.parametrize("test_batch", [1, 4])
+@pytest.mark.parametrize("curvature", [CurvatureSettings(),
+                                       CurvatureSettings(kind="ggn", ggn_rank=2)])
 def test_factored_exact_solves_equal_per_sample_gradient_solves(mlp_classifier, monkeypatch,
-                                                                test_batch):
-    # exact Fisher IIF on a Linear model runs from layer factors; it must give the scores of
-    # the Woodbury solve on stored per-sample gradients
+                                                                test_batch, curvature):
+    # exact Fisher / Gauss-Newton IIF on a Linear model runs from layer factors; it must give
+    # the scores of the Woodbury solve on stored per-sample gradients
     p = mlp_classifier
     kwargs = {"path": PathSettings(steps=3, batch_size=16), "test_batch": test_batch,
-              "baseline": BaselineSettings(batch_size=16)}
+              "baseline": BaselineSettings(batch_size=16), "curvature": curvature}
     method = IntegratedInfluence(p.task, (p.x, p.y), **kwargs)
     assert method._use_factored()
     factored = method.attribute((p.xt, p.yt))

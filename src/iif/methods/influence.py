@@ -163,7 +163,7 @@ class InfluenceFunction(AttributionMethod):
     def _use_factored(self) -> bool:
         """Exact Fisher solves from layer factors (``iif.factored``) when they apply: the
         ``exact`` solver, N < M, single-use Linear layers, one process."""
-        if not (self.solver == "exact" and self.curvature.kind == "fisher"
+        if not (self.solver == "exact" and self.curvature.kind in ("fisher", "ggn")
                 and self.sharding is None and len(self.train) < self.fmodel.num_params):
             return False
         if self._supports_factored is None:

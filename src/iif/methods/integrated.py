@@ -435,7 +435,7 @@ class IntegratedInfluence(AttributionMethod):
         """Whether the exact Fisher solves run from layer factors (``iif.factored``): no
         projection, N < M, a model of single-use Linear layers, one process. Equal to the
         per-sample-gradient Woodbury solve, without any N x M matrix."""
-        if not (self.projection.dim is None and self.curvature.kind == "fisher"
+        if not (self.projection.dim is None and self.curvature.kind in ("fisher", "ggn")
                 and self.sharding is None and len(self.train) < self.fmodel.num_params):
             return False
         if self._supports_factored is None:
