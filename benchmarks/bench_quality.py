@@ -83,14 +83,15 @@ RATIOS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 _SWEPT: dict[tuple[str, str, tuple[int, ...]], list[np.ndarray]] = {}
 
 
-def run_if_ratio(kind: str, ratio: float) -> Runner:
+def run_if_ratio(kind: str, ratio: float, ggn_rank: int | None = None) -> Runner:
     """IF at one damping ratio; all ratios of a kind come from one featurisation
     (``InfluenceFunction.attribute_dampings``)."""
     def run(qt, test_idx):
-        key = (qt.name, kind, tuple(test_idx.tolist()))
+        key = (qt.name, f"{kind}{ggn_rank}", tuple(test_idx.tolist()))
         if key not in _SWEPT:
             method = InfluenceFunction(qt.task, qt.train, progress=False,
-                                       curvature=CurvatureSettings(kind=kind))
+                                       curvature=CurvatureSettings(kind=kind,
+                                                                   ggn_rank=ggn_rank))
             xt, yt = qt.test
             _SWEPT[key] = [r.scores for r in method.attribute_dampings(
                 (xt[test_idx], yt[test_idx]), RATIOS, relative=True)]
@@ -192,6 +193,22 @@ def sweeps() -> dict[str, dict[str, tuple[Runner, dict[str, Any]]]]:
             path=PathSettings(steps=k, epochs=e, sparse=True),
             baseline=BaselineSettings(stop_test_loss=None, lam=1.0, epochs=1)), {})
         for ratio in (0.3, 1.0) for k in (1, 3, 5) for e in (1, 3)
+    }
+    out["if-ggn-rank"] = {
+        f"if-ggn{rank}-d{ratio:g}": (run_if_ratio("ggn", ratio, rank), {})
+        for rank in (1, 2) for ratio in RATIOS
+    }
+    out["iif-ggn"] = {
+        f"iif-ggn{rank}-d{ratio:g}": (run_iif(
+            curvature=CurvatureSettings(kind="ggn", ggn_rank=rank, default_damping_ratio=ratio)),
+            {}) for rank in (1, 2) for ratio in (0.1, 0.3, 1.0)
+    }
+    out["iif-ggn-path"] = {
+        f"iif-ggn1-d0.3-K{k}-{'sparse' if sp else 'dense'}-lam{lam:g}": (run_iif(
+            curvature=CurvatureSettings(kind="ggn", ggn_rank=1, default_damping_ratio=0.3),
+            path=PathSettings(steps=k, sparse=sp), baseline=BaselineSettings(lam=lam)), {})
+        for k in (1, 3, 5) for sp in (True, False) for lam in (0.5, 1.0, 2.0)
+        if (sp or lam == 1.0) and (k == 3 or lam == 1.0)
     }
     out["iif-damping"] = {
         f"iif-d{ratio:g}": (run_iif(curvature=CurvatureSettings(default_damping_ratio=ratio)),
