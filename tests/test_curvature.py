@@ -21,6 +21,9 @@ from iif.grads import FunctionalModel
 from iif.projection import IdentityProjector, ProjectionSettings, RandomProjector
 from iif.task import Task
 
+# the Gauss-Newton matrix with every direction of the output Hessian
+GGN_FULL = {"kind": "ggn", "ggn_rank": None}
+
 TOL = {"rtol": 1e-9, "atol": 1e-11}
 
 
@@ -257,7 +260,7 @@ def test_fit_curvature_ggn(mlp_factory, kind, damping):
     task, fmodel, x, targets = _problem(mlp_factory, kind, seed=1)
     state = fmodel.state()
     ggn = _ggn_matrix(task, fmodel, state, x, targets)
-    solver = fit_curvature(CurvatureSettings(kind="ggn", damping=damping), fmodel, state, x,
+    solver = fit_curvature(CurvatureSettings(**GGN_FULL, damping=damping), fmodel, state, x,
                            targets, task, IdentityProjector(fmodel.num_params), u=None,
                            chunk_size=3)
     assert solver.kind == "ggn"
@@ -277,7 +280,7 @@ def test_fit_curvature_ggn_at_zero_residuals(mlp_factory):
     targets = fmodel.outputs(state, x)
     u = _loop_grads(task, fmodel, state, x, targets)
     torch.testing.assert_close(u, torch.zeros_like(u), rtol=0, atol=1e-12)
-    ggn = fit_curvature(CurvatureSettings(kind="ggn", damping=0.1), fmodel, state, x, targets,
+    ggn = fit_curvature(CurvatureSettings(**GGN_FULL, damping=0.1), fmodel, state, x, targets,
                         task, IdentityProjector(fmodel.num_params), u)
     _dense_inverse_check(ggn, _ggn_matrix(task, fmodel, state, x, targets))
 
@@ -318,7 +321,7 @@ def test_fit_curvature_projected_ggn(mlp_factory):
     projector = RandomProjector(m, ProjectionSettings(dim=10, seed=2), dtype=torch.float64)
     a = projector.project(torch.eye(m, dtype=torch.float64))
     ggn = _ggn_matrix(task, fmodel, state, x, targets)
-    solver = fit_curvature(CurvatureSettings(kind="ggn", damping=0.05), fmodel, state, x,
+    solver = fit_curvature(CurvatureSettings(**GGN_FULL, damping=0.05), fmodel, state, x,
                            targets, task, projector, u=None)
     _dense_inverse_check(solver, a.T @ ggn @ a)
 

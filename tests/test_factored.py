@@ -3,6 +3,8 @@ per-sample gradients on tiny float64 MLPs."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -37,6 +39,7 @@ from iif.task import Recipe, Task
 
 EXACT = {"rtol": 1e-10, "atol": 1e-12}
 SCORES = {"rtol": 1e-9, "atol": 1e-12}
+FISHER = CurvatureSettings(kind="fisher")
 N, N_TEST, IN, HID, OUT = 11, 3, 5, 7, 3
 
 
@@ -262,7 +265,7 @@ def test_step_scores_equal_the_dense_woodbury_solve(monkeypatch, name, kind, rou
     assert N < fmodel.num_params
     x, rho, prev = _data(kind=kind)
     xt, tt, _ = _data(N_TEST, seed=3, kind=kind)
-    settings = CurvatureSettings()
+    settings = CurvatureSettings(kind="fisher")
     want, dense_solver = _dense_scores(fmodel, state, task, x, rho, prev, xt, tt, settings)
     scores, solver = factored_step_scores(fmodel, state, x, rho, prev, xt, tt, task, settings,
                                           chunk_size=4)
@@ -277,7 +280,7 @@ def test_effective_dim_and_explicit_damping_follow_the_dense_rule():
     x, rho, prev = _data()
     xt, tt, _ = _data(N_TEST, seed=3)
     dense = _dense_step(fmodel, state, task, x, rho, prev)
-    for settings, dim in [(CurvatureSettings(), N), (CurvatureSettings(damping=0.3), None)]:
+    for settings, dim in [(FISHER, N), (replace(FISHER, damping=0.3), None)]:
         scores, solver = factored_step_scores(fmodel, state, x, rho, prev, xt, tt, task,
                                               settings, effective_dim=dim)
         ref = gram_solver(dense[:, 0], N, settings, "fisher", effective_dim=dim)
@@ -290,7 +293,7 @@ def test_solver_solves_m_vectors_like_the_dense_solver():
     x, rho, prev = _data()
     f = linear_factors(fmodel, state, x, path_step_fn(task), rho, prev)
     u = _dense_step(fmodel, state, task, x, rho, prev)[:, 0]
-    settings = CurvatureSettings()
+    settings = CurvatureSettings(kind="fisher")
     solver = FactoredFisher(fmodel, f, settings).solver()
     ref = gram_solver(u, N, settings, "fisher")
     v = torch.randn(fmodel.num_params, 2, generator=torch.Generator().manual_seed(2),
@@ -306,16 +309,16 @@ def test_several_dampings_equal_separate_solves(method):
     xt, tt, _ = _data(N_TEST, seed=3)
     values = [1e-3, 0.05, 2.0]
     many, solvers = factored_step_scores(fmodel, state, x, rho, prev, xt, tt, task,
-                                         CurvatureSettings(), dampings=values, method=method)
+                                         FISHER, dampings=values, method=method)
     assert [s.damping for s in solvers] == values
     used = "eigh" if method == "eigh" else "cholesky"  # auto: eigh only for many values
     assert all(s.report()["factorisation"] == used for s in solvers)
     for value, scores in zip(values, many, strict=True):
         one, _ = factored_step_scores(fmodel, state, x, rho, prev, xt, tt, task,
-                                      CurvatureSettings(damping=value))
+                                      CurvatureSettings(kind="fisher", damping=value))
         torch.testing.assert_close(scores, one, **SCORES)
         want, _ = _dense_scores(fmodel, state, task, x, rho, prev, xt, tt,
-                                CurvatureSettings(damping=value))
+                                CurvatureSettings(kind="fisher", damping=value))
         torch.testing.assert_close(scores, want, **SCORES)
 
 
@@ -324,16 +327,16 @@ def test_zero_damping_is_raised_and_reported():
     x, rho, prev = _data()
     xt, tt, _ = _data(N_TEST, seed=3)
     scores, solver = factored_step_scores(fmodel, state, x, rho, prev, xt, tt, task,
-                                          CurvatureSettings(damping=0.0))
+                                          CurvatureSettings(kind="fisher", damping=0.0))
     assert solver.damping > 0 and solver.retries >= 1
     want, _ = _dense_scores(fmodel, state, task, x, rho, prev, xt, tt,
-                            CurvatureSettings(damping=solver.damping))
+                            CurvatureSettings(kind="fisher", damping=solver.damping))
     torch.testing.assert_close(scores, want, **SCORES)
     [_], [eig] = factored_step_scores(fmodel, state, x, rho, prev, xt, tt, task,
-                                      CurvatureSettings(), dampings=[0.0], method="eigh")
+                                      FISHER, dampings=[0.0], method="eigh")
     assert eig.damping > 0 and eig.retries >= 1
     with pytest.raises(InputError, match="dampings"):
-        factored_step_scores(fmodel, state, x, rho, prev, xt, tt, task, CurvatureSettings(),
+        factored_step_scores(fmodel, state, x, rho, prev, xt, tt, task, FISHER,
                              dampings=[-1.0])
 
 
@@ -346,11 +349,11 @@ def test_paired_paths_equal_one_path_each():
     prevs = torch.softmax(torch.randn(N_TEST, N, OUT, generator=gen, dtype=torch.float64), -1)
     xt, tt, _ = _data(N_TEST, seed=3)
     scores, solver = factored_step_scores(fmodel, state, x, rho, prevs, xt, tt, task,
-                                          CurvatureSettings(), chunk_size=4)
+                                          CurvatureSettings(kind="fisher"), chunk_size=4)
     assert scores.shape == (N_TEST, N)
     for b in range(N_TEST):
         one, _ = factored_step_scores(fmodel, state, x, rho, prevs[b], xt[b : b + 1],
-                                      tt[b : b + 1], task, CurvatureSettings())
+                                      tt[b : b + 1], task, CurvatureSettings(kind="fisher"))
         torch.testing.assert_close(scores[b], one[0], **SCORES)
 
 
@@ -362,7 +365,7 @@ def test_scores_against_other_psi_factors():
     psi_only = linear_factors(fmodel, state, x, lambda o, r, p: sample_loss_fn(task)(o, r)
                               - sample_loss_fn(task)(o, p), rho, prev)
     test = linear_factors(fmodel, state, xt, sample_loss_fn(task), tt)
-    solver = FactoredFisher(fmodel, f, CurvatureSettings()).solver()
+    solver = FactoredFisher(fmodel, f, CurvatureSettings(kind="fisher")).solver()
     [mine] = woodbury_scores([solver], test, psi_row=0, psi=psi_only)
     torch.testing.assert_close(mine, solver.scores(test), **SCORES)
 
@@ -373,7 +376,7 @@ def test_influence_scores_equal_the_dense_woodbury_solve():
     xt, tt, _ = _data(N_TEST, seed=3)
     g = per_sample_grads(fmodel, state, x, rho, task)
     gt = per_sample_grads(fmodel, state, xt, tt, task)
-    settings = CurvatureSettings()
+    settings = CurvatureSettings(kind="fisher")
     ref = gram_solver(g, N, settings, "fisher")
     scores, solver = factored_influence_scores(fmodel, state, x, rho, xt, tt, task, settings)
     torch.testing.assert_close(scores, -(g @ ref.solve(gt.T)).T / N, **SCORES)

@@ -47,11 +47,12 @@ class CurvatureSettings:
     (docs/quality.md).
     """
 
-    kind: Literal["fisher", "ggn", "hessian"] = "fisher"
+    kind: Literal["fisher", "ggn", "hessian"] = "ggn"
     damping: float | None = None
     # Gauss-Newton only: keep the top ggn_rank directions of each sample's output Hessian
-    # (None: all d). The Woodbury dimension of an exact solve is N x ggn_rank.
-    ggn_rank: int | None = None
+    # (None: all d; "auto": 1 for the built-in cross-entropy, whose diag(p) - p p^T has one
+    # dominant direction, else all d). An exact solve's Woodbury dimension is N x ggn_rank.
+    ggn_rank: int | Literal["auto"] | None = "auto"
     default_damping_ratio: float = 0.3
     max_retries: int = 8
     retry_factor: float = 10.0
@@ -63,10 +64,11 @@ class CurvatureSettings:
             )
         if self.damping is not None and not (self.damping >= 0):
             raise InputError(f"damping must be >= 0, got {self.damping!r}")
-        if self.ggn_rank is not None and (isinstance(self.ggn_rank, bool) or not isinstance(
-                self.ggn_rank, int) or self.ggn_rank < 1):
-            raise InputError(f"ggn_rank must be a positive integer or None, got "
-                             f"{self.ggn_rank!r}")
+        rank = self.ggn_rank
+        if rank not in (None, "auto") and (isinstance(rank, bool) or not isinstance(
+                rank, int) or rank < 1):
+            raise InputError(f"ggn_rank must be a positive integer, 'auto' or None, got "
+                             f"{rank!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -353,7 +355,7 @@ class CGSettings:
 
 def curvature_product(
     kind: str, fmodel, state, x: torch.Tensor, targets: torch.Tensor, task,
-    chunk_size: int = 128,
+    chunk_size: int = 128, ggn_rank: int | str | None = None,
 ):
     """``v -> C v`` for v of shape (M, r), without forming C (M x M), in float64.
 
@@ -364,7 +366,7 @@ def curvature_product(
     """
     from torch.func import grad, jvp, vjp, vmap
 
-    from iif.grads import module_mode, output_hessian_factor, per_sample_grads
+    from iif.grads import ggn_factor, module_mode, per_sample_grads
 
     n = x.shape[0]
     flat0 = state.flat()
@@ -390,7 +392,7 @@ def curvature_product(
     elif kind == "ggn":
         def ggn_chunk(v: torch.Tensor, xc, tc) -> torch.Tensor:
             out, pullback = vjp(lambda f: outputs(f, xc), flat0)
-            h = output_hessian_factor(task, out.detach(), tc)
+            h = ggn_factor(task, out.detach(), tc, ggn_rank)
             h = h @ h.transpose(1, 2) / n  # (c, d, d) loss Hessians in output space
 
             def gvp(col):

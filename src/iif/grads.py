@@ -229,11 +229,14 @@ def output_hessian_factor(task: Task, output: torch.Tensor, target: torch.Tensor
 
 
 def ggn_factor(task: Task, output: torch.Tensor, target: torch.Tensor,
-               rank: int | None = None) -> torch.Tensor:
+               rank: int | str | None = None) -> torch.Tensor:
     """(n, d, r): the ``rank`` columns of :func:`output_hessian_factor` with the largest
     eigenvalues (all d for None), so ``L L^T`` is the loss Hessian in output space truncated
     to its top-r directions. For a softmax cross-entropy ``diag(p) - p p^T`` has one
-    dominant direction per confident sample (towards the runner-up class)."""
+    dominant direction per confident sample (towards the runner-up class); ``"auto"`` keeps
+    that one for the built-in cross-entropy and all d otherwise."""
+    if rank == "auto":
+        rank = 1 if task.kind == "classification" and task.loss is None else None
     factor = output_hessian_factor(task, output, target)  # eigh: ascending eigenvalues
     if rank is None or rank >= factor.shape[-1]:
         return factor

@@ -82,7 +82,7 @@ def _k1_against_if(problem: Problem, kind: str, sparse: bool):
     method = IntegratedInfluence(
         problem.task, (problem.x, problem.y),
         path=PathSettings(steps=1, sparse=sparse),
-        curvature=CurvatureSettings(kind=kind, damping=damping),
+        curvature=CurvatureSettings(kind=kind, damping=damping, ggn_rank=None),  # full GGN
     )
     result = method.attribute((problem.xt, problem.yt), baseline_targets=base.numpy())
     assert result.info["damping_retries"] == 0
@@ -808,7 +808,8 @@ def test_contrast_sum_tracks_the_margin_change():
     # completeness wants light damping: the curvature, not the damping, should set the solve
     method = IntegratedInfluence(task, (x, y), path=PathSettings(steps=5, batch_size=90),
                                  baseline=BaselineSettings(batch_size=90, epochs=5, lam=0.5),
-                                 curvature=CurvatureSettings(default_damping_ratio=0.1))
+                                 curvature=CurvatureSettings(kind="fisher",
+                                                               default_damping_ratio=0.1))
     result = method.attribute((xt, yt), contrast=[1, 2, 0, 0, 2])
     assert result.info["contrast"]["B"] == [1, 2, 0, 0, 2]
     assert result.info["baseline_mode"] == "per-test contrast"

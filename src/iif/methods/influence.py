@@ -144,7 +144,7 @@ class InfluenceFunction(AttributionMethod):
         train = self.train
         factor = curvature_factor(self.curvature.kind, self.fmodel, self.state, train.x,
                                   train.targets, self.task, self.projector, grads,
-                                  self.chunk_size)
+                                  self.chunk_size, ggn_rank=self.curvature.ggn_rank)
         test_grads = self._features(test.x, test.targets).T  # (D, n_test)
         results = []
         for value in values:
@@ -207,7 +207,8 @@ class InfluenceFunction(AttributionMethod):
             train = self.train
             if self.solver == "cg":
                 product = curvature_product(self.curvature.kind, self.fmodel, self.state,
-                                            train.x, train.targets, self.task, self.chunk_size)
+                                            train.x, train.targets, self.task, self.chunk_size,
+                                            ggn_rank=self.curvature.ggn_rank)
                 trace = self._trace(product)
                 m = self.fmodel.num_params
                 solver = cg_solver(product, m, self.curvature, self.cg, self.curvature.kind,
