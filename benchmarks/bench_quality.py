@@ -80,10 +80,13 @@ def run_if(**options: Any) -> Runner:
 
 
 RATIOS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+# the sweeps below ran before the default damping of Gauss-Newton and Hessian curvatures
+# averaged over N instead of N x d eigenvalues: their "if-ggn-d<r>" ratio r then equals
+# r / d under today's rule (d = 10 outputs), which run_if_ratio("ggn", ...) now uses
 _SWEPT: dict[tuple[str, str, tuple[int, ...]], list[np.ndarray]] = {}
 
 
-def run_if_ratio(kind: str, ratio: float, ggn_rank: int | None = None) -> Runner:
+def run_if_ratio(kind: str, ratio: float, ggn_rank: int | str | None = None) -> Runner:
     """IF at one damping ratio; all ratios of a kind come from one featurisation
     (``InfluenceFunction.attribute_dampings``)."""
     def run(qt, test_idx):
@@ -144,10 +147,14 @@ def configs() -> dict[str, tuple[Runner, dict[str, Any]]]:
     """The report table: each method at the settings chosen on the tuning half."""
     return {
         "iif": (run_iif(), {}),
-        "if-fisher": (run_if(curvature=CurvatureSettings(kind="fisher")), {}),
-        "if-ggn": (run_if(curvature=CurvatureSettings(kind="ggn")), {}),
+        "iif-10": (run_iif(models=10), {}),
+        "if": (run_if(), {}),
+        "if-fisher-d0.3": (run_if_ratio("fisher", 0.3), {}),
+        # the full Gauss-Newton matrix at its best ratio on the tuning half
+        "if-ggn-full-d0.3": (run_if_ratio("ggn", 0.3), {}),
         "trak-10": (run_trak(10), {}),
-        "tracin-10": (run_tracin(10), {}),
+        "trak-10-P512": (run_trak(10, projection=ProjectionSettings(dim=512)), {}),
+        "tracin-40": (run_tracin(40), {}),
     }
 
 
@@ -158,6 +165,8 @@ def sweeps() -> dict[str, dict[str, tuple[Runner, dict[str, Any]]]]:
         f"if-{kind}-d{ratio:g}": (run_if_ratio(kind, ratio), {})
         for kind in ("fisher", "ggn") for ratio in RATIOS
     }
+    out["if-ggn-full"] = {f"if-ggn-full-d{ratio:g}": (run_if_ratio("ggn", ratio), {})
+                          for ratio in (0.1, 0.3, 1.0)}
     out["iif-grid"] = {
         f"iif-d{ratio:g}-K{k}-{'sparse' if sp else 'dense'}-stop{stop}": (run_iif(
             curvature=CurvatureSettings(default_damping_ratio=ratio),
@@ -249,9 +258,15 @@ def evaluate(qt, gt, name: str, runner: Runner, test_idx: np.ndarray, half: str,
     folder.mkdir(parents=True, exist_ok=True)
     tag = hashlib.sha256(f"{name}|{gt.key}|{test_idx.tolist()}".encode()).hexdigest()[:12]
     npy, meta = folder / f"{name}-{tag}.npy", folder / f"{name}-{tag}.json"
+    full = np.arange(len(qt.test[1]))
+    whole = hashlib.sha256(f"{name}|{gt.key}|{full.tolist()}".encode()).hexdigest()[:12]
     if npy.exists() and meta.exists() and not refresh:
         scores = np.load(npy, allow_pickle=False)
         info = json.loads(meta.read_text())
+    elif (folder / f"{name}-{whole}.npy").exists() and not refresh:
+        # the scores of every test sample were computed before: take these rows
+        scores = np.load(folder / f"{name}-{whole}.npy", allow_pickle=False)[test_idx]
+        info = json.loads((folder / f"{name}-{whole}.json").read_text())
     else:
         start = time.perf_counter()
         scores, info = runner(qt, test_idx)
