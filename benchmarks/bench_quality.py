@@ -210,7 +210,7 @@ def sweeps() -> dict[str, dict[str, tuple[Runner, dict[str, Any]]]]:
     out["iif-ggn"] = {
         f"iif-ggn{rank}-d{ratio:g}": (run_iif(
             curvature=CurvatureSettings(kind="ggn", ggn_rank=rank, default_damping_ratio=ratio)),
-            {}) for rank in (1, 2) for ratio in (0.1, 0.3, 1.0)
+            {}) for rank in (1, 2, 3) for ratio in (0.1, 0.3, 1.0)
     }
     out["iif-ggn-path"] = {
         f"iif-ggn1-d0.3-K{k}-{'sparse' if sp else 'dense'}-lam{lam:g}": (run_iif(

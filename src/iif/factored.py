@@ -1,4 +1,5 @@
-"""Exact (unprojected) empirical-Fisher solves from layer factors, without per-sample gradients.
+"""Exact (unprojected) Fisher and Gauss-Newton solves from layer factors, without per-sample
+gradients.
 
 For an ``nn.Linear`` layer called once per forward on (batch, features) inputs, the gradient of
 a per-sample scalar ``s_i`` with respect to the layer's weight and bias is the outer product
@@ -26,6 +27,11 @@ in ``O(N^2 sum_l (in_l + out_l) + N^3 / 3 + N M)`` operations instead of ``O(N^2
 products run in float64; the damping follows the dense solves' rule
 (``curvature._default_damping``) and the Cholesky factor comes from
 ``curvature._damped_cholesky`` (retried with more damping when not positive definite).
+
+The Gauss-Newton matrix ``G = (1/N) sum_i J_i^T L_i L_i^T J_i`` is the same construction
+with the rows ``J_i^T L_i[:, r]``: each is the gradient of the scalar ``<f(x_i), L_i[:, r]>``,
+so it factors like a loss gradient, and ``ggn_rank`` columns of ``L_i`` give N x ggn_rank
+Woodbury rows (:func:`ggn_rows`); psi and gamma stay the loss-gradient factors.
 
 Layers are recorded with forward hooks in eval mode (dropout off, BatchNorm on running
 statistics), ``chunk_size`` samples at a time (grown, as the Kronecker fast path of
@@ -697,7 +703,8 @@ def factored_step_scores(
     dampings: Sequence[float] | None = None,
     method: Literal["auto", "eigh", "cholesky"] = "auto",
 ) -> tuple[torch.Tensor, FactoredSolver] | tuple[list[torch.Tensor], list[FactoredSolver]]:
-    """One exact path step of Integrated Influence with the empirical Fisher:
+    """One exact path step of Integrated Influence with the empirical Fisher (or, for
+    ``settings.kind == "ggn"``, the Gauss-Newton matrix of ``rho`` in place of F):
     ``I^(k)[s, i] = -(1/N) gamma_s^T F^{-1} psi_i`` (n_test, N) float64, with
     ``u_i, psi_i`` the gradients of ``iif.grads.path_step_fn(task)`` at ``(rho, rho_prev)``,
     ``gamma_s`` the test loss gradients and ``F = (1/N) sum_i u_i u_i^T + delta I``, from
