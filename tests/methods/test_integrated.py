@@ -737,9 +737,10 @@ def test_test_batch_validation(mlp_classifier):
     tight = IntegratedInfluence(p.task, (p.x, p.y), projection=proj,
                                 max_feature_bytes=4 * per_copy * 5)
     assert tight._test_batch(100) == 5
-    # exact solves from layer factors hold no per-copy features
+    # exact solves from layer factors hold no (N, P) features, but four float64 layer
+    # factors per copy (inputs with a bias column and output gradients of the 4-16-3 MLP)
     assert auto._use_factored()
-    per_copy = 8 * (5 * m + 3 * len(p.x) * 3)
+    per_copy = 8 * (5 * m + 3 * len(p.x) * 3 + 4 * len(p.x) * (4 + 1 + 16 + 16 + 1 + 3))
     tight = IntegratedInfluence(p.task, (p.x, p.y), max_feature_bytes=4 * per_copy * 5)
     assert tight._test_batch(100) == 5
 
