@@ -219,6 +219,12 @@ def sweeps() -> dict[str, dict[str, tuple[Runner, dict[str, Any]]]]:
         for k in (1, 3, 5) for sp in (True, False) for lam in (0.5, 1.0, 2.0)
         if (sp or lam == 1.0) and (k == 3 or lam == 1.0)
     }
+    out["iif-curvature"] = {
+        "iif-fisher-d0.3": (run_iif(curvature=CurvatureSettings(kind="fisher")), {}),
+        "iif-ggn1-d0.3": (run_iif(curvature=CurvatureSettings(kind="ggn", ggn_rank=1)), {}),
+        "iif-ggn1-d1": (run_iif(curvature=CurvatureSettings(kind="ggn", ggn_rank=1,
+                                                            default_damping_ratio=1.0)), {}),
+    }
     out["iif-damping"] = {
         f"iif-d{ratio:g}": (run_iif(curvature=CurvatureSettings(default_damping_ratio=ratio)),
                             {}) for ratio in (0.01, 0.03, 0.1, 0.3, 1.0)

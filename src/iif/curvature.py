@@ -37,17 +37,20 @@ SOLVE_DTYPE = torch.float64
 class CurvatureSettings:
     """``damping=None`` chooses ``default_damping_ratio`` times the mean nonzero eigenvalue.
 
-    The mean is taken over the rank bound ``min(D, M, R)`` (:func:`rank_bound`): D the solve
-    dimension, M the number of parameters, R the number of rows the matrix is a Gram matrix
-    of (N samples for the empirical Fisher, N x d outputs for Gauss-Newton and the Hessian).
-    Counting null directions would shrink the damping with the size of the model (dividing by
-    M gave 1e-5 to 1e-6 on small MLPs, far below what attribution quality wants) and with P,
-    so projected scores would not approach unprojected ones. The ratio 0.3 was chosen on the
-    tuning half of ``benchmarks/bench_quality.py`` for influence functions and IIF alike
-    (docs/quality.md).
+    The mean is taken over ``min(D, M, N)`` eigenvalues (:func:`rank_bound`): D the solve
+    dimension, M the number of parameters, N the number of training samples (the rank bound
+    of the empirical Fisher). Counting null directions would shrink the damping with the size
+    of the model (dividing by M gave 1e-5 to 1e-6 on small MLPs, far below what attribution
+    quality wants) and with P, so projected scores would not approach unprojected ones. The
+    ratio 0.3 was best on the tuning half of ``benchmarks/bench_quality.py`` on digits and
+    MNIST alike for the Fisher, for influence functions and IIF, and on digits for the
+    Gauss-Newton matrix (docs/quality.md).
+
+    ``kind="fisher"`` is the default: the Gauss-Newton matrix cut to each sample's top
+    output-Hessian direction was better on digits and much worse on MNIST.
     """
 
-    kind: Literal["fisher", "ggn", "hessian"] = "ggn"
+    kind: Literal["fisher", "ggn", "hessian"] = "fisher"
     damping: float | None = None
     # Gauss-Newton only: keep the top ggn_rank directions of each sample's output Hessian
     # (None: all d; "auto": 1 for the built-in cross-entropy, whose diag(p) - p p^T has one
