@@ -333,3 +333,19 @@ def test_target_jacobian_products_of_several_paths_share_one_forward(mlp_factory
     for b in range(3):
         torch.testing.assert_close(
             jac[:, 1 + b], _jdy_autograd(task.model, task, x, rho, prevs[b]), **TOL)
+
+
+def test_output_hessian_factor_of_a_saturated_softmax_is_exact_in_float32():
+    # p_y = 1 - 2e-9: float32 cannot hold p_y - p_y^2, so the factor is taken in float64
+    from iif.grads import output_hessian_factor
+    from iif.task import Recipe, Task
+
+    task = Task(torch.nn.Linear(2, 3), "classification", Recipe())
+    logits = torch.tensor([[20.0, 0.0, 0.0]])
+    target = torch.tensor([[1.0, 0.0, 0.0]])
+    factor = output_hessian_factor(task, logits, target)
+    assert factor.dtype == torch.float32
+    p = torch.softmax(logits.double(), -1)[0]
+    exact = torch.diag(p) - torch.outer(p, p)
+    got = (factor[0].double() @ factor[0].double().T)
+    torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-14)

@@ -219,13 +219,17 @@ def output_hessian_factor(task: Task, output: torch.Tensor, target: torch.Tensor
     """Per-sample factors L_i (n, d, d) with L_i L_i^T = d^2 l / d f^2 at (output_i, target_i).
 
     Used by the Gauss-Newton curvature. Negative eigenvalues (non-convex custom losses) are
-    clipped to zero so that the Gauss-Newton matrix stays positive semi-definite.
+    clipped to zero so that the Gauss-Newton matrix stays positive semi-definite. Computed in
+    float64 and returned in the output's dtype: for a confidently classified sample the
+    softmax Hessian ``p_y - p_y^2`` cancels to ``p_y (1 - p_y)``, which float32 resolves only
+    down to 1 - p_y ~ 1e-7, so its eigenvectors would be rounding noise.
     """
 
-    h = vmap(hessian(sample_loss_fn(task)))(output.detach(), target.detach())
+    dtype = output.dtype
+    h = vmap(hessian(sample_loss_fn(task)))(output.detach().double(), target.detach().double())
     h = 0.5 * (h + h.transpose(1, 2))
     evals, evecs = torch.linalg.eigh(h)
-    return evecs * evals.clamp_min(0).sqrt().unsqueeze(1)
+    return (evecs * evals.clamp_min(0).sqrt().unsqueeze(1)).to(dtype)
 
 
 def ggn_factor(task: Task, output: torch.Tensor, target: torch.Tensor,
