@@ -3,8 +3,9 @@
 Tasks, ground truth and the tuning / report split are defined in ``quality_tasks.py``: 100
 random half-size subsets with 5 retrained models each; even subsets tune, odd subsets report.
 Each configuration's scores are cached under ``.cache/quality/<task>/scores/`` (``.npy``
-without pickle, keyed by the configuration's name and settings), so a table can be rebuilt
-without recomputing what did not change.
+without pickle, keyed by the configuration's name, the ground truth and the test samples), so
+a table can be rebuilt without recomputing what did not change. The key does not hold the
+library's defaults: after changing them, rerun the rows that use them with ``--refresh``.
 
 Usage::
 
