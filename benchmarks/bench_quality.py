@@ -220,6 +220,11 @@ def sweeps() -> dict[str, dict[str, tuple[Runner, dict[str, Any]]]]:
         for k in (1, 3, 5) for sp in (True, False) for lam in (0.5, 1.0, 2.0)
         if (sp or lam == 1.0) and (k == 3 or lam == 1.0)
     }
+    out["if-ggn-factored"] = {
+        f"if-ggn{rank}-factored-d{ratio:g}": (run_if(curvature=CurvatureSettings(
+            kind="ggn", ggn_rank=rank, default_damping_ratio=ratio)), {})
+        for rank in (1, 2, 3) for ratio in (0.3, 1.0)
+    }
     out["iif-curvature"] = {
         "iif-fisher-d0.3": (run_iif(curvature=CurvatureSettings(kind="fisher")), {}),
         "iif-ggn1-d0.3": (run_iif(curvature=CurvatureSettings(kind="ggn", ggn_rank=1)), {}),
