@@ -230,6 +230,7 @@ def sweeps() -> dict[str, dict[str, tuple[Runner, dict[str, Any]]]]:
         "iif-ggn1-d0.3": (run_iif(curvature=CurvatureSettings(kind="ggn", ggn_rank=1)), {}),
         "iif-ggn1-d1": (run_iif(curvature=CurvatureSettings(kind="ggn", ggn_rank=1,
                                                             default_damping_ratio=1.0)), {}),
+        "iif-ggn2-d0.3": (run_iif(curvature=CurvatureSettings(kind="ggn", ggn_rank=2)), {}),
     }
     out["iif-damping"] = {
         f"iif-d{ratio:g}": (run_iif(curvature=CurvatureSettings(default_damping_ratio=ratio)),
