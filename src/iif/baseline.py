@@ -164,15 +164,15 @@ def resolved_objective(task: Task, settings: BaselineSettings) -> str:
 def _objective(task: Task, fmodel: FunctionalModel, state: ModelState, train: Data,
                settings: BaselineSettings) -> _Objective:
     sign = -1.0 if settings.direction == "unlearn" else 1.0
+    complement = sign < 0 and resolved_objective(task, settings) == "complement"
     target = settings.stop_test_loss
     if target == "auto":
-        complement = sign < 0 and resolved_objective(task, settings) == "complement"
         target = None if complement else "chance"
     if target == "chance":
         target = trivial_loss(task, train.targets) if sign < 0 else None
     before = mean_loss(task, fmodel, state, train.x, train.targets)
     limit = settings.divergence_factor * max(before, trivial_loss(task, train.targets))
-    if sign < 0 and resolved_objective(task, settings) == "complement":
+    if complement:
         if task.kind != "classification" or task.loss is not None:
             raise InputError("baseline objective 'complement' needs a classification task with "
                              "the built-in cross-entropy; use objective='loss'")

@@ -135,15 +135,14 @@ def _tiny(matrix: torch.Tensor) -> float:
     return 1e-6 * mean_eig if mean_eig > 0 else 1e-12
 
 
-def rank_bound(kind: str, n: int, outputs: int, dim: int, num_params: int) -> int:
+def rank_bound(n: int, dim: int, num_params: int) -> int:
     """How many eigenvalues of the curvature the default damping averages: at most one per
-    training sample, the solve dimension and the parameter count. For the empirical Fisher
-    this is its rank bound. Gauss-Newton and Hessian matrices can reach N x d, but a trained
-    classifier's per-sample output Hessian ``diag(p) - p p^T`` has one dominant direction
-    (towards the runner-up class), so N counts their significant eigenvalues too; with N x d
-    the best damping ratio on the tuning half was 10x the Fisher's, with N the same ratio
-    serves both (docs/quality.md). ``kind`` and ``outputs`` are kept for that record."""
-    del kind, outputs
+    training sample, the solve dimension and the parameter count, for every kind. For the
+    empirical Fisher this is its rank bound. Gauss-Newton and Hessian matrices can reach
+    N x d, but a trained classifier's per-sample output Hessian ``diag(p) - p p^T`` has one
+    dominant direction (towards the runner-up class), so N counts their significant
+    eigenvalues too; with N x d the best damping ratio on the tuning half was 10x the
+    Fisher's, with N the same ratio serves both (docs/quality.md)."""
     return max(1, min(dim, num_params, n))
 
 
@@ -291,8 +290,7 @@ def fit_curvature(
     n = x.shape[0] if n_total is None else n_total
     factor = curvature_factor(settings.kind, fmodel, state, x, targets, task, projector, u,
                               chunk_size, reduce, settings.ggn_rank)
-    return solver_from_factor(factor, settings, n, targets.shape[-1], projector.dim,
-                              fmodel.num_params, reduce)
+    return solver_from_factor(factor, settings, n, projector.dim, fmodel.num_params, reduce)
 
 
 def curvature_factor(
@@ -325,14 +323,14 @@ def curvature_factor(
 
 
 def solver_from_factor(
-    factor: tuple[str, torch.Tensor], settings: CurvatureSettings, n: int, outputs: int,
-    dim: int, num_params: int,
+    factor: tuple[str, torch.Tensor], settings: CurvatureSettings, n: int, dim: int,
+    num_params: int,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Solver:
     """The damped solver of a :func:`curvature_factor` at ``settings.damping``, for a
-    training set of ``n`` samples with ``outputs`` model outputs."""
+    training set of ``n`` samples and a solve in ``dim`` of ``num_params`` dimensions."""
     what, value = factor
-    effective_dim = rank_bound(settings.kind, n, outputs, dim, num_params)
+    effective_dim = rank_bound(n, dim, num_params)
     if what == "rows":
         return gram_solver(value, n, settings, settings.kind, effective_dim, reduce)
     return dense_solver(value, settings, "hessian", effective_dim=effective_dim)

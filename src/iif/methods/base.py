@@ -30,6 +30,7 @@ from torch import nn
 from iif.attribution import Attribution
 from iif.diagnostics import log_flags, trust_flags
 from iif.errors import InputError
+from iif.factored import supports_factored
 from iif.features import DEFAULT_MAX_FEATURE_BYTES, spill_features_to
 from iif.grads import FunctionalModel
 from iif.task import Data, Task
@@ -81,6 +82,7 @@ class AttributionMethod:
         _warn_train_mode(task.model)
         self.models = _check_models(task.model, models)
         self._members: list[AttributionMethod] | None = None
+        self._supports_factored: bool | None = None  # see _factored_applies
         # set by iif.distributed when this process works on a block of the training set
         self.sharding: Any = None
 
@@ -132,6 +134,7 @@ class AttributionMethod:
         member.state = member.fmodel.state()
         member.models = [model]
         member._members = [member]
+        member._supports_factored = None
         member._reset()
         return member
 
@@ -163,6 +166,18 @@ class AttributionMethod:
         return {}
 
     # ---- helpers -------------------------------------------------------------------------
+    def _factored_applies(self, exact: bool, kind: str) -> bool:
+        """Whether exact solves of this model run from layer factors (``iif.factored``): an
+        unprojected (``exact``) Fisher or Gauss-Newton solve, N < M (the Woodbury form), one
+        process, and a model of single-use Linear layers (checked once per model). They equal
+        the per-sample-gradient solve without any N x M matrix."""
+        if not (exact and kind in ("fisher", "ggn") and self.sharding is None
+                and len(self.train) < self.fmodel.num_params):
+            return False
+        if self._supports_factored is None:
+            self._supports_factored = supports_factored(self.fmodel, self.state, self.train.x)
+        return self._supports_factored
+
     def _train_block(self) -> slice:
         """The training samples this process featurises: all, or its block under sharding."""
         return slice(None) if self.sharding is None else self.sharding.rows(len(self.train))

@@ -42,7 +42,7 @@ from iif.curvature import (
     solver_from_factor,
 )
 from iif.errors import InputError
-from iif.factored import factored_influence_scores, supports_factored
+from iif.factored import factored_influence_scores
 from iif.features import loss_features
 from iif.grads import per_sample_grads
 from iif.methods.base import AttributionMethod
@@ -105,7 +105,7 @@ class InfluenceFunction(AttributionMethod):
             if self.solver == "projected" else IdentityProjector(self.fmodel.num_params)
         )
         self._fitted: tuple[torch.Tensor | None, Solver] | None = None
-        self._supports_factored: bool | None = None
+        self._grads: torch.Tensor | None = None
 
     # ---- the method ----------------------------------------------------------------------
     def _attribute(self, test: Data) -> Attribution:
@@ -114,8 +114,7 @@ class InfluenceFunction(AttributionMethod):
             scores, solver = factored_influence_scores(
                 self.fmodel, self.state, self.train.x, self.train.targets, test.x,
                 test.targets, self.task, self.curvature,
-                effective_dim=rank_bound("fisher", n, self.train.targets.shape[-1],
-                                         self.projector.dim, self.fmodel.num_params),
+                effective_dim=rank_bound(n, self.projector.dim, self.fmodel.num_params),
                 chunk_size=self.chunk_size)
             return Attribution(scores.cpu().numpy(), self.method, self.settings(), None,
                                {"solver": solver.report()})
@@ -140,7 +139,8 @@ class InfluenceFunction(AttributionMethod):
         if not values or any(not (d >= 0 and math.isfinite(d)) for d in values):
             raise InputError(f"dampings must be finite numbers >= 0, got {dampings!r}")
         test = self.task.validate(test_data, "test data")
-        grads, _ = self._fit()
+        # the features only: the solver of self.curvature would build the factor once more
+        grads = self._train_grads()
         train = self.train
         factor = curvature_factor(self.curvature.kind, self.fmodel, self.state, train.x,
                                   train.targets, self.task, self.projector, grads,
@@ -151,8 +151,8 @@ class InfluenceFunction(AttributionMethod):
             settings = (dataclasses.replace(self.curvature, damping=None,
                                             default_damping_ratio=value) if relative
                         else dataclasses.replace(self.curvature, damping=value))
-            solver = solver_from_factor(factor, settings, len(train), train.targets.shape[-1],
-                                        self.projector.dim, self.fmodel.num_params)
+            solver = solver_from_factor(factor, settings, len(train), self.projector.dim,
+                                        self.fmodel.num_params)
             scores = -self._train_products(grads, solver.solve(test_grads)).T / len(train)
             result = Attribution(scores.cpu().numpy(), self.method,
                                  {**self.settings(), "curvature": settings.to_dict()}, None,
@@ -161,14 +161,7 @@ class InfluenceFunction(AttributionMethod):
         return results
 
     def _use_factored(self) -> bool:
-        """Exact Fisher solves from layer factors (``iif.factored``) when they apply: the
-        ``exact`` solver, N < M, single-use Linear layers, one process."""
-        if not (self.solver == "exact" and self.curvature.kind in ("fisher", "ggn")
-                and self.sharding is None and len(self.train) < self.fmodel.num_params):
-            return False
-        if self._supports_factored is None:
-            self._supports_factored = supports_factored(self.fmodel, self.state, self.train.x)
-        return self._supports_factored
+        return self._factored_applies(self.solver == "exact", self.curvature.kind)
 
     def _self_influence(self, idx: np.ndarray) -> np.ndarray:
         if self.sharding is not None:
@@ -212,18 +205,25 @@ class InfluenceFunction(AttributionMethod):
                 trace = self._trace(product)
                 m = self.fmodel.num_params
                 solver = cg_solver(product, m, self.curvature, self.cg, self.curvature.kind,
-                                   trace, rank_bound(self.curvature.kind, len(train),
-                                                     train.targets.shape[-1], m, m))
+                                   trace, rank_bound(len(train), m, m))
                 self._fitted = (None, solver)
             else:
                 block = self._train_block()
-                grads = self._features(train.x[block], train.targets[block])
+                grads = self._train_grads()
                 reduce = None if self.sharding is None else self.sharding.all_reduce
                 solver = fit_curvature(self.curvature, self.fmodel, self.state, train.x[block],
                                        train.targets[block], self.task, self.projector, grads,
                                        self.chunk_size, n_total=len(train), reduce=reduce)
                 self._fitted = (grads, solver)
         return self._fitted
+
+    def _train_grads(self) -> torch.Tensor:
+        """This process's training features (exact or projected), computed once: the solver
+        and every damping of :meth:`attribute_dampings` share them."""
+        if self._grads is None:
+            block = self._train_block()
+            self._grads = self._features(self.train.x[block], self.train.targets[block])
+        return self._grads
 
     def _train_products(self, grads: torch.Tensor | None, sol: torch.Tensor) -> torch.Tensor:
         """``G sol`` (N, n_test) for the training gradients G, stored or recomputed."""

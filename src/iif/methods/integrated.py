@@ -40,7 +40,7 @@ from iif.curvature import (
 )
 from iif.diagnostics import log_flags, trust_flags
 from iif.errors import InputError
-from iif.factored import factored_step_scores, linear_layers, supports_factored
+from iif.factored import factored_step_scores, linear_layers
 from iif.features import (
     can_stack_features,
     loss_features,
@@ -143,7 +143,6 @@ class IntegratedInfluence(AttributionMethod):
             self.fmodel
         )
         self._stack_features = None
-        self._supports_factored: bool | None = None
 
     # ---- public API ----------------------------------------------------------------------
     def attribute(self, test_data: Any, baseline_targets: Any = None,
@@ -453,15 +452,7 @@ class IntegratedInfluence(AttributionMethod):
     # Each step subtracts I^(k) = (1/N) gamma^T C^{-1} psi_i from ``scores`` in place and
     # returns the solvers it used (for the damping report).
     def _use_factored(self) -> bool:
-        """Whether the exact Fisher solves run from layer factors (``iif.factored``): no
-        projection, N < M, a model of single-use Linear layers, one process. Equal to the
-        per-sample-gradient Woodbury solve, without any N x M matrix."""
-        if not (self.projection.dim is None and self.curvature.kind in ("fisher", "ggn")
-                and self.sharding is None and len(self.train) < self.fmodel.num_params):
-            return False
-        if self._supports_factored is None:
-            self._supports_factored = supports_factored(self.fmodel, self.state, self.train.x)
-        return self._supports_factored
+        return self._factored_applies(self.projection.dim is None, self.curvature.kind)
 
     def _factored_step(self, state: ModelState, test_x: torch.Tensor,
                        test_targets: torch.Tensor, rho: torch.Tensor,
@@ -471,9 +462,8 @@ class IntegratedInfluence(AttributionMethod):
         n = len(self.train)
         return factored_step_scores(
             self.fmodel, state, self.train.x, rho, rho_prev, test_x, test_targets, self.task,
-            self.curvature, effective_dim=rank_bound("fisher", n, rho.shape[-1],
-                                                     self.projector.dim,
-                                                     self.fmodel.num_params),
+            self.curvature,
+            effective_dim=rank_bound(n, self.projector.dim, self.fmodel.num_params),
             chunk_size=self.chunk_size)
 
     def _single_step(self, state: ModelState, test: Data, rho: torch.Tensor,
@@ -541,8 +531,8 @@ class IntegratedInfluence(AttributionMethod):
                                       self.projector, self.chunk_size, "test gradients")
         if self.curvature.kind == "fisher" and n >= self.projector.dim:
             solvers = stacked_gram_solvers(u, n, self.curvature, "fisher",
-                                           rank_bound("fisher", n, rho.shape[-1],
-                                                      self.projector.dim, self.fmodel.num_params))
+                                           rank_bound(n, self.projector.dim,
+                                                      self.fmodel.num_params))
         else:
             solvers = [fit_curvature(self.curvature, self.fmodel, member, self.train.x, rho[b],
                                      self.task, self.projector, u[b], self.chunk_size)
