@@ -106,7 +106,7 @@ def test_attribute_writes_a_resumable_store_equal_to_the_api(tmp_path, capsys):
     np.testing.assert_array_equal(Attribution.load(out).scores, got.scores)
     # other settings into the same folder: refused with a clear message
     assert main(args + ["--proj-dim", "16"]) == 1
-    assert "different settings" in capsys.readouterr().err
+    assert "different settings (projection.dim: 32 -> 16)" in capsys.readouterr().err
 
 
 def test_show_prints_and_draws(tmp_path, capsys):

@@ -27,6 +27,7 @@ from iif.diagnostics import (
 )
 from iif.methods.base import completeness_gap
 from iif.report import plot_proponents_opponents, plot_rankings
+from iif.runkey import RunKey
 from iif.store import ResultStore, attribute_to
 
 NOT_MOVED = BaselineSettings(epochs=0)  # theta' = theta*: delta = 0 for every test sample
@@ -213,8 +214,8 @@ def _chunk(n: int, info: dict, delta) -> Attribution:
 
 
 def test_store_assembles_flags_by_global_index(tmp_path):
-    store = ResultStore(tmp_path, method="iif", settings={"x": 1}, inputs_hash="h", n_test=7,
-                        n_train=3, bounds=[0, 4, 7])
+    store = ResultStore(tmp_path, method="iif", settings={"x": 1}, key=RunKey({"x": "h"}),
+                        n_test=7, n_train=3, bounds=[0, 4, 7])
     first = _chunk(4, {"fallback_tests": [], "truncated_tests": []}, [-1.0] * 4)
     first.info["flags"] = trust_flags(first.completeness, first.info)
     second = _chunk(3, {"fallback_tests": [], "truncated_tests": [1]}, [-1.0, -1.0, 2e-4])
@@ -264,8 +265,8 @@ def test_cli_prints_flags_by_global_index(tmp_path, capsys):
 
 
 def test_store_without_completeness_flags_nothing(tmp_path):
-    store = ResultStore(tmp_path, method="trak", settings={}, inputs_hash="h", n_test=3,
-                        n_train=3, bounds=[0, 2, 3])
+    store = ResultStore(tmp_path, method="trak", settings={}, key=RunKey({"x": "h"}),
+                        n_test=3, n_train=3, bounds=[0, 2, 3])
     store.write(0, 2, Attribution(np.zeros((2, 3)), "trak", {}, None, {"damping": [0.1]}))
     store.write(2, 3, Attribution(np.zeros((1, 3)), "trak", {}, None, {"damping": [0.1]}))
     result = store.assemble()

@@ -20,6 +20,7 @@ import torch
 import iif
 from iif import BaselineSettings, IntegratedInfluence, PathSettings
 from iif.errors import InputError
+from iif.runkey import RunKey
 from iif.store import CHUNKS, MANIFEST, ResultStore, attribute_to
 
 HERE = Path(__file__).parent
@@ -79,12 +80,12 @@ def test_other_settings_or_inputs_are_refused(problem, tmp_path):
     mod, task, train, test, _ = problem
     attribute_to(tmp_path, mod.method(task, train), test, chunk=3)
     other = IntegratedInfluence(task, train, path=PathSettings(steps=2), progress=False)
-    with pytest.raises(InputError, match="different settings"):
+    with pytest.raises(InputError, match=r"different settings \(path.steps: 3 -> 2"):
         attribute_to(tmp_path, other, test, chunk=3)
     moved = (test[0] + 0.01, test[1])
-    with pytest.raises(InputError, match="different model or data"):
+    with pytest.raises(InputError, match="different test data"):
         attribute_to(tmp_path, mod.method(task, train), moved, chunk=3)
-    with pytest.raises(InputError, match="different chunking"):
+    with pytest.raises(InputError, match=r"another chunking \(--chunk\)"):
         attribute_to(tmp_path, mod.method(task, train), test, chunk=2)
 
 
@@ -107,18 +108,19 @@ def test_ranks_split_the_chunks(problem, tmp_path):
 
 
 def test_store_rejects_bad_bounds_and_shapes(tmp_path):
+    key = RunKey({"x": "h"})
     with pytest.raises(InputError, match="bounds"):
-        ResultStore(tmp_path, method="x", settings={}, inputs_hash="h", n_test=4, n_train=3,
+        ResultStore(tmp_path, method="x", settings={}, key=key, n_test=4, n_train=3,
                     bounds=[0, 2, 2, 4])
-    store = ResultStore(tmp_path, method="x", settings={}, inputs_hash="h", n_test=4,
-                        n_train=3, bounds=[0, 2, 4])
-    with pytest.raises(InputError, match="shape"):
-        store.write(0, 2, iif.Attribution(np.zeros((2, 4)), "x"))
-    with pytest.raises(InputError, match="not finished"):
-        store.assemble()
+    with ResultStore(tmp_path, method="x", settings={}, key=key, n_test=4, n_train=3,
+                     bounds=[0, 2, 4]) as store:
+        with pytest.raises(InputError, match="shape"):
+            store.write(0, 2, iif.Attribution(np.zeros((2, 4)), "x"))
+        with pytest.raises(InputError, match="not finished"):
+            store.assemble()
     (tmp_path / MANIFEST).write_text("{not json")
-    with pytest.raises(InputError, match="unreadable"):
-        ResultStore(tmp_path, method="x", settings={}, inputs_hash="h", n_test=4, n_train=3,
+    with pytest.raises(InputError, match="unreadable manifest"):
+        ResultStore(tmp_path, method="x", settings={}, key=key, n_test=4, n_train=3,
                     bounds=[0, 2, 4])
 
 

@@ -13,6 +13,14 @@ its block of training samples, the P x P curvature is summed with an all-reduce,
 scores its own columns (:class:`Sharding`). TRAK and projected IF split the training set the
 same way (their kernel or curvature all-reduced), every rank seeing every test chunk. LDS
 retraining shares out its chunks of models through the cache folder (:func:`ground_truth_job`).
+
+Before anything is written the ranks agree on the run key (:mod:`iif.runkey`): every rank
+digests its own model, data and settings and the digests are all-gathered, so a task function
+that builds a different model (or data, or settings) on some rank stops every rank with a
+message naming the differing part and ranks. Rank 0 holds the result store's lock for the job.
+A rank waits at most ``peer_timeout_s`` (default :data:`PEER_TIMEOUT_S`, ``--peer-timeout``)
+for its peers to join; once joined, collective operations wait up to ``timeout_s`` for the
+slowest rank.
 """
 
 from __future__ import annotations
@@ -28,9 +36,13 @@ import torch
 
 from iif.attribution import Attribution
 from iif.errors import InputError
+from iif.runkey import RunKey, run_key
 from iif.store import ResultStore, attribute_to, fill, open_store
 
 log = logging.getLogger(__name__)
+
+PEER_TIMEOUT_S = 300.0  # joining: a missing peer fails the job within minutes
+WORK_TIMEOUT_S = 6 * 3600.0  # collectives: ranks may finish their shares hours apart
 
 
 def world() -> tuple[int, int]:
@@ -41,15 +53,45 @@ def world() -> tuple[int, int]:
         raise InputError("RANK and WORLD_SIZE must be integers") from None
 
 
-def _join(device: torch.device, timeout_s: float) -> None:
+def _join(device: torch.device, peer_timeout_s: float, timeout_s: float) -> Any:
+    """Join the job's process group, waiting at most ``peer_timeout_s`` for the peers; return
+    a group whose collectives wait up to ``timeout_s`` (None: the default group)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
-        return
+        return None
     backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    rank, size = world()
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=peer_timeout_s))
+    except (RuntimeError, ValueError) as exc:  # DistStoreError, DistNetworkError, bad env
+        raise InputError(
+            f"rank {rank} of {size}: the other processes did not join within "
+            f"{peer_timeout_s:g} s ({str(exc).splitlines()[0]}); start every rank (torchrun "
+            f"does), check MASTER_ADDR/MASTER_PORT, or raise --peer-timeout") from None
+    return dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def agree_on_key(key: RunKey, rank: int, size: int, group: Any = None) -> None:
+    """Raise :class:`InputError` on every rank unless all ranks hold the same run key; the
+    message names the parts that differ and the ranks whose part differs from rank 0's."""
+    import torch.distributed as dist
+
+    keys: list[Any] = [None] * size
+    dist.all_gather_object(keys, dict(key.parts), group=group)
+    reference = RunKey(keys[0])
+    differing: dict[str, list[int]] = {}
+    for other_rank, parts in enumerate(keys[1:], start=1):
+        for name in reference.differences(parts):
+            differing.setdefault(name, []).append(other_rank)
+    if differing:
+        what = "; ".join(f"{name} (ranks {', '.join(map(str, ranks))} differ from rank 0)"
+                         for name, ranks in differing.items())
+        raise InputError(f"rank {rank} of {size}: the ranks do not attribute the same run: "
+                         f"{what}; the task function must build the same model, data and "
+                         f"settings on every rank (seed it); nothing was written")
 
 
 @dataclass
@@ -58,6 +100,7 @@ class Sharding:
 
     rank: int
     world: int
+    group: Any = None  # the process group of the sum (None: the default group)
 
     def rows(self, n: int) -> slice:
         size = -(-n // self.world)
@@ -66,7 +109,7 @@ class Sharding:
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
-        dist.all_reduce(tensor)  # sum, in place
+        dist.all_reduce(tensor, group=self.group)  # sum, in place
         return tensor
 
 
@@ -84,48 +127,69 @@ def attribute_job(
     job: Any,
     *,
     chunk: int | None = None,
-    timeout_s: float = 6 * 3600,
+    force: bool = False,
+    peer_timeout_s: float = PEER_TIMEOUT_S,
+    timeout_s: float = WORK_TIMEOUT_S,
 ) -> Attribution | None:
     """Attribute ``job.test`` into the store ``out``; under torchrun, as one rank of many.
 
     Returns the assembled result on rank 0 (and in a single process), None on other ranks.
-    ``timeout_s`` bounds how long a rank waits for the slowest one at the end.
+    ``force`` replaces results of another run in ``out`` (see :mod:`iif.store`).
+    ``peer_timeout_s`` bounds the wait for the other ranks to join, ``timeout_s`` the wait
+    for the slowest rank in the collectives.
     """
     rank, size = world()
     if size == 1:
-        return attribute_to(out, method, job.test, chunk=chunk, progress=method.progress)
+        return attribute_to(out, method, job.test, chunk=chunk, progress=method.progress,
+                            force=force)
     import torch.distributed as dist
 
-    _join(method.task.device, timeout_s)
+    group = _join(method.task.device, peer_timeout_s, timeout_s)
     test = method.task.validate(job.test, "test data")
-    # every rank opens the store: the manifest is written atomically with the same content,
-    # and a refusal (other settings or inputs) stops every rank alike
-    store = open_store(out, method, test, chunk)
     try:
-        if splits_training_set(method):
-            _attribute_split(store, method, test, rank, size)
-        else:
-            fill(store, method, test, ranks=(rank, size),
-                 progress=method.progress if rank == 0 else False)
-        dist.barrier()
+        key = run_key(method, test)
+        agree_on_key(key, rank, size, group)
+        # rank 0 claims and locks the folder first; a refusal stops every rank alike
+        store, refusal = None, [None]
+        if rank == 0:
+            try:
+                store = open_store(out, method, test, chunk, force=force, key=key)
+            except InputError as exc:
+                refusal = [str(exc)]
+        dist.broadcast_object_list(refusal, src=0, group=group)
+        if refusal[0] is not None:
+            raise InputError(refusal[0] if rank == 0 else f"rank {rank}: {refusal[0]}")
+        if rank != 0:
+            store = open_store(out, method, test, chunk, key=key, lock=False)
+        try:
+            if splits_training_set(method):
+                _attribute_split(store, method, test, rank, size, group)
+            else:
+                fill(store, method, test, ranks=(rank, size),
+                     progress=method.progress if rank == 0 else False)
+            dist.barrier(group=group)
+            result = store.assemble() if rank == 0 else None  # every chunk is done
+            dist.barrier(group=group)
+        finally:
+            store.close()
     except RuntimeError as exc:  # a peer died or the rendezvous broke
         raise InputError(
             f"rank {rank} of {size}: the process group failed ({exc}); the finished chunks in "
             f"{out} are kept, run the same command again to resume") from None
-    result = store.assemble() if rank == 0 else None  # every chunk is done
-    dist.barrier()
-    dist.destroy_process_group()
+    finally:
+        dist.destroy_process_group()
     return result
 
 
-def _attribute_split(store: ResultStore, method: Any, test: Any, rank: int, size: int) -> None:
+def _attribute_split(store: ResultStore, method: Any, test: Any, rank: int, size: int,
+                     group: Any = None) -> None:
     """The store's unfinished chunks computed by every rank together, each on its block of
     training samples; rank 0 writes them."""
     import torch.distributed as dist
 
     todo = store.pending()
-    dist.barrier()  # every rank has looked before rank 0 can finish a chunk
-    method.sharding = Sharding(rank, size)
+    dist.barrier(group=group)  # every rank has looked before rank 0 can finish a chunk
+    method.sharding = Sharding(rank, size, group)
     block = method.sharding.rows(len(method.train))
     log.info("rank %d of %d: training samples %d..%d, %d chunk(s) of test samples", rank, size,
              block.start, block.stop - 1, len(todo))
@@ -141,7 +205,8 @@ def _attribute_split(store: ResultStore, method: Any, test: Any, rank: int, size
 
 def ground_truth_job(task: Any, train_data: Any, test_data: Any, settings: Any = None, *,
                      cache_dir: str | Path, progress: bool | None = None,
-                     timeout_s: float = 6 * 3600):
+                     peer_timeout_s: float = PEER_TIMEOUT_S,
+                     timeout_s: float = WORK_TIMEOUT_S):
     """:func:`iif.evaluation.ground_truth` (LDS retraining) with its chunks of models shared
     out across torchrun's ranks through ``cache_dir``; every rank returns the whole result.
     In a single process it is ``ground_truth`` with a cache."""
@@ -153,11 +218,11 @@ def ground_truth_job(task: Any, train_data: Any, test_data: Any, settings: Any =
                             progress=progress)
     import torch.distributed as dist
 
-    _join(task.device, timeout_s)
+    group = _join(task.device, peer_timeout_s, timeout_s)
     try:
         ground_truth(task, train_data, test_data, settings, cache_dir=cache_dir,
                      progress=progress if rank == 0 else False, ranks=(rank, size))
-        dist.barrier()
+        dist.barrier(group=group)
     except RuntimeError as exc:
         raise InputError(
             f"rank {rank} of {size}: the process group failed ({exc}); the finished chunks in "

@@ -2,118 +2,266 @@
 
 Layout of the folder::
 
-    manifest.json                 method, settings, hashes of the inputs, chunk boundaries
+    manifest.json                 method, settings, the run key, chunk boundaries
     chunks/rows-LLLLLLL-HHHHHHH.npy   scores of test samples LLL..HHH-1 (float64, no pickle)
-    chunks/rows-LLLLLLL-HHHHHHH.json  its SHA-256, completeness and info, written after it
+    chunks/rows-LLLLLLL-HHHHHHH.json  its run key, shape, dtype, SHA-256, completeness and
+                                  info, and a checksum of the record itself
     scores.npy, attribution.json  the assembled result (``iif.Attribution.load``); its
                                   ``info["flags"]`` names untrustworthy test samples by
                                   global index (``iif.diagnostics``)
+    .iif-lock                     present while a process writes the folder
+
+The **run key** (:mod:`iif.runkey`) digests everything that determines the scores: method,
+settings, model weights and structure, training and test data, checkpoint contents and the
+software versions. A chunk counts as finished only when its record carries the run's key, its
+``.npy`` has the recorded shape, dtype and SHA-256 and the record's own checksum matches; any
+other chunk is computed again. A folder whose manifest holds another key is refused, naming the
+parts that differ, and so is a folder of finished chunks of another run without a manifest, or
+one holding a result saved by ``Attribution.save``: ``force=True`` (``iif attribute --force``)
+clears the folder's results and starts over.
+
+**One writer at a time**: the folder is locked (``fcntl.flock`` on ``.iif-lock``, which holds
+the writer's pid) while a run writes it; a second writer is refused with the pid of the first.
+The kernel releases the lock of a process that dies, so a stale lock never blocks; its
+temporary files (``.*.tmp``) are removed by the next writer.
 
 Every file is written to a temporary name and renamed into place, so a crash leaves finished
-chunks intact and at most one temporary file behind. A chunk counts as finished only when its
-JSON exists and the SHA-256 of its ``.npy`` matches; a corrupt or truncated chunk is computed
-again. Re-running the same command skips finished chunks; a folder made with other settings
-or inputs is refused rather than mixed.
+chunks intact. Re-running the same command skips finished chunks.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from collections.abc import Iterable
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from iif.attribution import Attribution
+from iif.attribution import META_FILE, SCORES_FILE, Attribution
 from iif.diagnostics import index_offset, trust_flags
 from iif.errors import InputError
 from iif.io import atomic_write, jsonable
+from iif.runkey import RunKey, file_digest, run_key, text_digest
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on POSIX: an exclusive lock file instead
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 CHUNKS = "chunks"
-FORMAT = 1
+LOCK = ".iif-lock"
+FORMAT = 2
+FORCE_HINT = "use a fresh folder, or --force (force=True) to replace its results"
 
 
-def tensor_digest(tensors: Iterable[torch.Tensor | np.ndarray], digest=None) -> str:
-    """SHA-256 over the shapes, dtypes and bytes of ``tensors``, in order."""
-    digest = digest or hashlib.sha256()
-    for t in tensors:
-        a = t.detach().cpu().contiguous().numpy() if isinstance(t, torch.Tensor) else \
-            np.ascontiguousarray(t)
-        digest.update(f"{a.dtype.str}{a.shape}".encode())
-        digest.update(a.tobytes())
-    return digest.hexdigest()
+# ---- the lock --------------------------------------------------------------------------------
+class FolderLock:
+    """An advisory, exclusive lock on ``folder`` for as long as this object is held.
+
+    ``fcntl.flock`` on ``folder/.iif-lock``: the kernel drops it when the holder exits in any
+    way, so a lock file left by a dead process is stale and taken over (its pid is logged).
+    A folder locked by a live process raises :class:`InputError` naming that pid.
+    """
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / LOCK
+        self._fd: int | None = None
+        while self._fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                _lock_fd(fd)
+            except BlockingIOError:
+                holder = _read_pid(fd)
+                os.close(fd)
+                who = f"process {holder}" if holder else "another process"
+                raise InputError(f"{folder} is being written by {who} (lock {self.path}); "
+                                 f"wait for it to finish or use another folder") from None
+            # the holder before us may have removed the file after we opened it: lock the
+            # file that is at the path now
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            stale = _read_pid(fd)
+            if stale and stale != os.getpid():
+                log.info("%s: taking over the lock of process %s, which is no longer running",
+                         folder, stale)
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # before unlocking: see the samestat check
+        finally:
+            os.close(self._fd)  # drops the flock
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.release()
 
 
-def settings_digest(settings: dict[str, Any]) -> str:
-    text = json.dumps(jsonable(settings), sort_keys=True, allow_nan=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+def _lock_fd(fd: int) -> None:
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    pid = _read_pid(fd)  # pragma: no cover - without flock, a live pid in the file holds it
+    if pid and pid != os.getpid() and _alive(pid):  # pragma: no cover
+        raise BlockingIOError
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _read_pid(fd: int) -> int | None:
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 64).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---- the store -------------------------------------------------------------------------------
 class ResultStore:
     """The folder of one attribution run.
 
     Args:
         folder: created if missing.
         method, settings: what produced the scores (``method.settings()``).
-        inputs_hash: digest of the model and data (see :func:`tensor_digest`).
+        key: the run key (:func:`iif.runkey.run_key`).
         n_test, n_train: the shape of the full score matrix.
         bounds: chunk boundaries ``[0, b_1, ..., n_test]``.
+        force: clear results of another run (or of ``Attribution.save``) instead of refusing.
+        lock: hold the folder's lock (see :class:`FolderLock`) until :meth:`close`; the ranks
+            of a torchrun job other than rank 0 work under rank 0's lock.
     """
 
-    def __init__(self, folder: str | Path, *, method: str, settings: dict[str, Any],
-                 inputs_hash: str, n_test: int, n_train: int, bounds: list[int]):
+    def __init__(self, folder: str | os.PathLike, *, method: str, settings: dict[str, Any],
+                 key: RunKey, n_test: int, n_train: int, bounds: list[int],
+                 force: bool = False, lock: bool = True):
         self.folder = Path(folder)
         if bounds[0] != 0 or bounds[-1] != n_test or any(
                 b >= c for b, c in zip(bounds, bounds[1:], strict=False)):
             raise InputError(f"chunk bounds must rise from 0 to {n_test}, got {bounds}")
+        if self.folder.exists() and not self.folder.is_dir():
+            raise InputError(f"{self.folder} is a file, not a folder")
+        self.key = key
         self.manifest = {
             "format": FORMAT,
             "method": method,
-            "settings_hash": settings_digest(settings),
-            "inputs_hash": inputs_hash,
+            "key": key.digest,
+            "parts": dict(key.parts),
             "n_test": int(n_test),
             "n_train": int(n_train),
             "bounds": [int(b) for b in bounds],
             "settings": jsonable(settings),
         }
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / CHUNKS).mkdir(exist_ok=True)
-        self._claim()
+        self._lock = FolderLock(self.folder) if lock else None
+        try:
+            if lock:
+                self._remove_temporary_files()
+            self._claim(force)
+            (self.folder / CHUNKS).mkdir(exist_ok=True)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the folder's lock (also on garbage collection and process exit)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ---- manifest ------------------------------------------------------------------------
-    def _claim(self) -> None:
+    def _claim(self, force: bool) -> None:
         path = self.folder / MANIFEST
-        if path.exists():
-            try:
-                old = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                raise InputError(f"{path} is unreadable ({exc}); remove it or use a fresh "
-                                 f"folder") from None
-            for key, what in (("method", "method"), ("settings_hash", "settings"),
-                              ("inputs_hash", "model or data"), ("n_test", "test data"),
-                              ("n_train", "training data"), ("bounds", "chunking")):
-                if old.get(key) != self.manifest[key]:
-                    raise InputError(
-                        f"{self.folder} holds results made with a different {what}; use a "
-                        f"fresh folder (or delete this one) instead of mixing them")
-            return
+        problem = self._conflict(path)
+        if problem and not force:
+            raise InputError(f"{self.folder} {problem}; {FORCE_HINT}")
+        if problem:
+            log.warning("%s %s; replacing its results (force)", self.folder, problem)
+            self._clear()
+        elif path.exists():
+            return  # the same run: resume
         text = json.dumps(self.manifest, indent=2, allow_nan=False)
         atomic_write(path, lambda f: f.write(text.encode()))
+
+    def _conflict(self, path: Path) -> str | None:
+        """What in the folder belongs to another run (None: nothing, or this run's own)."""
+        if path.exists():
+            old = _read_json(path, "manifest")
+            if isinstance(old, str):
+                return old
+            if old.get("format") != FORMAT:
+                return (f"was written by another version of iif (manifest format "
+                        f"{old.get('format')!r}, this one reads {FORMAT})")
+            differs = self.key.differences(old.get("parts"))
+            if differs:
+                return "holds results of another run: " + self._describe(differs, old)
+            for name, what in (("method", "method"), ("n_test", "number of test samples"),
+                               ("n_train", "number of training samples"),
+                               ("bounds", "chunking (--chunk)")):
+                if old.get(name) != self.manifest[name]:
+                    return (f"holds results made with another {what}: "
+                            f"{old.get(name)!r}, now {self.manifest[name]!r}")
+            return None
+        # no manifest: chunks of another run, or a saved Attribution, are not ours to replace
+        foreign = 0
+        for meta in sorted((self.folder / CHUNKS).glob("rows-*.json")):
+            record = _read_json(meta, "chunk record")
+            if isinstance(record, str) or record.get("key") != self.key.digest:
+                foreign += 1
+        if foreign:
+            return (f"holds {foreign} chunk(s) of another run but no {MANIFEST} (they cannot "
+                    f"be checked against this run)")
+        if (self.folder / META_FILE).exists() or (self.folder / SCORES_FILE).exists():
+            return f"holds a saved attribution ({SCORES_FILE}, {META_FILE})"
+        return None
+
+    def _describe(self, differs: list[str], old: dict[str, Any]) -> str:
+        text = []
+        for name in differs:
+            if name == "settings":
+                changes = _settings_changes(old.get("settings"), self.manifest["settings"])
+                text.append(f"settings ({changes})" if changes else "settings")
+            else:
+                text.append(name)
+        return "different " + ", ".join(text)
+
+    def _clear(self) -> None:
+        for name in (MANIFEST, SCORES_FILE, META_FILE):
+            (self.folder / name).unlink(missing_ok=True)
+        shutil.rmtree(self.folder / CHUNKS, ignore_errors=True)
+
+    def _remove_temporary_files(self) -> None:
+        """Temporary files of writers that died before renaming them (we hold the lock)."""
+        for folder in (self.folder, self.folder / CHUNKS):
+            for tmp in folder.glob(".*.tmp"):
+                log.info("removing %s, left by a writer that stopped", tmp)
+                tmp.unlink(missing_ok=True)
 
     @property
     def chunks(self) -> list[tuple[int, int]]:
@@ -126,36 +274,64 @@ class ResultStore:
 
     # ---- chunks --------------------------------------------------------------------------
     def done(self, lo: int, hi: int) -> bool:
-        """Whether chunk [lo, hi) is on disk and intact (a damaged one is removed)."""
+        """Whether chunk [lo, hi) is on disk, intact and of this run (anything else is
+        removed, so it is computed again)."""
         npy, meta = self._paths(lo, hi)
         if not (npy.exists() and meta.exists()):
             return False
-        try:
-            record = json.loads(meta.read_text())
-            intact = record.get("sha256") == file_digest(npy)
-        except (OSError, json.JSONDecodeError):
-            intact = False
-        if not intact:
-            log.warning("chunk %s is damaged (checksum mismatch); computing it again", npy.name)
+        problem = self._check_chunk(lo, hi, npy, meta)
+        if problem:
+            log.warning("chunk %s %s; computing it again", npy.name, problem)
             for p in (npy, meta):
                 p.unlink(missing_ok=True)
-        return intact
+        return problem is None
+
+    def _check_chunk(self, lo: int, hi: int, npy: Path, meta: Path) -> str | None:
+        record = _read_json(meta, "chunk record")
+        if isinstance(record, str):
+            return record
+        if record.get("key") != self.key.digest:
+            differs = self.key.differences(record.get("parts"))
+            return f"was made by another run ({', '.join(differs) or 'unknown key'} differ)"
+        if record.get("record_sha256") != _record_checksum(record):
+            return "has a damaged record (checksum mismatch)"
+        shape = [hi - lo, self.manifest["n_train"]]
+        if record.get("shape") != shape or record.get("dtype") != "float64":
+            return f"has the wrong shape or dtype ({record.get('shape')}, not {shape})"
+        try:
+            if record.get("sha256") != file_digest(npy):
+                return "is damaged (checksum mismatch)"
+            array = np.load(npy, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            return f"cannot be read ({exc})"
+        if list(array.shape) != shape or array.dtype != np.float64:
+            return f"holds an array of shape {list(array.shape)} ({array.dtype}), not {shape}"
+        return None
 
     def pending(self) -> list[tuple[int, int]]:
         return [(lo, hi) for lo, hi in self.chunks if not self.done(lo, hi)]
 
     def write(self, lo: int, hi: int, result: Attribution) -> None:
-        if result.scores.shape != (hi - lo, self.manifest["n_train"]):
-            raise InputError(f"chunk [{lo}, {hi}) has scores of shape {result.scores.shape}")
+        shape = (hi - lo, self.manifest["n_train"])
+        if result.scores.shape != shape:
+            raise InputError(f"chunk [{lo}, {hi}) has scores of shape {result.scores.shape}, "
+                             f"not {shape}")
+        scores = np.ascontiguousarray(result.scores, dtype=np.float64)
         npy, meta = self._paths(lo, hi)
-        atomic_write(npy, lambda f: np.save(f, result.scores, allow_pickle=False))
+        atomic_write(npy, lambda f: np.save(f, scores, allow_pickle=False))
         record = {
+            "key": self.key.digest,
+            "parts": dict(self.key.parts),
+            "shape": list(shape),
+            "dtype": "float64",
             "sha256": file_digest(npy),
             "completeness": None if result.completeness is None else {
                 k: np.asarray(v, dtype=float) for k, v in result.completeness.items()},
             "info": result.info,
         }
-        text = json.dumps(jsonable(record), allow_nan=False)
+        record = jsonable(record)
+        record["record_sha256"] = _record_checksum(record)
+        text = json.dumps(record, allow_nan=False)
         atomic_write(meta, lambda f: f.write(text.encode()))
 
     def read(self, lo: int, hi: int) -> tuple[np.ndarray, dict[str, Any]]:
@@ -186,12 +362,52 @@ class ResultStore:
                 completeness.setdefault(k, []).extend(np.nan if x is None else x for x in v)
         whole = None if completeness is None else {k: np.asarray(v, dtype=float)
                                                    for k, v in completeness.items()}
-        info = {"chunks": infos, "seconds": sum(i.get("seconds", 0.0) or 0.0 for i in infos)}
+        info = {"chunks": infos, "seconds": sum(i.get("seconds", 0.0) or 0.0 for i in infos),
+                "run_key": self.key.digest}
         # per-test flags by global test index (a chunk's own are relative to its first row)
         info["flags"] = trust_flags(whole, info)
         result = Attribution(scores, m["method"], m["settings"], whole, info)
         result.save(self.folder)
         return result
+
+
+def _record_checksum(record: dict[str, Any]) -> str:
+    body = {k: v for k, v in record.items() if k != "record_sha256"}
+    return text_digest(json.dumps(body, sort_keys=True, allow_nan=False))
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any] | str:
+    """The JSON object in ``path``, or a sentence saying what is wrong with it."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"has an unreadable {what} {path.name} ({exc})"
+    if not isinstance(value, dict):
+        return f"has a malformed {what} {path.name} (a JSON {type(value).__name__}, not an " \
+               f"object)"
+    return value
+
+
+def _settings_changes(old: Any, new: dict[str, Any], limit: int = 4) -> str:
+    """``a.b: old -> new`` for the first settings that differ."""
+    flat_old, flat_new = _flatten(old if isinstance(old, dict) else {}), _flatten(new)
+    keys = [k for k in sorted(set(flat_old) | set(flat_new))
+            if flat_old.get(k, "<unset>") != flat_new.get(k, "<unset>")]
+    text = [f"{k}: {flat_old.get(k, '<unset>')!r} -> {flat_new.get(k, '<unset>')!r}"
+            for k in keys[:limit]]
+    if len(keys) > limit:
+        text.append(f"and {len(keys) - limit} more")
+    return "; ".join(text)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def default_chunk(method: Any, n_test: int) -> int:
@@ -204,19 +420,12 @@ def default_chunk(method: Any, n_test: int) -> int:
     return 256
 
 
-def inputs_digest(method: Any, test: Any) -> str:
-    """SHA-256 of every model the method attributes and of its training and test data."""
-    tensors: list[torch.Tensor] = []
-    for member in method.members():
-        tensors += list(member.state.params.values()) + list(member.state.buffers.values())
-    tensors += [method.train.x, method.train.targets, test.x, test.targets]
-    return tensor_digest(tensors)
-
-
-def open_store(folder: str | Path, method: Any, test: Any, chunk: int | None = None
+def open_store(folder: str | os.PathLike, method: Any, test: Any, chunk: int | None = None, *,
+               force: bool = False, lock: bool = True, key: RunKey | None = None
                ) -> ResultStore:
     """The store of ``method`` on the validated test data ``test`` in ``folder``, in chunks of
-    ``chunk`` test samples (default: :func:`default_chunk`)."""
+    ``chunk`` test samples (default: :func:`default_chunk`), locked unless ``lock=False``.
+    ``key``: the run key when the caller has computed it (default: :func:`run_key`)."""
     n = len(test)
     size = int(chunk) if chunk is not None else default_chunk(method, n)
     if size < 1:
@@ -226,30 +435,32 @@ def open_store(folder: str | Path, method: Any, test: Any, chunk: int | None = N
                          "split into chunks (use chunk >= the number of test samples)")
     bounds = list(range(0, n, size)) + [n]
     return ResultStore(folder, method=method.method, settings=method.settings(),
-                       inputs_hash=inputs_digest(method, test), n_test=n,
-                       n_train=len(method.train), bounds=bounds)
+                       key=key or run_key(method, test), n_test=n, n_train=len(method.train),
+                       bounds=bounds, force=force, lock=lock)
 
 
 def attribute_to(
-    folder: str | Path,
+    folder: str | os.PathLike,
     method: Any,
     test_data: Any,
     *,
     chunk: int | None = None,
     ranks: tuple[int, int] = (0, 1),
     progress: bool | None = None,
+    force: bool = False,
 ) -> Attribution | None:
     """``method.attribute(test_data)`` written chunk by chunk into ``folder`` (see the module
-    docstring); finished chunks of an earlier run with the same inputs are kept.
+    docstring); finished chunks of an earlier run with the same run key are kept, a folder of
+    another run is refused unless ``force``.
 
     ``ranks = (rank, world)``: this process computes chunks ``rank, rank + world, ...`` and
     returns None unless ``world == 1``; the caller assembles once every rank is done.
     Returns the assembled :class:`Attribution`, equal to one uninterrupted call.
     """
     test = method.task.validate(test_data, "test data")
-    store = open_store(folder, method, test, chunk)
-    fill(store, method, test, ranks=ranks, progress=progress)
-    return store.assemble() if ranks[1] == 1 else None
+    with open_store(folder, method, test, chunk, force=force) as store:
+        fill(store, method, test, ranks=ranks, progress=progress)
+        return store.assemble() if ranks[1] == 1 else None
 
 
 def fill(store: ResultStore, method: Any, test: Any, *, ranks: tuple[int, int] = (0, 1),

@@ -165,6 +165,11 @@ class AttributionMethod:
     def _settings(self) -> dict[str, Any]:
         return {}
 
+    def key_parts(self) -> dict[str, str]:
+        """Digests of inputs beyond the models, data and settings that determine the scores
+        (``iif.runkey``), by part name; e.g. TracIn's checkpoint contents."""
+        return {}
+
     # ---- helpers -------------------------------------------------------------------------
     def _factored_applies(self, exact: bool, kind: str) -> bool:
         """Whether exact solves of this model run from layer factors (``iif.factored``): an

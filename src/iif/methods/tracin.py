@@ -37,6 +37,7 @@ from iif.grads import ModelState
 from iif.methods.base import AttributionMethod
 from iif.progress import progress_bar
 from iif.projection import ProjectionSettings, make_projector
+from iif.runkey import file_digest, tensor_digest, text_digest
 from iif.task import Data, Task
 
 
@@ -91,7 +92,7 @@ class TracIn(AttributionMethod):
         for run in self.runs:
             for c in run:
                 c.load(self.fmodel)  # fail now, not halfway through, on a misfit checkpoint
-        self.projection = projection or ProjectionSettings()
+        self.projection = self._keyword("projection", projection, default=ProjectionSettings)
         self.projector = make_projector(
             self.fmodel.num_params, self.projection, task.device, task.dtype, self.fmodel
         )
@@ -138,6 +139,21 @@ class TracIn(AttributionMethod):
             "projection": self.projection.to_dict(),
             "checkpoints": runs[0] if len(runs) == 1 else runs,
         }
+
+    def key_parts(self) -> dict[str, str]:
+        """The checkpoints' contents (file bytes or in-memory tensors), not their paths."""
+        digests = []
+        for run in self.runs:
+            for c in run:
+                if c.path is not None:
+                    try:
+                        digests.append(file_digest(c.path))
+                    except OSError as exc:
+                        raise InputError(f"{c.describe()} cannot be read: {exc}") from None
+                else:
+                    digests.append(tensor_digest(list(c.state.params.values())
+                                                 + list(c.state.buffers.values())))
+        return {"checkpoints": text_digest(" ".join(digests))}
 
     def members(self) -> list[AttributionMethod]:
         """One TracIn per training run (self for one run)."""
