@@ -116,8 +116,23 @@ def structure_text(model: nn.Module) -> str:
                      f"{'train' if module.training else 'eval'} attrs={attrs!r} "
                      f"params={params!r} buffers={buffers!r}")
     for qual, cls in sorted(classes.items()):
-        lines.append(f"source of {qual}:\n{source_of(cls)}")
+        lines.append(f"source of {qual}:\n{class_source(cls)}")
     return "\n".join(lines)
+
+
+def class_source(cls: type) -> str:
+    """The source of ``cls`` and of its custom base classes, with each of their functions
+    read through its own code object (a class found by name alone could be another one)."""
+    texts = []
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("torch") or klass.__module__ == "builtins":
+            continue
+        texts.append(source_of(klass))
+        for name, value in sorted(vars(klass).items()):
+            func = getattr(value, "__func__", value)
+            if inspect.isfunction(func):
+                texts.append(f"{name}: {source_of(func)}")
+    return "\n".join(texts)
 
 
 def _plain(value: Any) -> bool:

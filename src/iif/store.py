@@ -238,7 +238,11 @@ class ResultStore:
             return (f"holds {foreign} chunk(s) of another run but no {MANIFEST} (they cannot "
                     f"be checked against this run)")
         if (self.folder / META_FILE).exists() or (self.folder / SCORES_FILE).exists():
-            return f"holds a saved attribution ({SCORES_FILE}, {META_FILE})"
+            meta = _read_json(self.folder / META_FILE, "result")
+            ours = isinstance(meta, dict) and isinstance(meta.get("info"), dict) and \
+                meta["info"].get("run_key") == self.key.digest
+            if not ours:  # assembled by this run before its manifest was removed, or not
+                return f"holds a saved attribution ({SCORES_FILE}, {META_FILE})"
         return None
 
     def _describe(self, differs: list[str], old: dict[str, Any]) -> str:
