@@ -10,6 +10,10 @@
   last epoch that was still sound (``truncated``), or, when the first epoch already diverged,
   falls back to theta' = theta*, the influence-function baseline of Lemma 2.5; both are logged
   and counted in the result.
+  Modes: the training term of each minibatch runs in the recipe's train mode (dropout,
+  BatchNorm batch statistics that also move the running statistics, as training does); the
+  test term is a loss of the model and is taken in eval mode (running statistics), like every
+  loss and gradient of the package: a single test sample has no batch statistics.
 - Self-influence (paper 3.3): each training sample i gets its own
   ``theta'_i = theta* + eta * grad l(x_i, y_i; theta*)`` and target ``f(x_i; theta'_i)``.
 """
@@ -30,6 +34,7 @@ from iif.grads import FunctionalModel, ModelState, module_mode, per_sample_grads
 from iif.stacked import StackedState, fit_stacked
 from iif.task import Data, Task
 from iif.training import FitResult, fit
+from iif.validation import check_settings, setting
 
 log = logging.getLogger(__name__)
 
@@ -71,34 +76,16 @@ class BaselineSettings:
     mode: Literal["per-test", "shared"] = "per-test"
     direction: Literal["unlearn", "reinforce"] = "unlearn"
     objective: Literal["auto", "complement", "loss"] = "auto"
-    lam: float = 1.0
-    epochs: int = 1
-    lr: float | None = None
-    batch_size: int | None = None
-    divergence_factor: float = 10.0
+    lam: float = setting(1.0, gt=0)
+    epochs: int = setting(1, ge=0)
+    lr: float | None = setting(None, gt=0)
+    batch_size: int | None = setting(None, ge=1)
+    divergence_factor: float = setting(10.0, gt=0)
     stop_test_loss: float | Literal["chance", "auto"] | None = "auto"
-    self_step: float | None = None
+    self_step: float | None = setting(None, gt=0)
 
     def __post_init__(self) -> None:
-        if self.mode not in ("per-test", "shared"):
-            raise InputError(f"baseline mode must be 'per-test' or 'shared', got {self.mode!r}")
-        if self.direction not in ("unlearn", "reinforce"):
-            raise InputError(
-                f"baseline direction must be 'unlearn' or 'reinforce', got {self.direction!r}"
-            )
-        if self.objective not in ("auto", "complement", "loss"):
-            raise InputError(f"baseline objective must be 'auto', 'complement' or 'loss', got "
-                             f"{self.objective!r}")
-        if not (self.lam > 0 and math.isfinite(self.lam)):
-            raise InputError(f"baseline lam must be positive and finite, got {self.lam!r}")
-        if int(self.epochs) < 0:
-            raise InputError(f"baseline epochs must be >= 0, got {self.epochs!r}")
-        stop = self.stop_test_loss
-        if not (stop is None or stop in ("chance", "auto") or
-                (isinstance(stop, (int, float)) and not isinstance(stop, bool)
-                 and math.isfinite(stop))):
-            raise InputError(f"baseline stop_test_loss must be a number, 'chance', 'auto' or "
-                             f"None, got {stop!r}")
+        check_settings(self, "[baseline]")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -285,7 +272,14 @@ def unlearning_baseline(
         return task.sample_loss(fmodel(params, buffers, test.x), test.targets).mean()
 
     def test_term(params, buffers):
-        return goal.term(fmodel(params, buffers, test.x), test.targets).mean() / settings.lam
+        # The test term is a loss of the model, so it is taken in eval mode (dropout off,
+        # BatchNorm on its running statistics), as every loss and gradient of the package is;
+        # only the training term of the minibatch keeps the recipe's train mode. Batch
+        # statistics of one test sample do not exist (BatchNorm raises), and those of a group
+        # would normalise the test samples by themselves and write them into the running
+        # statistics. For a model without such layers both modes are the same computation.
+        with module_mode(fmodel.module, False):
+            return goal.term(fmodel(params, buffers, test.x), test.targets).mean() / settings.lam
 
     def stop(params, buffers) -> bool:
         # judged on the model itself, without dropout noise
@@ -316,7 +310,10 @@ def unlearning_baselines(
     copies = len(test)
 
     def test_term(params, buffers, xb, tb):
-        return goal.term(fmodel(params, buffers, xb[None]), tb[None]).mean() / settings.lam
+        # eval mode, as in unlearning_baseline (called per copy under vmap: the flag is read
+        # when the forward is traced, so the copies' training terms keep train mode)
+        with module_mode(fmodel.module, False):
+            return goal.term(fmodel(params, buffers, xb[None]), tb[None]).mean() / settings.lam
 
     per_copy_loss = vmap(
         lambda p, b, xb, tb: task.sample_loss(fmodel(p, b, xb[None]), tb[None]).mean())

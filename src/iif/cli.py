@@ -10,18 +10,24 @@
 
 Each subcommand is a function ``_cmd_<name>(args) -> int`` registered in :func:`build_parser`
 with ``set_defaults(handler=...)``. Bad input ends the program with one line on stderr and a
-non-zero exit code: 2 for a malformed command line, 1 for input rejected while running.
+non-zero exit code: 2 for a malformed command line, 1 for anything failing while running
+(``iif: error: ...``, naming the file and line when the user's own code raised; see
+:func:`iif.errors.error_message`). ``--debug`` (before or after the command) also prints the
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 import iif
-from iif.errors import InputError
+from iif.errors import InputError, UserCodeError, error_message
 
 log = logging.getLogger("iif")
 
@@ -44,13 +50,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return int(args.handler(args))
-    except (InputError, ValueError, OSError) as exc:
-        log.debug("error details", exc_info=True)
-        print(f"iif: error: {exc}", file=sys.stderr)
-        return EXIT_INPUT
     except KeyboardInterrupt:
         print("iif: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout stopped early (iif show DIR | head)
+        _silence_stdout()
+        return EXIT_INPUT
+    except Exception as exc:
+        return _report(exc, debug=bool(getattr(args, "debug", False)))
+
+
+def _report(exc: BaseException, debug: bool) -> int:
+    """Print ``exc`` as one ``iif: error: ...`` line on stderr, after its traceback when
+    ``debug``; return the exit code."""
+    if debug:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    message = error_message(exc)
+    if not debug and (isinstance(exc, UserCodeError) or not isinstance(exc, InputError)):
+        message += "; run with --debug for the traceback"
+    print(f"iif: error: {message}", file=sys.stderr)
+    return EXIT_INPUT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--no-progress", dest="progress", action="store_const", const=False,
                         default=argparse.SUPPRESS,
                         help="never show progress bars (default: only on a terminal)")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on an error, print the full traceback too")
 
     parser = argparse.ArgumentParser(
         prog="iif",
@@ -183,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from iif.demo import run_demo
 
+    _check_out(args.out)
     run_demo(args.out, n_test=args.n_test, seed=args.seed, quick=args.quick,
              progress=getattr(args, "progress", None), top_k=args.top)
     return EXIT_OK
@@ -194,6 +216,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
     for name in names:
         get_experiment(name)  # every name checked before anything runs
+    _check_out(args.out)
     for name in names:
         log.info("running %s at scale %s", name, args.scale)
         result = run_experiment(name, args.out, scale=args.scale, seed=args.seed,
@@ -223,7 +246,19 @@ def _run_settings(args: argparse.Namespace, **flags) -> dict:
     over it (flags given as None leave the file's value)."""
     from iif.config import load_settings, merge
 
-    settings = merge(load_settings(args.settings), {**flags, **_projection_settings(args)})
+    if args.settings is not None:
+        path = Path(args.settings)
+        if not path.is_file():
+            raise InputError(f"--settings {args.settings}: "
+                             + ("a folder, not a file" if path.is_dir() else "no such file"))
+        try:
+            loaded = load_settings(path)
+        except UnicodeDecodeError:
+            raise InputError(f"--settings {args.settings}: not a UTF-8 text (TOML) file") \
+                from None
+    else:
+        loaded = {}
+    settings = merge(loaded, {**flags, **_projection_settings(args)})
     if getattr(args, "progress", None) is False:
         settings["progress"] = False
     return settings
@@ -236,6 +271,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
 
     settings = _run_settings(args, method=args.method, seed=args.seed, chunk=args.chunk,
                              test_batch=args.test_batch)
+    _check_out(args.out)  # before the task function, which may train a model
     job = load_job(args.task)
     method = build_method(job, settings)
     result = attribute_job(args.out, method, job, chunk=settings.get("chunk"))
@@ -271,6 +307,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         except ValueError:
             raise InputError(f"--contrast must be a class index or 'runner-up', got "
                              f"{contrast!r}") from None
+    _check_out(args.out)
     job = load_job(args.task)
     text, _ = explain(build_method(job, settings), job.test, args.test_index, args.out,
                       contrast=contrast, k=args.top, image_shape=args.image_shape)
@@ -308,6 +345,36 @@ def _configure_logging(verbose: int) -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         log.addHandler(handler)
         log.propagate = False
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that flushing it at exit does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (e.g. captured in tests)
+        pass
+
+
+def _check_out(out: str) -> None:
+    """Refuse the output folder ``--out`` before any work: an existing file, or a folder that
+    cannot be created or written."""
+    path = Path(out)
+    if path.is_symlink() and not path.exists():
+        raise InputError(f"--out {out} is a broken symbolic link; remove it or give another "
+                         f"folder")
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder; give a new or existing folder")
+    existing = path.absolute()
+    while not existing.exists() and not existing.is_symlink():
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "a broken symbolic link" if not existing.exists() else "a file, not a folder"
+        raise InputError(f"--out {out}: {existing} is {what}, so the folder cannot be "
+                         f"created there")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "write into" if existing == path.absolute() else "create folders in"
+        raise InputError(f"--out {out}: no permission to {what} {existing}")
 
 
 def _positive_int(text: str) -> int:

@@ -26,11 +26,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from iif.baseline import BaselineSettings
 
@@ -40,7 +41,7 @@ else:  # pragma: no cover - the same parser, packaged for Python 3.10
     import tomli as tomllib
 
 from iif.curvature import CGSettings, CurvatureSettings
-from iif.errors import InputError
+from iif.errors import InputError, UserCodeError
 from iif.methods.base import AttributionMethod
 from iif.methods.influence import InfluenceFunction
 from iif.methods.integrated import IntegratedInfluence
@@ -49,6 +50,7 @@ from iif.methods.trak import TRAK
 from iif.path import PathSettings
 from iif.projection import ProjectionSettings
 from iif.task import Task
+from iif.validation import Limits, check_value, keyword_names
 
 METHODS: dict[str, type[AttributionMethod]] = {
     "iif": IntegratedInfluence, "if": InfluenceFunction, "tracin": TracIn, "trak": TRAK,
@@ -75,21 +77,34 @@ class Job:
 
 
 def load_job(spec: str) -> Job:
-    """Call the task function named by ``MODULE:FUNCTION`` or ``FILE.py:FUNCTION``."""
+    """Call the task function named by ``MODULE:FUNCTION`` or ``FILE.py:FUNCTION``.
+
+    A module is looked up on ``sys.path`` and in the current folder. An exception raised by
+    the module on import or by the function becomes a :class:`UserCodeError` naming the file
+    and line; an :class:`InputError` of iif raised inside the function passes unchanged.
+    """
     if ":" not in spec:
         raise InputError(f"--task must look like MODULE:FUNCTION or FILE.py:FUNCTION, got "
                          f"{spec!r}")
     where, name = spec.rsplit(":", 1)
+    if not where or not name.isidentifier():
+        raise InputError(f"--task must look like MODULE:FUNCTION or FILE.py:FUNCTION, got "
+                         f"{spec!r}")
     module = _import(where)
     fn = getattr(module, name, None)
     if not callable(fn):
         raise InputError(f"{where} has no function {name!r}")
-    value = fn()
+    try:
+        value = fn()
+    except InputError:
+        raise
+    except Exception as exc:
+        raise UserCodeError(f"calling {spec}", exc, getattr(module, "__file__", None)) from exc
     if isinstance(value, Mapping):
         unknown = set(value) - {"task", "train", "test", "models", "checkpoints"}
         if unknown or not {"task", "train", "test"} <= set(value):
             raise InputError(f"{spec} must return keys task, train, test (and optionally "
-                             f"models, checkpoints); got {sorted(value)}")
+                             f"models, checkpoints); got {sorted(map(str, value))}")
         job = Job(value["task"], value["train"], value["test"], value.get("models"),
                   value.get("checkpoints"), spec)
     elif isinstance(value, tuple) and len(value) == 3:
@@ -104,6 +119,8 @@ def load_job(spec: str) -> Job:
 
 
 def _import(where: str):
+    """The module ``where``: a ``.py`` file, or a dotted module name looked up on
+    ``sys.path`` with the current folder in front (as ``python -m`` has it)."""
     if where.endswith(".py"):
         path = Path(where)
         if not path.is_file():
@@ -112,13 +129,28 @@ def _import(where: str):
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(name, None)
+            raise UserCodeError(f"importing {where}", exc, path) from exc
         return module
+    if not all(part.isidentifier() for part in where.split(".")):
+        raise InputError(f"--task {where!r} is neither a module name nor a .py file; give "
+                         f"MODULE:FUNCTION or path/to/file.py:FUNCTION")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:  # a console script lacks it
+        sys.path.insert(0, cwd)
+    importlib.invalidate_caches()
     try:
         return importlib.import_module(where)
     except ModuleNotFoundError as exc:
+        if exc.name is None or not (where == exc.name or where.startswith(exc.name + ".")):
+            raise UserCodeError(f"importing {where}", exc) from exc  # an import inside it
         raise InputError(f"cannot import {where!r} ({exc}); run from its folder or add it to "
                          f"PYTHONPATH") from None
+    except Exception as exc:
+        raise UserCodeError(f"importing {where}", exc) from exc
 
 
 def load_settings(path: str | Path | None) -> dict[str, Any]:
@@ -149,26 +181,38 @@ def merge(settings: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str
 
 def build_method(job: Job, settings: Mapping[str, Any]) -> AttributionMethod:
     """The attribution method ``settings["method"]`` for the job, every setting checked."""
-    name = settings.get("method", "iif")
-    if name not in METHODS:
-        raise InputError(f"method must be one of {sorted(METHODS)}, got {name!r}")
+    name = check_value(settings.get("method", "iif"), Literal[tuple(METHODS)], "method")
+    if "chunk" in settings:
+        check_value(settings["chunk"], int, "chunk", Limits(ge=1))
+    cls = METHODS[name]
+    # what a settings file may set: the method's keywords (its sections among them) and the
+    # run's own keys; the models and checkpoints come from the task function
+    keywords = set(keyword_names(cls)) - {"models", "checkpoints"}
+    known = sorted(keywords | set(RUN_KEYS))
     kwargs: dict[str, Any] = {}
     for key, value in settings.items():
         if key in RUN_KEYS:
             continue
         if key in SECTIONS:
+            if key not in keywords:
+                raise InputError(f"method {name!r} takes no settings section {key!r}; its "
+                                 f"sections: {sorted(keywords & set(SECTIONS))}")
             if not isinstance(value, Mapping):
-                raise InputError(f"[{key}] must be a table of settings")
+                raise InputError(f"[{key}] must be a table of settings, got {value!r}")
             kwargs[key] = _section(key, value)
         elif isinstance(value, Mapping):
             raise InputError(f"unknown settings section [{key}]; known: {sorted(SECTIONS)}")
+        elif key in ("models", "checkpoints"):
+            raise InputError(f"{key!r} is not a setting: the task function returns it")
+        elif key not in keywords:
+            raise InputError(f"unknown setting {key!r}; known: {known}")
         else:
+            # checked against the constructor's type hint and range there, named by its key
             kwargs[key] = value
     if job.models is not None:
         kwargs["models"] = job.models
     if name == "tracin":
         kwargs["checkpoints"] = _checkpoints(job)
-    cls = METHODS[name]
     try:
         return cls(job.task, job.train, **kwargs)
     except TypeError as exc:
@@ -176,6 +220,8 @@ def build_method(job: Job, settings: Mapping[str, Any]) -> AttributionMethod:
 
 
 def _section(name: str, values: Mapping[str, Any]):
+    """The settings dataclass of section ``[name]``; its ``__post_init__`` checks every value
+    and names ``[name] key`` (see iif.validation)."""
     cls = SECTIONS[name]
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from iif.errors import CurvatureError, InputError
+from iif.validation import check_settings, setting
 
 log = logging.getLogger(__name__)
 
@@ -51,27 +52,19 @@ class CurvatureSettings:
     """
 
     kind: Literal["fisher", "ggn", "hessian"] = "fisher"
-    damping: float | None = None
+    # 0 is allowed: a curvature that is then singular is retried with a tiny damping
+    damping: float | None = setting(None, ge=0)
     # Gauss-Newton only: keep the top ggn_rank directions of each sample's output Hessian
     # (None: all d; "auto": 1 for the built-in cross-entropy, whose diag(p) - p p^T has one
     # dominant direction, else all d). An exact solve's Woodbury dimension is N x ggn_rank.
-    ggn_rank: int | Literal["auto"] | None = "auto"
-    default_damping_ratio: float = 0.3
-    max_retries: int = 8
-    retry_factor: float = 10.0
+    ggn_rank: int | Literal["auto"] | None = setting("auto", ge=1)
+    default_damping_ratio: float = setting(0.3, gt=0)
+    max_retries: int = setting(8, ge=0)
+    # each retry multiplies the damping by this, so it must grow
+    retry_factor: float = setting(10.0, gt=1)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("fisher", "ggn", "hessian"):
-            raise InputError(
-                f"curvature must be 'fisher', 'ggn' or 'hessian', got {self.kind!r}"
-            )
-        if self.damping is not None and not (self.damping >= 0):
-            raise InputError(f"damping must be >= 0, got {self.damping!r}")
-        rank = self.ggn_rank
-        if rank not in (None, "auto") and (isinstance(rank, bool) or not isinstance(
-                rank, int) or rank < 1):
-            raise InputError(f"ggn_rank must be a positive integer, 'auto' or None, got "
-                             f"{rank!r}")
+        check_settings(self, "[curvature]")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -341,14 +334,11 @@ def solver_from_factor(
 class CGSettings:
     """Conjugate gradients: stop at ``tol`` relative residual or after ``max_iter`` steps."""
 
-    max_iter: int = 200
-    tol: float = 1e-8
+    max_iter: int = setting(200, ge=1)
+    tol: float = setting(1e-8, gt=0, lt=1)
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_iter, bool) or int(self.max_iter) < 1:
-            raise InputError(f"cg max_iter must be >= 1, got {self.max_iter!r}")
-        if not (0 < self.tol < 1):
-            raise InputError(f"cg tol must be in (0, 1), got {self.tol!r}")
+        check_settings(self, "[cg]")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -398,7 +398,9 @@ def stacked_projected_jacobians(
             return values, [a.detach() for a in inputs]
 
         n = xc.shape[0]
-        probes = [torch.zeros((n, *out_shapes[i]), dtype=xc.dtype, device=xc.device)
+        # the parameters' dtype: the inputs may be integer token ids (an nn.Embedding)
+        dtype = next(iter(p.values())).dtype
+        probes = [torch.zeros((n, *out_shapes[i]), dtype=dtype, device=xc.device)
                   for i in range(len(modules))]
         values, pullback, inputs = vjp(forward, probes, has_aux=True)
         geometry = projector.patches

@@ -55,6 +55,46 @@ def module_mode(module: nn.Module, training: bool) -> Iterator[None]:
             m.training = flag
 
 
+@contextlib.contextmanager
+def lone_samples_use_running_stats(module: nn.Module) -> Iterator[None]:
+    """For a block of train-mode forwards: a BatchNorm layer that gets one value per channel
+    (a minibatch of one sample, e.g. the last of an epoch when N % batch_size == 1) normalises
+    it with its running statistics, as in eval mode, and leaves them unchanged.
+
+    PyTorch refuses batch statistics of one value ("Expected more than 1 value per channel
+    when training"); running statistics are the estimate the model has for a lone sample. Any
+    other call keeps the layer's train mode exactly as PyTorch runs it (a single image of a
+    BatchNorm2d still has statistics over its positions), so models without BatchNorm, and
+    minibatches of two or more samples, are unaffected. Under ``vmap`` the shape seen is one
+    copy's. A layer without running statistics (``track_running_stats=False``) cannot
+    normalise a lone sample in any mode and still raises.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    flipped: list[nn.Module] = []
+
+    def before(m: nn.Module, args: tuple) -> None:
+        inp = args[0] if args else None
+        if (m.training and m.running_mean is not None and isinstance(inp, torch.Tensor)
+                and inp.dim() >= 2 and inp.numel() == inp.shape[1]):
+            m.training = False
+            flipped.append(m)
+
+    def after(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if m in flipped:
+            flipped.remove(m)
+            m.training = True
+
+    handles = [h for m in norms
+               for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m in flipped:
+            m.training = True
+
+
 class FunctionalModel:
     """A module called as ``f(state, x)``; the module's own tensors are never modified."""
 

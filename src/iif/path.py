@@ -5,7 +5,10 @@ rho_i(t_k) = (k/K) y_i + (1 - k/K) ybar_i for k = 0..K. For classification with 
 loss along the path is ``-rho_{i,c} log p_c``.
 
 Path models: theta_K = theta*, and theta_k is ``epochs`` epochs of the recipe's optimizer on
-the dataset Gamma(t_k) = {(x_i, rho_i(t_k))}, starting from theta_{k+1}.
+the dataset Gamma(t_k) = {(x_i, rho_i(t_k))}, starting from theta_{k+1}. Those epochs are
+training: train mode as in the recipe (dropout on; BatchNorm on batch statistics, moving the
+path model's own running statistics, which theta_k carries; see ``iif.training.fit``), while
+the features at theta_k are taken in eval mode.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from iif.grads import FunctionalModel, ModelState
 from iif.stacked import StackedState, fit_stacked
 from iif.task import Task
 from iif.training import fit
+from iif.validation import check_settings, setting
 
 
 @dataclass
@@ -31,17 +35,14 @@ class PathSettings:
     ``benchmarks/bench_quality.py`` (docs/quality.md): K = 5 and three epochs per path model
     gave the same LDS at up to twice the time, dense targets 0.15 less."""
 
-    steps: int = 3
-    epochs: int = 1
-    lr: float | None = None
-    batch_size: int | None = None
+    steps: int = setting(3, ge=1)
+    epochs: int = setting(1, ge=0)
+    lr: float | None = setting(None, gt=0)
+    batch_size: int | None = setting(None, ge=1)
     sparse: bool = True
 
     def __post_init__(self) -> None:
-        if int(self.steps) < 1:
-            raise InputError(f"path steps K must be >= 1, got {self.steps!r}")
-        if int(self.epochs) < 0:
-            raise InputError(f"path epochs must be >= 0, got {self.epochs!r}")
+        check_settings(self, "[path]")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

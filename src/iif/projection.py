@@ -28,31 +28,22 @@ import numpy as np
 import torch
 
 from iif.errors import InputError
+from iif.validation import check_settings, setting
 
 
 @dataclass
 class ProjectionSettings:
     """``dim=None`` means no projection (exact features in parameter space)."""
 
-    dim: int | None = None
+    dim: int | None = setting(None, ge=1)
     kind: Literal["gaussian", "rademacher"] = "gaussian"
-    seed: int = 0
+    seed: int = setting(0, ge=0)
     structure: Literal["dense", "kronecker"] = "dense"
-    block_elements: int = 1 << 22  # values of A generated at once (16 MiB in float32)
+    # values of A generated at once (16 MiB in float32)
+    block_elements: int = setting(1 << 22, ge=1)
 
     def __post_init__(self) -> None:
-        dim = self.dim
-        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, (int, np.integer))
-                                or dim < 1):
-            raise InputError(f"projection dim must be an integer >= 1 or None, got {dim!r}")
-        if self.kind not in ("gaussian", "rademacher"):
-            raise InputError(
-                f"projection kind must be 'gaussian' or 'rademacher', got {self.kind!r}"
-            )
-        if self.structure not in ("dense", "kronecker"):
-            raise InputError(
-                f"projection structure must be 'dense' or 'kronecker', got {self.structure!r}"
-            )
+        check_settings(self, "[projection]")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iif.attribution import META_FILE, SCORES_FILE, Attribution
+from iif.attribution import META_FILE, SCORES_FILE, Attribution, _kind
 from iif.diagnostics import describe, summarize, trust_flags
 from iif.errors import InputError
 from iif.report import format_completeness, plot_proponents_opponents, top_entries
@@ -28,16 +28,9 @@ def show(
     ``show_<i>.png`` there for each test index, the test input beside its top-k proponents
     and opponents."""
     folder = Path(folder)
-    manifest_path = folder / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+    _check_folder(folder)
     if not (folder / SCORES_FILE).exists() or not (folder / META_FILE).exists():
-        if manifest is None:
-            raise InputError(f"{folder} holds neither an attribution nor a manifest")
-        done = len(list((folder / CHUNKS).glob("*.json")))
-        total = len(manifest["bounds"]) - 1
-        return (f"{folder}: {manifest['method']} run in progress, {done} of {total} chunks "
-                f"finished (n_test {manifest['n_test']}, n_train {manifest['n_train']}); "
-                f"rerun the attribute command to finish it")
+        return _in_progress(folder)
     result = Attribution.load(folder)
     meaning = "score > 0: the training sample raises the test loss"
     if "contrast" in result.info:
@@ -46,16 +39,14 @@ def show(
              f"samples; {meaning}"]
     settings = result.settings
     for key in ("projection", "baseline", "path", "curvature"):
-        if key in settings:
+        if isinstance(settings.get(key), dict):
             lines.append(f"  {key}: " + ", ".join(f"{a}={b}" for a, b in settings[key].items()))
-    if result.completeness is not None:
+    if result.completeness is not None and "gap" in result.completeness:
         gap = np.asarray(result.completeness["gap"], dtype=float)
         if np.isfinite(gap).any():
             lines.append(f"  completeness gap |sum - delta| / |delta|: median "
                          f"{np.nanmedian(gap):.3f}, max {np.nanmax(gap):.3f}")
-    flags = result.info.get("flags")
-    if not isinstance(flags, dict):  # a result saved before flags were recorded
-        flags = trust_flags(result.completeness, result.info)
+    flags = _flags(folder, result)
     summary = summarize(flags, result.completeness)
     if summary:
         lines.append(f"warning: {summary}")
@@ -98,3 +89,80 @@ def show(
                 warning=note)
             lines.append(f"  wrote {path}")
     return "\n".join(lines)
+
+
+# ---- the folder and its files, every malformation named --------------------------------------
+_GIVE = "give the --out folder of an iif attribute run"
+_REDO = "remove the folder and run iif attribute again"
+_REDO_CHUNK = ("remove it and its .npy and run the same iif attribute command again (the chunk "
+               "is computed again)")
+
+
+def _check_folder(folder: Path) -> None:
+    """Refuse a ``folder`` that is missing, a file, or holds no attribution run."""
+    if not folder.exists():
+        raise InputError(f"{folder}: no such folder; {_GIVE}")
+    if not folder.is_dir():
+        raise InputError(f"{folder}: a file, not a folder; {_GIVE}")
+    names = {SCORES_FILE, META_FILE, MANIFEST}
+    present = sorted(p.name for p in folder.iterdir() if p.name in names)
+    if not present:
+        empty = not any(folder.iterdir())
+        what = "an empty folder" if empty else f"no {MANIFEST}, {SCORES_FILE} or {META_FILE}"
+        raise InputError(f"{folder}: {what}; {_GIVE}")
+    if MANIFEST not in present and len(present) == 1:
+        missing = META_FILE if present == [SCORES_FILE] else SCORES_FILE
+        raise InputError(f"{folder}: {present[0]} without {missing}; remove the folder and "
+                         f"write the result again (iif attribute or Attribution.save)")
+
+
+def _read_json(path: Path, remedy: str) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror or exc}); {remedy}") from None
+    except ValueError as exc:  # not JSON, or not UTF-8 text
+        raise InputError(f"{path}: not valid JSON ({exc}); {remedy}") from None
+
+
+def _in_progress(folder: Path) -> str:
+    """The line on an unfinished run: its manifest and how many chunks are done."""
+    path = folder / MANIFEST
+    manifest = _read_json(path, _REDO)
+    if not isinstance(manifest, dict):
+        raise InputError(f"{path}: expected a JSON object, found {_kind(manifest)}; "
+                         f"{_REDO}")
+    missing = [k for k in ("method", "n_test", "n_train", "bounds") if k not in manifest]
+    if missing:
+        raise InputError(f"{path}: missing key(s) {', '.join(missing)}; {_REDO}")
+    bounds = manifest["bounds"]
+    if not (isinstance(bounds, list) and len(bounds) >= 2
+            and all(isinstance(b, int) for b in bounds)):
+        raise InputError(f"{path}: 'bounds' is not a list of chunk boundaries; {_REDO}")
+    done = 0
+    for record_path in sorted((folder / CHUNKS).glob("*.json")):
+        record = _read_json(record_path, _REDO_CHUNK)
+        if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+            raise InputError(f"{record_path}: not a chunk record (a JSON object with its "
+                             f"sha256); {_REDO_CHUNK}")
+        done += 1
+    total = len(bounds) - 1
+    return (f"{folder}: {manifest['method']} run in progress, {done} of {total} chunks "
+            f"finished (n_test {manifest['n_test']}, n_train {manifest['n_train']}); "
+            f"rerun the attribute command to finish it")
+
+
+def _flags(folder: Path, result: Attribution) -> dict[str, list[int]]:
+    """The per-test flags recorded in the result, or made from its completeness and info
+    (a result saved before flags were recorded)."""
+    flags = result.info.get("flags")
+    try:
+        if isinstance(flags, dict) and all(
+                isinstance(v, list) and all(isinstance(i, int) for i in v)
+                for v in flags.values()):
+            return flags
+        return trust_flags(result.completeness, result.info)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+        raise InputError(f"{folder / META_FILE}: malformed 'info' ({type(exc).__name__}: "
+                         f"{exc}); remove {SCORES_FILE} and {META_FILE} and run the same iif "
+                         f"attribute command again") from None

@@ -10,6 +10,13 @@ epoch ``sound`` rejects, is frozen at the state ``fit`` would have returned, and
 parameters are put back after every later optimizer step. Freezing needs an optimizer that
 updates each element from that element's own history, which SGD (with momentum, weight decay,
 Nesterov), Adam and AdamW do; :func:`can_stack` refuses a custom optimizer.
+
+Buffers (BatchNorm running statistics) are stacked like the parameters: each copy's train-mode
+forwards update its own slice, exactly as ``fit`` updates the buffers of a single run, and a
+frozen copy's buffers are put back with its parameters. Dropout draws a mask per copy
+(``vmap(randomness="different")``), so with dropout a copy equals its separate run in
+distribution only. BatchNorm with ``momentum=None`` cannot train under ``vmap``
+(:func:`can_stack` refuses it; such models run one test sample at a time).
 """
 
 from __future__ import annotations
@@ -18,9 +25,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.func import vmap
 
-from iif.grads import FunctionalModel, ModelState, module_mode
+from iif.grads import (
+    FunctionalModel,
+    ModelState,
+    lone_samples_use_running_stats,
+    module_mode,
+)
 from iif.task import Task
 from iif.training import FitResult
 
@@ -64,8 +77,13 @@ class StackedState:
 
 
 def can_stack(task: Task) -> bool:
-    """Whether the task's optimizer is one whose copies can be frozen independently."""
-    return not callable(task.recipe.optimizer)
+    """Whether the task's optimizer is one whose copies can be frozen independently, and the
+    model can train under ``vmap``: BatchNorm with ``momentum=None`` (a cumulative average)
+    reads its batch counter as a Python number in train mode, which ``vmap`` cannot batch
+    (``iif.evaluation.retrain`` trains such models one by one for the same reason)."""
+    cumulative = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                     and m.momentum is None for m in task.model.modules())
+    return not callable(task.recipe.optimizer) and not cumulative
 
 
 def stacked_outputs(
@@ -155,7 +173,8 @@ def fit_stacked(
     def ok(b: int, candidate: ModelState) -> bool:
         return candidate.is_finite() and (sound is None or sound(b, candidate))
 
-    with module_mode(fmodel.module, train_mode), torch.enable_grad():
+    with module_mode(fmodel.module, train_mode), lone_samples_use_running_stats(fmodel.module), \
+            torch.enable_grad():
         for _ in range(int(epochs)):
             if not running():
                 break

@@ -45,6 +45,7 @@ from iif.diagnostics import index_offset, trust_flags
 from iif.errors import InputError
 from iif.io import atomic_write, jsonable
 from iif.runkey import RunKey, file_digest, run_key, text_digest
+from iif.validation import Limits, check_value
 
 try:
     import fcntl
@@ -431,9 +432,9 @@ def open_store(folder: str | os.PathLike, method: Any, test: Any, chunk: int | N
     ``chunk`` test samples (default: :func:`default_chunk`), locked unless ``lock=False``.
     ``key``: the run key when the caller has computed it (default: :func:`run_key`)."""
     n = len(test)
-    size = int(chunk) if chunk is not None else default_chunk(method, n)
-    if size < 1:
-        raise InputError(f"chunk must be >= 1, got {chunk!r}")
+    if chunk is not None:
+        chunk = check_value(chunk, int, "chunk", Limits(ge=1))
+    size = chunk if chunk is not None else default_chunk(method, n)
     if getattr(method, "method", None) == "iif" and method.baseline.mode == "shared" and size < n:
         raise InputError("a shared baseline unlearns all test samples together: it cannot be "
                          "split into chunks (use chunk >= the number of test samples)")

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from iif.errors import InputError
+from iif.validation import check_settings, setting
 
 Kind = Literal["regression", "classification"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -42,28 +43,15 @@ class Recipe:
     per-sample losses over a minibatch.
     """
 
-    lr: float = 0.01
-    epochs: int = 10
-    batch_size: int = 64
+    lr: float = setting(0.01, gt=0)
+    epochs: int = setting(10, ge=0)
+    batch_size: int = setting(64, ge=1)
     optimizer: str | Callable[[list[torch.Tensor]], torch.optim.Optimizer] = "sgd"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
+    momentum: float = setting(0.0, ge=0)  # torch's optimizers refuse negative values
+    weight_decay: float = setting(0.0, ge=0)
 
     def __post_init__(self) -> None:
-        for name in ("lr", "momentum", "weight_decay"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-                raise InputError(f"recipe {name} must be a number, got {value!r}")
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise InputError(f"recipe {name} must be an integer, got {value!r}")
-        if not (self.lr > 0 and np.isfinite(self.lr)):
-            raise InputError(f"recipe lr must be a positive finite number, got {self.lr!r}")
-        if int(self.batch_size) < 1:
-            raise InputError(f"recipe batch_size must be >= 1, got {self.batch_size!r}")
-        if int(self.epochs) < 0:
-            raise InputError(f"recipe epochs must be >= 0, got {self.epochs!r}")
+        check_settings(self, "recipe")
         if isinstance(self.optimizer, str) and self.optimizer not in ("sgd", "adam", "adamw"):
             raise InputError(
                 f"recipe optimizer must be 'sgd', 'adam', 'adamw' or a callable, "
@@ -196,13 +184,24 @@ class Task:
             raise InputError(
                 f"{name}: {x.shape[0]} inputs but labels of shape {tuple(y.shape)}"
             )
-        if not x.is_floating_point():
-            raise InputError(f"{name} inputs must be floating point, got {x.dtype}")
-        if not torch.isfinite(x).all():
+        # integer inputs are token ids (an nn.Embedding) or codes the model converts itself:
+        # they stay integers (int64, what embeddings take) when the model runs on them
+        integer = not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+        if not (x.is_floating_point() or integer):
+            raise InputError(f"{name} inputs must be floating point (or integer token ids for "
+                             f"a model that takes them), got {x.dtype}")
+        if not integer and not torch.isfinite(x).all():
             bad = int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).sum())
             raise InputError(f"{name} inputs contain NaN or inf ({bad} samples)")
-        x = x.to(self.device, self.dtype)
-        out_dim = self._output_dim(x[:1], name)
+        x = x.to(self.device, torch.int64 if integer else self.dtype)
+        try:
+            out_dim = self._output_dim(x[:1], name)
+        except InputError as exc:
+            if not integer or exc.__cause__ is None:  # only the model's own exception
+                raise
+            raise InputError(f"{name} inputs are integers ({x.dtype}) and the model cannot run "
+                             f"on them; inputs must be floating point, or integer token ids "
+                             f"for a model that takes them ({exc})") from exc
         if self.kind == "classification":
             if y.is_floating_point():
                 if not torch.isfinite(y).all() or not torch.equal(y, y.round()):
@@ -239,7 +238,9 @@ class Task:
         return Data(x, labels, targets)
 
     def _output_dim(self, x1: torch.Tensor, name: str) -> int:
-        was_training = self.model.training
+        # every submodule's own flag comes back (a train-mode model may hold an eval-mode
+        # part, e.g. a frozen BatchNorm), not the top module's flag copied to all of them
+        flags = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         try:
             with torch.enable_grad():
@@ -249,7 +250,8 @@ class Task:
                 f"the model cannot run on {name} inputs of shape {tuple(x1.shape[1:])}: {exc}"
             ) from exc
         finally:
-            self.model.train(was_training)
+            for m, flag in flags:
+                m.training = flag
         if not isinstance(out, torch.Tensor) or out.shape[0] != 1:
             raise InputError("the model must return a tensor of shape (batch, outputs)")
         if not out.requires_grad:

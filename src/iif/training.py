@@ -16,7 +16,12 @@ from dataclasses import dataclass
 import torch
 
 from iif.errors import InputError
-from iif.grads import FunctionalModel, ModelState, module_mode
+from iif.grads import (
+    FunctionalModel,
+    ModelState,
+    lone_samples_use_running_stats,
+    module_mode,
+)
 from iif.progress import progress_bar
 from iif.task import Task
 
@@ -61,6 +66,14 @@ def fit(
     (``state`` itself if the first one failed) with ``finite=False``.
     ``on_epoch(epoch, state)`` is called after every completed, sound epoch (epoch counts
     from 1) with a copy of the state, e.g. to record checkpoints.
+
+    Modes and buffers: the minibatch loss runs in train mode (``train_mode``; dropout on,
+    BatchNorm on batch statistics) as the recipe trains, and each train-mode forward updates
+    the run's own copy of the buffers (BatchNorm running statistics) as PyTorch would the
+    module's; the returned state carries them, ``state`` and the module are never modified. A
+    minibatch of one sample is normalised with the running statistics and leaves them as they
+    are (``iif.grads.lone_samples_use_running_stats``). ``extra`` chooses its own mode: the
+    unlearning test term is an eval-mode loss (``iif.baseline``).
     """
     recipe = task.recipe
     batch_size = int(batch_size or recipe.batch_size)
@@ -74,7 +87,8 @@ def fit(
     def ok(candidate: ModelState) -> bool:
         return candidate.is_finite() and (sound is None or sound(candidate))
 
-    with module_mode(fmodel.module, train_mode), torch.enable_grad():
+    with module_mode(fmodel.module, train_mode), lone_samples_use_running_stats(fmodel.module), \
+            torch.enable_grad():
         for _ in progress_bar(range(int(epochs)), desc=desc, enable=progress):
             order = torch.randperm(n, generator=generator).to(x.device)
             total, count = 0.0, 0

@@ -356,9 +356,9 @@ def test_bad_inputs_raise_clear_errors(classification):
         with pytest.raises(ValueError, match="projection must be a ProjectionSettings"):
             TRAK(task, (x, y), projection=bad)
     for dim in (2.5, True):
-        with pytest.raises(ValueError, match="projection dim"):
+        with pytest.raises(ValueError, match=r"\[projection\] dim"):
             TRAK(task, (x, y), projection=ProjectionSettings(dim=dim))
-    with pytest.raises(ValueError, match="projection dim"):
+    with pytest.raises(ValueError, match=r"\[projection\] dim"):
         ProjectionSettings(dim=0)
     for bad in (-1.0, float("nan"), float("inf"), "0.1", True):
         with pytest.raises(ValueError, match="damping"):

@@ -46,6 +46,7 @@ from iif.io import atomic_write, jsonable
 from iif.progress import progress_bar
 from iif.task import Data, Task
 from iif.training import reinitialised, seeded, train
+from iif.validation import check_settings, setting
 
 log = logging.getLogger(__name__)
 
@@ -67,23 +68,15 @@ class RetrainSettings:
         epochs: training epochs per model; None uses the task recipe's.
     """
 
-    n_subsets: int = 100
-    fraction: float = 0.5
-    repeats: int = 1
-    seed: int = 0
-    batch_models: int = 16
-    epochs: int | None = None
+    n_subsets: int = setting(100, ge=2)
+    fraction: float = setting(0.5, gt=0, lt=1)
+    repeats: int = setting(1, ge=1)
+    seed: int = setting(0, ge=0)
+    batch_models: int = setting(16, ge=1)
+    epochs: int | None = setting(None, ge=0)
 
     def __post_init__(self) -> None:
-        _check_int("n_subsets", self.n_subsets, 2)
-        _check_int("repeats", self.repeats, 1)
-        _check_int("seed", self.seed, 0)
-        _check_int("batch_models", self.batch_models, 1)
-        if self.epochs is not None:
-            _check_int("epochs", self.epochs, 0)
-        f = self.fraction
-        if isinstance(f, bool) or not isinstance(f, (int, float, np.floating)) or not 0 < f < 1:
-            raise InputError(f"fraction must be a number in (0, 1), got {f!r}")
+        check_settings(self, "retrain")
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(dataclasses.asdict(self))

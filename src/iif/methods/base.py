@@ -20,7 +20,7 @@ import copy
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ from iif.factored import supports_factored
 from iif.features import DEFAULT_MAX_FEATURE_BYTES, spill_features_to
 from iif.grads import FunctionalModel
 from iif.task import Data, Task
+from iif.validation import Limits, check_value, keyword_hint, without_none
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +69,17 @@ class AttributionMethod:
         max_feature_bytes: int = DEFAULT_MAX_FEATURE_BYTES,
         feature_dir: str | os.PathLike | None = None,
     ):
+        # keyword settings: name -> (type hint, limits), checked again when the method runs
+        self._checked: dict[str, tuple[Any, Limits]] = {}
+        self.chunk_size = self._keyword("chunk_size", chunk_size, ge=1)
+        # seeds are >= 0 throughout the package, as numpy's generators (retraining) need
+        self.seed = self._keyword("seed", seed, ge=0)
+        self.progress = self._keyword("progress", progress)
+        self.max_feature_bytes = self._keyword("max_feature_bytes", max_feature_bytes, ge=0)
+        feature_dir = self._keyword("feature_dir", feature_dir)
+        self.feature_dir = None if feature_dir is None else str(feature_dir)
         self.task = task
         self.train: Data = task.validate(train_data, "training data")
-        if isinstance(chunk_size, bool) or int(chunk_size) < 1:
-            raise InputError(f"chunk_size must be >= 1, got {chunk_size!r}")
-        self.chunk_size = int(chunk_size)
-        self.seed = int(seed)
-        self.progress = progress
-        self.max_feature_bytes = int(max_feature_bytes)
-        self.feature_dir = None if feature_dir is None else str(feature_dir)
         self.fmodel = FunctionalModel(task.model)
         self.state = self.fmodel.state()  # theta*, frozen at construction
         _warn_train_mode(task.model)
@@ -90,6 +93,7 @@ class AttributionMethod:
     def attribute(self, test_data: Any, **options: Any) -> Attribution:
         """Scores (n_test, n_train); positive = including the training sample raises the test
         loss. ``options`` go to the method (see its ``attribute``)."""
+        self._validate_settings()
         test = self.task.validate(test_data, "test data")
         start = time.perf_counter()
         with spill_features_to(self.feature_dir):
@@ -103,11 +107,15 @@ class AttributionMethod:
         """Self-influence of training samples (default all), shape (n,), averaged over the
         ensemble: the score of each sample on its own loss. The most negative are the samples
         the model fits only through themselves, often mislabelled ones."""
+        self._validate_settings()
         idx = self._indices(indices)
         with spill_features_to(self.feature_dir):
             return np.mean([m._self_influence(idx) for m in self.members()], axis=0)
 
     def settings(self) -> dict[str, Any]:
+        """Everything that determines the scores, as recorded with them; checked first, so
+        that a setting changed since construction is never recorded unchecked."""
+        self._validate_settings()
         return {
             "method": self.method,
             "task": self.task.to_dict(),
@@ -117,6 +125,31 @@ class AttributionMethod:
             "n_train": len(self.train),
             "ensemble_size": len(self.members()),
         }
+
+    # ---- settings ------------------------------------------------------------------------
+    def _keyword(self, name: str, value: Any, default: Callable[[], Any] | None = None,
+                 **limits: Any) -> Any:
+        """The constructor keyword ``name`` checked against its type hint and ``limits``
+        (``ge=1``, see :class:`iif.validation.Limits`); None becomes ``default()`` if given.
+        The attribute of the same name is checked again by :meth:`_validate_settings`."""
+        hint = keyword_hint(type(self), name)
+        rule = Limits(**limits)
+        value = check_value(value, hint, name, rule)
+        if default is not None:
+            # the attribute is never None afterwards: a later None is an error, not a default
+            hint = without_none(hint)
+            value = default() if value is None else value
+        self._checked[name] = (hint, rule)
+        return value
+
+    def _validate_settings(self) -> None:
+        """Check every setting again: keyword settings and settings dataclasses may have been
+        assigned since construction (``method.path.steps = 2.7``, ``method.seed = -1``)."""
+        for name, (hint, rule) in self._checked.items():
+            value = getattr(self, name)
+            checked = check_value(value, hint, name, rule)  # also re-runs a dataclass's checks
+            if type(checked) is not type(value):  # a numpy scalar: record a Python number
+                setattr(self, name, checked)
 
     # ---- ensembles -----------------------------------------------------------------------
     def members(self) -> list[AttributionMethod]:

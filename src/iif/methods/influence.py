@@ -83,19 +83,15 @@ class InfluenceFunction(AttributionMethod):
         **common: Any,
     ):
         super().__init__(task, train_data, **common)
-        if solver not in SOLVERS:
-            raise InputError(f"solver must be one of {SOLVERS}, got {solver!r}")
-        self.curvature = curvature or CurvatureSettings()
-        self.solver = solver
-        self.projection = projection or ProjectionSettings()
+        self.curvature = self._keyword("curvature", curvature, default=CurvatureSettings)
+        self.solver = self._keyword("solver", solver)
+        self.projection = self._keyword("projection", projection, default=ProjectionSettings)
         if solver == "projected" and self.projection.dim is None:
             raise InputError("solver 'projected' needs ProjectionSettings(dim=P)")
         if solver != "projected" and self.projection.dim is not None:
             raise InputError(f"solver {solver!r} does not project; use solver='projected'")
-        self.cg = cg or CGSettings()
-        if isinstance(trace_probes, bool) or int(trace_probes) < 1:
-            raise InputError(f"trace_probes must be >= 1, got {trace_probes!r}")
-        self.trace_probes = int(trace_probes)
+        self.cg = self._keyword("cg", cg, default=CGSettings)
+        self.trace_probes = self._keyword("trace_probes", trace_probes, ge=1)
         self._reset()
 
     def _reset(self) -> None:
@@ -132,6 +128,7 @@ class InfluenceFunction(AttributionMethod):
         only refactors the solve. ``relative``: the values are ratios to the mean nonzero
         eigenvalue (``default_damping_ratio``) instead of absolute dampings. ``exact`` and
         ``projected`` solvers, one model."""
+        self._validate_settings()
         if self.solver == "cg" or len(self.members()) > 1 or self.sharding is not None:
             raise InputError("attribute_dampings needs the 'exact' or 'projected' solver, one "
                              "model and one process")

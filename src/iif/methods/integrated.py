@@ -119,20 +119,17 @@ class IntegratedInfluence(AttributionMethod):
         **common: Any,
     ):
         super().__init__(task, train_data, **common)
-        if test_batch != "auto" and (isinstance(test_batch, bool) or not isinstance(
-                test_batch, int) or test_batch < 1):
-            raise InputError(f"test_batch must be a positive integer or 'auto', got "
-                             f"{test_batch!r}")
+        test_batch = self._keyword("test_batch", test_batch, ge=1)
         if test_batch not in ("auto", 1) and not can_stack(task):
             raise InputError("test_batch > 1 trains stacked model copies, which needs the "
                              "recipe's built-in 'sgd', 'adam' or 'adamw'; a custom optimizer "
                              "runs with test_batch=1")
         self.test_batch = test_batch
         self._stack_features: bool | None = None
-        self.baseline = baseline or BaselineSettings()
-        self.path = path or PathSettings()
-        self.projection = projection or ProjectionSettings()
-        self.curvature = curvature or CurvatureSettings()
+        self.baseline = self._keyword("baseline", baseline, default=BaselineSettings)
+        self.path = self._keyword("path", path, default=PathSettings)
+        self.projection = self._keyword("projection", projection, default=ProjectionSettings)
+        self.curvature = self._keyword("curvature", curvature, default=CurvatureSettings)
         self._reset()
 
     def _reset(self) -> None:
@@ -171,6 +168,7 @@ class IntegratedInfluence(AttributionMethod):
         group's mean test loss, and the scores, shape (1, n_train), attribute that mean loss
         (positive = including the training sample raises it); completeness is the group's.
         A group of one gives that sample's per-test scores."""
+        self._validate_settings()
         test = self.task.validate(test_data, "test data")
         with spill_features_to(self.feature_dir):
             parts = [m._group(test) for m in self.members()]
@@ -548,7 +546,8 @@ class IntegratedInfluence(AttributionMethod):
             self._stack_features = can_stack_features(self.fmodel, self.state,
                                                       self.train.x[:1], self.projector)
         need = 2 * copies * len(self.train) * self.projector.dim
-        return self._stack_features and need * self.train.x.element_size() <= \
+        # features have the model's dtype (the inputs may be integer token ids)
+        return self._stack_features and need * self.train.targets.element_size() <= \
             self.max_feature_bytes
 
     def _step(self, state: ModelState, rho: torch.Tensor, rho_prev: torch.Tensor, k: int,

@@ -53,7 +53,6 @@ the solver, per model, so that repeated ``attribute`` calls reuse them; solves r
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -121,17 +120,11 @@ class TRAK(AttributionMethod):
         **common: Any,
     ):
         super().__init__(task, train_data, **common)
-        if projection is None:
-            projection = ProjectionSettings(dim=DEFAULT_PROJECTION_DIM)
-        if not isinstance(projection, ProjectionSettings):
-            raise InputError(
-                f"projection must be a ProjectionSettings, got {type(projection).__name__}"
-            )
-        dim = projection.dim
-        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, (int, np.integer))):
-            raise InputError(f"projection dim must be a positive integer or None, got {dim!r}")
+        projection = self._keyword("projection", projection,
+                                   default=lambda: ProjectionSettings(dim=DEFAULT_PROJECTION_DIM))
         self.projection = projection
-        self.damping = _check_damping(damping)
+        dim = projection.dim
+        self.damping = self._keyword("damping", damping, ge=0)
         outputs = self.train.targets.shape[1]
         if task.kind == "regression" and outputs != 1:
             raise InputError(
@@ -158,6 +151,7 @@ class TRAK(AttributionMethod):
     def attribute(self, test_data: Any) -> Attribution:
         """Scores (n_test, n_train): ``-[mean_m c_s phi_s^T K_m phi_i] * [mean_m w_i]``;
         positive = including the training sample raises the test loss."""
+        self._validate_settings()
         test = self.task.validate(test_data, "test data")
         start = time.perf_counter()
         members = self.members()
@@ -173,6 +167,7 @@ class TRAK(AttributionMethod):
         each sample on its own loss, ``-[mean_m c_i phi_i^T K_m phi_i] * [mean_m w_i]``. It is
         <= 0 for classification (and for one regression model); the most negative are samples
         the models fit only through themselves."""
+        self._validate_settings()
         idx = self._indices(indices)
         parts = [m._self_parts(idx) for m in self.members()]
         kernel = sum(k for k, _ in parts) / len(parts)
@@ -327,14 +322,3 @@ class TRAK(AttributionMethod):
 
 def _first_output(output: torch.Tensor) -> torch.Tensor:
     return output[0]
-
-
-def _check_damping(damping: Any) -> float | None:
-    if damping is None:
-        return None
-    if isinstance(damping, bool) or not isinstance(damping, (int, float, np.number)):
-        raise InputError(f"damping must be a number >= 0 or None, got {damping!r}")
-    value = float(damping)
-    if not (math.isfinite(value) and value >= 0):
-        raise InputError(f"damping must be a finite number >= 0 or None, got {damping!r}")
-    return value
