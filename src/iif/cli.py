@@ -154,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
                            help="test samples per stored chunk (default: by method)")
     attribute.add_argument("--seed", type=int, default=None, metavar="S",
                            help="seed of the method's random choices")
+    attribute.add_argument("--force", action="store_true",
+                           help="replace the results in --out when they belong to another run "
+                                "(other settings, model, data or checkpoints) or were written "
+                                "by Attribution.save(); without it such a folder is refused")
+    attribute.add_argument("--peer-timeout", type=_positive_float, default=None,
+                           metavar="SECONDS",
+                           help="under torchrun: how long a rank waits for the others to join "
+                                "(default: 300)")
     attribute.set_defaults(handler=_cmd_attribute)
 
     show = sub.add_parser(
@@ -274,7 +282,9 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     _check_out(args.out)  # before the task function, which may train a model
     job = load_job(args.task)
     method = build_method(job, settings)
-    result = attribute_job(args.out, method, job, chunk=settings.get("chunk"))
+    timeouts = {} if args.peer_timeout is None else {"peer_timeout_s": args.peer_timeout}
+    result = attribute_job(args.out, method, job, chunk=settings.get("chunk"), force=args.force,
+                           **timeouts)
     if result is not None:
         print(f"wrote {args.out}: {result.method} scores {result.scores.shape[0]} test x "
               f"{result.scores.shape[1]} training samples in {result.info['seconds']:.1f} s")
@@ -384,6 +394,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
 
 

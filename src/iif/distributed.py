@@ -113,6 +113,22 @@ class Sharding:
         return tensor
 
 
+def _collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` came from torch.distributed (a peer died, the rendezvous broke), not
+    from the computation a rank was doing."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    where = f"torch{os.sep}distributed{os.sep}"
+    tb = exc.__traceback__
+    while tb is not None:
+        if where in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def splits_training_set(method: Any) -> bool:
     """Methods whose training-set work serves every test sample split the training set
     instead of the test samples: IIF with a shared baseline, TRAK and projected IF."""
@@ -172,7 +188,9 @@ def attribute_job(
             dist.barrier(group=group)
         finally:
             store.close()
-    except RuntimeError as exc:  # a peer died or the rendezvous broke
+    except RuntimeError as exc:
+        if not _collective_failure(exc):  # e.g. the user's model raising in its forward
+            raise
         raise InputError(
             f"rank {rank} of {size}: the process group failed ({exc}); the finished chunks in "
             f"{out} are kept, run the same command again to resume") from None
@@ -224,6 +242,8 @@ def ground_truth_job(task: Any, train_data: Any, test_data: Any, settings: Any =
                      progress=progress if rank == 0 else False, ranks=(rank, size))
         dist.barrier(group=group)
     except RuntimeError as exc:
+        if not _collective_failure(exc):
+            raise
         raise InputError(
             f"rank {rank} of {size}: the process group failed ({exc}); the finished chunks in "
             f"{cache_dir} are kept, run the same command again to resume") from None

@@ -13,6 +13,7 @@ from iif.diagnostics import describe, summarize, trust_flags
 from iif.errors import InputError
 from iif.report import format_completeness, plot_proponents_opponents, top_entries
 from iif.report import image_shape as guess_shape
+from iif.runkey import data_digest
 from iif.store import CHUNKS, MANIFEST
 
 
@@ -62,6 +63,7 @@ def show(
         if len(train) != result.n_train or len(test) != result.n_test:
             raise InputError(f"{task} gives {len(test)} test x {len(train)} training samples, "
                              f"the folder {result.n_test} x {result.n_train}")
+        _check_data(folder, task, train, test)
         labels = train.labels.cpu().numpy()
         images = train.x.cpu().numpy()
     for i in test_indices:
@@ -114,6 +116,24 @@ def _check_folder(folder: Path) -> None:
         missing = META_FILE if present == [SCORES_FILE] else SCORES_FILE
         raise InputError(f"{folder}: {present[0]} without {missing}; remove the folder and "
                          f"write the result again (iif attribute or Attribution.save)")
+
+
+def _check_data(folder: Path, task: str, train, test) -> None:
+    """Refuse a task function whose data are not the ones the scores were computed on (other
+    samples, or the same in another order): the pictures would show the wrong samples. The
+    run key's data digests in the manifest say; a folder without them cannot be checked."""
+    manifest = folder / MANIFEST
+    if not manifest.exists():
+        return
+    parts = _read_json(manifest, _REDO)
+    parts = parts.get("parts") if isinstance(parts, dict) else None
+    if not isinstance(parts, dict):
+        return
+    for name, data in (("training data", train), ("test data", test)):
+        if name in parts and parts[name] != data_digest(data):
+            raise InputError(f"{task} gives other {name} than the scores in {folder} were "
+                             f"computed on (other samples, or the same in another order); the "
+                             f"pictures would label and draw the wrong samples")
 
 
 def _read_json(path: Path, remedy: str) -> object:

@@ -178,8 +178,11 @@ class ResultStore:
         try:
             if lock:
                 self._remove_temporary_files()
+            chunks = self.folder / CHUNKS
+            if chunks.exists() and not chunks.is_dir():
+                raise InputError(f"{chunks} is a file, not the folder of chunks; remove it")
             self._claim(force)
-            (self.folder / CHUNKS).mkdir(exist_ok=True)
+            chunks.mkdir(exist_ok=True)
         except BaseException:
             self.close()
             raise
@@ -258,13 +261,15 @@ class ResultStore:
 
     def _clear(self) -> None:
         for name in (MANIFEST, SCORES_FILE, META_FILE):
-            (self.folder / name).unlink(missing_ok=True)
+            _remove_file(self.folder / name)
         shutil.rmtree(self.folder / CHUNKS, ignore_errors=True)
 
     def _remove_temporary_files(self) -> None:
         """Temporary files of writers that died before renaming them (we hold the lock)."""
         for folder in (self.folder, self.folder / CHUNKS):
             for tmp in folder.glob(".*.tmp"):
+                if not tmp.is_file():
+                    continue
                 log.info("removing %s, left by a writer that stopped", tmp)
                 tmp.unlink(missing_ok=True)
 
@@ -288,7 +293,7 @@ class ResultStore:
         if problem:
             log.warning("chunk %s %s; computing it again", npy.name, problem)
             for p in (npy, meta):
-                p.unlink(missing_ok=True)
+                _remove_file(p)
         return problem is None
 
     def _check_chunk(self, lo: int, hi: int, npy: Path, meta: Path) -> str | None:
@@ -298,8 +303,17 @@ class ResultStore:
         if record.get("key") != self.key.digest:
             differs = self.key.differences(record.get("parts"))
             return f"was made by another run ({', '.join(differs) or 'unknown key'} differ)"
-        if record.get("record_sha256") != _record_checksum(record):
+        try:
+            intact = record.get("record_sha256") == _record_checksum(record)
+        except ValueError:  # NaN or inf, which JSON readers accept and the record never holds
+            intact = False
+        if not intact:
             return "has a damaged record (checksum mismatch)"
+        comp = record.get("completeness")
+        if not isinstance(record.get("info"), dict) or not (comp is None or (
+                isinstance(comp, dict) and all(isinstance(v, list) and len(v) == hi - lo
+                                               for v in comp.values()))):
+            return "has a malformed record (info or completeness)"
         shape = [hi - lo, self.manifest["n_train"]]
         if record.get("shape") != shape or record.get("dtype") != "float64":
             return f"has the wrong shape or dtype ({record.get('shape')}, not {shape})"
@@ -385,12 +399,19 @@ def _read_json(path: Path, what: str) -> dict[str, Any] | str:
     """The JSON object in ``path``, or a sentence saying what is wrong with it."""
     try:
         value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
         return f"has an unreadable {what} {path.name} ({exc})"
     if not isinstance(value, dict):
         return f"has a malformed {what} {path.name} (a JSON {type(value).__name__}, not an " \
                f"object)"
     return value
+
+
+def _remove_file(path: Path) -> None:
+    """Remove a file of the store; a folder in its place is the user's to remove."""
+    if path.is_dir() and not path.is_symlink():
+        raise InputError(f"{path} is a folder where iif keeps a file; remove it")
+    path.unlink(missing_ok=True)
 
 
 def _settings_changes(old: Any, new: dict[str, Any], limit: int = 4) -> str:

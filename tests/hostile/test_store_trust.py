@@ -314,3 +314,112 @@ def test_run_key_parts_are_stable_and_distinct(problem):
     assert a == b and a.digest == b.digest
     c = run_key(_method(task, train, seed=3), tv)
     assert a.differences(c.parts) == ["settings"]
+
+
+# ---- through the command line ----------------------------------------------------------------
+def _attribute(out: Path, *flags: str) -> int:
+    from iif.cli import main
+
+    return main(["attribute", "--task", "tiny_job:job", "--out", str(out), "--chunk", "2",
+                 "--no-progress", *flags])
+
+
+def test_cli_rerun_after_removing_the_manifest_with_other_settings(problem, tmp_path, capsys):
+    """The reported case: the manifest removed (as an error once advised), then a rerun with
+    --proj-dim 64 instead of 16 returned the old scores with exit 0."""
+    out = tmp_path / "out"
+    assert _attribute(out, "--proj-dim", "16") == 0
+    old = iif.Attribution.load(out).scores.copy()
+    (out / MANIFEST).unlink()
+    capsys.readouterr()
+    assert _attribute(out, "--proj-dim", "64") == 1
+    err = capsys.readouterr().err
+    assert "holds 3 chunk(s) of another run but no manifest.json" in err and "--force" in err
+    np.testing.assert_array_equal(iif.Attribution.load(out).scores, old)  # left untouched
+    assert _attribute(out, "--proj-dim", "64", "--force") == 0
+    task, train, test = problem
+    fresh = IntegratedInfluence(task, train, path=PathSettings(steps=3), progress=False,
+                                projection=ProjectionSettings(dim=64)).attribute(test)
+    np.testing.assert_allclose(iif.Attribution.load(out).scores, fresh.scores, rtol=1e-10,
+                               atol=1e-14)
+
+
+def test_cli_out_over_a_saved_attribution_needs_force(tmp_path, capsys):
+    saved = iif.Attribution(np.arange(6.0).reshape(2, 3), "if")
+    saved.save(tmp_path)
+    assert _attribute(tmp_path, "--proj-dim", "16") == 1
+    assert "holds a saved attribution (scores.npy, attribution.json)" in capsys.readouterr().err
+    np.testing.assert_array_equal(iif.Attribution.load(tmp_path).scores, saved.scores)
+    assert _attribute(tmp_path, "--proj-dim", "16", "--force") == 0
+    assert iif.Attribution.load(tmp_path).method == "iif"
+
+
+REORDERED = """
+import numpy as np
+import tiny_job
+
+def job():
+    task, (x, y), test = tiny_job.problem()
+    order = np.arange(len(y))[::-1].copy()
+    return task, (x[order], y[order]), test
+"""
+
+
+def test_cli_show_refuses_a_task_with_reordered_training_data(tmp_path, capsys, monkeypatch):
+    from iif.cli import main
+
+    out = tmp_path / "out"
+    assert _attribute(out, "--proj-dim", "16") == 0
+    (tmp_path / "reordered.py").write_text(REORDERED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    capsys.readouterr()
+    assert main(["show", str(out), "--task", "reordered:job", "--image-shape", "2", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "reordered:job gives other training data than the scores in" in err
+    assert not list(out.glob("show_*.png"))
+    assert main(["show", str(out), "--task", "tiny_job:job", "--image-shape", "2", "2"]) == 0
+
+
+def test_malformed_store_files_are_named_or_recomputed(problem, tmp_path, monkeypatch):
+    task, train, test = problem
+    whole = attribute_to(tmp_path, _method(task, train), test, chunk=3)
+    first, second = _records(tmp_path)
+    # a record with NaN (valid for JSON readers, never written by the store): recomputed
+    record = json.loads(first.read_text())
+    record["info"]["seconds"] = float("nan")
+    first.write_text(json.dumps(record))
+    # completeness of the wrong length under a consistent checksum: recomputed
+    record = json.loads(second.read_text())
+    _forge(second, completeness={k: v[:1] for k, v in record["completeness"].items()})
+    calls = []
+    original = IntegratedInfluence.attribute
+    monkeypatch.setattr(IntegratedInfluence, "attribute",
+                        lambda self, data, **kw: calls.append(len(data[0]))
+                        or original(self, data, **kw))
+    again = attribute_to(tmp_path, _method(task, train), test, chunk=3)
+    assert calls == [3, 3]
+    np.testing.assert_allclose(again.scores, whole.scores, rtol=1e-10, atol=1e-14)
+    # a folder where a chunk file belongs, and a file where the chunks folder belongs
+    npy = first.with_suffix(".npy")
+    npy.unlink()
+    npy.mkdir()
+    with pytest.raises(InputError, match=f"{npy} is a folder where iif keeps a file"):
+        attribute_to(tmp_path, _method(task, train), test, chunk=3)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / CHUNKS).write_text("")
+    with pytest.raises(InputError, match="is a file, not the folder of chunks"):
+        attribute_to(other, _method(task, train), test, chunk=3)
+
+
+def test_only_process_group_failures_are_reported_as_such():
+    from iif.distributed import _collective_failure
+
+    try:
+        torch.distributed.all_reduce(torch.zeros(1))  # no process group: raised by torch
+    except (RuntimeError, ValueError) as exc:
+        assert _collective_failure(exc)
+    try:
+        nn.Linear(2, 2)(torch.zeros(3))  # a forward pass failing: the user's to see
+    except RuntimeError as exc:
+        assert not _collective_failure(exc)
