@@ -128,6 +128,21 @@ def test_train_batch_with_batchnorm_updates_running_statistics_per_model(
                      {"m": stacked.buffers["1.running_mean"][1]}) > 1e-3
 
 
+def test_train_batch_with_batchnorm_and_a_last_minibatch_of_one(mlp_factory, train_data):
+    """8 samples in minibatches of 7: the last one holds a single sample, which BatchNorm
+    normalises with its running statistics (batch statistics of one value do not exist), in
+    the batched loop as in train_one."""
+    task = _task(mlp_factory, Recipe(lr=0.2, batch_size=7, epochs=2), batchnorm=True)
+    masks = random_subsets(2, N_TRAIN, 0.5, seed=2)
+    stacked = train_batch(task, train_data, masks, [4, 5])
+    for b in range(2):
+        ref = FunctionalModel(train_one(task, train_data, masks[b], b + 4)).state()
+        assert _max_diff(stacked.state(b).params, ref.params) < 1e-10
+        assert _max_diff(stacked.state(b).buffers, ref.buffers) < 1e-10
+        # the lone samples did not update the running statistics: one update per epoch
+        assert int(stacked.state(b).buffers["1.num_batches_tracked"]) == 2
+
+
 def test_batchnorm_cumulative_average_is_trained_one_by_one(train_data):
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=None), nn.Tanh(),
                           nn.Linear(4, N_CLASSES)).double()

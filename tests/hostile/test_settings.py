@@ -416,3 +416,58 @@ def test_other_methods_check_changed_settings_when_they_run(problem):
     with pytest.raises(InputError) as info:
         influence.attribute_dampings(test, [0.1])
     assert str(info.value) == "solver must be one of 'exact', 'projected', 'cg', got 'lu'"
+
+
+# ---- a changed setting is applied, never only recorded ----------------------------------------
+def _same_scores(a, b) -> None:
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-10, atol=1e-14)
+
+
+def test_a_changed_projection_rebuilds_the_projector(problem):
+    task, train, test = problem
+    method = _iif(task, train)
+    method.attribute(test)  # built and used with dim 8
+    method.projection = ProjectionSettings(dim=5, seed=3)
+    changed = method.attribute(test)
+    fresh = IntegratedInfluence(task, train, progress=False, path=PathSettings(steps=2),
+                                projection=ProjectionSettings(dim=5, seed=3)).attribute(test)
+    assert method.projector.dim == 5 and changed.settings["projection"]["dim"] == 5
+    _same_scores(changed, fresh)
+
+
+def test_a_changed_damping_is_not_served_from_the_cached_fit(problem):
+    task, train, test = problem
+    method = InfluenceFunction(task, train, progress=False, solver="projected",
+                               projection=ProjectionSettings(dim=6))
+    before = method.attribute(test)  # fits and caches the projected curvature
+    method.curvature = CurvatureSettings(damping=0.5)
+    changed = method.attribute(test)
+    fresh = InfluenceFunction(task, train, progress=False, solver="projected",
+                              projection=ProjectionSettings(dim=6),
+                              curvature=CurvatureSettings(damping=0.5)).attribute(test)
+    _same_scores(changed, fresh)
+    assert not np.allclose(changed.scores, before.scores)
+    method.solver = "exact"  # projection dim 6 is still set: the combination is refused
+    with pytest.raises(InputError, match="solver 'exact' does not project"):
+        method.attribute(test)
+
+
+def test_a_changed_seed_reaches_every_ensemble_member(problem):
+    task, train, test = problem
+    models = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        models.append(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double())
+
+    def ensemble(seed: int) -> IntegratedInfluence:
+        return IntegratedInfluence(task, train, progress=False, path=PathSettings(steps=2),
+                                   projection=ProjectionSettings(dim=8), models=models,
+                                   seed=seed)
+
+    method = ensemble(0)
+    first = method.attribute(test)  # members copied with seed 0
+    method.seed = 7
+    changed = method.attribute(test)
+    _same_scores(changed, ensemble(7).attribute(test))
+    assert not np.allclose(changed.scores, first.scores)
+    assert all(m.seed == 7 for m in method.members())

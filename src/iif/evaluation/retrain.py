@@ -41,7 +41,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from iif.errors import InputError
 from iif.evaluation.metrics import LDSResult, lds, random_subsets
-from iif.grads import ModelState, module_mode
+from iif.grads import ModelState, lone_samples_use_running_stats, module_mode
 from iif.io import atomic_write, jsonable
 from iif.progress import progress_bar
 from iif.task import Data, Task
@@ -280,7 +280,9 @@ def train_batch(task: Task, data: Any, subset_masks: Any, seeds: Sequence[int],
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     batch_size = int(task.recipe.batch_size)
 
-    with seeded(seeds[0], task.device), module_mode(stacked.module, True), torch.enable_grad():
+    # a last minibatch of one sample normalises with running statistics, as in train_one
+    with seeded(seeds[0], task.device), module_mode(stacked.module, True), torch.enable_grad(), \
+            lone_samples_use_running_stats(stacked.module):
         for epoch in range(epochs):
             order = torch.stack([index[b][torch.randperm(size, generator=gens[b])]
                                  for b in range(n_models)]).to(d.x.device)

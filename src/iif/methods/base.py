@@ -17,6 +17,7 @@ and ``self_influence`` instead.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import time
@@ -33,6 +34,7 @@ from iif.errors import InputError
 from iif.factored import supports_factored
 from iif.features import DEFAULT_MAX_FEATURE_BYTES, spill_features_to
 from iif.grads import FunctionalModel
+from iif.io import jsonable
 from iif.task import Data, Task
 from iif.validation import Limits, check_value, keyword_hint, without_none
 
@@ -144,12 +146,34 @@ class AttributionMethod:
 
     def _validate_settings(self) -> None:
         """Check every setting again: keyword settings and settings dataclasses may have been
-        assigned since construction (``method.path.steps = 2.7``, ``method.seed = -1``)."""
+        assigned since construction (``method.path.steps = 2.7``, ``method.seed = -1``); what
+        was built from changed settings (projector, ensemble members) is built again, so the
+        scores are always those of the settings they are recorded with."""
         for name, (hint, rule) in self._checked.items():
             value = getattr(self, name)
             checked = check_value(value, hint, name, rule)  # also re-runs a dataclass's checks
             if type(checked) is not type(value):  # a numpy scalar: record a Python number
                 setattr(self, name, checked)
+        built = getattr(self, "_built", None)
+        if built is not None and built != self._built_from():
+            log.info("%s: settings changed since construction; building its projector and "
+                     "ensemble members again", self.method)
+            self._members = None
+            self._reset()
+            self._mark_built()
+
+    def _built_from(self) -> str:
+        """The settings that the projector and the ensemble members were built from (members
+        are copies: any attribute may differ once the method's own is assigned)."""
+        state = {**self._settings(), "chunk_size": self.chunk_size, "seed": self.seed,
+                 "progress": self.progress, "max_feature_bytes": self.max_feature_bytes,
+                 "feature_dir": self.feature_dir}
+        return json.dumps(jsonable(state), sort_keys=True)
+
+    def _mark_built(self) -> None:
+        """Record the settings the derived state was built from; a method's ``__init__`` ends
+        with it."""
+        self._built = self._built_from()
 
     # ---- ensembles -----------------------------------------------------------------------
     def members(self) -> list[AttributionMethod]:

@@ -86,15 +86,18 @@ class InfluenceFunction(AttributionMethod):
         self.curvature = self._keyword("curvature", curvature, default=CurvatureSettings)
         self.solver = self._keyword("solver", solver)
         self.projection = self._keyword("projection", projection, default=ProjectionSettings)
-        if solver == "projected" and self.projection.dim is None:
-            raise InputError("solver 'projected' needs ProjectionSettings(dim=P)")
-        if solver != "projected" and self.projection.dim is not None:
-            raise InputError(f"solver {solver!r} does not project; use solver='projected'")
         self.cg = self._keyword("cg", cg, default=CGSettings)
         self.trace_probes = self._keyword("trace_probes", trace_probes, ge=1)
         self._reset()
+        self._mark_built()
 
     def _reset(self) -> None:
+        # checked here too: solver and projection may be changed after construction
+        if self.solver == "projected" and self.projection.dim is None:
+            raise InputError("solver 'projected' needs ProjectionSettings(dim=P)")
+        if self.solver != "projected" and self.projection.dim is not None:
+            raise InputError(f"solver {self.solver!r} does not project; use "
+                             f"solver='projected'")
         self.projector = (
             make_projector(self.fmodel.num_params, self.projection, self.task.device,
                            self.task.dtype, self.fmodel)

@@ -122,8 +122,9 @@ class IntegratedInfluence(AttributionMethod):
         test_batch = self._keyword("test_batch", test_batch, ge=1)
         if test_batch not in ("auto", 1) and not can_stack(task):
             raise InputError("test_batch > 1 trains stacked model copies, which needs the "
-                             "recipe's built-in 'sgd', 'adam' or 'adamw'; a custom optimizer "
-                             "runs with test_batch=1")
+                             "recipe's built-in 'sgd', 'adam' or 'adamw' and no BatchNorm "
+                             "with momentum=None (a cumulative average); such a task runs "
+                             "with test_batch=1")
         self.test_batch = test_batch
         self._stack_features: bool | None = None
         self.baseline = self._keyword("baseline", baseline, default=BaselineSettings)
@@ -131,6 +132,7 @@ class IntegratedInfluence(AttributionMethod):
         self.projection = self._keyword("projection", projection, default=ProjectionSettings)
         self.curvature = self._keyword("curvature", curvature, default=CurvatureSettings)
         self._reset()
+        self._mark_built()
 
     def _reset(self) -> None:
         # the projector is built from *this* model: a Kronecker projector's layer hooks sit on

@@ -93,8 +93,13 @@ class TracIn(AttributionMethod):
             for c in run:
                 c.load(self.fmodel)  # fail now, not halfway through, on a misfit checkpoint
         self.projection = self._keyword("projection", projection, default=ProjectionSettings)
+        self._reset()
+        self._mark_built()
+
+    def _reset(self) -> None:
         self.projector = make_projector(
-            self.fmodel.num_params, self.projection, task.device, task.dtype, self.fmodel
+            self.fmodel.num_params, self.projection, self.task.device, self.task.dtype,
+            self.fmodel
         )
 
     # ---- public API ----------------------------------------------------------------------

@@ -123,7 +123,6 @@ class TRAK(AttributionMethod):
         projection = self._keyword("projection", projection,
                                    default=lambda: ProjectionSettings(dim=DEFAULT_PROJECTION_DIM))
         self.projection = projection
-        dim = projection.dim
         self.damping = self._keyword("damping", damping, ge=0)
         outputs = self.train.targets.shape[1]
         if task.kind == "regression" and outputs != 1:
@@ -139,13 +138,8 @@ class TRAK(AttributionMethod):
                 )
             if outputs < 2:
                 raise InputError(f"TRAK classification needs >= 2 classes, got {outputs}")
-        num_params = self.fmodel.num_params
-        exact = dim is None or int(dim) >= num_params
-        self.projector = make_projector(
-            num_params, ProjectionSettings(dim=None) if exact else projection,
-            task.device, task.dtype, self.fmodel,
-        )
-        self._cache: _TrainFeatures | None = None
+        self._reset()
+        self._mark_built()
 
     # ---- public API ----------------------------------------------------------------------
     def attribute(self, test_data: Any) -> Attribution:
@@ -186,7 +180,13 @@ class TRAK(AttributionMethod):
         return -kernel * weights
 
     def _reset(self) -> None:
-        self._cache = None
+        dim, num_params = self.projection.dim, self.fmodel.num_params
+        exact = dim is None or dim >= num_params
+        self.projector = make_projector(
+            num_params, ProjectionSettings(dim=None) if exact else self.projection,
+            self.task.device, self.task.dtype, self.fmodel,
+        )
+        self._cache: _TrainFeatures | None = None
 
     def _combine(self, parts: list[Attribution]) -> Attribution:
         """Not used: the ensemble estimator needs each model's kernel part and weights, which
