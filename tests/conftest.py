@@ -74,3 +74,12 @@ def classification_task() -> Task:
     return Task(
         build_mlp(out_dim=N_CLASSES, seed=4), "classification", Recipe(lr=0.05, batch_size=4)
     )
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny float64 models: threads only add contention (use per module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,14 +23,7 @@ from iif.errors import InputError
 from iif.grads import FunctionalModel
 from iif.task import Recipe, Task
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny float64 models: threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def net(seed: int = 0, hidden: int = 6) -> nn.Module:

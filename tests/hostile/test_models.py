@@ -43,12 +43,7 @@ N_TRAIN, N_TEST, CLASSES = 12, 3, 3
 MODELS = ["batchnorm1d", "batchnorm2d", "dropout", "layernorm", "embedding"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---- models and data -----------------------------------------------------------------------------

@@ -39,6 +39,16 @@ def _method(task, train, dim=16, **kw) -> IntegratedInfluence:
                                projection=ProjectionSettings(dim=dim), **kw)
 
 
+def _count_attribute_calls(monkeypatch) -> list[int]:
+    """The sizes of the test batches IntegratedInfluence.attribute is called with, from now."""
+    calls: list[int] = []
+    original = IntegratedInfluence.attribute
+    monkeypatch.setattr(IntegratedInfluence, "attribute",
+                        lambda self, data, **kw: calls.append(len(data[0]))
+                        or original(self, data, **kw))
+    return calls
+
+
 def _records(folder: Path) -> list[Path]:
     return sorted((folder / CHUNKS).glob("rows-*.json"))
 
@@ -166,11 +176,7 @@ def test_tampered_chunks_are_recomputed(problem, tmp_path, monkeypatch):
     _forge(second, sha256=file_digest(npy))
     # 3. a record that is valid JSON of the wrong shape
     third.write_text("[1, 2, 3]")
-    calls = []
-    original = IntegratedInfluence.attribute
-    monkeypatch.setattr(IntegratedInfluence, "attribute",
-                        lambda self, data, **kw: calls.append(len(data[0]))
-                        or original(self, data, **kw))
+    calls = _count_attribute_calls(monkeypatch)
     again = attribute_to(tmp_path, _method(task, train), test, chunk=2)
     assert calls == [2, 2, 2]
     np.testing.assert_allclose(again.scores, whole.scores, rtol=1e-10, atol=1e-14)
@@ -391,11 +397,7 @@ def test_malformed_store_files_are_named_or_recomputed(problem, tmp_path, monkey
     # completeness of the wrong length under a consistent checksum: recomputed
     record = json.loads(second.read_text())
     _forge(second, completeness={k: v[:1] for k, v in record["completeness"].items()})
-    calls = []
-    original = IntegratedInfluence.attribute
-    monkeypatch.setattr(IntegratedInfluence, "attribute",
-                        lambda self, data, **kw: calls.append(len(data[0]))
-                        or original(self, data, **kw))
+    calls = _count_attribute_calls(monkeypatch)
     again = attribute_to(tmp_path, _method(task, train), test, chunk=3)
     assert calls == [3, 3]
     np.testing.assert_allclose(again.scores, whole.scores, rtol=1e-10, atol=1e-14)

@@ -14,12 +14,8 @@ from .reference import Problem, mlp
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny float64 models: threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_thread(single_thread):
+    """Every module of tests/methods runs on one thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
