@@ -24,6 +24,7 @@ Unknown sections or keys are errors, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -125,7 +126,8 @@ def _import(where: str):
         path = Path(where)
         if not path.is_file():
             raise InputError(f"no such file: {where}")
-        name = f"_iif_task_{abs(hash(path.resolve()))}"
+        # a stable name (hash() of a path changes from process to process)
+        name = "_iif_task_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module

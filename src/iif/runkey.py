@@ -105,6 +105,9 @@ def structure_text(model: nn.Module) -> str:
         cls = type(module)
         qual = f"{cls.__module__}.{cls.__qualname__}"
         if not cls.__module__.startswith("torch."):
+            # by name and source, not module: a task file's module name depends on how it
+            # was imported (``mytask`` or ``path/to/mytask.py``), its code does not
+            qual = cls.__qualname__
             classes[qual] = cls
         attrs = {k: v for k, v in sorted(vars(module).items())
                  if not k.startswith("_") and k != "training" and _plain(v)}

@@ -425,3 +425,44 @@ def test_only_process_group_failures_are_reported_as_such():
         nn.Linear(2, 2)(torch.zeros(3))  # a forward pass failing: the user's to see
     except RuntimeError as exc:
         assert not _collective_failure(exc)
+
+
+CUSTOM = """
+import torch
+from torch import nn
+import tiny_job
+
+class Doubled(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return 2 * self.inner(x)
+
+def job():
+    task, train, test = tiny_job.problem()
+    task.model = Doubled(task.model)
+    return task, train, test
+"""
+
+
+def test_a_task_file_with_a_custom_module_resumes_in_a_new_process(tmp_path):
+    """The run key of a custom module class is the same in every process, however the task
+    file is imported (string hashes differ from process to process)."""
+    (tmp_path / "custom.py").write_text(CUSTOM)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+
+    def run(task: str, seed: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "iif", "attribute", "--task", task, "--out", str(out),
+             "--proj-dim", "16", "--chunk", "3", "--no-progress", "--threads", "1"],
+            capture_output=True, text=True, timeout=240, cwd=tmp_path,
+            env={**env, "PYTHONHASHSEED": seed})
+
+    first = run(str(tmp_path / "custom.py") + ":job", "1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = run("custom:job", "2")  # another process, imported by module name
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "2 of 2 chunks already finished" in again.stderr
