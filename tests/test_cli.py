@@ -106,7 +106,8 @@ def test_attribute_writes_a_resumable_store_equal_to_the_api(tmp_path, capsys):
     np.testing.assert_array_equal(Attribution.load(out).scores, got.scores)
     # other settings into the same folder: refused with a clear message
     assert main(args + ["--proj-dim", "16"]) == 1
-    assert "different settings (projection.dim: 32 -> 16)" in capsys.readouterr().err
+    assert ("different settings (projection.dim: 32 -> 16; projection_dim: 32 -> 16)"
+            in capsys.readouterr().err)
 
 
 def test_show_prints_and_draws(tmp_path, capsys):
@@ -152,3 +153,85 @@ def test_explain_with_and_without_contrast(tmp_path, capsys):
     assert "equals the predicted class" in capsys.readouterr().err
     assert main(common + ["--test-index", "2", "--contrast", "x"]) == 1
     assert main(common + ["--test-index", "99"]) == 1
+
+
+# ---- a command line that fails fast ----------------------------------------------------------
+def test_help_and_version_import_no_torch():
+    """`iif --help` answers without importing torch (the import alone takes seconds on a
+    busy machine); the experiments are listed without importing them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io\n"
+            "from iif.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    assert main(['--help']) == 0 and main(['reproduce', '--help']) == 0\n"
+            "assert 'table1, table4' in out.getvalue()\n"
+            "print(sorted(m for m in ('torch', 'iif.experiments.table1') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_experiments_are_listed_without_importing_them():
+    assert list(EXPERIMENTS) == ["table1", "table4", "fig1", "table2", "table3", "fig2",
+                                 "contrast"]
+    assert EXPERIMENTS["fig1"].NAME == "fig1"
+    with pytest.raises(KeyError):
+        EXPERIMENTS["nope"]
+
+
+MARKED = """
+from pathlib import Path
+import tiny_job
+
+def job():
+    Path(__file__).with_name("ran").touch()  # the task function ran (it may train a model)
+    return tiny_job.job()
+"""
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--settings", "bad.toml"], "unknown setting 'test_bach'; known:"),
+    (["--method", "iif", "--solver", "cg"],
+     "--solver applies to influence functions (--method if), not to 'iif'"),
+    (["--method", "if", "--solver", "exact", "--proj-dim", "8"],
+     "solver 'exact' does not project"),
+    (["--method", "trak", "--settings", "bad_section.toml"],
+     "method 'trak' takes no settings section 'path'"),
+    (["--method", "if", "--settings", "bad_value.toml"],
+     "trace_probes must be an integer >= 1, got 0"),
+])
+def test_settings_are_checked_before_the_task_function_runs(flags, message, tmp_path, capsys,
+                                                            monkeypatch):
+    (tmp_path / "marked.py").write_text(MARKED)
+    (tmp_path / "bad.toml").write_text("test_bach = 4\n")
+    (tmp_path / "bad_section.toml").write_text("[path]\nsteps = 2\n")
+    (tmp_path / "bad_value.toml").write_text("trace_probes = 0\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = main(["attribute", "--task", "marked:job", "--out", "out", "--no-progress", *flags])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err, err
+    if "does not project" not in message:  # a solver/projection clash needs the model
+        assert not (tmp_path / "ran").exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_projection_dim_picks_the_projected_solver_for_if(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["attribute", "--task", "tiny_job:job", "--out", str(out), "--no-progress",
+                 "--method", "if", "--proj-dim", "16"]) == 0
+    settings = json.loads((out / "manifest.json").read_text())["settings"]
+    assert settings["solver"] == "projected" and settings["projection_dim"] == 16
+
+
+def test_progress_flags():
+    from iif.cli import build_parser
+
+    parser = build_parser()
+    base = ["attribute", "--task", "t:f", "--out", "o"]
+    assert parser.parse_args(["--progress", *base]).progress is True
+    assert parser.parse_args([*base, "--no-progress"]).progress is False
+    assert not hasattr(parser.parse_args(base), "progress")  # auto: decided by the library

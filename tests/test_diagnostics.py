@@ -19,9 +19,11 @@ from iif.diagnostics import (
     MOVE_THRESHOLD,
     describe,
     flagged,
+    globalized,
     index_offset,
     kinds_of,
     log_flags,
+    name_tests,
     summarize,
     trust_flags,
 )
@@ -108,6 +110,38 @@ def test_members_and_chunks_are_read_with_their_offsets():
     ]}
     assert trust_flags(None, store_info) == {"baseline_not_moved": [], "fallback": [5],
                                              "truncated": [3, 4], "large_gap": []}
+
+
+def test_globalized_info_is_read_as_global_and_older_chunks_as_rows():
+    info = {"fallback_tests": [1], "truncated_tests": [0], "fallbacks": 1,
+            "flags": {"fallback": [1], "baseline_not_moved": [1], "large_gap": [],
+                      "truncated": [0]},
+            "members": [{"fallback_tests": [], "truncated_tests": [2],
+                         "flags": {"truncated": [2]}}],
+            "damping": [0.1, 0.2]}
+    shifted = globalized(info, 4)
+    assert shifted["fallback_tests"] == [5] and shifted["truncated_tests"] == [4]
+    assert shifted["flags"] == {"fallback": [5], "baseline_not_moved": [5], "large_gap": [],
+                                "truncated": [4]}
+    assert shifted["members"][0]["truncated_tests"] == [6]
+    assert shifted["members"][0]["flags"] == {"truncated": [6]}
+    assert shifted["damping"] == [0.1, 0.2] and shifted["fallbacks"] == 1
+    assert shifted["test_offset"] == 4 and "test_offset" not in info  # a copy
+    assert info["fallback_tests"] == [1]
+    # a store's chunks: globalized ones as they are, older ones offset by their first row
+    # (a chunk's own flags are not read: the store's completeness gives not-moved and gaps)
+    store_info = {"chunks": [{"rows": [0, 4], "truncated_tests": [3]},
+                             {"rows": [4, 7], **shifted}]}
+    assert trust_flags(None, store_info) == {"baseline_not_moved": [], "fallback": [5],
+                                             "truncated": [3, 4, 6], "large_gap": []}
+
+
+def test_name_tests_by_global_index():
+    assert name_tests([1]) == "test 1"
+    with index_offset(10):
+        assert name_tests(np.array([1])) == "test 11"
+        assert name_tests(range(3)) == "tests 10, 11, 12"
+        assert name_tests(range(14), limit=2) == "tests 10, 11 and 12 more"
 
 
 def test_summary_names_global_indices_under_their_most_telling_kind():
@@ -239,9 +273,48 @@ def test_store_run_names_global_indices(problem, tmp_path, iif_logs):
                           chunk=4)
     assert result.info["flags"]["baseline_not_moved"] == [0, 1, 2, 3, 4, 5]
     second = result.info["chunks"][1]
-    assert second["rows"] == [4, 6] and second["flags"]["baseline_not_moved"] == [0, 1]
+    # a chunk's info names its test samples by global index, as the warnings do
+    assert second["rows"] == [4, 6] and second["flags"]["baseline_not_moved"] == [4, 5]
+    assert second["test_offset"] == 4
     logged = [r.getMessage() for r in iif_logs.records if r.name == "iif.methods.integrated"]
     assert len(logged) == 2 and logged[1].startswith("tests 4 (delta 0), 5 (delta 0):")
+
+
+def test_store_run_names_a_later_chunks_fallback_by_global_index(problem, tmp_path, iif_logs,
+                                                                 monkeypatch):
+    import iif.baseline as baseline
+
+    task, train, test = problem
+    target = torch.as_tensor(test[0][4])
+    real = baseline._soundness
+
+    def soundness(task_, fmodel, train_, test_, goal, reasons):
+        if len(test_) == 1 and torch.allclose(test_.x[0].cpu().double(), target):
+            def diverged(candidate):  # test 4's unlearning diverges in its first epoch
+                reasons.append("forced by the test")
+                return False
+            return diverged
+        return real(task_, fmodel, train_, test_, goal, reasons)
+
+    monkeypatch.setattr(baseline, "_soundness", soundness)
+    result = attribute_to(tmp_path, tiny_job.method(task, train), test, chunk=3)
+    # test 4 is row 1 of the second chunk [3, 6)
+    second = result.info["chunks"][1]
+    assert second["rows"] == [3, 6] and second["test_offset"] == 3
+    assert second["fallback_tests"] == [4] and second["flags"]["fallback"] == [4]
+    assert 4 in second["flags"]["baseline_not_moved"]
+    assert result.info["chunks"][0]["fallback_tests"] == []
+    assert result.info["flags"]["fallback"] == [4]
+    assert Attribution.load(tmp_path).info["flags"] == result.info["flags"]
+    summary = summarize(result.info["flags"], result.completeness)
+    assert "test 4: unlearning diverged at once" in summary
+    warnings = [r.getMessage() for r in iif_logs.records if r.levelno == logging.WARNING]
+    assert ("unlearning diverged in its first epoch for test 4 (forced by the test); "
+            "falling back") in " ".join(warnings)
+    flagged_lines = [w for w in warnings if "unlearning diverged at once" in w]
+    assert len(flagged_lines) == 1 and "test 4: unlearning diverged at once" in \
+        flagged_lines[0]
+    assert not any("test 1:" in w for w in warnings)  # its row in the chunk is never named
 
 
 def test_cli_prints_flags_by_global_index(tmp_path, capsys):

@@ -224,8 +224,12 @@ def _kron_model(batchnorm: bool = False):
 
 
 def _kron(fmodel, dim, seed=0, kind="gaussian"):
-    return make_projector(fmodel.num_params, ProjectionSettings(
-        dim=dim, seed=seed, kind=kind, structure="kronecker"), "cpu", torch.float64, fmodel)
+    """The Kronecker projector itself, also at the model's full size (where make_projector
+    would use the exact gradients instead)."""
+    from iif.projection import KroneckerProjector
+
+    settings = ProjectionSettings(dim=dim, seed=seed, kind=kind, structure="kronecker")
+    return KroneckerProjector(fmodel, settings, device="cpu", dtype=torch.float64)
 
 
 def test_kronecker_projects_a_layer_gradient_as_a_kronecker_product():

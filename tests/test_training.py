@@ -351,3 +351,33 @@ def test_train_ensemble_rejects_bad_arguments(mlp_factory, regression_data):
 
     with pytest.raises(ValueError, match="re-initialise"):
         iif.train_ensemble(Task(Scale(), "regression"), regression_data, 1)
+
+
+def test_train_cached_trains_once_and_retrains_on_other_inputs(tmp_path, caplog):
+    from torch import nn
+
+    def build(seed: int = 0) -> Task:
+        torch.manual_seed(seed)  # the user's construction, seeded
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        return Task(model, "classification", Recipe(lr=0.1, epochs=3, batch_size=4))
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 3, generator=gen, dtype=torch.float64)
+    y = torch.arange(10) % 2
+    path = tmp_path / "model.pt"
+    first = build()
+    assert iif.train_cached(first, (x, y), path) is True
+    reference = build()
+    iif.train(reference, (x, y))
+    for a, b in zip(first.model.parameters(), reference.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same as train()
+    again = build()
+    assert iif.train_cached(again, (x, y), path) is False  # loaded, not trained
+    for a, b in zip(again.model.parameters(), first.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert iif.train_cached(build(), (x[:-1], y[:-1]), path) is True  # other data
+    assert iif.train_cached(build(seed=1), (x[:-1], y[:-1]), path) is True  # other init
+    path.write_bytes(b"not a checkpoint")
+    with caplog.at_level("WARNING", logger="iif"):
+        assert iif.train_cached(build(), (x, y), path) is True
+    assert "cannot use" in caplog.text

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 from torch.func import vmap
 
+from iif.diagnostics import name_tests
 from iif.errors import InputError
 from iif.grads import FunctionalModel, ModelState, module_mode, per_sample_grads
 from iif.stacked import StackedState, fit_stacked
@@ -238,16 +239,21 @@ def _land(task: Task, fmodel: FunctionalModel, start: ModelState, end: ModelStat
 
 
 def _finish(task: Task, fmodel: FunctionalModel, state: ModelState, train: Data, test: Data,
-            goal: _Objective, res: FitResult, reasons: list[str]) -> Baseline:
-    """The baseline an unlearning run ``res`` from theta* = ``state`` ends at."""
+            goal: _Objective, res: FitResult, reasons: list[str], rows: Any = None
+            ) -> Baseline:
+    """The baseline an unlearning run ``res`` from theta* = ``state`` ends at; ``rows``: the
+    test rows it unlearns, named in a warning by global index (``iif.diagnostics``)."""
     reason = reasons[-1] if reasons else "a loss or parameter became NaN/inf"
+    who = ""
+    if rows is not None and not res.finite:
+        who = (" for " if len(rows) == 1 else " for the one baseline of ") + name_tests(rows)
     if not res.finite and res.epochs == 0:
-        log.warning("unlearning diverged in its first epoch (%s); falling back to the baseline "
-                    "f(x; theta*)", reason)
+        log.warning("unlearning diverged in its first epoch%s (%s); falling back to the "
+                    "baseline f(x; theta*)", who, reason)
         return Baseline(state, task.prediction_targets(fmodel.outputs(state, train.x)), True)
     if not res.finite:
-        log.warning("unlearning diverged after %d epoch%s (%s); keeping the last sound epoch",
-                    res.epochs, "" if res.epochs == 1 else "s", reason)
+        log.warning("unlearning diverged after %d epoch%s%s (%s); keeping the last sound epoch",
+                    res.epochs, "" if res.epochs == 1 else "s", who, reason)
     end, alpha = res.state, 1.0
     if res.finite:
         end, alpha = _land(task, fmodel, state, res.state, train, test, goal)
@@ -264,8 +270,11 @@ def unlearning_baseline(
     settings: BaselineSettings,
     generator: torch.Generator | None = None,
     progress: bool | None = False,
+    *,
+    rows: Any = None,
 ) -> Baseline:
-    """theta' and its targets for the test sample(s) in ``test`` (mean test loss)."""
+    """theta' and its targets for the test sample(s) in ``test`` (mean test loss); ``rows``:
+    their rows in the data being attributed, named by a warning if unlearning diverges."""
     goal = _objective(task, fmodel, state, train, settings)
 
     def test_loss(params, buffers):
@@ -292,7 +301,7 @@ def unlearning_baseline(
               stop=None if goal.stop_at is None else stop,
               sound=_soundness(task, fmodel, train, test, goal, reasons),
               generator=generator, progress=progress, desc="unlearning")
-    return _finish(task, fmodel, state, train, test, goal, res, reasons)
+    return _finish(task, fmodel, state, train, test, goal, res, reasons, rows)
 
 
 def unlearning_baselines(
@@ -303,9 +312,12 @@ def unlearning_baselines(
     test: Data,
     settings: BaselineSettings,
     generator: torch.Generator | None = None,
+    *,
+    rows: Any = None,
 ) -> list[Baseline]:
     """One baseline per test sample, as :func:`unlearning_baseline` gives each alone, from one
-    stacked run of ``len(test)`` copies sharing the minibatch order (``iif.stacked``)."""
+    stacked run of ``len(test)`` copies sharing the minibatch order (``iif.stacked``);
+    ``rows``: their rows in the data being attributed (warnings name them)."""
     goal = _objective(task, fmodel, state, train, settings)
     copies = len(test)
 
@@ -332,7 +344,8 @@ def unlearning_baselines(
                           stop=None if goal.stop_at is None else stop,
                           sound=lambda b, candidate: checks[b](candidate),
                           generator=generator)
-    return [_finish(task, fmodel, state, train, test.subset([b]), goal, res, reasons[b])
+    return [_finish(task, fmodel, state, train, test.subset([b]), goal, res, reasons[b],
+                    None if rows is None else [rows[b]])
             for b, res in enumerate(results)]
 
 

@@ -48,8 +48,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from iif.progress import progress_default
+
     try:
-        return int(args.handler(args))
+        # --progress / --no-progress reach every loop, also in the user's task function
+        with progress_default(getattr(args, "progress", None)):
+            return int(args.handler(args))
     except KeyboardInterrupt:
         print("iif: interrupted", file=sys.stderr)
         return 130
@@ -78,9 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="more log output (debug messages)")
     common.add_argument("--threads", type=_positive_int, default=argparse.SUPPRESS,
                         metavar="T", help="CPU threads for torch (default: torch's choice)")
-    common.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+    common.add_argument("--progress", dest="progress", action="store_const", const=True,
                         default=argparse.SUPPRESS,
-                        help="never show progress bars (default: only on a terminal)")
+                        help="always report progress: bars on a terminal, else a log line "
+                             "with an ETA now and then (default: bars on a terminal, log "
+                             "lines otherwise)")
+    common.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                        default=argparse.SUPPRESS, help="report no progress")
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="on an error, print the full traceback too")
 
@@ -148,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     attribute.add_argument("--settings", metavar="FILE.toml", default=None,
                            help="settings file (see iif.config)")
     _projection_flags(attribute)
+    attribute.add_argument("--solver", choices=("auto", "exact", "projected", "cg"),
+                           default=None,
+                           help="if: how the curvature is solved (default auto: projected when "
+                                "--proj-dim is given, else exact)")
     attribute.add_argument("--test-batch", type=_positive_int, default=None, metavar="B",
                            help="iif: test samples trained together as stacked copies")
     attribute.add_argument("--chunk", type=_positive_int, default=None, metavar="N",
@@ -267,19 +279,24 @@ def _run_settings(args: argparse.Namespace, **flags) -> dict:
     else:
         loaded = {}
     settings = merge(loaded, {**flags, **_projection_settings(args)})
-    if getattr(args, "progress", None) is False:
-        settings["progress"] = False
+    if getattr(args, "progress", None) is not None:
+        settings["progress"] = args.progress
     return settings
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
-    from iif.config import build_method, load_job
+    from iif.config import build_method, check_settings, load_job
     from iif.diagnostics import summarize
     from iif.distributed import attribute_job
 
     settings = _run_settings(args, method=args.method, seed=args.seed, chunk=args.chunk,
-                             test_batch=args.test_batch)
-    _check_out(args.out)  # before the task function, which may train a model
+                             test_batch=args.test_batch, solver=args.solver)
+    if args.solver is not None and settings.get("method", "iif") != "if":
+        raise InputError(f"--solver applies to influence functions (--method if), not to "
+                         f"{settings.get('method', 'iif')!r}")
+    # settings and --out are checked before the task function, which may train a model
+    check_settings(settings)
+    _check_out(args.out)
     job = load_job(args.task)
     method = build_method(job, settings)
     timeouts = {} if args.peer_timeout is None else {"peer_timeout_s": args.peer_timeout}
@@ -303,7 +320,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from iif.config import build_method, load_job
+    from iif.config import build_method, check_settings, load_job
     from iif.explain import explain
 
     settings = _run_settings(args)
@@ -317,6 +334,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         except ValueError:
             raise InputError(f"--contrast must be a class index or 'runner-up', got "
                              f"{contrast!r}") from None
+    check_settings(settings)
     _check_out(args.out)
     job = load_job(args.task)
     text, _ = explain(build_method(job, settings), job.test, args.test_index, args.out,

@@ -181,8 +181,10 @@ def merge(settings: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str
     return out
 
 
-def build_method(job: Job, settings: Mapping[str, Any]) -> AttributionMethod:
-    """The attribution method ``settings["method"]`` for the job, every setting checked."""
+def check_settings(settings: Mapping[str, Any]) -> tuple[type[AttributionMethod], dict[str, Any]]:
+    """The method class of ``settings["method"]`` and its keyword arguments, every key and
+    value checked (names, types, ranges, sections) without the task: the command line calls
+    it before the task function runs, which may train a model."""
     name = check_value(settings.get("method", "iif"), Literal[tuple(METHODS)], "method")
     if "chunk" in settings:
         check_value(settings["chunk"], int, "chunk", Limits(ge=1))
@@ -209,16 +211,22 @@ def build_method(job: Job, settings: Mapping[str, Any]) -> AttributionMethod:
         elif key not in keywords:
             raise InputError(f"unknown setting {key!r}; known: {known}")
         else:
-            # checked against the constructor's type hint and range there, named by its key
-            kwargs[key] = value
+            kwargs[key] = cls.check_keyword(key, value)
+    return cls, kwargs
+
+
+def build_method(job: Job, settings: Mapping[str, Any]) -> AttributionMethod:
+    """The attribution method ``settings["method"]`` for the job, every setting checked
+    (:func:`check_settings`)."""
+    cls, kwargs = check_settings(settings)
     if job.models is not None:
         kwargs["models"] = job.models
-    if name == "tracin":
+    if cls is METHODS["tracin"]:
         kwargs["checkpoints"] = _checkpoints(job)
     try:
         return cls(job.task, job.train, **kwargs)
     except TypeError as exc:
-        raise InputError(f"method {name!r}: {exc}") from None
+        raise InputError(f"method {cls.method!r}: {exc}") from None
 
 
 def _section(name: str, values: Mapping[str, Any]):

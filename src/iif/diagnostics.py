@@ -26,7 +26,10 @@ Four kinds of flag, each a sorted list of test indices:
     confirms the scores.
 
 Indices are rows of the result's scores plus ``offset``; a result of the result store
-(``iif.store``) holds every test sample, so there they are global test indices.
+(``iif.store``) holds every test sample, so there they are global test indices, and so are
+those of its per-chunk info (``info["chunks"]``, written by :func:`globalized`); warnings
+logged while a chunk is computed (:func:`log_flags`, :func:`name_tests`) name its samples by
+global index through :func:`index_offset`.
 """
 
 from __future__ import annotations
@@ -71,8 +74,10 @@ def trust_flags(
     rule and thresholds). ``info`` gives ``fallback`` and ``truncated`` from its
     ``fallback_tests`` and ``truncated_tests``, also those of ensemble ``members`` (whose
     recorded ``flags`` add their ``baseline_not_moved``; the gap is judged on the combined
-    completeness only) and of result-store ``chunks`` (offset by their first row). A
-    ``flags`` entry of ``info`` itself is not read: it is what this function returns.
+    completeness only) and of result-store ``chunks`` (global indices where the chunk's info
+    carries ``test_offset``, see :func:`globalized`; else rows offset by the chunk's first
+    row, as stores written before that hold them). A ``flags`` entry of ``info`` itself is
+    not read: it is what this function returns.
     """
     found: dict[str, set[int]] = {kind: set() for kind in KINDS}
     if info:
@@ -167,6 +172,27 @@ def log_flags(logger: logging.Logger, flags: Mapping[str, Any],
     return text
 
 
+def globalized(info: Mapping[str, Any], offset: int) -> dict[str, Any]:
+    """A copy of a result's ``info`` whose test indices (``fallback_tests``,
+    ``truncated_tests``, every kind of ``flags``, also in ensemble ``members``) are global:
+    ``offset + row``, for a result whose rows are the test samples from ``offset`` on (a
+    chunk of the result store). ``test_offset: offset`` records that they are."""
+    out = _shifted(info, int(offset))
+    out["test_offset"] = int(offset)
+    return out
+
+
+def name_tests(rows: Any, *, limit: int = 10) -> str:
+    """``test 4`` or ``tests 4, 5, 6``: test ``rows`` (of the data being attributed) by
+    global index, shifted by :func:`current_offset`; at most ``limit`` named."""
+    offset = current_offset()
+    indices = [offset + int(r) for r in np.ravel(np.asarray(rows, dtype=int))]
+    if len(indices) == 1:
+        return f"test {indices[0]}"
+    more = f" and {len(indices) - limit} more" if len(indices) > limit else ""
+    return "tests " + ", ".join(str(i) for i in indices[:limit]) + more
+
+
 @contextlib.contextmanager
 def index_offset(offset: int) -> Iterator[None]:
     """Within this block, warnings logged by :func:`log_flags` name test samples as
@@ -213,8 +239,28 @@ def _collect(info: Mapping[str, Any], base: int, found: dict[str, set[int]],
             _collect(sub, base, found, member=True)
     for chunk in info.get("chunks") or []:
         if isinstance(chunk, Mapping):
-            rows = chunk.get("rows") or [0]
+            # global already (globalized), or rows of the chunk in a store written before
+            rows = [0] if "test_offset" in chunk else chunk.get("rows") or [0]
             _collect(chunk, base + int(rows[0]), found, member=False)
+
+
+_INDEX_LISTS = ("fallback_tests", "truncated_tests")
+
+
+def _shifted(info: Mapping[str, Any], offset: int) -> dict[str, Any]:
+    """``info`` with its test index lists (and its members') shifted by ``offset``."""
+    out = dict(info)
+    for key in _INDEX_LISTS:
+        if isinstance(info.get(key), list):
+            out[key] = [offset + int(i) for i in info[key]]
+    flags = info.get("flags")
+    if isinstance(flags, Mapping):
+        out["flags"] = {kind: [offset + int(i) for i in indices] if isinstance(indices, list)
+                        else indices for kind, indices in flags.items()}
+    if isinstance(info.get("members"), list):
+        out["members"] = [_shifted(m, offset) if isinstance(m, Mapping) else m
+                          for m in info["members"]]
+    return out
 
 
 def _array(values: Any) -> np.ndarray | None:

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from iif.attribution import Attribution
+from iif.diagnostics import index_offset
 from iif.errors import InputError
 from iif.runkey import RunKey, run_key
 from iif.store import ResultStore, attribute_to, fill, open_store
@@ -134,7 +135,7 @@ def splits_training_set(method: Any) -> bool:
     instead of the test samples: IIF with a shared baseline, TRAK and projected IF."""
     name = getattr(method, "method", None)
     return ((name == "iif" and method.baseline.mode == "shared") or name == "trak"
-            or (name == "if" and method.solver == "projected"))
+            or (name == "if" and method.effective_solver == "projected"))
 
 
 def attribute_job(
@@ -214,7 +215,8 @@ def _attribute_split(store: ResultStore, method: Any, test: Any, rank: int, size
     try:
         for lo, hi in todo:
             part = test.subset(slice(lo, hi))
-            result = method.attribute((part.x, part.labels))
+            with index_offset(lo):  # warnings name test samples by global index
+                result = method.attribute((part.x, part.labels))
             if rank == 0:
                 store.write(lo, hi, result)
     finally:

@@ -266,7 +266,8 @@ def step_features(
         fn, args = path_step_fn(task), (rho, rho_prev)
     chunks = projected_jacobians(fmodel, state, x, fn, *args, projector=projector,
                                  chunk_size=chunk_size)
-    for start, feats in progress_bar(chunks, total=None, desc=desc, enable=progress):
+    for start, feats in progress_bar(chunks, total=n, desc=desc, enable=progress,
+                                     unit="samples", size=lambda item: item[1].shape[0]):
         u[start : start + feats.shape[0]] = feats[:, 0]
         psi[start : start + feats.shape[0]] = feats[:, 1:] if many else feats[:, 1]
     return u, psi

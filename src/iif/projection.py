@@ -21,6 +21,7 @@ different (equally valid) matrices.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol
 
@@ -29,6 +30,8 @@ import torch
 
 from iif.errors import InputError
 from iif.validation import check_settings, setting
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -223,8 +226,16 @@ def make_projector(
     dtype: torch.dtype,
     fmodel=None,
 ) -> Projector:
-    """The projector of ``settings``; ``kronecker`` needs the ``FunctionalModel``."""
+    """The projector of ``settings``; ``kronecker`` needs the ``FunctionalModel``.
+
+    A dimension of at least ``num_params`` would only make the gradients longer and their
+    inner products noisier: the exact gradients are used instead (the projector's ``dim``,
+    which methods record as ``projection_dim``, is then ``num_params``), with a warning."""
     if settings.dim is None:
+        return IdentityProjector(num_params)
+    if settings.dim >= num_params:
+        log.warning("projection dim %d is at least the model's %d parameters: using the exact "
+                    "gradients (projection_dim %d)", settings.dim, num_params, num_params)
         return IdentityProjector(num_params)
     if settings.structure == "kronecker":
         if fmodel is None:

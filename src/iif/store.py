@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from iif.attribution import META_FILE, SCORES_FILE, Attribution
-from iif.diagnostics import index_offset, trust_flags
+from iif.diagnostics import globalized, index_offset, trust_flags
 from iif.errors import InputError
 from iif.io import atomic_write, jsonable
 from iif.runkey import RunKey, file_digest, run_key, text_digest
@@ -336,6 +336,8 @@ class ResultStore:
             raise InputError(f"chunk [{lo}, {hi}) has scores of shape {result.scores.shape}, "
                              f"not {shape}")
         scores = np.ascontiguousarray(result.scores, dtype=np.float64)
+        # the record names test samples by global index, as the chunk's warnings do
+        info = result.info if "test_offset" in result.info else globalized(result.info, lo)
         npy, meta = self._paths(lo, hi)
         atomic_write(npy, lambda f: np.save(f, scores, allow_pickle=False))
         record = {
@@ -346,7 +348,7 @@ class ResultStore:
             "sha256": file_digest(npy),
             "completeness": None if result.completeness is None else {
                 k: np.asarray(v, dtype=float) for k, v in result.completeness.items()},
-            "info": result.info,
+            "info": info,
         }
         record = jsonable(record)
         record["record_sha256"] = _record_checksum(record)
@@ -383,7 +385,7 @@ class ResultStore:
                                                    for k, v in completeness.items()}
         info = {"chunks": infos, "seconds": sum(i.get("seconds", 0.0) or 0.0 for i in infos),
                 "run_key": self.key.digest}
-        # per-test flags by global test index (a chunk's own are relative to its first row)
+        # per-test flags of the whole, by global test index like the chunks' records
         info["flags"] = trust_flags(whole, info)
         result = Attribution(scores, m["method"], m["settings"], whole, info)
         result.save(self.folder)
@@ -492,7 +494,8 @@ def attribute_to(
 def fill(store: ResultStore, method: Any, test: Any, *, ranks: tuple[int, int] = (0, 1),
          progress: bool | None = None) -> None:
     """Compute and write the unfinished chunks ``rank, rank + world, ...`` of ``store`` for
-    the validated test data ``test``."""
+    the validated test data ``test``; warnings and records name test samples by global
+    index."""
     from iif.progress import progress_bar
 
     rank, world = ranks
@@ -504,4 +507,5 @@ def fill(store: ResultStore, method: Any, test: Any, *, ranks: tuple[int, int] =
     for lo, hi in progress_bar(todo, total=len(todo), desc="chunks", enable=progress):
         part = test.subset(slice(lo, hi))
         with index_offset(lo):  # warnings name the chunk's test samples by global index
-            store.write(lo, hi, method.attribute((part.x, part.labels)))
+            result = method.attribute((part.x, part.labels))
+        store.write(lo, hi, result)

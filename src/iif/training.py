@@ -10,8 +10,10 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -22,7 +24,16 @@ from iif.grads import (
     lone_samples_use_running_stats,
     module_mode,
 )
+from iif.io import atomic_write
 from iif.progress import progress_bar
+from iif.runkey import (
+    data_digest,
+    settings_digest,
+    software_versions,
+    structure_text,
+    tensor_digest,
+    text_digest,
+)
 from iif.task import Task
 
 log = logging.getLogger(__name__)
@@ -89,7 +100,7 @@ def fit(
 
     with module_mode(fmodel.module, train_mode), lone_samples_use_running_stats(fmodel.module), \
             torch.enable_grad():
-        for _ in progress_bar(range(int(epochs)), desc=desc, enable=progress):
+        for _ in progress_bar(range(int(epochs)), total=int(epochs), desc=desc, enable=progress):
             order = torch.randperm(n, generator=generator).to(x.device)
             total, count = 0.0, 0
             for start in range(0, n, batch_size):
@@ -162,6 +173,52 @@ def train(
     return res.losses
 
 
+def train_cached(
+    task: Task,
+    data,
+    path: str | os.PathLike,
+    *,
+    epochs: int | None = None,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> bool:
+    """:func:`train` once, keeping the trained weights in the file ``path``; later calls with
+    the same inputs load them instead of training again. Returns whether it trained.
+
+    For a task function that ``iif attribute``, ``show`` and ``explain`` each call: the model
+    is trained on the first call only. The file is used only if it was made from the same
+    model structure and *initial* weights (seed the model's construction), data, recipe,
+    epochs, seed and versions; otherwise, or if it cannot be read, the model is trained
+    again and the file replaced. It holds plain tensors and strings
+    (``torch.load(..., weights_only=True)``), written atomically.
+    """
+    path = Path(path)
+    d = task.validate(data, "training data")
+    start = FunctionalModel(task.model).state()
+    key = text_digest(" ".join([
+        text_digest(structure_text(task.model)),
+        tensor_digest(list(start.params.values()) + list(start.buffers.values())),
+        data_digest(d),
+        settings_digest({"recipe": task.recipe.to_dict(), "epochs": epochs, "seed": seed,
+                         "kind": task.kind, "versions": software_versions()}),
+    ]))
+    if path.is_file():
+        try:
+            saved = torch.load(path, map_location=task.device, weights_only=True)
+            if isinstance(saved, dict) and saved.get("key") == key:
+                task.model.load_state_dict(saved["state"])
+                log.info("loaded the trained model from %s", path)
+                return False
+            log.info("%s was trained from other inputs; training again", path)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is replaced
+            log.warning("cannot use %s (%s); training again", path, exc)
+    train(task, data, epochs=epochs, seed=seed, progress=progress)
+    state = {k: v.detach().cpu() for k, v in task.model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: torch.save({"key": key, "state": state}, f))
+    return True
+
+
 def reinitialised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """A copy of ``model`` with fresh parameters: every submodule's ``reset_parameters``
     under ``seed``. Raises when a trainable parameter has no module that can reset it."""
@@ -203,13 +260,14 @@ def train_ensemble(
         raise InputError(f"n_models must be >= 1, got {n_models!r}")
     d = task.validate(data, "training data")
     models = []
-    for k in progress_bar(range(int(n_models)), desc="ensemble", enable=progress):
+    for k in progress_bar(range(int(n_models)), total=int(n_models), desc="ensemble",
+                          enable=progress):
         model = reinitialised(task.model, seed + k)
         member = dataclasses.replace(task, model=model)
         part = d
         if subset == "half":
             gen = torch.Generator().manual_seed(seed + k)
             part = d.subset(torch.randperm(len(d), generator=gen)[: len(d) // 2].to(d.x.device))
-        train(member, (part.x, part.labels), seed=seed + k)
+        train(member, (part.x, part.labels), seed=seed + k, progress=progress)
         models.append(model)
     return models

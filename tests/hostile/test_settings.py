@@ -158,7 +158,7 @@ CLI_CASES = {
     "cg_tol": ('method = "if"\nsolver = "cg"\n[cg]\ntol = 1.5',
                "[cg] tol must be a finite number in (0, 1), got 1.5"),
     "if_solver": ('method = "if"\nsolver = "lu"',
-                  "solver must be one of 'exact', 'projected', 'cg', got 'lu'"),
+                  "solver must be one of 'auto', 'exact', 'projected', 'cg', got 'lu'"),
     "trak_damping": ('method = "trak"\ndamping = -1.0',
                      "damping must be a finite number >= 0 or None, got -1.0"),
     "models_from_settings": ("models = 2",
@@ -302,7 +302,7 @@ KEYWORD_CASES = [
      "baseline must be a BaselineSettings or None, got PathSettings(steps=3, epochs=1, lr=None, "
      "batch_size=None, sparse=True)"),
     (InfluenceFunction, {"solver": "lu"},
-     "solver must be one of 'exact', 'projected', 'cg', got 'lu'"),
+     "solver must be one of 'auto', 'exact', 'projected', 'cg', got 'lu'"),
     (InfluenceFunction, {"trace_probes": 0}, "trace_probes must be an integer >= 1, got 0"),
     (InfluenceFunction, {"cg": 5}, "cg must be a CGSettings or None, got 5"),
     (TRAK, {"damping": -1.0}, "damping must be a finite number >= 0 or None, got -1.0"),
@@ -415,7 +415,7 @@ def test_other_methods_check_changed_settings_when_they_run(problem):
     influence.solver = "lu"
     with pytest.raises(InputError) as info:
         influence.attribute_dampings(test, [0.1])
-    assert str(info.value) == "solver must be one of 'exact', 'projected', 'cg', got 'lu'"
+    assert str(info.value) == "solver must be one of 'auto', 'exact', 'projected', 'cg', got 'lu'"
 
 
 # ---- a changed setting is applied, never only recorded ----------------------------------------

@@ -223,7 +223,8 @@ def test_bad_settings_raise(mlp_regression):
     data = (p.x, p.y)
     for kwargs, words in [({"solver": "lissa"}, "solver"),
                           ({"solver": "projected"}, "dim"),
-                          ({"projection": ProjectionSettings(dim=8)}, "projected"),
+                          ({"solver": "exact", "projection": ProjectionSettings(dim=8)},
+                           "does not project"),
                           ({"trace_probes": 0}, "trace_probes"),
                           ({"models": []}, "at least one"),
                           ({"models": [nn.Linear(3, 1).double()]}, "parameters")]:
@@ -231,6 +232,29 @@ def test_bad_settings_raise(mlp_regression):
             InfluenceFunction(p.task, data, **kwargs)
     with pytest.raises(ValueError, match="max_iter"):
         CGSettings(max_iter=0)
+
+
+def test_a_projection_chooses_the_projected_solver(mlp_classifier, caplog):
+    p = mlp_classifier
+    auto = InfluenceFunction(p.task, (p.x, p.y), projection=ProjectionSettings(dim=8))
+    explicit = InfluenceFunction(p.task, (p.x, p.y), solver="projected",
+                                 projection=ProjectionSettings(dim=8))
+    assert auto.effective_solver == "projected" and auto.solver == "auto"
+    a, b = auto.attribute((p.xt, p.yt)), explicit.attribute((p.xt, p.yt))
+    np.testing.assert_array_equal(a.scores, b.scores)
+    assert a.settings["solver"] == "projected" and a.settings["projection_dim"] == 8
+    assert InfluenceFunction(p.task, (p.x, p.y)).effective_solver == "exact"
+    # a dimension of at least the parameter count: exact gradients, said and recorded
+    m = sum(q.numel() for q in p.task.model.parameters())
+    with caplog.at_level("WARNING", logger="iif"):
+        big = InfluenceFunction(p.task, (p.x, p.y), projection=ProjectionSettings(dim=m + 5))
+    assert f"projection dim {m + 5} is at least the model's {m} parameters" in caplog.text
+    assert big.settings()["projection_dim"] == m
+    exact = InfluenceFunction(p.task, (p.x, p.y), solver="exact")
+    exact_projected = InfluenceFunction(p.task, (p.x, p.y), solver="projected",
+                                        projection=ProjectionSettings(dim=m))
+    np.testing.assert_allclose(exact_projected.attribute((p.xt, p.yt)).scores,
+                               exact.attribute((p.xt, p.yt)).scores, rtol=1e-8, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["fisher", "ggn"])

@@ -8,22 +8,36 @@ with one line in ``EXPERIMENTS``.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 
 from iif.errors import InputError
-from iif.experiments import contrast, fig1, fig2, table1, table2, table3, table4
 from iif.experiments.base import SCALES, ExperimentResult, check_scale
 
-EXPERIMENTS: dict[str, ModuleType] = {
-    "table1": table1,
-    "table4": table4,
-    "fig1": fig1,
-    "table2": table2,
-    "table3": table3,
-    "fig2": fig2,
-    "contrast": contrast,
-}
+
+class _Registry(Mapping[str, ModuleType]):
+    """Experiment name -> module, imported on first access: listing the names (``iif
+    --help``) imports none of them."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self._names = names
+
+    def __getitem__(self, name: str) -> ModuleType:
+        if name not in self._names:
+            raise KeyError(name)
+        return importlib.import_module(f"{__name__}.{name}")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+EXPERIMENTS: Mapping[str, ModuleType] = _Registry(
+    ("table1", "table4", "fig1", "table2", "table3", "fig2", "contrast"))
 
 __all__ = ["EXPERIMENTS", "SCALES", "ExperimentResult", "get_experiment", "run_experiment"]
 

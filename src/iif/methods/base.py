@@ -22,7 +22,8 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import asdict, is_dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -51,13 +52,17 @@ class AttributionMethod:
             averaged over them (an ensemble). Default: ``[task.model]``.
         chunk_size: samples per per-sample-gradient chunk (bounds memory).
         seed: seeds every random choice of the method (minibatches, dropout, projections).
-        progress: tqdm bars (None: only on a terminal).
+        progress: progress reports (see iif.progress: None = bars on a terminal, log lines
+            otherwise; False = none).
         max_feature_bytes: features larger than this are refused (use a projection), or with
             ``feature_dir`` memory-mapped from unnamed files in that folder.
         feature_dir: folder for memory-mapped features beyond ``max_feature_bytes`` (CPU).
     """
 
     method = "base"
+    # ranges of the constructor keywords (types come from the signature); subclasses add theirs
+    KEYWORD_LIMITS: ClassVar[dict[str, Limits]] = {
+        "chunk_size": Limits(ge=1), "seed": Limits(ge=0), "max_feature_bytes": Limits(ge=0)}
 
     def __init__(
         self,
@@ -73,11 +78,11 @@ class AttributionMethod:
     ):
         # keyword settings: name -> (type hint, limits), checked again when the method runs
         self._checked: dict[str, tuple[Any, Limits]] = {}
-        self.chunk_size = self._keyword("chunk_size", chunk_size, ge=1)
+        self.chunk_size = self._keyword("chunk_size", chunk_size)
         # seeds are >= 0 throughout the package, as numpy's generators (retraining) need
-        self.seed = self._keyword("seed", seed, ge=0)
+        self.seed = self._keyword("seed", seed)
         self.progress = self._keyword("progress", progress)
-        self.max_feature_bytes = self._keyword("max_feature_bytes", max_feature_bytes, ge=0)
+        self.max_feature_bytes = self._keyword("max_feature_bytes", max_feature_bytes)
         feature_dir = self._keyword("feature_dir", feature_dir)
         self.feature_dir = None if feature_dir is None else str(feature_dir)
         self.task = task
@@ -129,14 +134,24 @@ class AttributionMethod:
         }
 
     # ---- settings ------------------------------------------------------------------------
-    def _keyword(self, name: str, value: Any, default: Callable[[], Any] | None = None,
-                 **limits: Any) -> Any:
-        """The constructor keyword ``name`` checked against its type hint and ``limits``
-        (``ge=1``, see :class:`iif.validation.Limits`); None becomes ``default()`` if given.
-        The attribute of the same name is checked again by :meth:`_validate_settings`."""
-        hint = keyword_hint(type(self), name)
-        rule = Limits(**limits)
-        value = check_value(value, hint, name, rule)
+    @classmethod
+    def check_keyword(cls, name: str, value: Any) -> Any:
+        """``value`` of the constructor keyword ``name`` checked against its type hint and
+        range (:attr:`KEYWORD_LIMITS` of the class or a base); no model needed, so settings
+        can be checked before a task function runs."""
+        return check_value(value, keyword_hint(cls, name), name, cls._keyword_limits(name))
+
+    @classmethod
+    def _keyword_limits(cls, name: str) -> Limits:
+        return next((k.KEYWORD_LIMITS[name] for k in cls.__mro__
+                     if name in getattr(k, "KEYWORD_LIMITS", {})), Limits())
+
+    def _keyword(self, name: str, value: Any, default: Callable[[], Any] | None = None) -> Any:
+        """The constructor keyword ``name`` checked (:meth:`check_keyword`); None becomes
+        ``default()`` if given. The attribute of the same name is checked again by
+        :meth:`_validate_settings`."""
+        hint, rule = keyword_hint(type(self), name), self._keyword_limits(name)
+        value = self.check_keyword(name, value)
         if default is not None:
             # the attribute is never None afterwards: a later None is an error, not a default
             hint = without_none(hint)
@@ -168,6 +183,10 @@ class AttributionMethod:
         state = {**self._settings(), "chunk_size": self.chunk_size, "seed": self.seed,
                  "progress": self.progress, "max_feature_bytes": self.max_feature_bytes,
                  "feature_dir": self.feature_dir}
+        # the keywords as given, too: what _settings records may be derived from them
+        for name in self._checked:
+            value = getattr(self, name)
+            state[f"keyword {name}"] = asdict(value) if is_dataclass(value) else value
         return json.dumps(jsonable(state), sort_keys=True)
 
     def _mark_built(self) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ from iif.grads import per_sample_grads
 from iif.methods.base import AttributionMethod
 from iif.projection import IdentityProjector, ProjectionSettings, make_projector
 from iif.task import Data, Task
+from iif.validation import Limits
 
 SOLVERS = ("exact", "projected", "cg")
 
@@ -59,8 +60,9 @@ class InfluenceFunction(AttributionMethod):
         task, train_data: the trained model (theta*) with its recipe, and its training data.
         curvature: ``fisher`` (default), ``ggn`` or ``hessian``, with damping (None: 0.1 x the
             mean eigenvalue; for ``cg`` the trace is estimated, see ``trace_probes``).
-        solver: ``exact``, ``projected`` (needs ``projection=ProjectionSettings(dim=P)``) or
-            ``cg``.
+        solver: ``exact``, ``projected`` (needs ``projection=ProjectionSettings(dim=P)``),
+            ``cg``, or ``auto`` (default): ``projected`` when a projection is set, else
+            ``exact`` (the solver used is ``effective_solver`` and is recorded).
         cg: settings of the conjugate-gradient solver.
         trace_probes: Hutchinson probes estimating the trace of a ``ggn`` or ``hessian``
             curvature for the default damping under ``cg`` (the Fisher trace is exact).
@@ -69,6 +71,7 @@ class InfluenceFunction(AttributionMethod):
     """
 
     method = "if"
+    KEYWORD_LIMITS: ClassVar[dict[str, Limits]] = {"trace_probes": Limits(ge=1)}
 
     def __init__(
         self,
@@ -76,7 +79,7 @@ class InfluenceFunction(AttributionMethod):
         train_data: Any,
         *,
         curvature: CurvatureSettings | None = None,
-        solver: Literal["exact", "projected", "cg"] = "exact",
+        solver: Literal["auto", "exact", "projected", "cg"] = "auto",
         projection: ProjectionSettings | None = None,
         cg: CGSettings | None = None,
         trace_probes: int = 16,
@@ -87,21 +90,26 @@ class InfluenceFunction(AttributionMethod):
         self.solver = self._keyword("solver", solver)
         self.projection = self._keyword("projection", projection, default=ProjectionSettings)
         self.cg = self._keyword("cg", cg, default=CGSettings)
-        self.trace_probes = self._keyword("trace_probes", trace_probes, ge=1)
+        self.trace_probes = self._keyword("trace_probes", trace_probes)
         self._reset()
         self._mark_built()
 
     def _reset(self) -> None:
         # checked here too: solver and projection may be changed after construction
-        if self.solver == "projected" and self.projection.dim is None:
+        projected = self.projection.dim is not None
+        if self.solver == "auto":
+            self.effective_solver = "projected" if projected else "exact"
+        else:
+            self.effective_solver = self.solver
+        if self.solver == "projected" and not projected:
             raise InputError("solver 'projected' needs ProjectionSettings(dim=P)")
-        if self.solver != "projected" and self.projection.dim is not None:
+        if self.solver not in ("projected", "auto") and projected:
             raise InputError(f"solver {self.solver!r} does not project; use "
-                             f"solver='projected'")
+                             f"solver='projected' (or 'auto') with a projection")
         self.projector = (
             make_projector(self.fmodel.num_params, self.projection, self.task.device,
                            self.task.dtype, self.fmodel)
-            if self.solver == "projected" else IdentityProjector(self.fmodel.num_params)
+            if projected else IdentityProjector(self.fmodel.num_params)
         )
         self._fitted: tuple[torch.Tensor | None, Solver] | None = None
         self._grads: torch.Tensor | None = None
@@ -132,7 +140,8 @@ class InfluenceFunction(AttributionMethod):
         eigenvalue (``default_damping_ratio``) instead of absolute dampings. ``exact`` and
         ``projected`` solvers, one model."""
         self._validate_settings()
-        if self.solver == "cg" or len(self.members()) > 1 or self.sharding is not None:
+        if (self.effective_solver == "cg" or len(self.members()) > 1
+                or self.sharding is not None):
             raise InputError("attribute_dampings needs the 'exact' or 'projected' solver, one "
                              "model and one process")
         values = [float(d) for d in dampings]
@@ -161,14 +170,14 @@ class InfluenceFunction(AttributionMethod):
         return results
 
     def _use_factored(self) -> bool:
-        return self._factored_applies(self.solver == "exact", self.curvature.kind)
+        return self._factored_applies(self.effective_solver == "exact", self.curvature.kind)
 
     def _self_influence(self, idx: np.ndarray) -> np.ndarray:
         if self.sharding is not None:
             raise InputError("self-influence runs in one process")
         grads, solver = self._fit()
         out = np.empty(idx.size)
-        step = self.chunk_size if self.solver != "cg" else max(1, self.chunk_size // 4)
+        step = self.chunk_size if self.effective_solver != "cg" else max(1, self.chunk_size // 4)
         for lo in range(0, idx.size, step):
             sub = self.train.subset(idx[lo : lo + step])
             g = (grads[torch.as_tensor(idx[lo : lo + step])] if grads is not None
@@ -179,16 +188,17 @@ class InfluenceFunction(AttributionMethod):
 
     def _settings(self) -> dict[str, Any]:
         return {
-            "solver": self.solver,
+            "solver": self.effective_solver,
             "curvature": self.curvature.to_dict(),
             "projection": self.projection.to_dict(),
+            "projection_dim": self.projector.dim,  # the dimension used (see make_projector)
             **({"cg": self.cg.to_dict(), "trace_probes": self.trace_probes}
-               if self.solver == "cg" else {}),
+               if self.effective_solver == "cg" else {}),
         }
 
     # ---- parts ---------------------------------------------------------------------------
     def _features(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.solver == "cg":
+        if self.effective_solver == "cg":
             return per_sample_grads(self.fmodel, self.state, x, targets, self.task,
                                     self.chunk_size)
         return loss_features(self.fmodel, self.state, x, targets, self.task, self.projector,
@@ -198,7 +208,7 @@ class InfluenceFunction(AttributionMethod):
         """Training features (None for ``cg``: recomputed in chunks) and the damped solver."""
         if self._fitted is None:
             train = self.train
-            if self.solver == "cg":
+            if self.effective_solver == "cg":
                 product = curvature_product(self.curvature.kind, self.fmodel, self.state,
                                             train.x, train.targets, self.task, self.chunk_size,
                                             ggn_rank=self.curvature.ggn_rank)

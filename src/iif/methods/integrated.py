@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -53,10 +53,11 @@ from iif.grads import ModelState
 from iif.methods.base import AttributionMethod, completeness_gap
 from iif.path import PathSettings, TargetPath, path_models
 from iif.progress import progress_bar
-from iif.projection import ProjectionSettings, make_projector
+from iif.projection import IdentityProjector, ProjectionSettings, make_projector
 from iif.stacked import StackedState, can_stack
 from iif.task import Data, Task
 from iif.training import fit, seeded
+from iif.validation import Limits
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class IntegratedInfluence(AttributionMethod):
     """
 
     method = "iif"
+    KEYWORD_LIMITS: ClassVar[dict[str, Limits]] = {"test_batch": Limits(ge=1)}
 
     def __init__(
         self,
@@ -119,7 +121,7 @@ class IntegratedInfluence(AttributionMethod):
         **common: Any,
     ):
         super().__init__(task, train_data, **common)
-        test_batch = self._keyword("test_batch", test_batch, ge=1)
+        test_batch = self._keyword("test_batch", test_batch)
         if test_batch not in ("auto", 1) and not can_stack(task):
             raise InputError("test_batch > 1 trains stacked model copies, which needs the "
                              "recipe's built-in 'sgd', 'adam' or 'adamw' and no BatchNorm "
@@ -180,7 +182,7 @@ class IntegratedInfluence(AttributionMethod):
 
     def _group(self, test: Data) -> Attribution:
         start = time.perf_counter()
-        res, base = self._one_path(test, test, self.baseline)
+        res, base = self._one_path(test, test, self.baseline, range(len(test)))
         scores = res.scores.mean(axis=0, keepdims=True)  # the gradient of a mean is the mean
         delta = np.array([self._delta(test, base.state).mean()])
         total = scores.sum(axis=1)
@@ -195,13 +197,14 @@ class IntegratedInfluence(AttributionMethod):
         log_flags(log, info["flags"], completeness, noun="group")
         return Attribution(scores, self.method, self.settings(), completeness, info)
 
-    def _one_path(self, unlearn: Data, test: Data, settings: BaselineSettings
-                  ) -> tuple[_PathResult, Baseline]:
+    def _one_path(self, unlearn: Data, test: Data, settings: BaselineSettings,
+                  rows: Any = None) -> tuple[_PathResult, Baseline]:
         """One baseline unlearning the mean loss of ``unlearn`` and its path, scoring ``test``
-        row by row, with the generators every per-test baseline uses."""
+        row by row, with the generators every per-test baseline uses. ``rows``: the test
+        rows ``unlearn`` holds (a warning names them)."""
         with self._per_test_generators() as (unlearn_gen, path_gen):
             base = unlearning_baseline(self.task, self.fmodel, self.state, self.train, unlearn,
-                                       settings, unlearn_gen)
+                                       settings, unlearn_gen, rows=rows)
             return self._integrate(base.targets, test, path_gen), base
 
     @contextlib.contextmanager
@@ -275,8 +278,11 @@ class IntegratedInfluence(AttributionMethod):
             gen = torch.Generator().manual_seed(self.seed)
             out = np.zeros(idx.size)
             tidx = torch.as_tensor(idx, device=train.x.device)
-            for k, state in path_models(self.task, self.fmodel, self.state, train.x, path,
-                                        self.path, gen):
+            steps = path_models(self.task, self.fmodel, self.state, train.x, path, self.path,
+                                gen)
+            for k, state in progress_bar(steps, total=path.steps,
+                                         desc="IIF self-influence path steps",
+                                         enable=self.progress):
                 _, psi, solver = self._step(state, path(k), path(k - 1), k)
                 grads = loss_features(self.fmodel, state, train.x[tidx], train.targets[tidx],
                                       self.task, self.projector, self.chunk_size,
@@ -293,6 +299,7 @@ class IntegratedInfluence(AttributionMethod):
             "baseline": self.baseline.to_dict(),
             "path": self.path.to_dict(),
             "projection": self.projection.to_dict(),
+            "projection_dim": self.projector.dim,  # the dimension used (see make_projector)
             "curvature": self.curvature.to_dict(),
             "test_batch": self.test_batch,
         }
@@ -315,17 +322,17 @@ class IntegratedInfluence(AttributionMethod):
         retries = 0
         size = self._test_batch(len(test))
         batches = [np.arange(lo, min(lo + size, len(test))) for lo in range(0, len(test), size)]
-        bar = progress_bar(range(len(test)), total=len(test), desc="IIF test samples",
-                           enable=self.progress)
-        for rows in batches:
+        for rows in progress_bar(batches, total=len(test), desc="IIF test samples",
+                                 enable=self.progress, size=len):
             part = test.subset(rows)
             if len(rows) == 1:
-                res, base = self._one_path(unlearn.subset(rows), part, settings)
+                res, base = self._one_path(unlearn.subset(rows), part, settings, rows)
                 bases = [base]
             else:
                 with self._per_test_generators() as (unlearn_gen, path_gen):
                     bases = unlearning_baselines(self.task, self.fmodel, self.state, self.train,
-                                                 unlearn.subset(rows), settings, unlearn_gen)
+                                                 unlearn.subset(rows), settings, unlearn_gen,
+                                                 rows=rows)
                     ybar = torch.stack([b.targets for b in bases])
                     res = self._integrate(ybar, part, path_gen)
             scores[rows] = res.scores
@@ -334,8 +341,6 @@ class IntegratedInfluence(AttributionMethod):
                 status[row] = _status(base)
             dampings += res.dampings
             retries += res.retries
-            for _ in rows:
-                next(bar, None)
         return _PathResult(scores, dampings, retries, self.state), deltas, status
 
     def _contrast(self, test: Data, contrast: Any) -> tuple[Data, Data, np.ndarray, np.ndarray]:
@@ -401,7 +406,8 @@ class IntegratedInfluence(AttributionMethod):
         # the per-test generators: a shared baseline of one test sample is its per-test one
         with self._per_test_generators() as (unlearn_gen, path_gen):
             base = unlearning_baseline(self.task, self.fmodel, self.state, self.train, test,
-                                       self.baseline, unlearn_gen, self.progress)
+                                       self.baseline, unlearn_gen, self.progress,
+                                       rows=range(len(test)))
             res = self._integrate(base.targets, test, path_gen)
         return res, self._delta(test, base.state), np.full(len(test), _status(base), dtype=object)
 
@@ -435,8 +441,9 @@ class IntegratedInfluence(AttributionMethod):
         # kernels (an N x N matrix per copy and step), so they are not kept
         used: list[tuple[float, int]] = []
         state = self.state
-        for k, state in path_models(self.task, self.fmodel, start, self.train.x, path,
-                                    self.path, gen):
+        steps = path_models(self.task, self.fmodel, start, self.train.x, path, self.path, gen)
+        for k, state in progress_bar(steps, total=path.steps, desc="IIF path steps",
+                                     enable=self.progress):
             rho, rho_prev = path(k), path(k - 1)
             if stacked and k == path.steps:
                 used += _report(self._first_stacked_step(test, rho[0], rho_prev, k, scores))
@@ -452,7 +459,9 @@ class IntegratedInfluence(AttributionMethod):
     # Each step subtracts I^(k) = (1/N) gamma^T C^{-1} psi_i from ``scores`` in place and
     # returns the solvers it used (for the damping report).
     def _use_factored(self) -> bool:
-        return self._factored_applies(self.projection.dim is None, self.curvature.kind)
+        # exact gradients: no projection, or one at least as wide as the model (make_projector)
+        return self._factored_applies(isinstance(self.projector, IdentityProjector),
+                                      self.curvature.kind)
 
     def _factored_step(self, state: ModelState, test_x: torch.Tensor,
                        test_targets: torch.Tensor, rho: torch.Tensor,

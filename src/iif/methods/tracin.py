@@ -142,6 +142,7 @@ class TracIn(AttributionMethod):
                  for c in run] for run in self.runs]
         return {
             "projection": self.projection.to_dict(),
+            "projection_dim": self.projector.dim,  # the dimension used (see make_projector)
             "checkpoints": runs[0] if len(runs) == 1 else runs,
         }
 

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -69,6 +69,7 @@ from iif.methods.base import AttributionMethod
 from iif.progress import progress_bar
 from iif.projection import IdentityProjector, ProjectionSettings, make_projector
 from iif.task import Data, Task
+from iif.validation import Limits
 
 DEFAULT_PROJECTION_DIM = 2048
 # kept at the ratio it was tuned with; CurvatureSettings moved to 0.3 for IF and IIF
@@ -109,6 +110,7 @@ class TRAK(AttributionMethod):
     """
 
     method = "trak"
+    KEYWORD_LIMITS: ClassVar[dict[str, Limits]] = {"damping": Limits(ge=0)}
 
     def __init__(
         self,
@@ -123,7 +125,7 @@ class TRAK(AttributionMethod):
         projection = self._keyword("projection", projection,
                                    default=lambda: ProjectionSettings(dim=DEFAULT_PROJECTION_DIM))
         self.projection = projection
-        self.damping = self._keyword("damping", damping, ge=0)
+        self.damping = self._keyword("damping", damping)
         outputs = self.train.targets.shape[1]
         if task.kind == "regression" and outputs != 1:
             raise InputError(
