@@ -145,3 +145,101 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
     for name in ("scores.npy", "attribution.json"):
         mode = stat.S_IMODE(os.stat(tmp_path / name).st_mode)
         assert mode == 0o666 & ~mask
+
+
+# ---- (index, score) pairs, the helpful view, long tables -------------------------------------
+def test_rankings_with_scores_are_index_score_pairs_sorted():
+    a = _attribution()
+    for s in range(a.n_test):
+        pro = a.proponents(s, k=4, with_scores=True)
+        opp = a.opponents(s, k=4, with_scores=True)
+        assert [i for i, _ in pro] == list(a.proponents(s, k=4))  # default unchanged
+        assert [p.index for p in opp] == list(a.opponents(s, k=4))
+        assert all(type(i) is int and type(v) is float for i, v in pro + opp)
+        assert [v for _, v in pro] == sorted(a.scores[s])[:4]
+        assert [v for _, v in opp] == sorted(a.scores[s], reverse=True)[:4]
+        assert all(v == a.scores[s, i] for i, v in pro + opp)
+    assert isinstance(a.proponents(0, k=2), np.ndarray)
+
+
+def test_helpful_view_flips_the_sign_and_keeps_proponents():
+    a = _attribution()
+    h = a.helpful
+    assert h.orientation == "helpful" and a.orientation == "loss"
+    np.testing.assert_array_equal(h.scores, -a.scores)
+    for s in range(a.n_test):
+        assert list(h.proponents(s, k=5)) == list(a.proponents(s, k=5))
+        assert list(h.opponents(s, k=5)) == list(a.opponents(s, k=5))
+        assert all(v > 0 for _, v in h.proponents(s, k=2, with_scores=True))
+    assert h.helpful is h and a.oriented("loss") is a
+    np.testing.assert_array_equal(h.oriented("loss").scores, a.scores)
+    h.info["note"] = "changed"  # a view's info is its own
+    assert a.info["note"] == "ok"
+    with pytest.raises(ValueError, match="orientation"):
+        a.oriented("up")
+    with pytest.raises(ValueError, match="contrast"):
+        Attribution(np.ones((1, 3)), "iif", info={"contrast": {"A": [1], "B": [2]}}).oriented(
+            "helpful")
+
+
+def test_helpful_view_round_trips_and_says_so(tmp_path):
+    h = _attribution().helpful
+    h.save(tmp_path / "h")
+    meta = json.loads((tmp_path / "h" / META_FILE).read_text())
+    assert meta["orientation"] == "helpful" and "lowers" in meta["sign"]
+    back = Attribution.load(tmp_path / "h")
+    assert back.orientation == "helpful"
+    np.testing.assert_array_equal(back.scores, h.scores)
+    _attribution().save(tmp_path / "l")  # the default result writes no orientation key
+    assert "orientation" not in json.loads((tmp_path / "l" / META_FILE).read_text())
+
+
+def _table_expectation(a, k=None):
+    rows = []
+    for s in range(a.n_test):
+        order = list(a.proponents(s, k=a.n_train))
+        for r, i in enumerate(order, start=1):
+            if k is None or r <= k or r > a.n_train - k:
+                rows.append((s, i, a.scores[s, i], r))
+    return rows
+
+
+def test_write_table_is_a_long_csv(tmp_path):
+    import csv
+
+    a = _attribution()
+    path = a.write_table(tmp_path / "sub" / "table.csv")
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["test", "train", "score", "rank"]
+    got = [(int(t), int(i), float(v), int(r)) for t, i, v, r in rows[1:]]
+    assert len(got) == a.n_test * a.n_train
+    assert got == _table_expectation(a)  # scores read back exactly
+    top = a.write_table(tmp_path / "top.csv", k=2, test_indices=[7, 8, 9])
+    with open(top, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    assert [(int(t), int(r)) for t, _, _, r in rows[:4]] == [(7, 1), (7, 2), (7, 9), (7, 10)]
+    assert len(rows) == 3 * 4
+    assert [int(i) for _, i, _, r in rows[:2]] == list(a.proponents(0, k=2))
+    with pytest.raises(ValueError, match="test_indices"):
+        a.write_table(tmp_path / "x.csv", test_indices=[1, 2])
+    with pytest.raises(ValueError, match="k must be"):
+        a.write_table(tmp_path / "x.csv", k=0)
+
+
+def test_to_pandas_long_format():
+    pd = pytest.importorskip("pandas")
+    a = _attribution().helpful
+    df = a.to_pandas()
+    assert list(df.columns) == ["test", "train", "score", "rank"]
+    assert isinstance(df, pd.DataFrame) and len(df) == 30
+    assert list(df.itertuples(index=False, name=None)) == _table_expectation(a)
+    assert len(a.to_pandas(k=3)) == 18
+
+
+def test_to_pandas_without_pandas_says_what_to_do(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pandas", None)  # import pandas raises ImportError
+    with pytest.raises(ImportError, match="pip install pandas.*write_table"):
+        _attribution().to_pandas()

@@ -38,6 +38,30 @@ def test_demo_writes_a_summary_that_parses(demo_run):
     assert "proponents" in text and "completeness" in text
 
 
+def test_demo_names_pictures_by_test_index_and_explains_the_mistake(demo_run):
+    out, summary, text = demo_run
+    samples = summary["test_samples"]
+    assert [e["image"] for e in samples] == [f"test_{e['index']}.png" for e in samples]
+    assert samples[-1]["index"] > 1  # the mistake's index in the test split, not its slot
+    wrong = [e for e in samples if e["prediction"] != e["label"]]
+    assert wrong, "the quick demo is expected to explain a misclassified sample"
+    for e in samples:
+        assert ("contrast" in e) == (e in wrong)
+    for e in wrong:
+        c = e["contrast"]
+        assert (c["A"], c["B"]) == (e["prediction"], e["label"])
+        assert len(c["towards_prediction"]) == len(c["towards_label"]) == 3
+        pushes_a = [t["score"] for t in c["towards_prediction"]]
+        assert pushes_a == sorted(pushes_a, reverse=True) and pushes_a[0] > 0
+        assert c["towards_label"][0]["score"] < 0
+        assert set(c["completeness"]) == {"sum", "delta", "gap"}
+        assert c["image"] == f"test_{e['index']}_contrast.png"
+        assert (out / c["image"]).stat().st_size > 1000
+        assert f"why {c['A']} and not {c['B']} (the label)?" in text
+    assert summary["files"]["contrast_images"] == [e["contrast"]["image"] for e in wrong]
+    assert "contrast" in summary["timings"]
+
+
 def test_cli_demo_exit_codes(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "d"), "--quick", "--n-test", "1",
                  "--no-progress"]) == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 
+import matplotlib.text
 import numpy as np
 import pytest
 import tiny_job
@@ -365,5 +366,11 @@ def test_pictures_take_a_warning(tmp_path):
             ("opponents", [{"index": 19, "label": 1, "score": 1.0}])]
     ranked = plot_rankings(images[0], "Test sample 5", rows, images, tmp_path / "c.png",
                            image_shape=(4, 4), warning=note)
-    for path in (png, plain, ranked):
+    for path in (tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def texts(figure) -> str:
+        return " ".join(t.get_text() for t in figure.findobj(matplotlib.text.Text))
+
+    assert "not a reliable explanation" in texts(png) and "not a reliable" in texts(ranked)
+    assert "not a reliable" not in texts(plain)

@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a small MLP on scikit-learn digits and explain a few test predictions",
         description="Train a 64-64-10 MLP on scikit-learn digits, explain test predictions "
                     "with Integrated Influence, print the top proponents and opponents and "
-                    "write summary.json, test_<i>.png and attribution/ into --out.",
+                    "write summary.json, test_<index>.png (and test_<index>_contrast.png "
+                    "for a misclassified sample: why predicted and not the label) and "
+                    "attribution/ into --out.",
     )
     demo.add_argument("--out", required=True, metavar="DIR", help="output folder")
     demo.add_argument("--n-test", type=_positive_int, default=3, metavar="N",

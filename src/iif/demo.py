@@ -5,9 +5,15 @@ predictions with Integrated Influence.
 
 - ``summary.json``: settings, accuracy, timings and, per explained test sample, its label and
   prediction, top proponents and opponents (training index, label, score), completeness and
-  whether its unlearning baseline fell back to theta*;
-- ``test_<i>.png``: the test image beside its top proponents and opponents;
-- ``attribution/``: the full score matrix (``iif.Attribution.load`` reads it back).
+  whether its unlearning baseline fell back to theta*; for a misclassified sample also
+  ``contrast``: why the model predicted its class and not the label (Integrated Influence
+  with ``contrast=label``), the training samples pushing most towards each, and completeness;
+- ``test_<index>.png`` (``index``: the sample's index in the digits test split): the test
+  image beside its top proponents and opponents, with the completeness line explained;
+- ``test_<index>_contrast.png`` for a misclassified sample: the training samples pushing most
+  towards the predicted class and towards the label;
+- ``attribution/``: the full score matrix (``iif.Attribution.load`` reads it back; row s is
+  the test sample ``summary["test_samples"][s]["index"]``).
 """
 
 from __future__ import annotations
@@ -33,7 +39,12 @@ from iif.io import atomic_write, jsonable
 from iif.methods.integrated import IntegratedInfluence
 from iif.path import PathSettings
 from iif.projection import ProjectionSettings
-from iif.report import format_test_summary, plot_proponents_opponents, top_entries
+from iif.report import (
+    format_test_summary,
+    plot_proponents_opponents,
+    plot_rankings,
+    top_entries,
+)
 from iif.task import Recipe, Task
 from iif.training import train
 
@@ -96,11 +107,11 @@ def run_demo(
     """Train, attribute ``n_test`` test predictions, print and save the results.
 
     Args:
-        out_dir: folder for ``summary.json``, ``test_<i>.png`` and ``attribution/``.
+        out_dir: folder for ``summary.json``, ``test_<index>.png`` and ``attribution/``.
         n_test: test samples to explain (1..200).
         seed: data split, model initialisation, minibatch order and attribution seed.
         quick: a smaller run (300 training samples, 10 epochs, K=2) for smoke tests.
-        progress: tqdm bars (None: only on a terminal).
+        progress: progress reports (see iif.progress; None: bars on a terminal, else log lines).
         top_k: proponents and opponents shown per test sample.
         stream: where the per-sample summaries are printed (default: stdout); pass an
             ``io.StringIO()`` to keep them, or ``open(os.devnull, "w")`` to silence them.
@@ -157,13 +168,23 @@ def run_demo(
     timings["attribution"] = time.perf_counter() - t0
     attribution.save(out / ATTRIBUTION_DIR)
 
+    # a mistake: why the predicted class and not the label? (one baseline per sample, trained
+    # towards the label; the scores attribute the margin log p_predicted - log p_label)
+    wrong = [index for index in chosen if test_pred[index] != y_test[index]]
+    contrast = None
+    if wrong:
+        log.info("explaining the mistake(s) %s against their labels", wrong)
+        t0 = time.perf_counter()
+        contrast = method.attribute((x_test[wrong], y_test[wrong]), contrast=y_test[wrong])
+        timings["contrast"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     samples = []
     fell_back = set(attribution.info.get("fallback_tests", []))
     for s, index in enumerate(chosen):
         entry = _sample_entry(attribution, s, index, y_test, test_prob, y_train, cfg.top_k,
                               s in fell_back)
-        image = out / f"test_{s}.png"
+        image = out / f"test_{index}.png"
         plot_proponents_opponents(
             x_test[index], int(y_test[index]), x_train, y_train, attribution.scores[s], image,
             k=cfg.top_k, image_shape=IMAGE_SHAPE, prediction=entry["prediction"],
@@ -171,8 +192,15 @@ def run_demo(
             title=_picture_title(entry),
         )
         entry["image"] = image.name
-        samples.append(entry)
         print(format_test_summary(entry, _text_title(entry)), file=stream)
+        if contrast is not None and index in wrong:
+            entry["contrast"] = _contrast_entry(contrast, wrong.index(index), y_train,
+                                                cfg.top_k)
+            why = out / f"test_{index}_contrast.png"
+            _plot_contrast(entry, x_test[index], x_train, why)
+            entry["contrast"]["image"] = why.name
+            print(_contrast_text(entry), file=stream)
+        samples.append(entry)
         print(file=stream)
     timings["pictures"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
@@ -200,6 +228,7 @@ def run_demo(
         "files": {
             "attribution": ATTRIBUTION_DIR,
             "images": [e["image"] for e in samples],
+            "contrast_images": [e["contrast"]["image"] for e in samples if "contrast" in e],
         },
     }
     text = json.dumps(jsonable(summary), indent=2, allow_nan=False)
@@ -207,8 +236,9 @@ def run_demo(
     print(f"test accuracy {test_acc:.3f}; {summary['fallbacks']} of {len(chosen)} baselines "
           f"fell back; attribution {timings['attribution']:.1f} s, total "
           f"{timings['total']:.1f} s", file=stream)
-    print(f"wrote {out / SUMMARY_FILE}, {len(samples)} pictures (test_<i>.png) and "
-          f"{out / ATTRIBUTION_DIR}/", file=stream)
+    names = ", ".join(summary["files"]["images"] + summary["files"]["contrast_images"])
+    print(f"wrote {out / SUMMARY_FILE}, pictures {names} and {out / ATTRIBUTION_DIR}/",
+          file=stream)
     return summary
 
 
@@ -247,6 +277,63 @@ def _sample_entry(
                          if key in comp},
         "fell_back": bool(fell_back),
     }
+
+
+def _contrast_entry(contrast: Attribution, s: int, y_train: np.ndarray, k: int
+                    ) -> dict[str, Any]:
+    """Row ``s`` of the contrast result: A (predicted), B (label), the training samples
+    pushing most towards each, and completeness of the margin."""
+    a, b = int(contrast.info["contrast"]["A"][s]), int(contrast.info["contrast"]["B"][s])
+    towards_b, towards_a = top_entries(contrast.scores[s], y_train, k)
+    comp = contrast.completeness or {}
+    return {
+        "A": a,
+        "B": b,
+        "question": f"why {a} and not {b}?",
+        "sign": f"score > 0: the training sample pushes towards {a} (the prediction); "
+                f"< 0: towards {b} (the label)",
+        "towards_prediction": towards_a,
+        "towards_label": towards_b,
+        "completeness": {key: float(np.asarray(comp[key])[s]) for key in ("sum", "delta", "gap")
+                         if key in comp},
+        "fell_back": s in set(contrast.info.get("fallback_tests", [])),
+    }
+
+
+def _contrast_text(entry: dict[str, Any]) -> str:
+    c = entry["contrast"]
+    lines = [f"  why {c['A']} and not {c['B']} (the label)? margin log p_{c['A']} - "
+             f"log p_{c['B']}, score > 0 pushes towards {c['A']}"]
+    for name, entries in ((f"towards {c['A']}", c["towards_prediction"]),
+                          (f"towards {c['B']}", c["towards_label"])):
+        lines.append(f"    {name}: " + ", ".join(
+            f"#{e['index']} (label {e['label']}) {e['score']:+.2e}" for e in entries))
+    comp = c["completeness"]
+    if comp:
+        lines.append(f"    completeness: sum of scores {comp['sum']:+.4g}, margin(theta*) - "
+                     f"margin(theta') = {comp['delta']:+.4g}, gap {comp['gap']:.3g}")
+    return "\n".join(lines)
+
+
+def _plot_contrast(entry: dict[str, Any], x: np.ndarray, x_train: np.ndarray, path: Path
+                   ) -> None:
+    c = entry["contrast"]
+    a, b = c["A"], c["B"]
+    heading = (f"Test sample #{entry['index']}: label {entry['label']}, predicted {a} "
+               f"(p = {entry['confidence']:.2f}). Why {a} and not {b}?")
+    comp = c["completeness"]
+    note = [f"Scores attribute the margin log p_{a} \u2212 log p_{b}: > 0 pushes towards "
+            f"{a} (the prediction), < 0 towards {b} (the label)."]
+    if comp:
+        note.append(f"completeness: sum of scores {comp['sum']:+.4g}, margin(\u03b8*) \u2212 "
+                    f"margin(\u03b8') = {comp['delta']:+.4g}, gap {comp['gap']:.2g}")
+        note.append(f"Completeness check: summed over all training samples, the scores should "
+                    f"equal how much the margin grew from the baseline model \u03b8' "
+                    f"(trained towards {b}) to the trained model \u03b8*.")
+    rows = [(f"towards {a}\n(predicted)", c["towards_prediction"]),
+            (f"towards {b}\n(label)", c["towards_label"])]
+    plot_rankings(x, heading, rows, x_train, path, image_shape=IMAGE_SHAPE,
+                  note="\n".join(note))
 
 
 def _text_title(entry: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 from iif.diagnostics import describe, index_offset, kinds_of, summarize, trust_flags
 from iif.errors import InputError
 from iif.io import atomic_write, jsonable
-from iif.report import format_completeness, plot_rankings, top_entries
+from iif.report import COMPLETENESS_MEANING, format_completeness, plot_rankings, top_entries
 from iif.report import image_shape as guess_shape
 
 
@@ -45,27 +45,36 @@ def explain(
     scores = result.scores[0]
     labels = method.train.labels.cpu().numpy()
     comp = {key: v[0] for key, v in result.completeness.items()}
-    with_logits = method.task.kind == "classification"
-    predicted = int(method.fmodel.outputs(method.state, one.x).argmax(1)[0]) if with_logits \
-        else None
+    output = method.fmodel.outputs(method.state, one.x)[0].double()
+    if method.task.kind == "classification":
+        prob = output.softmax(0)
+        predicted, shown = int(prob.argmax()), f"{int(prob.argmax())} (p = {float(prob.max()):.2f})"
+    else:  # regression: the output itself
+        values = output.cpu().tolist()
+        predicted = values[0] if len(values) == 1 else values
+        shown = ", ".join(f"{v:.4g}" for v in values)
     true = one.labels[0].cpu().numpy().tolist()
     low, high = top_entries(scores, labels, k)
     if contrast is not None:
         a, b = result.info["contrast"]["A"][0], result.info["contrast"]["B"][0]
-        heading = (f"Test sample {index} (label {true}, predicted {predicted}): why class {a} "
+        heading = (f"Test sample {index} (label {true}, predicted {shown}): why class {a} "
                    f"and not {b}?")
         rows = [(f"towards {a}", high), (f"towards {b}", low)]
         what = (f"scores attribute the margin log p_{a} - log p_{b}; positive = pushes "
                 f"towards {a}")
     else:
-        heading = f"Test sample {index} (label {true}, predicted {predicted})"
+        heading = f"Test sample {index} (label {true}, predicted {shown})"
         rows = [("proponents", low), ("opponents", high)]
         what = "positive = including the sample raises the test loss"
     if contrast is not None:
         check = (f"completeness: sum of scores {comp['sum']:+.4g}, margin(theta*) - "
                  f"margin(theta') = {comp['delta']:+.4g}, gap {comp['gap']:.2g}")
+        meaning = (f"Completeness check: summed over all training samples, the scores should "
+                   f"equal how much the margin grew from the baseline model \u03b8' (trained "
+                   f"towards {b}) to the trained model \u03b8*.")
     else:
         check = format_completeness(comp)
+        meaning = COMPLETENESS_MEANING
     lines = [heading, f"  {what}", f"  {check}"]
     if warning:
         lines.append(f"warning: {warning}")
@@ -84,10 +93,16 @@ def explain(
     images = method.train.x.cpu().numpy()
     shape = guess_shape(images.shape[1:], image_shape)
     if shape is not None:
-        path = plot_rankings(one.x[0].cpu().numpy(), heading, rows, images,
-                             folder / f"explain_{index}.png", image_shape=shape,
-                             warning=note)
+        path = folder / f"explain_{index}.png"
+        plot_rankings(one.x[0].cpu().numpy(), heading, rows, images, path, image_shape=shape,
+                      note=f"{what}\n{_symbols(check)}\n{meaning}", warning=note)
         lines.append(f"  wrote {path}")
     else:
         lines.append("  (inputs are not square images: give --image-shape for a picture)")
     return "\n".join(lines), record
+
+
+def _symbols(text: str) -> str:
+    """The completeness line with theta and the minus sign as symbols, for the picture."""
+    return (text.replace("theta*", "\u03b8*").replace("theta'", "\u03b8'")
+            .replace(") - ", ") \u2212 "))

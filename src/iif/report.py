@@ -1,8 +1,12 @@
 """Human-readable views of attributions: proponent/opponent pictures and terminal summaries.
 
-Pictures are drawn with matplotlib's object API on the Agg canvas (no display, no global
-pyplot state) and saved as PNG. Images are given as flat vectors (or arrays) plus an
-``image_shape`` such as ``(8, 8)`` for scikit-learn digits or ``(28, 28)`` for MNIST.
+Every picture function returns a matplotlib ``Figure`` and writes it as PNG only when given a
+``path`` (it returns the same Figure then too). Figures are made with matplotlib's object API
+on the Agg canvas, not with pyplot: nothing is registered in pyplot's global state, so a figure
+is freed as soon as it is dropped (``plt.close`` is never needed, in scripts or in the command
+line), and in a notebook the returned Figure displays itself as a PNG. Images are given as flat
+vectors (or arrays) plus an ``image_shape`` such as ``(8, 8)`` for scikit-learn digits or
+``(28, 28)`` for MNIST (default: guessed for square images).
 
 Sign convention: a negative score marks a proponent (including the training sample lowers the
 test loss), a positive score an opponent (it raises the test loss).
@@ -10,19 +14,43 @@ test loss), a positive score an opponent (it raises the test loss).
 
 from __future__ import annotations
 
+import functools
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from iif.errors import InputError
 from iif.io import atomic_write
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 PROPONENTS_HEADING = "Proponents (lower the test loss)"
 OPPONENTS_HEADING = "Opponents (raise the test loss)"
+COMPLETENESS_MEANING = (
+    "Completeness check: summed over all training samples, the scores should equal the change "
+    "of this test loss from the baseline model \u03b8' (which unlearned the test sample) to "
+    "the trained model \u03b8*; gap = |sum \u2212 change| / |change|.")
+
+
+@functools.cache
+def _figure_class() -> Any:
+    """matplotlib's ``Figure`` with a PNG ``_repr_png_``, so that a returned figure displays
+    itself in Jupyter even before pyplot (and its inline backend) has been imported."""
+    from matplotlib.figure import Figure
+
+    class PictureFigure(Figure):
+        def _repr_png_(self) -> bytes:
+            buf = io.BytesIO()
+            self.savefig(buf, format="png", facecolor="white")
+            return buf.getvalue()
+
+    return PictureFigure
 
 
 # ---- ranking ---------------------------------------------------------------------------------
@@ -135,19 +163,25 @@ def plot_proponents_opponents(
     train_images: Any,
     train_labels: Any,
     scores_row: Any,
-    path: str | os.PathLike,
-    k: int = 8,
-    image_shape: Sequence[int] = (8, 8),
-    title: str | None = None,
+    path: str | os.PathLike | None = None,
     *,
+    k: int = 8,
+    image_shape: Sequence[int] | None = None,
+    title: str | None = None,
     prediction: Any = None,
     completeness: Mapping[str, Any] | None = None,
     warning: str | None = None,
     cmap: str = "gray_r",
     dpi: int = 120,
-) -> Path:
-    """Save a PNG: the test image on the left, its top-k proponents in the upper row and its
-    top-k opponents in the lower row, each with training index, label and score beneath.
+) -> Figure:
+    """The test image on the left, its top-k proponents in the upper row and its top-k
+    opponents in the lower row, each with training index, label and score beneath: returns
+    the matplotlib ``Figure``, written as PNG to ``path`` when one is given.
+
+    For example, in a notebook::
+
+        plot_proponents_opponents(x_test[0], y_test[0], x_train, y_train, result.scores[0],
+                                  prediction=3, k=6)
 
     Args:
         test_image: one image, flat (prod(image_shape),) or already shaped.
@@ -155,18 +189,19 @@ def plot_proponents_opponents(
         train_images: (n_train, prod(image_shape)) or (n_train, *image_shape).
         train_labels: (n_train,) labels.
         scores_row: (n_train,) scores of this test sample (``Attribution.scores[s]``).
-        path: output file (``.png``); parent folders are created.
+        path: write the figure there as PNG (parent folders are created); None (default):
+            only return it.
         k: images per row.
-        image_shape: (H, W) for grey-scale, or (H, W, 3) / (3, H, W) for colour.
+        image_shape: (H, W) for grey-scale, or (H, W, 3) / (3, H, W) for colour; None
+            (default): the image's own shape, or a square for a flat square image.
         title: heading; default "Test label L, predicted P" from the arguments.
         prediction: the model's prediction for the test sample (optional).
-        completeness: ``{"sum", "delta", "gap"}`` of this test sample (optional, shown).
+        completeness: ``{"sum", "delta", "gap"}`` of this test sample (optional, shown with
+            one sentence saying what it means).
         warning: why this answer cannot be trusted (``iif.diagnostics.describe``), drawn as a
             red note under the heading; None for none.
         cmap: colour map for grey-scale images (``gray_r``: dark ink on white).
     """
-    from matplotlib.figure import Figure
-
     row = _scores(scores_row)
     train = np.asarray(train_images)
     if train.shape[0] != row.size:
@@ -176,6 +211,7 @@ def plot_proponents_opponents(
         raise InputError(f"{labels.shape[0]} training labels for {row.size} scores")
     k = _check_k(k, row.size)
     pro, opp = top_entries(row, labels, k)
+    image_shape = _shape_of(test_image, image_shape)
     test = _as_image(test_image, image_shape, "test image")
     shown = {e["index"]: _as_image(train[e["index"]], image_shape, "training image")
              for e in pro + opp}
@@ -183,10 +219,15 @@ def plot_proponents_opponents(
     vmin, vmax = _range([test, *shown.values()])
 
     col_w, header_h, row_h, foot_h = 1.25, 1.05, 1.95, 0.45
-    note, note_h = _wrap_note(warning, col_w * (k + 2.2)) if warning else ("", 0.0)
-    header_h += note_h
+    width = col_w * (k + 2.2)
+    note, note_h = _wrap_note(warning, width) if warning else ("", 0.0)
+    sub = "score < 0: the training sample lowers this test loss; > 0: it raises it"
+    if completeness is not None:
+        sub = (format_completeness(completeness, unicode=True) + "\n"
+               + _wrap(COMPLETENESS_MEANING, width, 14) + "\n" + sub)
+    header_h += note_h + 0.16 * max(0, sub.count("\n") - 1)
     height = header_h + 2 * row_h + foot_h
-    fig = Figure(figsize=(col_w * (k + 2.2), height), dpi=dpi)
+    fig = _figure_class()(figsize=(width, height), dpi=dpi)
     grid = fig.add_gridspec(
         2, k + 2, width_ratios=[2.0, 0.2] + [1.0] * k,
         left=0.02, right=0.99, top=1 - (header_h + 0.1) / height, bottom=foot_h / height,
@@ -231,17 +272,31 @@ def plot_proponents_opponents(
                 heading += " (misclassified)"
     fig.suptitle(heading, x=0.02, y=1 - 0.12 / height, ha="left", va="top", fontsize=13,
                  fontweight="bold")
-    sub = "score < 0: the training sample lowers this test loss; > 0: it raises it"
-    if completeness is not None:
-        sub = format_completeness(completeness, unicode=True) + "\n" + sub
     fig.text(0.02, 1 - 0.5 / height, sub, ha="left", va="top", fontsize=9.5, color="0.25")
     if warning:
         _warning_note(fig, note, 0.02, 1 - (header_h - note_h + 0.02) / height)
-
-    return save_png(fig, path)
+    if path is not None:
+        save_png(fig, path)
+    return fig
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+def _wrap(text: str, width_in: float, chars_per_inch: float) -> str:
+    """``text`` wrapped to a line width of ``width_in`` inches."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width=max(40, int(width_in * chars_per_inch))))
+
+
+def _shape_of(image: Any, given: Sequence[int] | None) -> tuple[int, ...]:
+    """``given``, or the shape to draw ``image`` as (:func:`image_shape`), or an error."""
+    shape = image_shape(np.shape(image), given)
+    if shape is None:
+        raise InputError(f"cannot draw an input of shape {tuple(np.shape(image))} as an image: "
+                         f"give image_shape, e.g. (28, 28)")
+    return shape
+
+
 def _wrap_note(text: str, width_in: float) -> tuple[str, float]:
     """A warning note wrapped to ``width_in`` inches, and the inches of height it needs."""
     import textwrap
@@ -320,40 +375,50 @@ def plot_rankings(
     heading: str,
     rows: Sequence[tuple[str, Sequence[Mapping[str, Any]]]],
     train_images: Any,
-    path: str | os.PathLike,
-    image_shape: Sequence[int] = (28, 28),
+    path: str | os.PathLike | None = None,
     *,
+    image_shape: Sequence[int] | None = None,
+    note: str | None = None,
     warning: str | None = None,
     cmap: str = "gray_r",
     dpi: int = 110,
-) -> Path:
-    """Save a PNG comparing rankings: the test image on the left and one row per entry of
-    ``rows`` = ``[(row title, entries)]``, each entry ``{"index", "label", "score"}`` (as from
-    :func:`top_entries`) drawn as its training image with label and score beneath.
-    ``warning``: why this answer cannot be trusted, a red note under the heading."""
-    from matplotlib.figure import Figure
+) -> Figure:
+    """Rankings side by side: the test image on the left and one row per entry of ``rows`` =
+    ``[(row title, entries)]``, each entry ``{"index", "label", "score"}`` (as from
+    :func:`top_entries`) drawn as its training image with training index, label and score
+    beneath. Returns the matplotlib ``Figure``, written as PNG to ``path`` when one is given.
 
+    ``image_shape``: as in :func:`plot_proponents_opponents` (None: guessed). ``note``: grey
+    lines under the heading (what the scores mean, say). ``warning``: why this answer cannot be
+    trusted, a red note under the heading."""
     if not rows:
         raise InputError("plot_rankings needs at least one row")
     train = np.asarray(train_images)
     k = max(len(entries) for _, entries in rows)
+    image_shape = _shape_of(test_image, image_shape)
     test = _as_image(test_image, image_shape, "test image")
     images = {e["index"]: _as_image(train[e["index"]], image_shape, "training image")
               for _, entries in rows for e in entries}
     vmin, vmax = _range([test, *images.values()])
     show = {"cmap": cmap if test.ndim == 2 else None, "vmin": vmin, "vmax": vmax,
             "interpolation": "nearest"}
-    note, note_h = _wrap_note(warning, 1.15 * (k + 4.2)) if warning else ("", 0.0)
-    row_h, head_h = 1.35, 0.7 + note_h
+    width = 1.15 * (k + 4.2)
+    warn, warn_h = _wrap_note(warning, width) if warning else ("", 0.0)
+    lines = "\n".join(_wrap(part, width, 15) for part in note.split("\n")) if note else ""
+    lines_h = 0.16 * (lines.count("\n") + 1) + 0.05 if lines else 0.0
+    row_h, head_h = 1.35, 0.7 + warn_h + lines_h
     height = head_h + row_h * len(rows) + 0.25
-    fig = Figure(figsize=(1.15 * (k + 4.2), height), dpi=dpi)
+    fig = _figure_class()(figsize=(width, height), dpi=dpi)
     grid = fig.add_gridspec(len(rows), k + 2, width_ratios=[2.6, 1.6] + [1.0] * k,
                             left=0.01, right=0.995, top=1 - head_h / height,
                             bottom=0.25 / height,  # room for the last row's labels
                             wspace=0.1, hspace=0.55)
     fig.suptitle(heading, fontsize=11, fontweight="bold", x=0.01, ha="left")
+    if lines:
+        fig.text(0.01, 1 - 0.42 / height, lines, ha="left", va="top", fontsize=8.5,
+                 color="0.25")
     if warning:
-        _warning_note(fig, note, 0.01, 1 - 0.4 / height)
+        _warning_note(fig, warn, 0.01, 1 - (0.4 + lines_h) / height)
     ax = fig.add_subplot(grid[:, 0])
     ax.imshow(test, **show)
     ax.set_xticks([])
@@ -369,9 +434,12 @@ def plot_rankings(
             cell.imshow(images[e["index"]], **show)
             cell.set_xticks([])
             cell.set_yticks([])
-            cell.set_xlabel(f"{e.get('label', '')}  {e['score']:+.2g}", fontsize=7,
+            label = f"  label {e['label']}" if "label" in e else ""
+            cell.set_xlabel(f"#{e['index']}{label}\n{e['score']:+.2g}", fontsize=7,
                             labelpad=2)
-    return save_png(fig, path)
+    if path is not None:
+        save_png(fig, path)
+    return fig
 
 
 def image_shape(sample_shape: Sequence[int], given: Sequence[int] | None = None

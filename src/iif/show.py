@@ -26,8 +26,8 @@ def show(
     image_shape: Sequence[int] | None = None,
 ) -> str:
     """A text summary of ``folder``; with ``task`` (the job's task function) also writes
-    ``show_<i>.png`` there for each test index, the test input beside its top-k proponents
-    and opponents."""
+    ``show_<i>.png`` there for each test index: the test input with the model's prediction
+    beside its top-k proponents and opponents (training index, label and score)."""
     folder = Path(folder)
     _check_folder(folder)
     if not (folder / SCORES_FILE).exists() or not (folder / META_FILE).exists():
@@ -85,12 +85,47 @@ def show(
             if shape is None:
                 raise InputError("inputs are not square images: give --image-shape")
             x_test = test.x[i].cpu().numpy()
-            path = plot_proponents_opponents(
-                x_test, test.labels[i].cpu().numpy().tolist(), images, labels, result.scores[i],
-                folder / f"show_{i}.png", k=k, image_shape=shape, completeness=comp,
+            label = _label_text(test.labels[i].cpu().numpy().tolist())
+            predicted, confidence = _predict(job.task, test.x[i : i + 1])
+            lines.append(f"  label {label}, predicted {predicted}"
+                         + (f" (p={confidence:.2f})" if confidence is not None else ""))
+            heading = f"Test sample #{i}: label {label}, predicted {predicted}"
+            if confidence is not None:
+                heading += f" (p = {confidence:.2f})"
+                if predicted != label:
+                    heading += ", misclassified"
+            path = folder / f"show_{i}.png"
+            plot_proponents_opponents(
+                x_test, label, images, labels, result.scores[i], path, k=k,
+                image_shape=shape, title=heading, prediction=predicted, completeness=comp,
                 warning=note)
             lines.append(f"  wrote {path}")
     return "\n".join(lines)
+
+
+def _predict(task, x1) -> tuple[object, float | None]:
+    """The model's prediction for one input ``x1`` (a batch of one), in eval mode: the class
+    and its probability for classification, the output (rounded for reading) for
+    regression."""
+    import torch
+
+    from iif.grads import module_mode
+
+    with torch.no_grad(), module_mode(task.model, False):
+        out = task.model(x1).reshape(1, -1)[0].double()
+    if task.kind == "classification":
+        prob = torch.softmax(out, dim=0)
+        return int(prob.argmax()), float(prob.max())
+    values = [float(f"{v:.4g}") for v in out.cpu().tolist()]
+    return (values[0] if len(values) == 1 else values), None
+
+
+def _label_text(label: object) -> object:
+    """A label as drawn: a class, or a regression target rounded like the prediction."""
+    if isinstance(label, list):
+        values = [float(f"{v:.4g}") for v in label]
+        return values[0] if len(values) == 1 else values
+    return label
 
 
 # ---- the folder and its files, every malformation named --------------------------------------
