@@ -91,7 +91,7 @@ def job():
 }
 
 ERRORS = {
-    "wrong_shape": "cannot run on test data inputs of shape (5,)",
+    "wrong_shape": "test data inputs have the per-sample shape (5,), the training inputs (4,)",
     "nan_inputs": "training data inputs contain NaN or inf (1 samples)",
     "inf_test_inputs": "test data inputs contain NaN or inf",
     "labels_out_of_range": "labels out of range: found [0, 7], expected 0..2",

@@ -423,3 +423,32 @@ def test_data_subset_takes_indices_masks_and_slices():
     assert d.subset(slice(1, 3)).labels.tolist() == [1, 2]
     with pytest.raises(ValueError, match="mask"):
         d.subset(np.array([True, False]))
+
+
+def test_test_inputs_of_another_sample_shape_are_named():
+    import iif
+
+    model = nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10)).double()
+    task = iif.Task(model, "classification", iif.Recipe())
+    x = torch.rand(20, 64, dtype=torch.float64)
+    method = iif.InfluenceFunction(task, (x, torch.arange(20) % 10))
+    with pytest.raises(iif.InputError) as info:
+        method.attribute((torch.rand(3, 8, 8, dtype=torch.float64), torch.arange(3)))
+    assert str(info.value) == ("test data inputs have the per-sample shape (8, 8), the "
+                               "training inputs (64,)")
+
+
+def test_integer_regression_targets_are_questioned(caplog):
+    import iif
+
+    task = iif.Task(nn.Linear(4, 1).double(), "regression", iif.Recipe())
+    x = torch.rand(12, 4, dtype=torch.float64)
+    with caplog.at_level("WARNING", logger="iif"):
+        data = task.validate((x, torch.arange(12) % 3), "training data")
+    assert data.targets.shape == (12, 1)  # accepted: integer values are valid targets
+    assert "regression targets of the training data are integers (3 distinct values)" in \
+        caplog.text and "classification" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="iif"):
+        task.validate((x, torch.rand(12, 1, dtype=torch.float64)), "training data")
+    assert caplog.text == ""

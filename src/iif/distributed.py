@@ -162,7 +162,7 @@ def attribute_job(
     import torch.distributed as dist
 
     group = _join(method.task.device, peer_timeout_s, timeout_s)
-    test = method.task.validate(job.test, "test data")
+    test = method.validate_test(job.test)
     try:
         key = run_key(method, test)
         agree_on_key(key, rank, size, group)

@@ -32,7 +32,7 @@ def explain(
     """Attribute test sample ``index`` (with ``contrast``: a class or "runner-up"), write
     ``explain_<index>.json`` and ``explain_<index>.png`` into ``out``; returns the printed
     text and the JSON record."""
-    test = method.task.validate(test_data, "test data")
+    test = method.validate_test(test_data)
     if not 0 <= index < len(test):
         raise InputError(f"test index {index} is outside 0..{len(test) - 1}")
     one = test.subset([index])

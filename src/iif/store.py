@@ -485,7 +485,7 @@ def attribute_to(
     returns None unless ``world == 1``; the caller assembles once every rank is done.
     Returns the assembled :class:`Attribution`, equal to one uninterrupted call.
     """
-    test = method.task.validate(test_data, "test data")
+    test = method.validate_test(test_data)
     with open_store(folder, method, test, chunk, force=force) as store:
         fill(store, method, test, ranks=ranks, progress=progress)
         return store.assemble() if ranks[1] == 1 else None

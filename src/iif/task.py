@@ -19,6 +19,7 @@ names the problem.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -32,6 +33,8 @@ from iif.validation import check_settings, setting
 
 Kind = Literal["regression", "classification"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -173,13 +176,17 @@ class Task:
         return output
 
     # ---- validation ---------------------------------------------------------------------
-    def validate(self, data: Any, name: str = "data") -> Data:
-        """Check ``(x, y)`` (tensors, arrays or a TensorDataset) and move it to the device."""
+    def validate(self, data: Any, name: str = "data", like: Data | None = None) -> Data:
+        """Check ``(x, y)`` (tensors, arrays or a TensorDataset) and move it to the device;
+        ``like``: data whose per-sample input shape ``data`` must have (the training data)."""
         x, y = _split_pair(data, name)
         x = _as_tensor(x, f"{name} inputs")
         y = _as_tensor(y, f"{name} labels")
         if x.ndim == 0 or x.shape[0] == 0:
             raise InputError(f"{name} is empty: inputs have shape {tuple(x.shape)}")
+        if like is not None and tuple(x.shape[1:]) != tuple(like.x.shape[1:]):
+            raise InputError(f"{name} inputs have the per-sample shape {tuple(x.shape[1:])}, "
+                             f"the training inputs {tuple(like.x.shape[1:])}")
         if y.ndim == 0 or y.shape[0] != x.shape[0]:
             raise InputError(
                 f"{name}: {x.shape[0]} inputs but labels of shape {tuple(y.shape)}"
@@ -225,6 +232,11 @@ class Task:
             targets = torch.nn.functional.one_hot(labels, n_cls).to(self.dtype)
         else:
             if not y.is_floating_point():
+                if y.dim() == 1 and name == "training data" and y.numel() > 1:
+                    # told once per method (the training data are checked at construction)
+                    log.warning("the regression targets of the %s are integers (%d distinct "
+                                "values); if they are class labels, use Task(model, "
+                                "\"classification\")", name, int(torch.unique(y).numel()))
                 y = y.to(self.dtype)
             if not torch.isfinite(y).all():
                 raise InputError(f"{name} regression targets contain NaN or inf")

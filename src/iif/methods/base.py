@@ -101,7 +101,7 @@ class AttributionMethod:
         """Scores (n_test, n_train); positive = including the training sample raises the test
         loss. ``options`` go to the method (see its ``attribute``)."""
         self._validate_settings()
-        test = self.task.validate(test_data, "test data")
+        test = self.validate_test(test_data)
         start = time.perf_counter()
         with spill_features_to(self.feature_dir):
             parts = [m._attribute(test, **options) for m in self.members()]
@@ -118,6 +118,10 @@ class AttributionMethod:
         idx = self._indices(indices)
         with spill_features_to(self.feature_dir):
             return np.mean([m._self_influence(idx) for m in self.members()], axis=0)
+
+    def validate_test(self, test_data: Any) -> Data:
+        """``test_data`` checked and on the device, with the training inputs' sample shape."""
+        return self.task.validate(test_data, "test data", like=self.train)
 
     def settings(self) -> dict[str, Any]:
         """Everything that determines the scores, as recorded with them; checked first, so

@@ -147,7 +147,7 @@ class InfluenceFunction(AttributionMethod):
         values = [float(d) for d in dampings]
         if not values or any(not (d >= 0 and math.isfinite(d)) for d in values):
             raise InputError(f"dampings must be finite numbers >= 0, got {dampings!r}")
-        test = self.task.validate(test_data, "test data")
+        test = self.validate_test(test_data)
         # the features only: the solver of self.curvature would build the factor once more
         grads = self._train_grads()
         train = self.train

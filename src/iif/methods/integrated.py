@@ -173,7 +173,7 @@ class IntegratedInfluence(AttributionMethod):
         (positive = including the training sample raises it); completeness is the group's.
         A group of one gives that sample's per-test scores."""
         self._validate_settings()
-        test = self.task.validate(test_data, "test data")
+        test = self.validate_test(test_data)
         with spill_features_to(self.feature_dir):
             parts = [m._group(test) for m in self.members()]
         result = parts[0] if len(parts) == 1 else self._combine(parts)

@@ -148,7 +148,7 @@ class TRAK(AttributionMethod):
         """Scores (n_test, n_train): ``-[mean_m c_s phi_s^T K_m phi_i] * [mean_m w_i]``;
         positive = including the training sample raises the test loss."""
         self._validate_settings()
-        test = self.task.validate(test_data, "test data")
+        test = self.validate_test(test_data)
         start = time.perf_counter()
         members = self.members()
         parts = [m._parts(test) for m in members]
