@@ -79,8 +79,10 @@ def test_demo_rejects_bad_sizes(tmp_path):
             run_demo(tmp_path, quick=True, **kwargs)
 
 
-def test_choose_test_samples_puts_a_mistake_last():
-    labels = np.array([0, 1, 2, 3, 4])
-    assert choose_test_samples(labels, np.array([0, 1, 2, 0, 4]), 3) == [0, 1, 3]
+def test_choose_test_samples_ends_at_a_mistake_and_is_consecutive():
+    labels = np.array([0, 1, 2, 3, 4, 5])
+    assert choose_test_samples(labels, np.array([0, 1, 2, 0, 4, 5]), 3) == [1, 2, 3]
+    assert choose_test_samples(labels, np.array([0, 1, 2, 3, 4, 0]), 2) == [4, 5]
     assert choose_test_samples(labels, labels, 3) == [0, 1, 2]
-    assert choose_test_samples(labels, np.array([9, 1, 2, 3, 4]), 3) == [0, 1, 2]
+    assert choose_test_samples(labels, np.array([9, 1, 2, 3, 4, 5]), 3) == [0, 1, 2]
+    assert choose_test_samples(labels, np.array([0, 1, 2, 0, 4, 5]), 1) == [0]

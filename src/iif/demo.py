@@ -34,6 +34,7 @@ from torch import nn
 from iif.attribution import Attribution
 from iif.baseline import BaselineSettings
 from iif.data import load_digits
+from iif.diagnostics import index_offset
 from iif.errors import InputError
 from iif.io import atomic_write, jsonable
 from iif.methods.integrated import IntegratedInfluence
@@ -81,17 +82,14 @@ def make_model(seed: int) -> nn.Module:
 
 
 def choose_test_samples(labels: np.ndarray, predictions: np.ndarray, n: int) -> list[int]:
-    """The first ``n`` test samples, except that the last slot goes to the first misclassified
-    sample (when there is one beyond the first ``n - 1``): explaining a mistake is the most
-    instructive case."""
+    """``n`` consecutive test samples: the first ``n``, or those ending at the first
+    misclassified sample when it lies beyond them (explaining a mistake is the most
+    instructive case). Consecutive, so that warnings and records name them by their test
+    index (``iif.diagnostics.index_offset``)."""
     n = min(int(n), len(labels))
-    chosen = list(range(n))
-    if n < 2:
-        return chosen
-    wrong = [int(i) for i in np.flatnonzero(predictions != labels) if i >= n - 1]
-    if wrong and (n - 1) not in wrong:
-        chosen[-1] = wrong[0]
-    return chosen
+    wrong = np.flatnonzero(predictions != labels)
+    end = max(n, int(wrong[0]) + 1) if wrong.size and n >= 2 else n
+    return list(range(end - n, end))
 
 
 def run_demo(
@@ -164,18 +162,22 @@ def run_demo(
     log.info("attributing %d test samples (indices %s) with Integrated Influence",
              len(chosen), chosen)
     t0 = time.perf_counter()
-    attribution = method.attribute((x_test[chosen], y_test[chosen]))
+    with index_offset(chosen[0]):  # warnings name the samples by their test index
+        attribution = method.attribute((x_test[chosen], y_test[chosen]))
     timings["attribution"] = time.perf_counter() - t0
     attribution.save(out / ATTRIBUTION_DIR)
 
     # a mistake: why the predicted class and not the label? (one baseline per sample, trained
     # towards the label; the scores attribute the margin log p_predicted - log p_label)
     wrong = [index for index in chosen if test_pred[index] != y_test[index]]
-    contrast = None
+    contrast: dict[int, Attribution] = {}
     if wrong:
         log.info("explaining the mistake(s) %s against their labels", wrong)
         t0 = time.perf_counter()
-        contrast = method.attribute((x_test[wrong], y_test[wrong]), contrast=y_test[wrong])
+        for index in wrong:  # one at a time, so that warnings name each by its test index
+            with index_offset(index):
+                contrast[index] = method.attribute((x_test[[index]], y_test[[index]]),
+                                                   contrast=y_test[[index]])
         timings["contrast"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -193,8 +195,8 @@ def run_demo(
         )
         entry["image"] = image.name
         print(format_test_summary(entry, _text_title(entry)), file=stream)
-        if contrast is not None and index in wrong:
-            entry["contrast"] = _contrast_entry(contrast, wrong.index(index), y_train,
+        if index in contrast:
+            entry["contrast"] = _contrast_entry(contrast[index], 0, y_train,
                                                 cfg.top_k)
             why = out / f"test_{index}_contrast.png"
             _plot_contrast(entry, x_test[index], x_train, why)
