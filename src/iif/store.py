@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,9 @@ class FolderLock:
                 _lock_fd(fd)
             except BlockingIOError:
                 holder = _read_pid(fd)
+                if holder is None:  # locked an instant ago: its pid is being written
+                    time.sleep(0.1)
+                    holder = _read_pid(fd)
                 os.close(fd)
                 who = f"process {holder}" if holder else "another process"
                 raise InputError(f"{folder} is being written by {who} (lock {self.path}); "

@@ -302,7 +302,7 @@ def test_two_writers_with_different_seeds_at_once(problem, tmp_path):
     assert sorted(codes.values()) == [0, 1], errors
     winner = min(codes, key=codes.get)
     loser = max(codes, key=codes.get)
-    assert ("being written by process" in errors[loser]
+    assert ("is being written by" in errors[loser]
             or "different settings (seed" in errors[loser]), errors[loser]
     task, train, test = problem
     torch.set_num_threads(1)
