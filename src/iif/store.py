@@ -20,10 +20,10 @@ parts that differ, and so is a folder of finished chunks of another run without 
 one holding a result saved by ``Attribution.save``: ``force=True`` (``iif attribute --force``)
 clears the folder's results and starts over.
 
-**One writer at a time**: the folder is locked (``fcntl.flock`` on ``.iif-lock``, which holds
-the writer's pid) while a run writes it; a second writer is refused with the pid of the first.
-The kernel releases the lock of a process that dies, so a stale lock never blocks; its
-temporary files (``.*.tmp``) are removed by the next writer.
+**One writer at a time**: the folder is locked (:class:`iif.chunks.FolderLock`) while a run
+writes it; a second writer is refused with the pid of the first, and the temporary files of a
+writer that died are removed by the next. The chunks themselves are an
+:class:`iif.chunks.ChunkFolder`, the layer the LDS ground-truth cache uses too.
 
 Every file is written to a temporary name and renamed into place, so a crash leaves finished
 chunks intact. Re-running the same command skips finished chunks.
@@ -35,111 +35,25 @@ import json
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from iif.attribution import META_FILE, SCORES_FILE, Attribution
+from iif.chunks import ChunkFolder, FolderLock, read_json, remove_file, remove_temporary_files
 from iif.diagnostics import globalized, index_offset, trust_flags
 from iif.errors import InputError
 from iif.io import atomic_write, jsonable
-from iif.runkey import RunKey, file_digest, run_key, text_digest
+from iif.runkey import RunKey, run_key
 from iif.validation import Limits, check_value
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not on POSIX: an exclusive lock file instead
-    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 CHUNKS = "chunks"
-LOCK = ".iif-lock"
 FORMAT = 2
 FORCE_HINT = "use a fresh folder, or --force (force=True) to replace its results"
-
-
-# ---- the lock --------------------------------------------------------------------------------
-class FolderLock:
-    """An advisory, exclusive lock on ``folder`` for as long as this object is held.
-
-    ``fcntl.flock`` on ``folder/.iif-lock``: the kernel drops it when the holder exits in any
-    way, so a lock file left by a dead process is stale and taken over (its pid is logged).
-    A folder locked by a live process raises :class:`InputError` naming that pid.
-    """
-
-    def __init__(self, folder: Path):
-        self.path = Path(folder) / LOCK
-        self._fd: int | None = None
-        while self._fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                _lock_fd(fd)
-            except BlockingIOError:
-                holder = _read_pid(fd)
-                if holder is None:  # locked an instant ago: its pid is being written
-                    time.sleep(0.1)
-                    holder = _read_pid(fd)
-                os.close(fd)
-                who = f"process {holder}" if holder else "another process"
-                raise InputError(f"{folder} is being written by {who} (lock {self.path}); "
-                                 f"wait for it to finish or use another folder") from None
-            # the holder before us may have removed the file after we opened it: lock the
-            # file that is at the path now
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                same = False
-            if not same:
-                os.close(fd)
-                continue
-            stale = _read_pid(fd)
-            if stale and stale != os.getpid():
-                log.info("%s: taking over the lock of process %s, which is no longer running",
-                         folder, stale)
-            os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
-            self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        try:
-            self.path.unlink(missing_ok=True)  # before unlocking: see the samestat check
-        finally:
-            os.close(self._fd)  # drops the flock
-            self._fd = None
-
-    def __del__(self) -> None:
-        self.release()
-
-
-def _lock_fd(fd: int) -> None:
-    if fcntl is not None:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return
-    pid = _read_pid(fd)  # pragma: no cover - without flock, a live pid in the file holds it
-    if pid and pid != os.getpid() and _alive(pid):  # pragma: no cover
-        raise BlockingIOError
-
-
-def _read_pid(fd: int) -> int | None:
-    os.lseek(fd, 0, os.SEEK_SET)
-    text = os.read(fd, 64).decode(errors="replace").strip()
-    return int(text) if text.isdigit() else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ---- the store -------------------------------------------------------------------------------
@@ -153,8 +67,8 @@ class ResultStore:
         n_test, n_train: the shape of the full score matrix.
         bounds: chunk boundaries ``[0, b_1, ..., n_test]``.
         force: clear results of another run (or of ``Attribution.save``) instead of refusing.
-        lock: hold the folder's lock (see :class:`FolderLock`) until :meth:`close`; the ranks
-            of a torchrun job other than rank 0 work under rank 0's lock.
+        lock: hold the folder's lock (:class:`iif.chunks.FolderLock`) until :meth:`close`;
+            the ranks of a torchrun job other than rank 0 work under rank 0's lock.
     """
 
     def __init__(self, folder: str | os.PathLike, *, method: str, settings: dict[str, Any],
@@ -180,13 +94,14 @@ class ResultStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock = FolderLock(self.folder) if lock else None
         try:
-            if lock:
-                self._remove_temporary_files()
             chunks = self.folder / CHUNKS
             if chunks.exists() and not chunks.is_dir():
                 raise InputError(f"{chunks} is a file, not the folder of chunks; remove it")
+            if lock:
+                remove_temporary_files(self.folder)
+                remove_temporary_files(chunks)
             self._claim(force)
-            chunks.mkdir(exist_ok=True)
+            self._chunks = ChunkFolder(chunks, key.digest, lock=False)
         except BaseException:
             self.close()
             raise
@@ -220,7 +135,7 @@ class ResultStore:
     def _conflict(self, path: Path) -> str | None:
         """What in the folder belongs to another run (None: nothing, or this run's own)."""
         if path.exists():
-            old = _read_json(path, "manifest")
+            old = read_json(path, "manifest")
             if isinstance(old, str):
                 return old
             if old.get("format") != FORMAT:
@@ -239,14 +154,14 @@ class ResultStore:
         # no manifest: chunks of another run, or a saved Attribution, are not ours to replace
         foreign = 0
         for meta in sorted((self.folder / CHUNKS).glob("rows-*.json")):
-            record = _read_json(meta, "chunk record")
+            record = read_json(meta, "chunk record")
             if isinstance(record, str) or record.get("key") != self.key.digest:
                 foreign += 1
         if foreign:
             return (f"holds {foreign} chunk(s) of another run but no {MANIFEST} (they cannot "
                     f"be checked against this run)")
         if (self.folder / META_FILE).exists() or (self.folder / SCORES_FILE).exists():
-            meta = _read_json(self.folder / META_FILE, "result")
+            meta = read_json(self.folder / META_FILE, "result")
             ours = isinstance(meta, dict) and isinstance(meta.get("info"), dict) and \
                 meta["info"].get("run_key") == self.key.digest
             if not ours:  # assembled by this run before its manifest was removed, or not
@@ -265,70 +180,45 @@ class ResultStore:
 
     def _clear(self) -> None:
         for name in (MANIFEST, SCORES_FILE, META_FILE):
-            _remove_file(self.folder / name)
+            remove_file(self.folder / name)
         shutil.rmtree(self.folder / CHUNKS, ignore_errors=True)
-
-    def _remove_temporary_files(self) -> None:
-        """Temporary files of writers that died before renaming them (we hold the lock)."""
-        for folder in (self.folder, self.folder / CHUNKS):
-            for tmp in folder.glob(".*.tmp"):
-                if not tmp.is_file():
-                    continue
-                log.info("removing %s, left by a writer that stopped", tmp)
-                tmp.unlink(missing_ok=True)
 
     @property
     def chunks(self) -> list[tuple[int, int]]:
         b = self.manifest["bounds"]
         return list(zip(b[:-1], b[1:], strict=True))
 
-    def _paths(self, lo: int, hi: int) -> tuple[Path, Path]:
-        stem = self.folder / CHUNKS / f"rows-{lo:07d}-{hi:07d}"
-        return stem.with_suffix(".npy"), stem.with_suffix(".json")
+    @staticmethod
+    def _name(lo: int, hi: int) -> str:
+        return f"rows-{lo:07d}-{hi:07d}"
 
     # ---- chunks --------------------------------------------------------------------------
     def done(self, lo: int, hi: int) -> bool:
         """Whether chunk [lo, hi) is on disk, intact and of this run (anything else is
         removed, so it is computed again)."""
-        npy, meta = self._paths(lo, hi)
-        if not (npy.exists() and meta.exists()):
+        name = self._name(lo, hi)
+        problem = self._chunks.problem(name, (hi - lo, self.manifest["n_train"]))
+        if problem == "missing":
             return False
-        problem = self._check_chunk(lo, hi, npy, meta)
+        if problem is None:
+            problem = self._check_record(lo, hi, self._chunks.read(name)[1])
+        elif problem.startswith("was made by another run"):
+            record = read_json(self._chunks.paths(name)[1], "chunk record")
+            differs = self.key.differences(record.get("parts") if isinstance(record, dict)
+                                           else None)
+            problem += f" ({', '.join(differs) or 'unknown key'} differ)"
         if problem:
-            log.warning("chunk %s %s; computing it again", npy.name, problem)
-            for p in (npy, meta):
-                _remove_file(p)
+            log.warning("chunk %s %s; computing it again", name, problem)
+            self._chunks.discard(name)
         return problem is None
 
-    def _check_chunk(self, lo: int, hi: int, npy: Path, meta: Path) -> str | None:
-        record = _read_json(meta, "chunk record")
-        if isinstance(record, str):
-            return record
-        if record.get("key") != self.key.digest:
-            differs = self.key.differences(record.get("parts"))
-            return f"was made by another run ({', '.join(differs) or 'unknown key'} differ)"
-        try:
-            intact = record.get("record_sha256") == _record_checksum(record)
-        except ValueError:  # NaN or inf, which JSON readers accept and the record never holds
-            intact = False
-        if not intact:
-            return "has a damaged record (checksum mismatch)"
+    @staticmethod
+    def _check_record(lo: int, hi: int, record: dict[str, Any]) -> str | None:
         comp = record.get("completeness")
         if not isinstance(record.get("info"), dict) or not (comp is None or (
                 isinstance(comp, dict) and all(isinstance(v, list) and len(v) == hi - lo
                                                for v in comp.values()))):
             return "has a malformed record (info or completeness)"
-        shape = [hi - lo, self.manifest["n_train"]]
-        if record.get("shape") != shape or record.get("dtype") != "float64":
-            return f"has the wrong shape or dtype ({record.get('shape')}, not {shape})"
-        try:
-            if record.get("sha256") != file_digest(npy):
-                return "is damaged (checksum mismatch)"
-            array = np.load(npy, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            return f"cannot be read ({exc})"
-        if list(array.shape) != shape or array.dtype != np.float64:
-            return f"holds an array of shape {list(array.shape)} ({array.dtype}), not {shape}"
         return None
 
     def pending(self) -> list[tuple[int, int]]:
@@ -339,29 +229,15 @@ class ResultStore:
         if result.scores.shape != shape:
             raise InputError(f"chunk [{lo}, {hi}) has scores of shape {result.scores.shape}, "
                              f"not {shape}")
-        scores = np.ascontiguousarray(result.scores, dtype=np.float64)
         # the record names test samples by global index, as the chunk's warnings do
         info = result.info if "test_offset" in result.info else globalized(result.info, lo)
-        npy, meta = self._paths(lo, hi)
-        atomic_write(npy, lambda f: np.save(f, scores, allow_pickle=False))
-        record = {
-            "key": self.key.digest,
-            "parts": dict(self.key.parts),
-            "shape": list(shape),
-            "dtype": "float64",
-            "sha256": file_digest(npy),
-            "completeness": None if result.completeness is None else {
-                k: np.asarray(v, dtype=float) for k, v in result.completeness.items()},
-            "info": info,
-        }
-        record = jsonable(record)
-        record["record_sha256"] = _record_checksum(record)
-        text = json.dumps(record, allow_nan=False)
-        atomic_write(meta, lambda f: f.write(text.encode()))
+        completeness = None if result.completeness is None else {
+            k: np.asarray(v, dtype=float) for k, v in result.completeness.items()}
+        self._chunks.write(self._name(lo, hi), result.scores, parts=dict(self.key.parts),
+                           completeness=completeness, info=info)
 
     def read(self, lo: int, hi: int) -> tuple[np.ndarray, dict[str, Any]]:
-        npy, meta = self._paths(lo, hi)
-        return np.load(npy, mmap_mode="r", allow_pickle=False), json.loads(meta.read_text())
+        return self._chunks.read(self._name(lo, hi))
 
     # ---- the whole ------------------------------------------------------------------------
     def assemble(self) -> Attribution:
@@ -394,30 +270,6 @@ class ResultStore:
         result = Attribution(scores, m["method"], m["settings"], whole, info)
         result.save(self.folder)
         return result
-
-
-def _record_checksum(record: dict[str, Any]) -> str:
-    body = {k: v for k, v in record.items() if k != "record_sha256"}
-    return text_digest(json.dumps(body, sort_keys=True, allow_nan=False))
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any] | str:
-    """The JSON object in ``path``, or a sentence saying what is wrong with it."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
-        return f"has an unreadable {what} {path.name} ({exc})"
-    if not isinstance(value, dict):
-        return f"has a malformed {what} {path.name} (a JSON {type(value).__name__}, not an " \
-               f"object)"
-    return value
-
-
-def _remove_file(path: Path) -> None:
-    """Remove a file of the store; a folder in its place is the user's to remove."""
-    if path.is_dir() and not path.is_symlink():
-        raise InputError(f"{path} is a folder where iif keeps a file; remove it")
-    path.unlink(missing_ok=True)
 
 
 def _settings_changes(old: Any, new: dict[str, Any], limit: int = 4) -> str:

@@ -201,11 +201,13 @@ def test_second_call_reads_the_cache(mlp_factory, train_data, test_data, tmp_pat
     assert first.info["trained_models"] == 4 and first.seconds > 0
     folder = tmp_path / first.key
     assert sorted(p.name for p in folder.iterdir()) == [
-        "losses_0000.npy", "losses_0001.npy", "manifest.json", "subsets.npy"]
+        "losses_0000.json", "losses_0000.npy", "losses_0001.json", "losses_0001.npy",
+        "manifest.json", "subsets.json", "subsets.npy"]
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["key"] == first.key and manifest["done"] == [0, 1]
-    assert manifest["settings"] == settings.to_dict()
+    assert manifest["key"] == first.key and manifest["settings"] == settings.to_dict()
     assert np.load(folder / "losses_0001.npy", allow_pickle=False).shape == (1, N_TEST)
+    record = json.loads((folder / "losses_0001.json").read_text())
+    assert record["key"] == first.key and record["shape"] == [1, N_TEST]
 
     def no_training(*args, **kwargs):
         raise AssertionError("trained although everything is cached")
@@ -216,6 +218,28 @@ def test_second_call_reads_the_cache(mlp_factory, train_data, test_data, tmp_pat
     np.testing.assert_array_equal(second.losses, first.losses)
     np.testing.assert_array_equal(second.subsets, first.subsets)
     assert second.seconds == pytest.approx(first.seconds)
+
+
+def _done(folder) -> list[str]:
+    """The finished chunks of losses in a cache folder."""
+    return sorted(p.stem for p in folder.glob("losses_*.json")
+                  if p.with_suffix(".npy").exists())
+
+
+def test_a_damaged_or_foreign_cache_chunk_is_trained_again(mlp_factory, train_data,
+                                                           test_data, tmp_path, monkeypatch):
+    task = _task(mlp_factory)
+    settings = RetrainSettings(n_subsets=4, batch_models=2, seed=1)
+    first = ground_truth(task, train_data, test_data, settings, cache_dir=tmp_path)
+    folder = tmp_path / first.key
+    chunk = folder / "losses_0001.npy"
+    np.save(chunk, np.zeros((2, N_TEST)), allow_pickle=False)  # edited: checksum mismatch
+    calls = []
+    real = rt.train_batch
+    monkeypatch.setattr(rt, "train_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = ground_truth(task, train_data, test_data, settings, cache_dir=tmp_path)
+    assert len(calls) == 1 and again.info["cached_chunks"] == 1
+    np.testing.assert_array_equal(again.losses, first.losses)
 
 
 def _changed(name, task, train, test, settings):
@@ -291,8 +315,7 @@ def test_interrupted_run_resumes_with_the_missing_chunks(mlp_factory, train_data
     with pytest.raises(RuntimeError, match="killed"):
         ground_truth(task, train_data, test_data, settings, cache_dir=tmp_path)
     folder = tmp_path / cache_key(task, train_data, test_data, settings)
-    assert json.loads((folder / "manifest.json").read_text())["done"] == [0]
-    assert (folder / "losses_0000.npy").exists() and not (folder / "losses_0001.npy").exists()
+    assert _done(folder) == ["losses_0000"]
 
     calls.clear()
     monkeypatch.setattr(rt, "train_batch", lambda *a, **k: calls.append(list(a[3])) or real(*a))
@@ -302,7 +325,7 @@ def test_interrupted_run_resumes_with_the_missing_chunks(mlp_factory, train_data
     monkeypatch.setattr(rt, "train_batch", real)
     whole = ground_truth(task, train_data, test_data, settings)
     np.testing.assert_allclose(resumed.losses, whole.losses, rtol=0, atol=1e-12)
-    assert json.loads((folder / "manifest.json").read_text())["done"] == [0, 1, 2]
+    assert _done(folder) == ["losses_0000", "losses_0001", "losses_0002"]
 
 
 # ---- divergence -----------------------------------------------------------------------------
@@ -317,7 +340,7 @@ def test_diverged_training_raises_and_is_not_cached(tmp_path):
                      cache_dir=tmp_path)
     (folder,) = tmp_path.iterdir()
     assert not list(folder.glob("losses_*.npy"))
-    assert json.loads((folder / "manifest.json").read_text())["done"] == []
+    assert _done(folder) == []
 
 
 def test_divergence_message_names_the_subset_of_the_failing_model(

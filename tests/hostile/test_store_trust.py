@@ -22,9 +22,10 @@ from torch import nn
 import iif
 from iif import IntegratedInfluence, PathSettings, ProjectionSettings, TracIn
 from iif.checkpoints import load_checkpoints, train_with_checkpoints
+from iif.chunks import LOCK, FolderLock, record_checksum
 from iif.errors import InputError
 from iif.runkey import RunKey, run_key, structure_text
-from iif.store import CHUNKS, LOCK, MANIFEST, FolderLock, ResultStore, attribute_to
+from iif.store import CHUNKS, MANIFEST, ResultStore, attribute_to
 
 TESTS = Path(__file__).parents[1]
 
@@ -152,11 +153,9 @@ def test_tracin_checkpoints_retrained_in_place_are_refused(problem, tmp_path):
 # ---- chunk records ---------------------------------------------------------------------------
 def _forge(meta: Path, **fields) -> None:
     """Rewrite a chunk record with ``fields`` and a consistent record checksum."""
-    from iif.store import _record_checksum
-
     record = json.loads(meta.read_text())
     record.update(fields)
-    record["record_sha256"] = _record_checksum(record)
+    record["record_sha256"] = record_checksum(record)
     meta.write_text(json.dumps(record))
 
 
@@ -232,7 +231,7 @@ def test_temporary_files_of_a_dead_writer_are_removed(problem, tmp_path):
 HOLD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from iif.store import FolderLock
+    from iif.chunks import FolderLock
     lock = FolderLock(Path(sys.argv[1]))
     print("locked", flush=True)
     time.sleep(float(sys.argv[2]))

@@ -15,16 +15,17 @@ element-wise, so this equals B separate optimizers. A custom optimizer must be e
 too (no norms or shapes across parameters) for that to hold; otherwise set
 ``batch_models=1``.
 
-Results are cached in ``cache_dir/<key>/``: ``subsets.npy``, one ``losses_XXXX.npy`` per
-finished chunk of ``batch_models`` models (per-model losses, rows in model order
-``k = m * R + r``) and ``manifest.json``. Every file is written atomically; a run that stops
-part-way resumes with the missing chunks only.
+Results are cached in ``cache_dir/<key>/``, an :class:`iif.chunks.ChunkFolder` (the layer
+under the result store too): ``subsets`` and one ``losses_XXXX`` chunk per finished chunk of
+``batch_models`` models (per-model losses, rows in model order ``k = m * R + r``), each an
+``.npy`` with a checksummed record carrying the key, and ``manifest.json`` describing the
+cache for a reader. Every file is written atomically; a run that stops part-way resumes with
+the missing chunks only, and a damaged chunk is trained again.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -39,18 +40,28 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from iif.chunks import ChunkFolder, FolderLock
 from iif.errors import InputError
 from iif.evaluation.metrics import LDSResult, lds, random_subsets
 from iif.grads import ModelState, lone_samples_use_running_stats, module_mode
 from iif.io import atomic_write, jsonable
 from iif.progress import progress_bar
+from iif.runkey import (
+    data_digest,
+    model_structure_digest,
+    settings_digest,
+    software_versions,
+    source_of,
+    tensor_digest,
+    text_digest,
+)
 from iif.task import Data, Task
 from iif.training import reinitialised, seeded, train
 from iif.validation import check_settings, setting
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 _EVAL_CHUNK = 1024
 
 
@@ -322,97 +333,44 @@ def _stack(models: list[nn.Module]) -> StackedModels:
 
 
 # ---- cache key --------------------------------------------------------------------------
-def _hash_tensor(h: Any, name: str, t: torch.Tensor) -> None:
-    t = t.detach().cpu().contiguous()
-    h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
-def _describe_callable(fn: Any) -> str | None:
-    if fn is None:
-        return None
-    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    return f"{getattr(fn, '__module__', '?')}.{name}"
-
-
 def cache_key(task: Task, train_data: Any, test_data: Any, settings: RetrainSettings) -> str:
     """SHA-256 (hex) of everything the ground-truth losses depend on: training and test data
-    (inputs and targets), the architecture (``repr``) and tensors of ``task.model``, the recipe,
-    the settings, the task kind, class count, dtype and the name of a custom loss.
-
-    Code is not hashed: editing a model's ``forward`` or a custom loss or optimizer without
-    changing its ``repr`` or name keeps the key; clear the cache folder then.
-    """
+    (inputs and targets), the model's structure (module tree and the source of custom module
+    classes, as in :mod:`iif.runkey`) and tensors, the recipe (a custom optimizer or loss by
+    its source), the settings, the task kind, class count and dtype, and the versions."""
     train_d = task.validate(train_data, "training data")
     test_d = task.validate(test_data, "test data")
     return _key(task, train_d, test_d, settings)
 
 
 def _key(task: Task, train_d: Data, test_d: Data, settings: RetrainSettings) -> str:
-    h = hashlib.sha256()
+    optimizer = task.recipe.optimizer
     meta = {
         "format": CACHE_FORMAT,
         "kind": task.kind,
         "num_classes": task.num_classes,
         "dtype": str(task.dtype),
-        "loss": _describe_callable(task.loss),
         "recipe": task.recipe.to_dict(),
-        "optimizer": _describe_callable(task.recipe.optimizer)
-        if callable(task.recipe.optimizer) else task.recipe.optimizer,
+        "optimizer": source_of(optimizer) if callable(optimizer) else optimizer,
         "settings": settings.to_dict(),
-        "architecture": repr(task.model),
+        "versions": software_versions(),
     }
-    h.update(json.dumps(jsonable(meta), sort_keys=True).encode())
-    for prefix, d in (("train", train_d), ("test", test_d)):
-        _hash_tensor(h, f"{prefix}.x", d.x)
-        _hash_tensor(h, f"{prefix}.targets", d.targets)
-    for name, p in task.model.named_parameters():
-        _hash_tensor(h, f"param.{name}.{p.requires_grad}", p)
-    for name, b in task.model.named_buffers():
-        _hash_tensor(h, f"buffer.{name}", b)
-    return h.hexdigest()
-
-
-# ---- cache files --------------------------------------------------------------------------
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
-
-
-def _load_npy(path: Path) -> np.ndarray | None:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError):
-        return None
-
-
-def _read_manifest(folder: Path) -> dict[str, Any] | None:
-    path = folder / "manifest.json"
-    if not path.exists():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read {path}: {exc}; delete the folder {folder} to "
-                         f"recompute") from exc
-    if not isinstance(manifest, dict) or manifest.get("key") != folder.name:
-        raise InputError(f"{path} does not belong to cache key {folder.name}; delete the "
-                         f"folder {folder} to recompute")
-    return manifest
+    return text_digest(" ".join([
+        settings_digest(meta),
+        model_structure_digest([task.model], task.loss),
+        tensor_digest(list(task.model.state_dict().values())),  # its parameters and buffers
+        data_digest(train_d), data_digest(test_d),
+    ]))
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    """Write the manifest, merging the chunks another run may have finished meanwhile."""
-    on_disk = _read_manifest(folder)
-    if on_disk is not None:
-        manifest["done"] = sorted({*manifest["done"], *on_disk.get("done", [])})
-        manifest["chunk_seconds"] = {**on_disk.get("chunk_seconds", {}),
-                                     **manifest["chunk_seconds"]}
+    """What the cache holds, for a reader (the chunks' records are what counts)."""
     text = json.dumps(jsonable(manifest), indent=1, sort_keys=True).encode()
     atomic_write(folder / "manifest.json", lambda f: f.write(text))
 
 
-def _chunk_file(folder: Path, chunk: int) -> Path:
-    return folder / f"losses_{chunk:04d}.npy"
+def _chunk_name(chunk: int) -> str:
+    return f"losses_{chunk:04d}"
 
 
 # ---- the ground truth -------------------------------------------------------------------
@@ -429,12 +387,13 @@ def ground_truth(
 
     ``train_data`` (N samples) and ``test_data`` (n_test samples) are (inputs, labels) pairs.
     Returns subsets (M, N) and mean losses (M, n_test). With ``cache_dir``, finished chunks
-    are read from ``cache_dir/<key>/`` and only missing ones are trained. A diverged model
-    (NaN/inf loss) raises :class:`InputError` naming its subset; nothing of its chunk is cached.
+    are read from ``cache_dir/<key>/`` (an :class:`iif.chunks.ChunkFolder`: checksummed,
+    keyed records; a damaged or foreign chunk is trained again) and only missing ones are
+    trained, holding the folder's lock. A diverged model (NaN/inf loss) raises
+    :class:`InputError` naming its subset; nothing of its chunk is cached.
     ``ranks = (rank, world)`` with world > 1 (needs ``cache_dir``, shared by the ranks): train
     only chunks ``rank, rank + world, ...`` into the cache and return None; once every rank is
-    done, a call with the default ``ranks`` reads the whole result from the cache
-    (``iif.distributed.ground_truth_job`` does both).
+    done, a call with the default ``ranks`` reads the whole result from the cache.
     """
     rank, world = ranks
     if world > 1 and cache_dir is None:
@@ -450,59 +409,50 @@ def ground_truth(
     m_subsets, repeats, n_train = settings.n_subsets, settings.repeats, len(train_d)
     n_models, chunk = m_subsets * repeats, settings.batch_models
     n_chunks = math.ceil(n_models / chunk)
+    bounds = [(c * chunk, min((c + 1) * chunk, n_models)) for c in range(n_chunks)]
+    mine = [c for c in range(n_chunks) if c % world == rank]
 
-    folder: Path | None = None
-    manifest: dict[str, Any] = {}
-    subsets = None
-    if cache_dir is not None:
-        folder = Path(cache_dir) / key
-        folder.mkdir(parents=True, exist_ok=True)
-        manifest = _read_manifest(folder) or {}
-        cached = _load_npy(folder / "subsets.npy")
-        size = int(round(settings.fraction * n_train))
-        if (cached is not None and cached.dtype == bool and cached.shape == (m_subsets, n_train)
-                and np.all(cached.sum(1) == size)):
-            subsets = cached  # the losses on disk belong to these subsets
-    if subsets is None:
-        subsets = random_subsets(m_subsets, n_train, settings.fraction, settings.seed)
-        if folder is not None:
-            _save_npy(folder / "subsets.npy", subsets)
-    if folder is not None:
-        manifest = {
-            "format": CACHE_FORMAT, "key": key, "settings": settings.to_dict(),
-            "task": task.to_dict(), "epochs": epochs, "n_train": n_train,
-            "n_test": len(test_d), "n_models": n_models, "chunk_size": chunk,
-            "n_chunks": n_chunks, "done": manifest.get("done", []),
-            "chunk_seconds": manifest.get("chunk_seconds", {}),
-        }
-        _write_manifest(folder, manifest)
-
+    cache = None if cache_dir is None else ChunkFolder(Path(cache_dir) / key, key, lock=False)
     per_model = np.empty((n_models, len(test_d)), dtype=np.float64)
-    chunk_seconds: dict[str, float] = dict(manifest.get("chunk_seconds", {}))
-    trained, cached_chunks = 0, 0
-    for c in progress_bar(range(n_chunks), total=n_chunks, desc="retrain", enable=progress):
-        lo, hi = c * chunk, min((c + 1) * chunk, n_models)
-        if c % world != rank:
-            continue  # another rank's chunk
-        # a chunk file is written atomically and only when complete: its presence counts even
-        # when another rank's manifest update has not landed yet
-        if folder is not None and (c in manifest["done"] or _chunk_file(folder, c).exists()):
-            values = _load_npy(_chunk_file(folder, c))
-            if (values is not None and values.shape == (hi - lo, len(test_d))
-                    and np.all(np.isfinite(values))):
+    seconds: dict[int, float] = {}
+    todo = []
+    for c in mine:
+        lo, hi = bounds[c]
+        problem = "missing" if cache is None else cache.problem(_chunk_name(c),
+                                                                (hi - lo, len(test_d)))
+        if problem is None:
+            values, record = cache.read(_chunk_name(c))
+            if np.all(np.isfinite(values)):
                 per_model[lo:hi] = values
-                cached_chunks += 1
+                seconds[c] = float(record.get("seconds") or 0.0)
                 continue
-            log.warning("cache chunk %d in %s is missing or damaged; retraining it", c, folder)
-        t0 = time.perf_counter()
-        per_model[lo:hi] = _train_chunk(task, train_d, test_d, subsets, settings, epochs, lo, hi)
-        chunk_seconds[str(c)] = time.perf_counter() - t0
-        trained += hi - lo
-        if folder is not None:
-            _save_npy(_chunk_file(folder, c), per_model[lo:hi].copy())
-            manifest["done"] = sorted({*manifest["done"], c})
-            manifest["chunk_seconds"] = chunk_seconds
-            _write_manifest(folder, manifest)
+            problem = "holds NaN or inf"
+        if problem != "missing":
+            log.warning("cache chunk %d in %s %s; retraining it", c, cache.folder, problem)
+            cache.discard(_chunk_name(c))
+        todo.append(c)
+    lock = FolderLock(cache.folder) if cache is not None and todo and world == 1 else None
+    try:
+        subsets = _subsets(cache, settings, n_train)
+        if cache is not None and todo:
+            _write_manifest(cache.folder, {
+                "format": CACHE_FORMAT, "key": key, "settings": settings.to_dict(),
+                "task": task.to_dict(), "epochs": epochs, "n_train": n_train,
+                "n_test": len(test_d), "n_models": n_models, "chunk_size": chunk,
+                "n_chunks": n_chunks})
+        cached_chunks, trained = len(mine) - len(todo), 0
+        for c in progress_bar(todo, total=len(todo), desc="retrain", enable=progress):
+            lo, hi = bounds[c]
+            t0 = time.perf_counter()
+            per_model[lo:hi] = _train_chunk(task, train_d, test_d, subsets, settings, epochs,
+                                            lo, hi)
+            seconds[c] = time.perf_counter() - t0
+            trained += hi - lo
+            if cache is not None:
+                cache.write(_chunk_name(c), per_model[lo:hi], seconds=seconds[c])
+    finally:
+        if lock is not None:
+            lock.release()
 
     if world > 1:
         return None
@@ -512,15 +462,28 @@ def ground_truth(
         "cached_chunks": cached_chunks,
         "n_chunks": n_chunks,
         "epochs": epochs,
-        "cache_dir": None if folder is None else str(folder),
+        "cache_dir": None if cache is None else str(cache.folder),
         "wall_seconds": time.perf_counter() - start_time,
     }
     if cached_chunks:
         log.info("ground truth %s: %d of %d chunks from the cache", key[:12], cached_chunks,
                  n_chunks)
     return GroundTruth(subsets=subsets, losses=repeat_losses.mean(axis=1), settings=settings,
-                       key=key, seconds=float(sum(chunk_seconds.values())),
+                       key=key, seconds=float(sum(seconds.values())),
                        repeat_losses=repeat_losses, info=info)
+
+
+def _subsets(cache: ChunkFolder | None, settings: RetrainSettings, n_train: int
+             ) -> np.ndarray:
+    """The random subsets (M, N), from the cache when it holds them (the cached losses
+    belong to them), else drawn and cached."""
+    shape = (settings.n_subsets, n_train)
+    if cache is not None and cache.problem("subsets", shape, dtype="bool") is None:
+        return np.array(cache.read("subsets")[0])
+    subsets = random_subsets(settings.n_subsets, n_train, settings.fraction, settings.seed)
+    if cache is not None:
+        cache.write("subsets", subsets, dtype="bool")
+    return subsets
 
 
 def _train_chunk(task: Task, train_d: Data, test_d: Data, subsets: np.ndarray,
