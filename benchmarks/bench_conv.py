@@ -17,11 +17,11 @@ import statistics
 import torch
 from bench_engine import timed
 
-from iif.experiments.table3 import cnn
 from iif.features import step_features
 from iif.grads import FunctionalModel
 from iif.projection import ProjectionSettings, make_projector
 from iif.task import Recipe, Task
+from iif_paper.experiments.table3 import cnn
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

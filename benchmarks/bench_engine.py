@@ -45,10 +45,10 @@ import iif.features
 import iif.methods.integrated as integrated_mod
 import iif.path
 from iif import IntegratedInfluence, PathSettings, ProjectionSettings, Recipe, Task
-from iif.data import load_mnist
 from iif.features import step_features
 from iif.grads import FunctionalModel, path_step_fn, per_sample_grads, per_sample_jacobians
 from iif.projection import RandomProjector, make_projector
+from iif_paper.data import load_mnist
 
 SEED = 0
 

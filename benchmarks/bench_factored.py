@@ -23,7 +23,7 @@ import time
 import torch
 from torch import nn
 
-from iif.curvature import CurvatureSettings, gram_solver, rows_times
+from iif.curvature import CurvatureSettings, gram_solver
 from iif.factored import (
     FactoredFisher,
     factored_step_scores,
@@ -33,6 +33,7 @@ from iif.factored import (
 )
 from iif.features import loss_features, step_features
 from iif.grads import FunctionalModel, path_step_fn, sample_loss_fn
+from iif.linalg import rows_times
 from iif.projection import IdentityProjector
 from iif.task import Recipe, Task
 

@@ -46,7 +46,7 @@ def recipe(epochs: int):
 
 
 def load_task_data(n_train: int, n_test: int, mnist_dir: str | None):
-    from iif.data import load_mnist
+    from iif_paper.data import load_mnist
 
     x, y = load_mnist("train", root=mnist_dir)
     order = np.random.default_rng(SEED).permutation(len(y))[:n_train]

@@ -134,7 +134,7 @@ def make_mlp(in_dim: int, seed: int = SEED) -> nn.Module:
 
 def load_data(setting: Setting, mnist_dir: str | None) -> tuple[Split, Split]:
     if setting.name == "digits":
-        from iif.data import load_digits
+        from iif_paper.data import load_digits
 
         return load_digits(n_train=setting.n_train, n_test=setting.n_test, seed=SEED)
     return load_task_data(setting.n_train, setting.n_test, mnist_dir)

@@ -40,7 +40,7 @@ class QualityTask:
 
 
 def digits_task() -> QualityTask:
-    from iif.data import load_digits
+    from iif_paper.data import load_digits
 
     (x, y), (xt, yt) = load_digits(n_train=1000, n_test=200, seed=SEED)
 
@@ -58,7 +58,7 @@ def digits_task() -> QualityTask:
 
 
 def mnist_task(n_train: int = 5000, n_test: int = 500) -> QualityTask:
-    from iif.data import load_mnist
+    from iif_paper.data import load_mnist
 
     x, y = load_mnist("train")
     order = np.random.default_rng(SEED).permutation(len(y))[:n_train]

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from iif.cli import main
-from iif.experiments import EXPERIMENTS
+from iif_paper.experiments import EXPERIMENTS
 
 REQUIRED = {"name", "scale", "settings", "results", "paper"}
 DOCUMENTED = {"stderr", "variants", "variant_stderr", "seconds", "notes", "files"}
@@ -167,7 +167,8 @@ def test_help_and_version_import_no_torch():
             "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
             "    assert main(['--help']) == 0 and main(['reproduce', '--help']) == 0\n"
             "assert 'table1, table4' in out.getvalue()\n"
-            "print(sorted(m for m in ('torch', 'iif.experiments.table1') if m in sys.modules))")
+            "names = ('torch', 'iif_paper.experiments.table1')\n"
+            "print(sorted(m for m in names if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr

@@ -135,7 +135,7 @@ def _indefinite(dim=6, min_eig=-0.5, seed=3):
 def test_indefinite_matrix_retries_with_larger_damping(caplog):
     m = _indefinite(min_eig=-0.5)
     settings = CurvatureSettings(damping=1e-3, retry_factor=10.0)
-    with caplog.at_level(logging.WARNING, logger="iif.curvature"):
+    with caplog.at_level(logging.WARNING, logger="iif.linalg"):
         solver = dense_solver(m, settings, "hessian")
     # The first damping 1e-3 * 10^k with -0.5 + damping > 0 is 1.0 (k = 3).
     assert solver.retries == 3

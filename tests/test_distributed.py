@@ -1,7 +1,7 @@
 """Under torchrun, two gloo processes on loopback give the single-process result: per-test IIF
-(test samples split), shared-baseline IIF (training set split, curvature all-reduced) and LDS
-ground truth (chunks of models split); a rank that dies leaves finished chunks that a rerun
-completes."""
+(test samples split) and shared-baseline IIF (training set split, curvature all-reduced); a rank
+that dies leaves finished chunks that a rerun completes. (LDS ground truth under torchrun:
+tests/paper/test_lds_job.py.)"""
 
 from __future__ import annotations
 
@@ -88,23 +88,6 @@ SHARED_SETTINGS = tiny_job.SETTINGS + """
 mode = "shared"
 """
 
-LDS_SCRIPT = """
-import sys
-import numpy as np
-import torch
-torch.set_num_threads(1)
-import tiny_job
-from iif.distributed import ground_truth_job, world
-from iif.evaluation import RetrainSettings
-
-task, train, test = tiny_job.problem()
-truth = ground_truth_job(task, train, test, RetrainSettings(n_subsets=6, batch_models=2,
-                         epochs=3), cache_dir=sys.argv[1])
-if world()[0] == 0:
-    np.save(sys.argv[2], truth.losses)
-"""
-
-
 def test_shared_baseline_splits_the_training_set_over_two_ranks(tmp_path):
     settings = tmp_path / "s.toml"
     settings.write_text(SHARED_SETTINGS)
@@ -119,25 +102,6 @@ def test_shared_baseline_splits_the_training_set_over_two_ranks(tmp_path):
                                atol=1e-12 * np.abs(expected.scores).max())
     np.testing.assert_allclose(got.completeness["sum"], expected.completeness["sum"],
                                rtol=1e-9)
-
-
-def test_lds_ground_truth_over_two_ranks_equals_one_process(tmp_path):
-    from iif.evaluation import RetrainSettings, ground_truth
-
-    script = tmp_path / "lds.py"
-    script.write_text(LDS_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(script), str(tmp_path / "cache"), str(tmp_path / "losses.npy")]
-    run = subprocess.run(cmd, capture_output=True, timeout=240, env=env, cwd=HERE)
-    assert run.returncode == 0, run.stderr.decode()[-3000:]
-    task, train, test = tiny_job.problem()
-    alone = ground_truth(task, train, test, RetrainSettings(n_subsets=6, batch_models=2,
-                                                            epochs=3))
-    np.testing.assert_allclose(np.load(tmp_path / "losses.npy"), alone.losses, rtol=1e-10)
-    # both ranks trained: the three chunks of two models came from two processes
-    assert len(list((tmp_path / "cache").glob("*/losses_*.npy"))) == 3
 
 
 @pytest.mark.parametrize(("settings_text", "name"), [

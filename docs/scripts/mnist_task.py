@@ -8,7 +8,7 @@ seeded test images the contrast experiment draws from.
 from __future__ import annotations
 
 import iif
-from iif.experiments import mnist
+from iif_paper.experiments import mnist
 
 
 def build():

@@ -5,8 +5,8 @@ Usage: .venv/bin/python docs/scripts/table1_fraction.py
 
 import time
 
-from iif.experiments.linear_regression import LinearProtocol, run_protocol
-from iif.experiments.table1 import COLUMNS
+from iif_paper.experiments.linear_regression import LinearProtocol, run_protocol
+from iif_paper.experiments.table1 import COLUMNS
 
 METHODS = ("IIF", "IF", "TracIn", "LOO", "datamodel")
 

@@ -14,6 +14,10 @@ non-zero exit code: 2 for a malformed command line, 1 for anything failing while
 (``iif: error: ...``, naming the file and line when the user's own code raised; see
 :func:`iif.errors.error_message`). ``--debug`` (before or after the command) also prints the
 traceback.
+
+``demo`` and ``reproduce`` run the paper's harness (:mod:`iif_paper`, beside the library); it is
+imported inside :func:`_cmd_demo`, :func:`_cmd_reproduce` and :func:`_experiment_names` only,
+never by the library (tests/test_layout.py).
 """
 
 from __future__ import annotations
@@ -224,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from iif.demo import run_demo
+    from iif_paper.demo import run_demo
 
     _check_out(args.out)
     run_demo(args.out, n_test=args.n_test, seed=args.seed, quick=args.quick,
@@ -233,7 +237,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from iif.experiments import EXPERIMENTS, get_experiment, run_experiment
+    from iif_paper.experiments import EXPERIMENTS, get_experiment, run_experiment
 
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
     for name in names:
@@ -346,7 +350,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _experiment_names() -> list[str]:
-    from iif.experiments import EXPERIMENTS
+    from iif_paper.experiments import EXPERIMENTS
 
     return list(EXPERIMENTS)
 

@@ -1,6 +1,6 @@
-"""Curvature of the training loss and the damped solves ``C^{-1} v``.
+"""Curvature of the training loss: its settings, what it is, and its damped solvers.
 
-Three kinds share one interface (a :class:`Solver` with ``solve``):
+Three kinds share one interface (an :class:`iif.linalg.Solver` with ``solve``):
 
 - ``fisher``: empirical Fisher ``F = (1/N) sum_i phi_i phi_i^T + delta I`` of the (projected)
   per-sample gradients (paper appendix E); the default.
@@ -10,6 +10,21 @@ Three kinds share one interface (a :class:`Solver` with ``solve``):
 - ``hessian``: the explicit Hessian of the mean training loss (small models), projected to
   ``A^T H A`` when a projection is used.
 
+What lives where:
+
+- here: :class:`CurvatureSettings` and :class:`CGSettings`; the damping rule
+  (:func:`default_damping`, :func:`rank_bound`, :func:`damping_rule`); what each kind is
+  built from (:func:`curvature_factor`: rows or an explicit matrix) and its matrix-free
+  product (:func:`curvature_product`); and the solvers of the settings
+  (:func:`gram_solver`, :func:`stacked_gram_solvers`, :func:`dense_solver`,
+  :func:`cg_solver`, :func:`solver_from_factor`, :func:`fit_curvature`), which apply the
+  rule and leave the arithmetic to :mod:`iif.linalg`.
+- :mod:`iif.linalg`: float64 blocks and Gram products, the damped Cholesky with retries and
+  the solver classes (Cholesky, Woodbury, stacked, conjugate gradients).
+- :mod:`iif.grads` and :mod:`iif.features`: per-sample gradients, Jacobians, output-Hessian
+  factors and the projected Gauss-Newton rows. They do not import this module; it imports
+  them at its top.
+
 Gram matrices with fewer rows than columns are solved through the Woodbury identity in the
 row space, exactly. All solves run in float64 on a Cholesky factor; a factorisation that fails
 (not positive definite) is retried with ``retry_factor`` times more damping, and the damping
@@ -18,20 +33,36 @@ finally used and the number of retries are reported on the solver.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
+from torch.func import grad, jvp, vjp, vmap
 
-from iif.errors import CurvatureError, InputError
+from iif.errors import InputError
+from iif.features import ggn_features
+from iif.grads import (
+    FunctionalModel,
+    ModelState,
+    full_hessian,
+    ggn_factor,
+    module_mode,
+    per_sample_grads,
+)
+from iif.linalg import (
+    DEFAULT_RETRIES,
+    SOLVE_DTYPE,
+    CGSolver,
+    CholeskySolver,
+    DampingRule,
+    Solver,
+    rows_solver,
+    stacked_rows_solvers,
+)
+from iif.projection import IdentityProjector, Projector
+from iif.task import Task
 from iif.validation import check_settings, setting
-
-log = logging.getLogger(__name__)
-
-SOLVE_DTYPE = torch.float64
 
 
 @dataclass
@@ -59,73 +90,15 @@ class CurvatureSettings:
     # dominant direction, else all d). An exact solve's Woodbury dimension is N x ggn_rank.
     ggn_rank: int | Literal["auto"] | None = setting("auto", ge=1)
     default_damping_ratio: float = setting(0.3, gt=0)
-    max_retries: int = setting(8, ge=0)
+    max_retries: int = setting(DEFAULT_RETRIES.max_retries, ge=0)
     # each retry multiplies the damping by this, so it must grow
-    retry_factor: float = setting(10.0, gt=1)
+    retry_factor: float = setting(DEFAULT_RETRIES.retry_factor, gt=1)
 
     def __post_init__(self) -> None:
         check_settings(self, "[curvature]")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class Solver:
-    """``solve(v)`` returns ``(C + damping I)^{-1} v`` for v of shape (D,) or (D, r)."""
-
-    def __init__(self, dim: int, damping: float, retries: int, apply, kind: str):
-        self.dim = dim
-        self.damping = damping
-        self.retries = retries
-        self.kind = kind
-        self._apply = apply
-        self.details: dict[str, Any] = {}  # solver-specific diagnostics, part of report()
-
-    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
-        if rhs.shape[0] != self.dim:
-            raise InputError(f"solve expects {self.dim} rows, got {tuple(rhs.shape)}")
-        vec = rhs.ndim == 1
-        out = self._apply(rhs.to(SOLVE_DTYPE).reshape(self.dim, -1))
-        return out[:, 0] if vec else out
-
-    def report(self) -> dict[str, Any]:
-        return {"kind": self.kind, "damping": self.damping, "retries": self.retries,
-                **self.details}
-
-
-def _damped_cholesky(
-    matrix: torch.Tensor, base: float, scale: float, settings: CurvatureSettings, what: str
-) -> tuple[torch.Tensor, float, int]:
-    """Cholesky of ``matrix + scale * damping * I``, raising the damping until it factors.
-
-    ``base`` is the first damping; ``scale`` maps damping to the diagonal shift (N for the
-    Woodbury system, 1 otherwise).
-    """
-    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    damping = base
-    for attempt in range(settings.max_retries + 1):
-        if attempt:
-            nxt = damping * settings.retry_factor if damping > 0 else _tiny(matrix)
-            log.info("%s curvature not positive definite at damping %.3g; retrying at %.3g",
-                     what, damping, nxt)
-            damping = nxt
-        factor, info = torch.linalg.cholesky_ex(matrix + (scale * damping) * eye)
-        if int(info) == 0 and bool(torch.isfinite(factor).all()):
-            if attempt:
-                log.warning(
-                    "%s curvature was not positive definite; solved with damping %.3g after %d "
-                    "retr%s", what, damping, attempt, "y" if attempt == 1 else "ies",
-                )
-            return factor, damping, attempt
-    raise CurvatureError(
-        f"{what} curvature is not positive definite even with damping {damping:.3g} after "
-        f"{settings.max_retries} retries; check the model and data for NaN or raise damping"
-    )
-
-
-def _tiny(matrix: torch.Tensor) -> float:
-    mean_eig = float(torch.diagonal(matrix).abs().mean())
-    return 1e-6 * mean_eig if mean_eig > 0 else 1e-12
 
 
 def rank_bound(n: int, dim: int, num_params: int) -> int:
@@ -139,10 +112,17 @@ def rank_bound(n: int, dim: int, num_params: int) -> int:
     return max(1, min(dim, num_params, n))
 
 
-def _default_damping(settings: CurvatureSettings, trace: float, dim: int) -> float:
+def default_damping(settings: CurvatureSettings, trace: float, dim: int) -> float:
+    """The first damping: ``settings.damping``, or ``default_damping_ratio`` times the mean
+    eigenvalue ``|trace| / dim`` of the undamped curvature (``dim`` from :func:`rank_bound`)."""
     if settings.damping is not None:
         return settings.damping
     return settings.default_damping_ratio * abs(trace) / dim
+
+
+def damping_rule(settings: CurvatureSettings, effective_dim: int) -> DampingRule:
+    """:func:`default_damping` as a rule of the trace, for the :mod:`iif.linalg` solvers."""
+    return lambda trace: default_damping(settings, trace, effective_dim)
 
 
 def gram_solver(
@@ -150,46 +130,15 @@ def gram_solver(
     effective_dim: int | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Solver:
-    """Solver for ``C = (1/n) rows^T rows + delta I``, rows of shape (R, D).
+    """Solver for ``C = (1/n) rows^T rows + delta I``, rows of shape (R, D)
+    (:func:`iif.linalg.rows_solver`: Woodbury in R dimensions when R < D and delta > 0).
 
     ``effective_dim`` (default D) is the number of eigenvalues the default damping averages.
-
-    Uses the Woodbury identity in R dimensions when R < D and damping > 0:
-    ``C^{-1} v = (1/delta) [v - rows^T (n delta I + rows rows^T)^{-1} rows v]``.
     ``reduce`` (for rows split across processes, ``n`` counting all of them) sums the (D, D)
     matrices of the parts, e.g. an all-reduce; the solve then uses the explicit matrix.
     """
-    if not bool(torch.isfinite(rows).all()):
-        raise InputError("per-sample gradients contain NaN or inf; the curvature cannot be built")
-    n_rows, dim = rows.shape
-    if reduce is not None or n_rows >= dim:
-        matrix = _gram(rows)
-        return _matrix_solver(matrix if reduce is None else reduce(matrix), n, settings, kind,
-                              effective_dim or dim)
-    # R < D: rows stay in their dtype; products run in float64 one column block at a time, so
-    # no float64 copy of the (R, D) matrix is ever made
-    blocks = _column_blocks(n_rows, dim)
-    trace = sum(float(rows[:, b].to(SOLVE_DTYPE).pow(2).sum()) for b in blocks) / n
-    base = _default_damping(settings, trace, effective_dim or dim)
-    if base > 0:
-        gram = torch.zeros(n_rows, n_rows, dtype=SOLVE_DTYPE, device=rows.device)
-        for b in blocks:
-            part = rows[:, b].to(SOLVE_DTYPE)
-            gram += part @ part.T
-        factor, damping, retries = _damped_cholesky(gram, base, float(n), settings, kind)
-        del gram
-
-        def apply(v: torch.Tensor) -> torch.Tensor:
-            v = v.to(rows.device)
-            rv = sum(rows[:, b].to(SOLVE_DTYPE) @ v[b] for b in blocks)
-            inner = torch.cholesky_solve(rv, factor)
-            out = torch.empty_like(v)
-            for b in blocks:
-                out[b] = (v[b] - rows[:, b].to(SOLVE_DTYPE).T @ inner) / damping
-            return out
-
-        return Solver(dim, damping, retries, apply, kind)
-    return dense_solver(_gram(rows) / n, settings, kind, base=base)
+    rule = damping_rule(settings, effective_dim or rows.shape[-1])
+    return rows_solver(rows, n, rule, settings, kind, reduce)
 
 
 def stacked_gram_solvers(
@@ -197,78 +146,29 @@ def stacked_gram_solvers(
     effective_dim: int | None = None,
 ) -> list[Solver]:
     """:func:`gram_solver` for B matrices at once, ``rows`` (B, R, D) with R >= D: the B
-    Gram matrices come from batched float64 products."""
-    matrices = _gram(rows)
-    if not bool(torch.isfinite(matrices).all()):
-        raise InputError("per-sample gradients contain NaN or inf; the curvature cannot be built")
-    return [_matrix_solver(m, n, settings, kind, effective_dim or rows.shape[-1])
-            for m in matrices]
-
-
-def _matrix_solver(matrix: torch.Tensor, n: int, settings: CurvatureSettings, kind: str,
-                   effective_dim: int) -> Solver:
-    """Solver for ``matrix / n + delta I``, the default damping from the matrix's trace."""
-    base = _default_damping(settings, float(torch.diagonal(matrix).sum()) / n, effective_dim)
-    return dense_solver(matrix / n, settings, kind, base=base)
-
-
-def _gram(rows: torch.Tensor) -> torch.Tensor:
-    """``rows^T rows`` (..., D, D) in float64 for rows (..., R, D), converting a block of rows
-    at a time (``_BLOCK_ELEMENTS`` float64 values per block over all leading dimensions)."""
-    *lead, n_rows, dim = rows.shape
-    matrix = torch.zeros(*lead, dim, dim, dtype=SOLVE_DTYPE, device=rows.device)
-    step = max(1, _BLOCK_ELEMENTS // (dim * max(1, int(np.prod(lead)))))
-    for lo in range(0, n_rows, step):
-        part = rows[..., lo : lo + step, :].to(SOLVE_DTYPE)
-        matrix += part.transpose(-1, -2) @ part
-    return matrix
-
-
-_BLOCK_ELEMENTS = 1 << 24  # float64 elements of one temporary block (128 MiB)
-
-
-def rows_times(rows: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """``rows @ rhs`` in float64, (R, D) x (D, r) -> (R, r), converting a block of rows at a
-    time so that stored float32 features never get a full float64 copy."""
-    step = max(1, _BLOCK_ELEMENTS // max(rows.shape[1], 1))
-    rhs = rhs.to(device=rows.device, dtype=SOLVE_DTYPE)
-    return torch.cat([rows[lo : lo + step].to(SOLVE_DTYPE) @ rhs
-                      for lo in range(0, rows.shape[0], step)])
-
-
-def _column_blocks(n_rows: int, dim: int) -> list[slice]:
-    width = max(1, _BLOCK_ELEMENTS // max(n_rows, 1))
-    return [slice(lo, min(lo + width, dim)) for lo in range(0, dim, width)]
+    Gram matrices come from batched float64 products (:func:`iif.linalg.stacked_rows_solvers`)."""
+    rule = damping_rule(settings, effective_dim or rows.shape[-1])
+    return stacked_rows_solvers(rows, n, rule, settings, kind)
 
 
 def dense_solver(
     matrix: torch.Tensor, settings: CurvatureSettings, kind: str, base: float | None = None,
     effective_dim: int | None = None,
 ) -> Solver:
-    """Solver for ``matrix + delta I`` with an explicit (D, D) matrix."""
-    m = matrix.to(SOLVE_DTYPE)
-    m = 0.5 * (m + m.T)
-    if not bool(torch.isfinite(m).all()):
-        raise InputError(f"the {kind} curvature contains NaN or inf")
-    if base is None:
-        base = _default_damping(settings, float(torch.diagonal(m).sum()),
-                                effective_dim or m.shape[0])
-    factor, damping, retries = _damped_cholesky(m, base, 1.0, settings, kind)
-
-    def apply(v: torch.Tensor) -> torch.Tensor:
-        return torch.cholesky_solve(v.to(m.device), factor)
-
-    return Solver(m.shape[0], damping, retries, apply, kind)
+    """Solver for ``matrix + delta I`` with an explicit (D, D) matrix; ``base`` (default: the
+    rule on the matrix's trace) is the first damping."""
+    first = base if base is not None else damping_rule(settings, effective_dim or matrix.shape[0])
+    return CholeskySolver(matrix, first, settings, kind)
 
 
 def fit_curvature(
     settings: CurvatureSettings,
-    fmodel,
-    state,
+    fmodel: FunctionalModel,
+    state: ModelState,
     x: torch.Tensor,
     targets: torch.Tensor,
-    task,
-    projector,
+    task: Task,
+    projector: Projector,
     u: torch.Tensor,
     chunk_size: int = 128,
     n_total: int | None = None,
@@ -287,8 +187,9 @@ def fit_curvature(
 
 
 def curvature_factor(
-    kind: str, fmodel, state, x: torch.Tensor, targets: torch.Tensor, task, projector,
-    u: torch.Tensor | None, chunk_size: int = 128,
+    kind: str, fmodel: FunctionalModel, state: ModelState, x: torch.Tensor,
+    targets: torch.Tensor, task: Task, projector: Projector, u: torch.Tensor | None,
+    chunk_size: int = 128,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ggn_rank: int | None = None,
 ) -> tuple[str, torch.Tensor]:
@@ -296,10 +197,6 @@ def curvature_factor(
     ``("rows", R)`` whose Gram matrix / N is the curvature (the Fisher's ``u``, the
     Gauss-Newton rows ``A^T J_i^T L_i``), or ``("matrix", H)`` for the explicit Hessian. One
     factor serves any number of damping values (:func:`solver_from_factor`)."""
-    from iif.features import ggn_features
-    from iif.grads import full_hessian
-    from iif.projection import IdentityProjector
-
     if kind == "fisher":
         return "rows", u
     if kind == "ggn":
@@ -345,9 +242,10 @@ class CGSettings:
 
 
 def curvature_product(
-    kind: str, fmodel, state, x: torch.Tensor, targets: torch.Tensor, task,
-    chunk_size: int = 128, ggn_rank: int | str | None = None,
-):
+    kind: str, fmodel: FunctionalModel, state: ModelState, x: torch.Tensor,
+    targets: torch.Tensor, task: Task, chunk_size: int = 128,
+    ggn_rank: int | str | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``v -> C v`` for v of shape (M, r), without forming C (M x M), in float64.
 
     ``hessian``: Hessian-vector products of the mean training loss (forward-over-reverse);
@@ -355,10 +253,6 @@ def curvature_product(
     product of the outputs; ``fisher``: ``(1/N) sum_i g_i g_i^T v`` from per-sample gradients
     recomputed chunk by chunk. Eval mode throughout, like the features.
     """
-    from torch.func import grad, jvp, vjp, vmap
-
-    from iif.grads import ggn_factor, module_mode, per_sample_grads
-
     n = x.shape[0]
     flat0 = state.flat()
     dtype = flat0.dtype
@@ -407,76 +301,16 @@ def curvature_product(
 
 
 def cg_solver(
-    product, dim: int, settings: CurvatureSettings, cg: CGSettings, kind: str,
-    trace: float, effective_dim: int | None = None,
+    product: Callable[[torch.Tensor], torch.Tensor], dim: int, settings: CurvatureSettings,
+    cg: CGSettings, kind: str, trace: float, effective_dim: int | None = None,
 ) -> Solver:
-    """Solver for ``C + damping I`` by conjugate gradients on ``product`` (v -> C v).
+    """Solver for ``C + damping I`` by conjugate gradients on ``product`` (v -> C v, (D, r)).
 
     ``trace`` (of C) sets the default damping, ``default_damping_ratio * trace /
-    effective_dim`` (default ``dim``; see :func:`rank_bound`). A
-    direction of non-positive curvature (C + damping I not positive definite) restarts the
-    solve at ``retry_factor`` times the damping, as the Cholesky solvers do. The number of
-    iterations and the final relative residuals of every solve are in ``solver.details``.
+    effective_dim`` (default ``dim``; see :func:`rank_bound`); a zero damping starts at
+    1e-12 times the mean eigenvalue. Retries and diagnostics: :class:`iif.linalg.CGSolver`.
     """
-    damping = _default_damping(settings, trace, effective_dim or dim)
+    damping = default_damping(settings, trace, effective_dim or dim)
     if damping == 0:
         damping = 1e-12 * max(abs(trace) / dim, 1e-300)
-    solver = Solver(dim, damping, 0, None, kind)
-    report = solver.details
-    report.update(solver="cg", cg_iterations=[], cg_residuals=[], cg_converged=True)
-
-    def apply(rhs: torch.Tensor) -> torch.Tensor:
-        for _ in range(settings.max_retries + 1):
-            result = _cg(lambda v: product(v) + solver.damping * v, rhs, cg)
-            if result is not None:
-                sol, iters, residuals = result
-                report["cg_iterations"].append(iters)
-                report["cg_residuals"].append(float(residuals.max()))
-                if float(residuals.max()) > cg.tol:
-                    report["cg_converged"] = False
-                    log.warning("conjugate gradients stopped after %d iterations at relative "
-                                "residual %.2g (tol %.2g)", iters, float(residuals.max()), cg.tol)
-                return sol
-            nxt = solver.damping * settings.retry_factor
-            log.warning("%s curvature not positive definite at damping %.3g (conjugate "
-                        "gradients met non-positive curvature); retrying at %.3g",
-                        kind, solver.damping, nxt)
-            solver.damping = nxt
-            solver.retries += 1
-        raise CurvatureError(
-            f"{kind} curvature is not positive definite even with damping {solver.damping:.3g} "
-            f"after {settings.max_retries} retries"
-        )
-
-    solver._apply = apply
-    return solver
-
-
-def _cg(matvec, rhs: torch.Tensor, cg: CGSettings):
-    """Conjugate gradients on every column of ``rhs`` (M, r) at once, each with its own
-    step sizes. Returns (solution, iterations, relative residuals) or None when a direction
-    of non-positive curvature appears."""
-    b = rhs.to(SOLVE_DTYPE)
-    x = torch.zeros_like(b)
-    r = b.clone()
-    p = r.clone()
-    rs = (r * r).sum(0)
-    norm_b = rs.sqrt().clamp_min(torch.finfo(SOLVE_DTYPE).tiny)
-    iters = 0
-    while iters < cg.max_iter:
-        active = rs.sqrt() / norm_b > cg.tol
-        if not bool(active.any()):
-            break
-        iters += 1
-        ap = matvec(p)
-        curv = (p * ap).sum(0)
-        if bool((curv[active] <= 0).any()):
-            return None
-        alpha = torch.where(active, rs / torch.where(active, curv, 1.0), 0.0)
-        x += alpha * p
-        r -= alpha * ap
-        rs_new = (r * r).sum(0)
-        beta = torch.where(active, rs_new / torch.where(active, rs, 1.0), 0.0)
-        p = r + beta * p
-        rs = rs_new
-    return x, iters, rs.sqrt() / norm_b
+    return CGSolver(product, dim, damping, settings, cg.max_iter, cg.tol, kind)

@@ -7,12 +7,14 @@ result store's chunks (chunk i goes to rank i mod WORLD_SIZE), waits for the oth
 assembles the result. Chunks are independent and written atomically, so a job whose rank dies
 keeps every finished chunk: the same command run again resumes.
 
-IIF with a shared baseline has one path for all test samples, so it splits the training set
-instead: every rank trains the same baseline and path models (seeded, identical), featurises
-its block of training samples, the P x P curvature is summed with an all-reduce, and each rank
-scores its own columns (:class:`Sharding`). TRAK and projected IF split the training set the
-same way (their kernel or curvature all-reduced), every rank seeing every test chunk. LDS
-retraining shares out its chunks of models through the cache folder (:func:`ground_truth_job`).
+A method whose training-set work serves every test sample (``method.shards_training_set()``:
+IIF with a shared baseline, TRAK, projected IF) splits the training set instead, within
+``method.sharded(Sharding(...))``: every rank featurises its block of training samples (IIF
+with a shared baseline trains the same seeded baseline and path models on every rank), the
+P x P curvature or TRAK kernel is summed with an all-reduce, and each rank scores its own
+columns (:class:`Sharding`), every rank seeing every test chunk. LDS
+retraining shares out its chunks of models through the cache folder
+(``iif_paper.lds_job.ground_truth_job``, in the paper's harness beside the library).
 
 Before anything is written the ranks agree on the run key (:mod:`iif.runkey`): every rank
 digests its own model, data and settings and the digests are all-gathered, so a task function
@@ -130,13 +132,6 @@ def _collective_failure(exc: BaseException) -> bool:
     return False
 
 
-def splits_training_set(method: Any) -> bool:
-    """Methods whose training-set work serves every test sample split the training set
-    instead of the test samples: IIF with a shared baseline, TRAK and projected IF."""
-    name = getattr(method, "method", None)
-    return ((name == "iif" and method.baseline.mode == "shared") or name == "trak"
-            or (name == "if" and method.effective_solver == "projected"))
-
 
 def attribute_job(
     out: str | Path,
@@ -179,7 +174,7 @@ def attribute_job(
         if rank != 0:
             store = open_store(out, method, test, chunk, key=key, lock=False)
         try:
-            if splits_training_set(method):
+            if method.shards_training_set():
                 _attribute_split(store, method, test, rank, size, group)
             else:
                 fill(store, method, test, ranks=(rank, size),
@@ -208,45 +203,15 @@ def _attribute_split(store: ResultStore, method: Any, test: Any, rank: int, size
 
     todo = store.pending()
     dist.barrier(group=group)  # every rank has looked before rank 0 can finish a chunk
-    method.sharding = Sharding(rank, size, group)
-    block = method.sharding.rows(len(method.train))
+    sharding = Sharding(rank, size, group)
+    block = sharding.rows(len(method.train))
     log.info("rank %d of %d: training samples %d..%d, %d chunk(s) of test samples", rank, size,
              block.start, block.stop - 1, len(todo))
-    try:
+    with method.sharded(sharding):
         for lo, hi in todo:
             part = test.subset(slice(lo, hi))
             with index_offset(lo):  # warnings name test samples by global index
                 result = method.attribute((part.x, part.labels))
             if rank == 0:
                 store.write(lo, hi, result)
-    finally:
-        method.sharding = None
 
-
-def ground_truth_job(task: Any, train_data: Any, test_data: Any, settings: Any = None, *,
-                     cache_dir: str | Path, progress: bool | None = None,
-                     peer_timeout_s: float = PEER_TIMEOUT_S,
-                     timeout_s: float = WORK_TIMEOUT_S):
-    """:func:`iif.evaluation.ground_truth` (LDS retraining) with its chunks of models shared
-    out across torchrun's ranks through ``cache_dir``; every rank returns the whole result.
-    In a single process it is ``ground_truth`` with a cache."""
-    from iif.evaluation.retrain import ground_truth
-
-    rank, size = world()
-    if size == 1:
-        return ground_truth(task, train_data, test_data, settings, cache_dir=cache_dir,
-                            progress=progress)
-    import torch.distributed as dist
-
-    group = _join(task.device, peer_timeout_s, timeout_s)
-    try:
-        ground_truth(task, train_data, test_data, settings, cache_dir=cache_dir,
-                     progress=progress if rank == 0 else False, ranks=(rank, size))
-        dist.barrier(group=group)
-    except RuntimeError as exc:
-        if not _collective_failure(exc):
-            raise
-        raise InputError(
-            f"rank {rank} of {size}: the process group failed ({exc}); the finished chunks in "
-            f"{cache_dir} are kept, run the same command again to resume") from None
-    return ground_truth(task, train_data, test_data, settings, cache_dir=cache_dir)

@@ -25,8 +25,8 @@ A score of Integrated Influence's path step (or of the influence function) is th
 
 in ``O(N^2 sum_l (in_l + out_l) + N^3 / 3 + N M)`` operations instead of ``O(N^2 M)``. All
 products run in float64; the damping follows the dense solves' rule
-(``curvature._default_damping``) and the Cholesky factor comes from
-``curvature._damped_cholesky`` (retried with more damping when not positive definite).
+(``curvature.default_damping``) and the Cholesky factor comes from
+``linalg.damped_cholesky`` (retried with more damping when not positive definite).
 
 The Gauss-Newton matrix ``G = (1/N) sum_i J_i^T L_i L_i^T J_i`` is the same construction
 with the rows ``J_i^T L_i[:, r]``: each is the gradient of the scalar ``<f(x_i), L_i[:, r]>``,
@@ -51,13 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from iif.curvature import (
-    SOLVE_DTYPE,
-    CurvatureSettings,
-    Solver,
-    _damped_cholesky,
-    _default_damping,
-)
+from iif.curvature import CurvatureSettings, default_damping
 from iif.errors import CurvatureError, InputError
 from iif.features import MAX_FAST_CHUNK
 from iif.grads import (
@@ -70,6 +64,7 @@ from iif.grads import (
     per_sample_jacobians,
     sample_loss_fn,
 )
+from iif.linalg import SOLVE_DTYPE, Solver, damped_cholesky
 from iif.task import Task
 
 log = logging.getLogger(__name__)
@@ -483,8 +478,8 @@ class FactoredFisher:
 
     @property
     def default_damping(self) -> float:
-        """The damping of the dense solves' rule (``curvature._default_damping``)."""
-        return _default_damping(self.settings, self.trace, self.effective_dim)
+        """The damping of the dense solves' rule (``curvature.default_damping``)."""
+        return default_damping(self.settings, self.trace, self.effective_dim)
 
     def _start(self, base: float) -> tuple[float, int]:
         """A positive first damping: the Woodbury form needs damping > 0, so an undamped
@@ -500,11 +495,11 @@ class FactoredFisher:
 
     def solver(self, damping: float | None = None) -> FactoredSolver:
         """The solver at ``damping`` (default: the dense solves' rule), on a Cholesky factor
-        of ``K + n delta I`` (``curvature._damped_cholesky``: more damping when not positive
+        of ``K + n delta I`` (``linalg.damped_cholesky``: more damping when not positive
         definite, reported)."""
         base, extra = self._start(self.default_damping if damping is None else damping)
-        factor, used, retries = _damped_cholesky(self.kuu, base, float(self.n), self.settings,
-                                                 "fisher")
+        factor, used, retries = damped_cholesky(self.kuu, base, float(self.n), self.settings,
+                                                "fisher")
 
         def inner(rhs: torch.Tensor) -> torch.Tensor:
             return torch.cholesky_solve(rhs, factor)
@@ -557,7 +552,7 @@ class FactoredFisher:
 
 
 class FactoredSolver(Solver):
-    """``solve(v) = F^{-1} v`` for M-vectors v (``iif.curvature.Solver``), through the
+    """``solve(v) = F^{-1} v`` for M-vectors v (``iif.linalg.Solver``), through the
     factors: ``(1/delta) [v - U^T (n delta I + K)^{-1} U v]``. ``inner(r)`` solves
     ``(n delta I + K) x = r`` for r (n, s)."""
 

@@ -294,29 +294,21 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def default_chunk(method: Any, n_test: int) -> int:
-    """Test samples per chunk: a batch of stacked test samples for per-test IIF, every test
-    sample at once where they share one baseline, else a few hundred."""
-    if getattr(method, "method", None) == "iif":
-        if method.baseline.mode == "shared":
-            return n_test
-        return max(1, method._test_batch(n_test))
-    return 256
-
-
 def open_store(folder: str | os.PathLike, method: Any, test: Any, chunk: int | None = None, *,
                force: bool = False, lock: bool = True, key: RunKey | None = None
                ) -> ResultStore:
     """The store of ``method`` on the validated test data ``test`` in ``folder``, in chunks of
-    ``chunk`` test samples (default: :func:`default_chunk`), locked unless ``lock=False``.
+    ``chunk`` test samples (default: the method's ``store_chunk``), locked unless
+    ``lock=False``.
     ``key``: the run key when the caller has computed it (default: :func:`run_key`)."""
     n = len(test)
     if chunk is not None:
         chunk = check_value(chunk, int, "chunk", Limits(ge=1))
-    size = chunk if chunk is not None else default_chunk(method, n)
-    if getattr(method, "method", None) == "iif" and method.baseline.mode == "shared" and size < n:
-        raise InputError("a shared baseline unlearns all test samples together: it cannot be "
-                         "split into chunks (use chunk >= the number of test samples)")
+    size = chunk if chunk is not None else method.store_chunk(n)
+    if method.scores_test_set_as_one() and size < n:
+        raise InputError(f"{method.method} scores all test samples in one computation (a "
+                         f"shared baseline): it cannot be split into chunks (use chunk >= the "
+                         f"number of test samples)")
     bounds = list(range(0, n, size)) + [n]
     return ResultStore(folder, method=method.method, settings=method.settings(),
                        key=key or run_key(method, test), n_test=n, n_train=len(method.train),

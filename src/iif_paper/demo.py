@@ -33,7 +33,6 @@ from torch import nn
 
 from iif.attribution import Attribution
 from iif.baseline import BaselineSettings
-from iif.data import load_digits
 from iif.diagnostics import index_offset
 from iif.errors import InputError
 from iif.io import atomic_write, jsonable
@@ -48,8 +47,9 @@ from iif.report import (
 )
 from iif.task import Recipe, Task
 from iif.training import train
+from iif_paper.data import load_digits
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("iif.demo")  # under the "iif" logger, which the CLI prints
 
 SUMMARY_FILE = "summary.json"
 ATTRIBUTION_DIR = "attribution"

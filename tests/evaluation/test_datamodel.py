@@ -9,7 +9,7 @@ import pytest
 from iif.errors import InputError
 from iif.evaluation import lds, random_subsets
 from iif.evaluation.datamodel import datamodel_lds, fit_datamodel, ridge_grid
-from iif.experiments.linear_regression import (
+from iif_paper.experiments.linear_regression import (
     LinearProtocol,
     Noise,
     influence_scores,

@@ -8,8 +8,8 @@ import pickle
 import numpy as np
 import pytest
 
-from iif.data.cifar import load_cifar10, read_batch, write_fake_cifar10
 from iif.errors import InputError
+from iif_paper.data.cifar import load_cifar10, read_batch, write_fake_cifar10
 
 
 def test_reads_the_real_layout(tmp_path):

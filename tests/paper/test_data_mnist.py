@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from iif.data import load_mnist
-from iif.data.mnist import read_idx, write_fake_mnist, write_idx
+from iif_paper.data import load_mnist
+from iif_paper.data.mnist import read_idx, write_fake_mnist, write_idx
 
 
 def test_idx_round_trip(tmp_path):

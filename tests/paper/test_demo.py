@@ -10,8 +10,8 @@ import pytest
 
 from iif.attribution import Attribution
 from iif.cli import main
-from iif.demo import ATTRIBUTION_DIR, SUMMARY_FILE, choose_test_samples, run_demo
 from iif.errors import InputError
+from iif_paper.demo import ATTRIBUTION_DIR, SUMMARY_FILE, choose_test_samples, run_demo
 
 
 @pytest.fixture(scope="module")

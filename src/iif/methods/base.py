@@ -16,12 +16,13 @@ and ``self_influence`` instead.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, is_dataclass
 from typing import Any, ClassVar
 
@@ -93,7 +94,7 @@ class AttributionMethod:
         self.models = _check_models(task.model, models)
         self._members: list[AttributionMethod] | None = None
         self._supports_factored: bool | None = None  # see _factored_applies
-        # set by iif.distributed when this process works on a block of the training set
+        # this process's block of the training set, within :meth:`sharded`
         self.sharding: Any = None
 
     # ---- public API ----------------------------------------------------------------------
@@ -197,6 +198,36 @@ class AttributionMethod:
         """Record the settings the derived state was built from; a method's ``__init__`` ends
         with it."""
         self._built = self._built_from()
+
+    # ---- what the infrastructure needs to know -------------------------------------------
+    def store_chunk(self, n_test: int) -> int:
+        """Test samples per chunk of the result store (``iif.store``) by default."""
+        return 256
+
+    def scores_test_set_as_one(self) -> bool:
+        """Whether all test samples' scores come from one computation (a shared baseline):
+        the store must then keep them in one chunk."""
+        return False
+
+    def shards_training_set(self) -> bool:
+        """Whether this method's work on the training set serves every test sample, so that
+        processes under torchrun split the training set (``iif.distributed``) rather than
+        the test samples."""
+        return False
+
+    @contextlib.contextmanager
+    def sharded(self, sharding: Any) -> Iterator[None]:
+        """Within this block the method (and every ensemble member) featurises only its
+        block of the training set, ``sharding.rows(N)``, and sums across processes with
+        ``sharding.all_reduce`` (an :class:`iif.distributed.Sharding`)."""
+        targets = {id(m): m for m in (self, *self.members())}.values()
+        for member in targets:
+            member.sharding = sharding
+        try:
+            yield
+        finally:
+            for member in targets:
+                member.sharding = None
 
     # ---- ensembles -----------------------------------------------------------------------
     def members(self) -> list[AttributionMethod]:

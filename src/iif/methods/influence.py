@@ -29,22 +29,20 @@ import torch
 
 from iif.attribution import Attribution
 from iif.curvature import (
-    SOLVE_DTYPE,
     CGSettings,
     CurvatureSettings,
-    Solver,
     cg_solver,
     curvature_factor,
     curvature_product,
     fit_curvature,
     rank_bound,
-    rows_times,
     solver_from_factor,
 )
 from iif.errors import InputError
 from iif.factored import factored_influence_scores
 from iif.features import loss_features
 from iif.grads import per_sample_grads
+from iif.linalg import SOLVE_DTYPE, Solver, rows_times
 from iif.methods.base import AttributionMethod
 from iif.projection import IdentityProjector, ProjectionSettings, make_projector
 from iif.task import Data, Task
@@ -93,6 +91,10 @@ class InfluenceFunction(AttributionMethod):
         self.trace_probes = self._keyword("trace_probes", trace_probes)
         self._reset()
         self._mark_built()
+
+    def shards_training_set(self) -> bool:
+        """A projected curvature serves every test sample."""
+        return self.effective_solver == "projected"
 
     def _reset(self) -> None:
         # checked here too: solver and projection may be changed after construction

@@ -30,12 +30,9 @@ from iif.baseline import (
     unlearning_baselines,
 )
 from iif.curvature import (
-    SOLVE_DTYPE,
     CurvatureSettings,
-    Solver,
     fit_curvature,
     rank_bound,
-    rows_times,
     stacked_gram_solvers,
 )
 from iif.diagnostics import log_flags, trust_flags
@@ -50,6 +47,7 @@ from iif.features import (
     step_features,
 )
 from iif.grads import ModelState
+from iif.linalg import SOLVE_DTYPE, Solver, rows_times
 from iif.methods.base import AttributionMethod, completeness_gap
 from iif.path import PathSettings, TargetPath, path_models
 from iif.progress import progress_bar
@@ -379,6 +377,19 @@ class IntegratedInfluence(AttributionMethod):
         toward_b = Data(test.x, b, eye[b])
         margin = Data(test.x, a, eye[b] - eye[a])
         return toward_b, margin, a.cpu().numpy(), b.cpu().numpy()
+
+    def store_chunk(self, n_test: int) -> int:
+        """A batch of stacked test samples; all of them for a shared baseline."""
+        if self.baseline.mode == "shared":
+            return n_test
+        return max(1, self._test_batch(n_test))
+
+    def scores_test_set_as_one(self) -> bool:
+        return self.baseline.mode == "shared"
+
+    def shards_training_set(self) -> bool:
+        """A shared baseline's path models serve every test sample."""
+        return self.baseline.mode == "shared"
 
     def _test_batch(self, n_test: int) -> int:
         """Test samples per stacked batch: the setting, or for "auto" as many (up to 32) as

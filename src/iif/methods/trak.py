@@ -6,7 +6,7 @@ parameter gradient of a scalar model-output function f and ``A`` the seeded proj
 
 - features ``phi_i = A^T g(x_i)`` (N, P) for the training set, ``phi_s`` for test samples;
 - kernel ``K_m = (Phi_m^T D_m Phi_m + lambda I)^{-1}`` (P, P), never formed: a Cholesky or
-  Woodbury solve in float64 (``iif.curvature.gram_solver``);
+  Woodbury solve in float64 (``iif.curvature.gram_solver`` on ``iif.linalg``);
 - output-to-loss weights ``w_i = -dl_i/df_i`` (N,), TRAK's Q;
 - test orientation ``c_s = -dl_s/df_s`` (regression) or 1 (classification).
 
@@ -62,9 +62,10 @@ import torch
 from torch.func import grad, vmap
 
 from iif.attribution import Attribution
-from iif.curvature import SOLVE_DTYPE, CurvatureSettings, Solver, gram_solver, rows_times
+from iif.curvature import CurvatureSettings, gram_solver
 from iif.errors import InputError
 from iif.grads import output_hessian_factor, per_sample_jacobians, sample_loss_fn
+from iif.linalg import SOLVE_DTYPE, Solver, rows_times
 from iif.methods.base import AttributionMethod
 from iif.progress import progress_bar
 from iif.projection import IdentityProjector, ProjectionSettings, make_projector
@@ -180,6 +181,10 @@ class TRAK(AttributionMethod):
     def _self_influence(self, idx: np.ndarray) -> np.ndarray:
         kernel, weights = self._self_parts(idx)
         return -kernel * weights
+
+    def shards_training_set(self) -> bool:
+        """The kernel and the training features serve every test sample."""
+        return True
 
     def _reset(self) -> None:
         dim, num_params = self.projection.dim, self.fmodel.num_params

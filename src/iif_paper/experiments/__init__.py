@@ -2,7 +2,7 @@
 
 Each module has ``NAME``, ``TITLE`` and ``run(out_dir, scale="smoke"|"full", seed=0,
 progress=None) -> ExperimentResult``, which writes ``NAME.json``, ``NAME.md`` and any figures
-into ``out_dir`` (:mod:`iif.experiments.base` describes the files). Register a new experiment
+into ``out_dir`` (:mod:`iif_paper.experiments.base` describes the files). Register a new experiment
 with one line in ``EXPERIMENTS``.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from types import ModuleType
 
 from iif.errors import InputError
-from iif.experiments.base import SCALES, ExperimentResult, check_scale
+from iif_paper.experiments.base import SCALES, ExperimentResult, check_scale
 
 
 class _Registry(Mapping[str, ModuleType]):

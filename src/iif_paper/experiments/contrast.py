@@ -28,12 +28,12 @@ import torch
 
 from iif.baseline import BaselineSettings
 from iif.evaluation.retrain import train_batch
-from iif.experiments import mnist
-from iif.experiments.base import ExperimentResult, Table, begin
 from iif.grads import FunctionalModel, module_mode
 from iif.methods import InfluenceFunction, IntegratedInfluence
 from iif.path import PathSettings
 from iif.projection import ProjectionSettings
+from iif_paper.experiments import mnist
+from iif_paper.experiments.base import ExperimentResult, Table, begin
 
 NAME = "contrast"
 TITLE = "Contrast: removing what pushes a prediction towards A moves it towards B"

@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from iif.experiments.base import ExperimentResult, Table, check_scale, ensure_dir, save_figure
-from iif.experiments.linear_regression import influence_scores, loo_scores
 from iif.methods.linear import linear_delta, linear_fit, linear_iif, linear_unlearning_baseline
+from iif_paper.experiments.base import ExperimentResult, Table, check_scale, ensure_dir, save_figure
+from iif_paper.experiments.linear_regression import influence_scores, loo_scores
 
 NAME = "fig1"
 TITLE = "Figure 1: LOO and IF give a perfectly fitted neighbour no contribution; IIF does not"

@@ -18,12 +18,12 @@ import torch
 
 from iif.baseline import BaselineSettings
 from iif.checkpoints import train_with_checkpoints
-from iif.experiments import mnist
-from iif.experiments.base import ExperimentResult, Table, begin
 from iif.methods import IntegratedInfluence
 from iif.path import PathSettings
 from iif.projection import ProjectionSettings
 from iif.report import plot_rankings, top_entries
+from iif_paper.experiments import mnist
+from iif_paper.experiments.base import ExperimentResult, Table, begin
 
 NAME = "fig2"
 TITLE = "Figure 2: proponents and opponents of a 4 that resembles a 9"

@@ -52,9 +52,9 @@ import numpy as np
 
 from iif.evaluation.datamodel import datamodel_lds
 from iif.evaluation.metrics import lds, random_subsets
-from iif.experiments.base import ExperimentResult, Table, check_scale
 from iif.methods.linear import linear_iif, linear_unlearning_baseline
 from iif.progress import progress_bar
+from iif_paper.experiments.base import ExperimentResult, Table, check_scale
 
 __all__ = [
     "METHODS",

@@ -3,7 +3,7 @@
 A 4-layer MLP 784-128-64-10 with ReLU and dropout 0.1, cross-entropy, SGD with learning rate
 0.01 and momentum 0.9 for 50 epochs (batch size 64: the paper does not give one). Training and
 test samples are drawn at random, seeded, from the canonical MNIST files
-(``iif.data.load_mnist``: ``$IIF_MNIST_DIR`` or ``../shared/data/mnist``).
+(``iif_paper.data.load_mnist``: ``$IIF_MNIST_DIR`` or ``../shared/data/mnist``).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from iif.data import load_mnist
 from iif.task import Recipe, Task
+from iif_paper.data import load_mnist
 
 EPOCHS = 50
 BATCH_SIZE = 64

@@ -2,15 +2,15 @@
 
 Settings (sigma_n, sigma_s) = (0.1, 1), (1, 1), (1, 0.1): the standard deviations of the
 Gaussian target noise of the training and the test samples. The protocol is
-:mod:`iif.experiments.linear_regression`.
+:mod:`iif_paper.experiments.linear_regression`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from iif.experiments.base import ExperimentResult, Table
-from iif.experiments.linear_regression import Noise, run_table
+from iif_paper.experiments.base import ExperimentResult, Table
+from iif_paper.experiments.linear_regression import Noise, run_table
 
 NAME = "table1"
 TITLE = "Table 1: LDS on linear regression at three noise levels"

@@ -1,7 +1,7 @@
 """Table 2 of the paper: LDS of IF, TracIn, TRAK and IIF on MNIST.
 
 Protocol (paper §3.2, appendix D): 5,000 random MNIST training images, 1,000 random test
-images, the 4-layer MLP of :mod:`iif.experiments.mnist` trained 50 epochs. Each method scores
+images, the 4-layer MLP of :mod:`iif_paper.experiments.mnist` trained 50 epochs. Each method scores
 every (test, training) pair; the LDS compares, over M random half-size training subsets, the
 sum of a test image's scores over the subset with the test loss of a model retrained on it
 (:func:`iif.evaluation.ground_truth`, batched, cached under ``out_dir/cache``). A linear
@@ -20,8 +20,8 @@ from iif.baseline import BaselineSettings
 from iif.checkpoints import train_with_checkpoints
 from iif.evaluation import RetrainSettings, ground_truth
 from iif.evaluation.datamodel import datamodel_lds
-from iif.experiments import mnist
-from iif.experiments.base import ExperimentResult, Table, begin
+from iif_paper.experiments import mnist
+from iif_paper.experiments.base import ExperimentResult, Table, begin
 
 NAME = "table2"
 TITLE = "Table 2: LDS on MNIST"

@@ -5,7 +5,7 @@ class at random, the model trained on the noisy labels; every method scores each
 sample's self-influence, and ``-self_influence`` ranks the samples (most negative first: the
 samples the model fits only through themselves). AUC of that ranking for the flipped samples.
 
-Datasets: MNIST with the 4-layer MLP of :mod:`iif.experiments.mnist`; CIFAR-10 with ResNet-9
+Datasets: MNIST with the 4-layer MLP of :mod:`iif_paper.experiments.mnist`; CIFAR-10 with ResNet-9
 when ``$IIF_CIFAR10_DIR`` names a ``cifar-10-batches-py`` folder; Fashion-MNIST with a small
 CNN (the offline stand-in for CIFAR-10), run when its IDX files are found (Debian package
 ``dataset-fashion-mnist``, or ``$IIF_FASHION_MNIST_DIR``).
@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from iif.checkpoints import train_with_checkpoints
-from iif.data import load_mnist
-from iif.data.cifar import cifar10_dir, load_cifar10
 from iif.evaluation import detection_curve, flip_labels, mislabel_auc
-from iif.experiments import mnist
-from iif.experiments.base import ExperimentResult, Table, begin
 from iif.task import Recipe, Task
+from iif_paper.data import load_mnist
+from iif_paper.data.cifar import cifar10_dir, load_cifar10
+from iif_paper.experiments import mnist
+from iif_paper.experiments.base import ExperimentResult, Table, begin
 
 NAME = "table3"
 TITLE = "Table 3: AUC of finding mislabelled samples by self-influence"

@@ -3,15 +3,15 @@
 Columns: Gaussian training and Laplacian test noise ("N&L"), Laplacian and Gaussian ("L&N"),
 Laplacian and Laplacian ("L&L"). The paper does not state the noise scales; we use standard
 deviation 1 for every noise (the middle setting of Table 1, sigma_n = sigma_s = 1), a Laplace
-distribution of scale 1/sqrt(2). The protocol is :mod:`iif.experiments.linear_regression`.
+distribution of scale 1/sqrt(2). The protocol is :mod:`iif_paper.experiments.linear_regression`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from iif.experiments.base import ExperimentResult, Table
-from iif.experiments.linear_regression import Noise, run_table
+from iif_paper.experiments.base import ExperimentResult, Table
+from iif_paper.experiments.linear_regression import Noise, run_table
 
 NAME = "table4"
 TITLE = "Table 4: LDS on linear regression with Gaussian (N) and Laplacian (L) noise"

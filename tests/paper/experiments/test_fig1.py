@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from iif.experiments.fig1 import ToySettings, attribute, make_toy, summarise
+from iif_paper.experiments.fig1 import ToySettings, attribute, make_toy, summarise
 
 
 @pytest.fixture(scope="module")

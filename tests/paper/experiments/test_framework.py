@@ -7,8 +7,8 @@ import json
 import pytest
 
 from iif.errors import InputError
-from iif.experiments import EXPERIMENTS, get_experiment, run_experiment
-from iif.experiments.base import ExperimentResult
+from iif_paper.experiments import EXPERIMENTS, get_experiment, run_experiment
+from iif_paper.experiments.base import ExperimentResult
 
 
 def _result(**changes) -> ExperimentResult:

@@ -10,7 +10,8 @@ from torch import nn
 from iif import CurvatureSettings, InfluenceFunction, Recipe, Task, TracIn
 from iif.checkpoints import train_with_checkpoints
 from iif.evaluation import random_subsets
-from iif.experiments.linear_regression import (
+from iif.methods.linear import linear_delta, linear_unlearning_baseline
+from iif_paper.experiments.linear_regression import (
     LinearProtocol,
     Noise,
     iif_decomposition,
@@ -22,7 +23,6 @@ from iif.experiments.linear_regression import (
     subset_test_losses,
     tracin_scores,
 )
-from iif.methods.linear import linear_delta, linear_unlearning_baseline
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from iif.cli import main
-from iif.data.mnist import ENV_VAR, write_fake_mnist
+from iif_paper.data.mnist import ENV_VAR, write_fake_mnist
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_mnist_experiment_smoke(fake_mnist, tmp_path, name):
 
 @pytest.mark.slow
 def test_table3_runs_cifar10_from_a_batches_folder(fake_mnist, tmp_path, monkeypatch):
-    from iif.data.cifar import write_fake_cifar10
+    from iif_paper.data.cifar import write_fake_cifar10
 
     folder = write_fake_cifar10(tmp_path / "cifar-10-batches-py", per_batch=30)
     monkeypatch.setenv("IIF_CIFAR10_DIR", str(folder))
