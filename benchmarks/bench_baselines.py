@@ -25,7 +25,7 @@ import quality_tasks as qtasks  # noqa: E402
 from iif import BaselineSettings  # noqa: E402
 from iif.baseline import unlearning_baselines  # noqa: E402
 from iif.diagnostics import MOVE_THRESHOLD  # noqa: E402
-from iif.grads import FunctionalModel  # noqa: E402
+from iif.functional import FunctionalModel  # noqa: E402
 
 SETTINGS = {
     "loss objective, lam 0.5, 5 epochs, chance stop (old default)": BaselineSettings(

@@ -52,7 +52,7 @@ def training_epoch_per_copy(task: Task, x: torch.Tensor, y: torch.Tensor,
                             batches: list[int]) -> dict[int, float]:
     """Seconds per model copy of one training epoch: ``fit`` for one model, ``fit_stacked``
     for B copies sharing the minibatches (median of 3 after a warm-up)."""
-    from iif.grads import FunctionalModel
+    from iif.functional import FunctionalModel
     from iif.stacked import StackedState, fit_stacked
     from iif.training import fit
 

@@ -18,7 +18,7 @@ import torch
 from bench_engine import timed
 
 from iif.features import step_features
-from iif.grads import FunctionalModel
+from iif.functional import FunctionalModel
 from iif.projection import ProjectionSettings, make_projector
 from iif.task import Recipe, Task
 from iif_paper.experiments.table3 import cnn

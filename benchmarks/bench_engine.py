@@ -43,10 +43,11 @@ from torch import nn
 import iif
 import iif.features
 import iif.methods.integrated as integrated_mod
-import iif.path
+import iif.target_path
 from iif import IntegratedInfluence, PathSettings, ProjectionSettings, Recipe, Task
 from iif.features import step_features
-from iif.grads import FunctionalModel, path_step_fn, per_sample_grads, per_sample_jacobians
+from iif.functional import FunctionalModel
+from iif.grads import path_step_fn, per_sample_grads, per_sample_jacobians
 from iif.projection import RandomProjector, make_projector
 from iif_paper.data import load_mnist
 
@@ -169,8 +170,9 @@ def bench_grads(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> d
     kron = make_projector(m, ProjectionSettings(dim=p, structure="kronecker"), "cpu",
                           torch.float32, fmodel)
     # per projected row: G A_in (out x cols x p_in) then A_out^T (out x p_in x p_out), 2 FLOPs
-    kron_flops = sum(2 * out * (inp + 1) * a_in.shape[1] + 2 * out * a_in.shape[1]
-                     * a_out.shape[1] for _, out, inp, _, a_out, a_in in kron.layers)
+    kron_flops = sum(2 * layer.out_features * (layer.in_features + 1) * layer.p_in
+                     + 2 * layer.out_features * layer.p_in * layer.p_out
+                     for layer in kron.layers)
     rho = data.targets
     rho_prev = 0.6 * data.targets  # any second target: same cost as a real path step
     step_fn = path_step_fn(task)
@@ -323,7 +325,7 @@ def instrumented(timer: StageTimer, method: IntegratedInfluence) -> Iterator[Non
     """Wrap the stages IIF calls, restoring the originals afterwards."""
     patches = [
         (integrated_mod, "unlearning_baseline", "unlearning", False),
-        (iif.path, "fit", "path epochs", False),
+        (iif.target_path, "fit", "path epochs", False),
         (integrated_mod, "step_features", "features u, psi", False),
         (integrated_mod, "fit_curvature", "curvature", False),
         (integrated_mod, "loss_features", "test gradients", False),

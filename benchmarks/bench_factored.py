@@ -32,7 +32,8 @@ from iif.factored import (
     supports_factored,
 )
 from iif.features import loss_features, step_features
-from iif.grads import FunctionalModel, path_step_fn, sample_loss_fn
+from iif.functional import FunctionalModel
+from iif.grads import path_step_fn, sample_loss_fn
 from iif.linalg import rows_times
 from iif.projection import IdentityProjector
 from iif.task import Recipe, Task

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from iif.baseline import BaselineSettings, mean_loss, trivial_loss, unlearning_baseline
-from iif.grads import FunctionalModel
+from iif.functional import FunctionalModel
 from iif.task import Recipe, Task
 from iif.training import fit
 

@@ -20,7 +20,7 @@ from iif.checkpoints import (
     train_with_checkpoints,
 )
 from iif.errors import InputError
-from iif.grads import FunctionalModel
+from iif.functional import FunctionalModel
 from iif.task import Recipe, Task
 
 pytestmark = pytest.mark.usefixtures("single_thread")

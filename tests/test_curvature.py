@@ -17,7 +17,7 @@ from iif.curvature import (
     rank_bound,
 )
 from iif.errors import CurvatureError, InputError
-from iif.grads import FunctionalModel
+from iif.functional import FunctionalModel
 from iif.projection import IdentityProjector, ProjectionSettings, RandomProjector
 from iif.task import Task
 

@@ -28,13 +28,8 @@ from iif.factored import (
     to_flat,
     woodbury_scores,
 )
-from iif.grads import (
-    FunctionalModel,
-    path_step_fn,
-    per_sample_grads,
-    per_sample_jacobians,
-    sample_loss_fn,
-)
+from iif.functional import FunctionalModel
+from iif.grads import path_step_fn, per_sample_grads, per_sample_jacobians, sample_loss_fn
 from iif.task import Recipe, Task
 
 EXACT = {"rtol": 1e-10, "atol": 1e-12}

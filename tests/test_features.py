@@ -14,7 +14,7 @@ from iif.features import (
     stacked_step_features,
     step_features,
 )
-from iif.grads import FunctionalModel
+from iif.functional import FunctionalModel
 from iif.projection import make_projector
 from iif.stacked import StackedState
 from iif.task import Recipe, Task

@@ -45,7 +45,7 @@ CHILD = textwrap.dedent("""
     from torch import nn
     from iif import ProjectionSettings, Task
     from iif.features import step_features
-    from iif.grads import FunctionalModel
+    from iif.functional import FunctionalModel
     from iif.projection import make_projector
 
     def status(key: str) -> int:

@@ -7,8 +7,8 @@ import torch
 from torch.func import functional_call
 
 from iif.errors import InputError
+from iif.functional import FunctionalModel
 from iif.grads import (
-    FunctionalModel,
     full_hessian,
     loss_and_target_difference,
     loss_and_target_jvp,

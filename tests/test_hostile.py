@@ -197,7 +197,7 @@ class _Trap:
 def test_unsafe_checkpoint_is_refused_without_running_its_code(tmp_path):
     from iif.checkpoints import Checkpoint
     from iif.errors import InputError
-    from iif.grads import FunctionalModel
+    from iif.functional import FunctionalModel
 
     task, _, _ = tiny_job.problem()
     fmodel = FunctionalModel(task.model)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -211,11 +213,11 @@ def test_projection_dim_must_be_a_positive_integer(dim):
         ProjectionSettings(dim=dim)
 
 
-# ---- Kronecker-factored projection of Linear layers ------------------------------------------
+# ---- Kronecker-factored projection of Linear and Conv2d layers -------------------------------
 def _kron_model(batchnorm: bool = False):
     from torch import nn
 
-    from iif.grads import FunctionalModel
+    from iif.functional import FunctionalModel
 
     torch.manual_seed(0)
     layers = [nn.Linear(6, 5)] + ([nn.BatchNorm1d(5)] if batchnorm else []) + [
@@ -242,8 +244,10 @@ def test_kronecker_projects_a_layer_gradient_as_a_kronecker_product():
     flat = torch.zeros(fmodel.num_params, dtype=torch.float64)
     flat[:30] = torch.outer(delta, a).reshape(-1)  # first layer weight, then its bias
     flat[30:35] = delta
-    w_off, out, inp, b_off, a_out, a_in = p.layers[0]
-    assert (w_off, out, inp, b_off) == (0, 5, 6, 30)
+    layer = p.layers[0]
+    a_out, a_in = layer.a_out, layer.a_in
+    assert (layer.weight_offset, layer.out_features, layer.in_features,
+            layer.bias_offset) == (0, 5, 6, 30)
     expected = torch.kron(a_out.T @ delta, a_in.T @ torch.cat([a, torch.ones(1).double()]))
     got = p.project(flat[None])[0]
     first = a_out.shape[1] * a_in.shape[1]
@@ -317,7 +321,8 @@ def test_kronecker_fast_path_equals_projected_per_sample_gradients(activation):
     from torch import nn
 
     from iif.features import projected_jacobians
-    from iif.grads import FunctionalModel, per_sample_jacobians
+    from iif.functional import FunctionalModel
+    from iif.grads import per_sample_jacobians
 
     torch.manual_seed(3)
     act = nn.Tanh() if activation == "tanh" else nn.ReLU(inplace=True)
@@ -325,7 +330,7 @@ def test_kronecker_fast_path_equals_projected_per_sample_gradients(activation):
     fmodel = FunctionalModel(model)
     state = fmodel.state()
     p = _kron(fmodel, 20, seed=2)
-    assert p.linear_only
+    assert p.all_params_in_layers
     gen = torch.Generator().manual_seed(4)
     for x in (torch.randn(7, 4, generator=gen, dtype=torch.float64),
               torch.randn(7, 5, 4, generator=gen, dtype=torch.float64)):  # positions
@@ -345,8 +350,8 @@ def test_kronecker_fast_path_equals_projected_per_sample_gradients(activation):
 def test_kronecker_fast_path_is_skipped_for_shared_layers():
     from torch import nn
 
-    from iif.features import _single_use_linears
-    from iif.grads import FunctionalModel
+    from iif.features import _single_use_layers
+    from iif.functional import FunctionalModel
 
     class Twice(nn.Module):
         def __init__(self):
@@ -358,8 +363,8 @@ def test_kronecker_fast_path_is_skipped_for_shared_layers():
 
     fmodel = FunctionalModel(Twice())
     p = _kron(fmodel, 9)
-    assert p.linear_only
-    assert not _single_use_linears(fmodel, fmodel.state(), torch.zeros(2, 3).double(), p)
+    assert p.all_params_in_layers
+    assert not _single_use_layers(fmodel, fmodel.state(), torch.zeros(2, 3).double(), p)
 
 
 def test_kronecker_at_full_size_reconstructs_per_sample_gradients_exactly():
@@ -369,7 +374,8 @@ def test_kronecker_at_full_size_reconstructs_per_sample_gradients_exactly():
     from torch import nn
 
     from iif.features import loss_features
-    from iif.grads import FunctionalModel, per_sample_grads
+    from iif.functional import FunctionalModel
+    from iif.grads import per_sample_grads
     from iif.task import Task
 
     torch.manual_seed(4)
@@ -383,12 +389,13 @@ def test_kronecker_at_full_size_reconstructs_per_sample_gradients_exactly():
     grads = per_sample_grads(fmodel, state, x, t, task)  # (9, 35): weight then bias
     stacked = torch.cat([grads[:, :30].reshape(9, 5, 6), grads[:, 30:, None]], dim=2)
     p = _kron(fmodel, 35)
-    w_off, out, inp, b_off, a_out, a_in = p.layers[0]
+    a_out, a_in = p.layers[0].a_out, p.layers[0].a_in
     assert p.dim == 35 and a_out.shape == (5, 5) and a_in.shape == (7, 7)
     feats = loss_features(fmodel, state, x, t, task, p).reshape(9, 5, 7)
     back = torch.linalg.solve(a_out.T, feats) @ torch.linalg.inv(a_in)
     torch.testing.assert_close(back, stacked, rtol=1e-9, atol=1e-10)
-    p.layers[0] = (w_off, out, inp, b_off, torch.eye(5).double(), torch.eye(7).double())
+    p.layers[0] = dataclasses.replace(p.layers[0], a_out=torch.eye(5).double(),
+                                      a_in=torch.eye(7).double())
     torch.testing.assert_close(loss_features(fmodel, state, x, t, task, p).reshape(9, 5, 7),
                                stacked, rtol=1e-12, atol=1e-12)
 
@@ -400,7 +407,8 @@ def test_kronecker_fast_path_for_convolutions_equals_projected_per_sample_gradie
     from torch import nn
 
     from iif.features import projected_jacobians, stacked_projected_jacobians
-    from iif.grads import FunctionalModel, per_sample_jacobians
+    from iif.functional import FunctionalModel
+    from iif.grads import per_sample_jacobians
     from iif.stacked import StackedState
 
     torch.manual_seed(5)
@@ -411,7 +419,8 @@ def test_kronecker_fast_path_for_convolutions_equals_projected_per_sample_gradie
     fmodel = FunctionalModel(model)
     state = fmodel.state()
     p = _kron(fmodel, 40, seed=3)
-    assert p.linear_only and [g is not None for g in p.patches] == [True, True, False]
+    assert p.all_params_in_layers
+    assert [layer.patches is not None for layer in p.layers] == [True, True, False]
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(5, 2, 7, 7, generator=gen, dtype=torch.float64)
     t = torch.randn(5, 3, generator=gen, dtype=torch.float64)
@@ -429,3 +438,56 @@ def test_kronecker_fast_path_for_convolutions_equals_projected_per_sample_gradie
         fmodel, copies.params, copies.buffers, x, fn, torch.stack([t, 2 * t]), projector=p,
         chunk_size=4)], dim=1)
     torch.testing.assert_close(both[0], slow, rtol=1e-10, atol=1e-12)
+
+
+def test_kronecker_layers_name_their_module_shapes_offsets_and_factors():
+    """Each KroneckerLayer of a Linear + Conv2d model says, by name, which module it is, the
+    shape of its gradient matrix, where its weight and bias sit in the flat vector and the
+    shapes of its factors; the projector's dim is the sum of the layers' p_out * p_in."""
+    from torch import nn
+
+    from iif.functional import FunctionalModel
+    from iif.projection import KroneckerLayer
+
+    torch.manual_seed(7)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, (3, 2), stride=2, padding=1), nn.Tanh(),
+        nn.Conv2d(3, 4, 2, dilation=2, bias=False), nn.Tanh(), nn.Flatten(),
+        nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 3, bias=False)).double()
+    fmodel = FunctionalModel(model)
+    p = _kron(fmodel, 60, seed=1)
+    offsets = dict(zip(fmodel.names, torch.tensor([0, *fmodel.sizes]).cumsum(0).tolist(),
+                       strict=False))
+    modules = [model[0], model[2], model[5], model[7]]
+    names = ["0", "2", "5", "7"]
+    assert p.all_params_in_layers and p.rest is None
+    assert [layer.module for layer in p.layers] == modules
+    for layer, module, name in zip(p.layers, modules, names, strict=True):
+        assert isinstance(layer, KroneckerLayer)
+        weight = module.weight
+        assert layer.weight_offset == offsets[f"{name}.weight"]
+        assert layer.out_features == weight.shape[0]
+        assert layer.in_features == weight[0].numel()  # in, or in_channels x kh x kw
+        assert layer.out_features * layer.in_features == weight.numel()
+        has_bias = module.bias is not None
+        assert layer.bias_offset == (offsets[f"{name}.bias"] if has_bias else None)
+        assert layer.a_out.shape == (layer.out_features, layer.p_out)
+        assert layer.a_in.shape == (layer.in_features + has_bias, layer.p_in)
+        assert layer.dim == layer.p_out * layer.p_in
+        if isinstance(module, nn.Conv2d):
+            assert layer.patches == {"kernel_size": module.kernel_size,
+                                     "dilation": module.dilation,
+                                     "padding": module.padding, "stride": module.stride}
+            assert layer.out_features == module.out_channels
+            assert layer.in_features == (module.in_channels * module.kernel_size[0]
+                                         * module.kernel_size[1])
+        else:
+            assert layer.patches is None
+            assert (layer.out_features, layer.in_features) == (module.out_features,
+                                                               module.in_features)
+    assert p.dim == sum(layer.dim for layer in p.layers)
+    # the first conv's 3 x (2 * 3 * 2) weight at 0, its bias at 36; the second's 4 x (3 * 2 * 2)
+    assert [(lay.weight_offset, lay.out_features, lay.in_features, lay.bias_offset)
+            for lay in p.layers[:2]] == [(0, 3, 12, 36), (39, 4, 12, None)]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.layers[0].out_features = 7  # type: ignore[misc]

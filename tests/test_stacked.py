@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from iif.grads import FunctionalModel, ModelState
+from iif.functional import FunctionalModel, ModelState
 from iif.stacked import StackedState, can_stack, fit_stacked, stacked_outputs
 from iif.task import Recipe, Task
 from iif.training import FitResult, fit

@@ -9,7 +9,7 @@ import torch
 from torch.func import functional_call
 
 import iif
-from iif.grads import FunctionalModel
+from iif.functional import FunctionalModel
 from iif.task import Recipe, Task
 from iif.training import fit, seeded
 

@@ -18,8 +18,8 @@ if TYPE_CHECKING:  # the names below are imported on first use (PEP 562), not wi
     from iif.methods.integrated import IntegratedInfluence
     from iif.methods.tracin import TracIn
     from iif.methods.trak import TRAK
-    from iif.path import PathSettings
     from iif.projection import ProjectionSettings
+    from iif.target_path import PathSettings
     from iif.task import Recipe, Task
     from iif.training import train, train_cached, train_ensemble
 
@@ -36,7 +36,7 @@ _EXPORTS = {
     "IntegratedInfluence": "iif.methods.integrated",
     "TracIn": "iif.methods.tracin",
     "TRAK": "iif.methods.trak",
-    "PathSettings": "iif.path",
+    "PathSettings": "iif.target_path",
     "ProjectionSettings": "iif.projection",
     "Recipe": "iif.task",
     "Task": "iif.task",

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -31,17 +31,18 @@ from torch.func import vmap
 
 from iif.diagnostics import name_tests
 from iif.errors import InputError
-from iif.grads import FunctionalModel, ModelState, module_mode, per_sample_grads
+from iif.functional import FunctionalModel, ModelState, module_mode
+from iif.grads import per_sample_grads
 from iif.stacked import StackedState, fit_stacked
 from iif.task import Data, Task
 from iif.training import FitResult, fit
-from iif.validation import check_settings, setting
+from iif.validation import Settings, setting
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class BaselineSettings:
+class BaselineSettings(Settings):
     """How baselines are made.
 
     mode: ``per-test`` (one unlearning per test sample, the paper's) or ``shared`` (one
@@ -74,22 +75,29 @@ class BaselineSettings:
     self_step: eta of the per-sample self-influence baselines (None: the recipe's lr).
     """
 
-    mode: Literal["per-test", "shared"] = "per-test"
-    direction: Literal["unlearn", "reinforce"] = "unlearn"
-    objective: Literal["auto", "complement", "loss"] = "auto"
-    lam: float = setting(1.0, gt=0)
-    epochs: int = setting(1, ge=0)
-    lr: float | None = setting(None, gt=0)
-    batch_size: int | None = setting(None, ge=1)
-    divergence_factor: float = setting(10.0, gt=0)
-    stop_test_loss: float | Literal["chance", "auto"] | None = "auto"
-    self_step: float | None = setting(None, gt=0)
+    section = "[baseline]"
 
-    def __post_init__(self) -> None:
-        check_settings(self, "[baseline]")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    mode: Literal["per-test", "shared"] = setting(
+        "per-test", doc="one unlearning per test sample, or one shared by all test samples")
+    direction: Literal["unlearn", "reinforce"] = setting(
+        "unlearn", doc="ascend the test loss (finds proponents) or descend it (opponents)")
+    objective: Literal["auto", "complement", "loss"] = setting(
+        "auto", doc="ascend the test loss (loss) or minimise -log(1 - p_y) (complement); "
+        "auto: complement for the built-in cross-entropy")
+    lam: float = setting(1.0, gt=0, doc="lambda of Eq. 12: the objective is "
+                         "L_train -/+ L_test / lam")
+    epochs: int = setting(1, ge=0, doc="epochs of the unlearning run")
+    lr: float | None = setting(None, gt=0, doc="learning rate of the unlearning run (None: "
+                               "the recipe's)")
+    batch_size: int | None = setting(None, ge=1, doc="minibatch size of the unlearning run "
+                                     "(None: the recipe's)")
+    divergence_factor: float = setting(10.0, gt=0, doc="a training loss above this times a "
+                                       "trivial predictor's is divergence")
+    stop_test_loss: float | Literal["chance", "auto"] | None = setting(
+        "auto", doc="mean test loss at which unlearning stops early (None: never; chance: "
+        "that of a predictor ignoring its input; auto: chance for the loss objective)")
+    self_step: float | None = setting(None, gt=0, doc="eta of the per-sample self-influence "
+                                      "baselines (None: the recipe's lr)")
 
 
 @dataclass

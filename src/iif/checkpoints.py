@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from iif.errors import InputError
-from iif.grads import FunctionalModel, ModelState
+from iif.functional import FunctionalModel, ModelState
 from iif.io import atomic_write
 from iif.task import Task
 from iif.training import fit, seeded

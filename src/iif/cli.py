@@ -259,7 +259,7 @@ def _projection_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--proj-dim", type=_positive_int, default=None, metavar="P",
                         help="projection dimension ([projection] dim)")
     parser.add_argument("--kronecker", action="store_true", default=None,
-                        help="Kronecker-factored projection of linear layers")
+                        help="Kronecker-factored projection of Linear and Conv2d layers")
 
 
 def _projection_settings(args: argparse.Namespace) -> dict:

@@ -48,8 +48,8 @@ from iif.methods.influence import InfluenceFunction
 from iif.methods.integrated import IntegratedInfluence
 from iif.methods.tracin import TracIn
 from iif.methods.trak import TRAK
-from iif.path import PathSettings
 from iif.projection import ProjectionSettings
+from iif.target_path import PathSettings
 from iif.task import Task
 from iif.validation import Limits, check_value, keyword_names
 

@@ -21,9 +21,9 @@ What lives where:
   rule and leave the arithmetic to :mod:`iif.linalg`.
 - :mod:`iif.linalg`: float64 blocks and Gram products, the damped Cholesky with retries and
   the solver classes (Cholesky, Woodbury, stacked, conjugate gradients).
-- :mod:`iif.grads` and :mod:`iif.features`: per-sample gradients, Jacobians, output-Hessian
-  factors and the projected Gauss-Newton rows. They do not import this module; it imports
-  them at its top.
+- :mod:`iif.functional`, :mod:`iif.grads` and :mod:`iif.features`: the model as a function
+  of its state, per-sample gradients, Jacobians, output-Hessian factors and the projected
+  Gauss-Newton rows. They do not import this module; it imports them at its top.
 
 Gram matrices with fewer rows than columns are solved through the Woodbury identity in the
 row space, exactly. All solves run in float64 on a Cholesky factor; a factorisation that fails
@@ -34,22 +34,16 @@ finally used and the number of retries are reported on the solver.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
 from iif.errors import InputError
 from iif.features import ggn_features
-from iif.grads import (
-    FunctionalModel,
-    ModelState,
-    full_hessian,
-    ggn_factor,
-    module_mode,
-    per_sample_grads,
-)
+from iif.functional import FunctionalModel, ModelState, module_mode
+from iif.grads import full_hessian, ggn_factor, per_sample_grads
 from iif.linalg import (
     DEFAULT_RETRIES,
     SOLVE_DTYPE,
@@ -62,11 +56,11 @@ from iif.linalg import (
 )
 from iif.projection import IdentityProjector, Projector
 from iif.task import Task
-from iif.validation import check_settings, setting
+from iif.validation import Settings, setting
 
 
 @dataclass
-class CurvatureSettings:
+class CurvatureSettings(Settings):
     """``damping=None`` chooses ``default_damping_ratio`` times the mean nonzero eigenvalue.
 
     The mean is taken over ``min(D, M, N)`` eigenvalues (:func:`rank_bound`): D the solve
@@ -82,23 +76,25 @@ class CurvatureSettings:
     output-Hessian direction was better on digits and much worse on MNIST.
     """
 
-    kind: Literal["fisher", "ggn", "hessian"] = "fisher"
+    section = "[curvature]"
+
+    kind: Literal["fisher", "ggn", "hessian"] = setting(
+        "fisher", doc="the curvature: empirical Fisher, Gauss-Newton or the explicit Hessian")
     # 0 is allowed: a curvature that is then singular is retried with a tiny damping
-    damping: float | None = setting(None, ge=0)
-    # Gauss-Newton only: keep the top ggn_rank directions of each sample's output Hessian
-    # (None: all d; "auto": 1 for the built-in cross-entropy, whose diag(p) - p p^T has one
-    # dominant direction, else all d). An exact solve's Woodbury dimension is N x ggn_rank.
-    ggn_rank: int | Literal["auto"] | None = setting("auto", ge=1)
-    default_damping_ratio: float = setting(0.3, gt=0)
-    max_retries: int = setting(DEFAULT_RETRIES.max_retries, ge=0)
+    damping: float | None = setting(None, ge=0, doc="damping added to the curvature (None: "
+                                    "default_damping_ratio x its mean nonzero eigenvalue)")
+    # "auto": 1 for the built-in cross-entropy, whose diag(p) - p p^T has one dominant
+    # direction, else all d. An exact solve's Woodbury dimension is N x ggn_rank.
+    ggn_rank: int | Literal["auto"] | None = setting(
+        "auto", ge=1, doc="Gauss-Newton: top directions kept of each sample's output Hessian "
+        "(None: all; auto: 1 for the built-in cross-entropy)")
+    default_damping_ratio: float = setting(0.3, gt=0, doc="the damping=None rule's multiple "
+                                           "of the mean nonzero eigenvalue")
+    max_retries: int = setting(DEFAULT_RETRIES.max_retries, ge=0, doc="retries with more "
+                               "damping when a factorisation fails")
     # each retry multiplies the damping by this, so it must grow
-    retry_factor: float = setting(DEFAULT_RETRIES.retry_factor, gt=1)
-
-    def __post_init__(self) -> None:
-        check_settings(self, "[curvature]")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    retry_factor: float = setting(DEFAULT_RETRIES.retry_factor, gt=1, doc="factor of the "
+                                  "damping on each retry")
 
 
 def rank_bound(n: int, dim: int, num_params: int) -> int:
@@ -228,17 +224,13 @@ def solver_from_factor(
 
 # ---- matrix-free curvature and conjugate gradients -------------------------------------------
 @dataclass
-class CGSettings:
+class CGSettings(Settings):
     """Conjugate gradients: stop at ``tol`` relative residual or after ``max_iter`` steps."""
 
-    max_iter: int = setting(200, ge=1)
-    tol: float = setting(1e-8, gt=0, lt=1)
+    section = "[cg]"
 
-    def __post_init__(self) -> None:
-        check_settings(self, "[cg]")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    max_iter: int = setting(200, ge=1, doc="most conjugate-gradient steps per solve")
+    tol: float = setting(1e-8, gt=0, lt=1, doc="relative residual at which a solve stops")
 
 
 def curvature_product(

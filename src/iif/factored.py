@@ -54,12 +54,10 @@ from torch import nn
 from iif.curvature import CurvatureSettings, default_damping
 from iif.errors import CurvatureError, InputError
 from iif.features import MAX_FAST_CHUNK
+from iif.functional import FunctionalModel, ModelState, module_mode
 from iif.grads import (
-    FunctionalModel,
-    ModelState,
     ggn_factor,
     loss_and_target_jvps,
-    module_mode,
     path_step_fn,
     per_sample_jacobians,
     sample_loss_fn,

@@ -25,18 +25,16 @@ import numpy as np
 import torch
 
 from iif.errors import InputError
+from iif.functional import FunctionalModel, ModelState, module_mode
 from iif.grads import (
-    FunctionalModel,
-    ModelState,
     ggn_factor,
     loss_and_target_jvps,
-    module_mode,
     path_step_fn,
     per_sample_jacobians,
     sample_loss_fn,
 )
 from iif.progress import progress_bar
-from iif.projection import Projector
+from iif.projection import KroneckerLayer, Projector
 from iif.task import Task
 
 DEFAULT_MAX_FEATURE_BYTES = 4 << 30
@@ -108,15 +106,16 @@ def projected_jacobians(
     """Yield ``(start, F)`` with F (n_chunk, R, P): the projected parameter gradients of the R
     scalars ``fn(output_i, *args_i)`` per sample, finite-checked.
 
-    A Kronecker projector of a model whose parameters all sit in ``nn.Linear`` layers takes a
-    fast path: one batched forward with hooks records each layer's inputs ``a_i`` and R
-    backward passes give its output gradients ``delta_i``; the feature of a layer is then
-    ``(A_out^T delta_i) (x) (A_in^T [a_i, 1])``, equal to projecting the per-sample gradient
-    ``delta_i [a_i, 1]^T`` without ever forming it. Otherwise per-sample Jacobians
-    (``iif.grads.per_sample_jacobians``) are projected.
+    A Kronecker projector of a model whose parameters all sit in ``nn.Linear`` or
+    ``nn.Conv2d`` layers takes a fast path: one batched forward with hooks records each
+    layer's inputs ``a_i`` (a convolution's as patches) and R backward passes give its output
+    gradients ``delta_i``; the feature of a layer is then
+    ``(A_out^T delta_i) (x) (A_in^T [a_i, 1])`` (summed over a convolution's positions), equal
+    to projecting the per-sample gradient ``delta_i [a_i, 1]^T`` without ever forming it.
+    Otherwise per-sample Jacobians (``iif.grads.per_sample_jacobians``) are projected.
     """
-    if getattr(projector, "linear_only", False) and _single_use_linears(fmodel, state, x,
-                                                                        projector):
+    if getattr(projector, "all_params_in_layers", False) and _single_use_layers(
+            fmodel, state, x, projector):
         chunks = _kronecker_chunks(fmodel, state, x, fn, args, projector, chunk_size)
     else:
         chunks = ((start, projector.project(jac)) for start, jac in
@@ -126,12 +125,13 @@ def projected_jacobians(
         yield start, feats
 
 
-def _single_use_linears(fmodel, state, x, projector) -> bool:
-    """True when one forward calls each projected Linear module exactly once (no weight
-    sharing), so that its hook sees the whole per-sample gradient."""
-    calls = [0] * len(projector.modules)
-    handles = [m.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
-               for i, m in enumerate(projector.modules)]
+def _single_use_layers(fmodel, state, x, projector) -> bool:
+    """True when one forward calls each projected Linear or Conv2d module exactly once (no
+    weight sharing), so that its hook sees the whole per-sample gradient."""
+    calls = [0] * len(projector.layers)
+    handles = [layer.module.register_forward_hook(
+                   lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, layer in enumerate(projector.layers)]
     try:
         with torch.no_grad(), module_mode(fmodel.module, False):
             fmodel(state.params, state.buffers, x[:1])
@@ -149,10 +149,10 @@ MAX_FAST_CHUNK = 4096
 def _fast_chunk(projector, fmodel, chunk_size: int, rows: int) -> int:
     """Samples per fast-path chunk: as many as fit the memory of a dense chunk of
     ``chunk_size`` samples (``chunk_size * rows * M`` values), up to ``MAX_FAST_CHUNK``."""
-    if any(projector.patches):
+    if any(layer.patches is not None for layer in projector.layers):
         # a convolution's working set grows with its positions: keep the asked chunk
         return chunk_size
-    widths = sum(inp + out for _, out, inp, *_ in projector.layers)
+    widths = sum(layer.in_features + layer.out_features for layer in projector.layers)
     per_sample = rows * (widths + projector.dim) + widths
     grown = chunk_size * rows * fmodel.num_params // max(per_sample, 1)
     return max(chunk_size, min(MAX_FAST_CHUNK, grown))
@@ -161,8 +161,8 @@ def _fast_chunk(projector, fmodel, chunk_size: int, rows: int) -> int:
 def _kronecker_chunks(fmodel, state, x, fn, args, projector, chunk_size):
     from torch.func import vmap
 
-    inputs: list[torch.Tensor | None] = [None] * len(projector.modules)
-    outputs: list[torch.Tensor | None] = [None] * len(projector.modules)
+    inputs: list[torch.Tensor | None] = [None] * len(projector.layers)
+    outputs: list[torch.Tensor | None] = [None] * len(projector.layers)
 
     def hook(index):
         def record(module, inp, out):
@@ -173,7 +173,8 @@ def _kronecker_chunks(fmodel, state, x, fn, args, projector, chunk_size):
             return out.clone()
         return record
 
-    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(projector.modules)]
+    handles = [layer.module.register_forward_hook(hook(i))
+               for i, layer in enumerate(projector.layers)]
     # parameters require grad only so that the layer outputs do; their own gradients are
     # never asked for
     params = {k: v.detach().requires_grad_(True) for k, v in state.params.items()}
@@ -190,16 +191,16 @@ def _kronecker_chunks(fmodel, state, x, fn, args, projector, chunk_size):
                 if step is None:
                     step = _fast_chunk(projector, fmodel, chunk_size, r)
                 # the input side of each layer's feature serves all R rows
-                rights = [_input_factor(a, layer, geo) for a, layer, geo in
-                          zip(inputs, projector.layers, projector.patches, strict=True)]
+                rights = [_input_factor(a, layer)
+                          for a, layer in zip(inputs, projector.layers, strict=True)]
                 feats = []
                 for j in range(r):
                     deltas = torch.autograd.grad(values[:, j].sum(), outputs,
                                                  retain_graph=j < r - 1)
                     feats.append(torch.cat([
-                        _layer_feature(d, right, layer, geo)
-                        for d, right, layer, geo in zip(deltas, rights, projector.layers,
-                                                        projector.patches, strict=True)
+                        _layer_feature(d, right, layer)
+                        for d, right, layer in zip(deltas, rights, projector.layers,
+                                                   strict=True)
                     ], dim=1))
                 yield start, torch.stack(feats, dim=1).detach()  # (n, R, P)
                 start += n
@@ -208,23 +209,23 @@ def _kronecker_chunks(fmodel, state, x, fn, args, projector, chunk_size):
             h.remove()
 
 
-def _input_factor(a: torch.Tensor, layer, patches: dict | None = None) -> torch.Tensor:
+def _input_factor(a: torch.Tensor, layer: KroneckerLayer) -> torch.Tensor:
     """``A_in^T [a, 1]`` per sample (and position): (n, ..., p_in). A convolution's input
     enters as its patches, one position per output pixel: (n, L, p_in)."""
-    _, _, inp, b_off, _, a_in = layer
-    a_in = a_in.to(a.dtype)
-    if patches is not None:
-        a = torch.nn.functional.unfold(a, **patches).transpose(1, 2)  # (n, L, in kh kw)
+    inp = layer.in_features
+    a_in = layer.a_in.to(a.dtype)
+    if layer.patches is not None:
+        a = torch.nn.functional.unfold(a, **layer.patches).transpose(1, 2)  # (n, L, in kh kw)
     right = a @ a_in[:inp]
-    return right + a_in[inp] if b_off is not None else right
+    return right + a_in[inp] if layer.bias_offset is not None else right
 
 
-def _layer_feature(delta: torch.Tensor, right: torch.Tensor, layer,
-                   patches: dict | None = None) -> torch.Tensor:
+def _layer_feature(delta: torch.Tensor, right: torch.Tensor,
+                   layer: KroneckerLayer) -> torch.Tensor:
     """``(A_out^T delta) (x) right`` per sample, summed over any positions between the batch
     and feature dimensions (for a convolution: over output pixels); (n, p_out * p_in)."""
-    a_out = layer[4].to(delta.dtype)
-    if patches is not None:
+    a_out = layer.a_out.to(delta.dtype)
+    if layer.patches is not None:
         delta = delta.flatten(2).transpose(1, 2)  # (n, C_out, H, W) -> (n, L, C_out)
     left = delta @ a_out  # (n, ..., p_out)
     n = delta.shape[0]
@@ -333,8 +334,8 @@ def ggn_features(
 def can_stack_features(fmodel: FunctionalModel, state: ModelState, x: torch.Tensor,
                        projector: Projector) -> bool:
     """Whether :func:`stacked_projected_jacobians` applies: a Kronecker projector of a model
-    whose parameters all sit in Linear layers that one forward calls once each."""
-    return bool(getattr(projector, "linear_only", False)) and _single_use_linears(
+    whose parameters all sit in Linear or Conv2d layers that one forward calls once each."""
+    return bool(getattr(projector, "all_params_in_layers", False)) and _single_use_layers(
         fmodel, state, x, projector)
 
 
@@ -354,14 +355,14 @@ def stacked_projected_jacobians(
 
     ``x`` (n, ...) is shared by the copies, or (B, n, ...) with ``x_per_copy``; every arg is
     (B, n, ...). The Kronecker fast path runs as one function of a copy's parameters under
-    ``vmap``: each Linear layer's output gets a zero probe whose vector-Jacobian products are
+    ``vmap``: each projected layer's output gets a zero probe whose vector-Jacobian products are
     the layer's output gradients, and its input is returned beside the values, so the B
     copies' features come from B-wide matrix products instead of a loop over copies.
     """
     from torch.func import vjp, vmap
 
-    modules = projector.modules
     layers = projector.layers
+    modules = [layer.module for layer in layers]
     shapes: list[tuple[int, ...]] = []
 
     def record_shapes(index):
@@ -404,17 +405,15 @@ def stacked_projected_jacobians(
         probes = [torch.zeros((n, *out_shapes[i]), dtype=dtype, device=xc.device)
                   for i in range(len(modules))]
         values, pullback, inputs = vjp(forward, probes, has_aux=True)
-        geometry = projector.patches
-        rights = [_input_factor(a, layer, geo)
-                  for a, layer, geo in zip(inputs, layers, geometry, strict=True)]
+        rights = [_input_factor(a, layer) for a, layer in zip(inputs, layers, strict=True)]
         feats = []
         for j in range(values.shape[1]):
             cotangent = torch.zeros_like(values)
             cotangent[:, j] = 1
             (deltas,) = pullback(cotangent)
-            feats.append(torch.cat([_layer_feature(d, r, layer, geo)
-                                    for d, r, layer, geo in zip(deltas, rights, layers,
-                                                                geometry, strict=True)],
+            feats.append(torch.cat([_layer_feature(d, r, layer)
+                                    for d, r, layer in zip(deltas, rights, layers,
+                                                           strict=True)],
                                    dim=1))
         return torch.stack(feats, dim=1)  # (n, R, P)
 

@@ -10,7 +10,8 @@ expectation:
   bias as one more input column], that of an ``nn.Conv2d`` (no groups, zero padding) one of
   out_channels x (in_channels kh kw); it is projected as ``A_out^T G A_in`` with small seeded
   factors A_out (out x p_out) and A_in (in+1 x p_in), i.e. by ``A_out (x) A_in``, to
-  p_out x p_in values. The factors are stored (they are tiny) and the cost per row is
+  p_out x p_in values. The factors are stored (they are tiny; one :class:`KroneckerLayer`
+  per layer holds them with the layer's offsets and shape) and the cost per row is
   ``2 out (in+1) p_in + 2 out p_in p_out`` FLOPs instead of ``2 out in P``. Parameters outside
   these layers get a dense projection of their own. The total dim is split evenly across
   the blocks, so ``projector.dim`` can be slightly below the requested P.
@@ -22,34 +23,35 @@ different (equally valid) matrices.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 
 from iif.errors import InputError
-from iif.validation import check_settings, setting
+from iif.validation import Settings, setting
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class ProjectionSettings:
-    """``dim=None`` means no projection (exact features in parameter space)."""
+class ProjectionSettings(Settings):
+    """The random projection of per-sample gradients (see the module docstring).
+    ``dim=None`` means no projection (exact features in parameter space)."""
 
-    dim: int | None = setting(None, ge=1)
-    kind: Literal["gaussian", "rademacher"] = "gaussian"
-    seed: int = setting(0, ge=0)
-    structure: Literal["dense", "kronecker"] = "dense"
-    # values of A generated at once (16 MiB in float32)
-    block_elements: int = setting(1 << 22, ge=1)
+    section = "[projection]"
 
-    def __post_init__(self) -> None:
-        check_settings(self, "[projection]")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    dim: int | None = setting(None, ge=1, doc="P, the projected dimension (None: no "
+                              "projection, the exact gradients)")
+    kind: Literal["gaussian", "rademacher"] = setting(
+        "gaussian", doc="distribution of the entries of A")
+    seed: int = setting(0, ge=0, doc="seed of A (the same seed gives the same A on the same "
+                        "device type)")
+    structure: Literal["dense", "kronecker"] = setting(
+        "dense", doc="dense A, or Kronecker factors per Linear and Conv2d layer")
+    block_elements: int = setting(1 << 22, ge=1, doc="values of a dense A generated at once "
+                                  "(16 MiB in float32)")
 
 
 class Projector(Protocol):
@@ -121,9 +123,56 @@ def _random_matrix(
     return a.mul_(shape[1] ** -0.5)
 
 
+@dataclass(frozen=True, eq=False)
+class KroneckerLayer:
+    """One ``nn.Linear`` or ``nn.Conv2d`` layer of a :class:`KroneckerProjector`: where its
+    gradient sits in the flat parameter vector and the seeded factors that project it.
+
+    The layer's gradient is an ``out_features x in_features`` matrix G (a Conv2d weight
+    (out, in, kh, kw) read as out x (in kh kw)) with the bias gradient as one more column; it
+    is projected to ``A_out^T [G | g_bias] A_in``, ``p_out * p_in`` values.
+    """
+
+    module: torch.nn.Module
+    """The ``nn.Linear`` or ``nn.Conv2d`` module (its forward hooks feed ``iif.features``)."""
+    weight_offset: int
+    """Index of the weight's first entry in the flat parameter vector (M,)."""
+    out_features: int
+    """Rows of G: a Linear's ``out_features``, a Conv2d's ``out_channels``."""
+    in_features: int
+    """Weight columns of G: a Linear's ``in_features``, a Conv2d's ``in_channels kh kw``."""
+    bias_offset: int | None
+    """Index of the bias's first entry in the flat vector; None without a trainable bias."""
+    a_out: torch.Tensor
+    """A_out, (out_features, p_out): the seeded factor on the output side."""
+    a_in: torch.Tensor
+    """A_in, (in_features [+ 1 with a bias], p_in): the factor on the input side; its last
+    row multiplies the bias column."""
+    patches: dict[str, Any] | None
+    """For a Conv2d: the ``torch.nn.functional.unfold`` arguments (``kernel_size``,
+    ``dilation``, ``padding``, ``stride``) that turn its input into patches, one per output
+    position; None for a Linear."""
+
+    @property
+    def p_out(self) -> int:
+        """Output-side projected dimension (columns of ``a_out``)."""
+        return self.a_out.shape[1]
+
+    @property
+    def p_in(self) -> int:
+        """Input-side projected dimension (columns of ``a_in``)."""
+        return self.a_in.shape[1]
+
+    @property
+    def dim(self) -> int:
+        """Projected values of this layer, ``p_out * p_in``."""
+        return self.p_out * self.p_in
+
+
 class KroneckerProjector:
-    """``A_out^T G A_in`` per ``nn.Linear`` layer (see the module docstring), a dense seeded
-    projection for every other parameter; (n, M) -> (n, P) with P = ``self.dim``."""
+    """``A_out^T G A_in`` per ``nn.Linear`` or ``nn.Conv2d`` layer (see the module docstring
+    and :class:`KroneckerLayer`), a dense seeded projection for every other parameter;
+    (n, M) -> (n, P) with P = ``self.dim``."""
 
     def __init__(self, fmodel, settings: ProjectionSettings,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
@@ -134,15 +183,12 @@ class KroneckerProjector:
         device = torch.device(device)
         offsets = dict(zip(fmodel.names, np.cumsum([0, *fmodel.sizes[:-1]]).tolist(),
                            strict=True))
-        self.layers: list[tuple[int, int, int, int | None, torch.Tensor, torch.Tensor]] = []
-        self.modules: list[torch.nn.Module] = []  # the Linear or Conv2d module of each layer
-        # per layer: None for Linear, the unfold arguments for Conv2d (its input patches)
-        self.patches: list[dict[str, Any] | None] = []
+        self.layers: list[KroneckerLayer] = []
         covered: set[str] = set()
-        linears = [(name, m) for name, m in fmodel.module.named_modules()
-                   if isinstance(m, torch.nn.Linear) or _factorable_conv(m)]
+        candidates = [(name, m) for name, m in fmodel.module.named_modules()
+                      if isinstance(m, torch.nn.Linear) or _factorable_conv(m)]
         found = []
-        for name, module in linears:
+        for name, module in candidates:
             w = f"{name}.weight" if name else "weight"
             b = f"{name}.bias" if name else "bias"
             if w not in offsets:
@@ -160,24 +206,25 @@ class KroneckerProjector:
             raise InputError(f"projection dim {settings.dim} is below the number of parameter "
                              f"blocks ({n_blocks}) of a kronecker projection")
         for index, (w, b, module) in enumerate(found):
+            patches: dict[str, Any] | None
             if isinstance(module, torch.nn.Linear):
                 out, inp = module.out_features, module.in_features
-                self.patches.append(None)
+                patches = None
             else:  # a Conv2d weight (out, in, kh, kw) is an out x (in kh kw) matrix
                 out = module.out_channels
                 inp = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
-                self.patches.append({"kernel_size": module.kernel_size,
-                                     "dilation": module.dilation, "padding": module.padding,
-                                     "stride": module.stride})
+                patches = {"kernel_size": module.kernel_size, "dilation": module.dilation,
+                           "padding": module.padding, "stride": module.stride}
             cols = inp + (1 if b is not None else 0)
             p_out = max(1, min(out, round(share ** 0.5)))
             p_in = max(1, min(cols, share // p_out))
             seed = settings.seed * 1_000_003 + 7919 * (index + 1)
-            a_out = _random_matrix((out, p_out), settings.kind, seed, device, dtype)
-            a_in = _random_matrix((cols, p_in), settings.kind, seed + 1, device, dtype)
-            self.layers.append((offsets[w], out, inp, None if b is None else offsets[b],
-                                a_out, a_in))
-            self.modules.append(module)
+            self.layers.append(KroneckerLayer(
+                module=module, weight_offset=offsets[w], out_features=out, in_features=inp,
+                bias_offset=None if b is None else offsets[b],
+                a_out=_random_matrix((out, p_out), settings.kind, seed, device, dtype),
+                a_in=_random_matrix((cols, p_in), settings.kind, seed + 1, device, dtype),
+                patches=patches))
         self.rest_index = torch.as_tensor(rest_index, device=device, dtype=torch.long)
         self.rest = None
         if rest:
@@ -185,11 +232,12 @@ class KroneckerProjector:
             self.rest = RandomProjector(len(rest_index), ProjectionSettings(
                 dim=rest_dim, kind=settings.kind, seed=settings.seed * 31 + 17,
                 block_elements=settings.block_elements), device=device, dtype=dtype)
-        self.dim = (sum(a.shape[1] * c.shape[1] for _, _, _, _, a, c in self.layers)
+        self.dim = (sum(layer.dim for layer in self.layers)
                     + (self.rest.dim if self.rest is not None else 0))
-        # every trainable parameter sits in a Linear or Conv2d layer: features can be built
-        # from layer inputs and output gradients without per-sample gradients (iif.features)
-        self.linear_only = self.rest is None
+        # every trainable parameter sits in one of the layers (a Linear or Conv2d): features
+        # can be built from layer inputs and output gradients without per-sample gradients
+        # (iif.features)
+        self.all_params_in_layers = self.rest is None
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
         if grads.shape[-1] != self.num_params:
@@ -200,11 +248,13 @@ class KroneckerProjector:
         lead = grads.shape[:-1]
         g = grads.reshape(-1, self.num_params)
         parts = []
-        for w_off, out, inp, b_off, a_out, a_in in self.layers:
-            a_out, a_in = a_out.to(g.dtype), a_in.to(g.dtype)
+        for layer in self.layers:
+            w_off, out, inp = layer.weight_offset, layer.out_features, layer.in_features
+            a_out, a_in = layer.a_out.to(g.dtype), layer.a_in.to(g.dtype)
             weight = g[:, w_off : w_off + out * inp].reshape(-1, out, inp)
             t = weight @ a_in[:inp]  # (n, out, p_in)
-            if b_off is not None:
+            if layer.bias_offset is not None:
+                b_off = layer.bias_offset
                 t = t + g[:, b_off : b_off + out, None] * a_in[inp]
             parts.append((a_out.T @ t).reshape(g.shape[0], -1))  # (n, p_out * p_in)
         if self.rest is not None:

@@ -109,7 +109,7 @@ def _predict(task, x1) -> tuple[object, float | None]:
     regression."""
     import torch
 
-    from iif.grads import module_mode
+    from iif.functional import module_mode
 
     with torch.no_grad(), module_mode(task.model, False):
         out = task.model(x1).reshape(1, -1)[0].double()

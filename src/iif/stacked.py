@@ -28,12 +28,7 @@ import torch
 from torch import nn
 from torch.func import vmap
 
-from iif.grads import (
-    FunctionalModel,
-    ModelState,
-    lone_samples_use_running_stats,
-    module_mode,
-)
+from iif.functional import FunctionalModel, ModelState, lone_samples_use_running_stats, module_mode
 from iif.task import Task
 from iif.training import FitResult
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from iif.errors import InputError
-from iif.validation import check_settings, setting
+from iif.validation import Settings, setting
 
 Kind = Literal["regression", "classification"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Recipe:
+class Recipe(Settings):
     """How the model is trained; reused for unlearning and path epochs.
 
     ``optimizer`` is ``"sgd"``, ``"adam"``, ``"adamw"`` or a callable taking a list of
@@ -46,15 +46,20 @@ class Recipe:
     per-sample losses over a minibatch.
     """
 
-    lr: float = setting(0.01, gt=0)
-    epochs: int = setting(10, ge=0)
-    batch_size: int = setting(64, ge=1)
-    optimizer: str | Callable[[list[torch.Tensor]], torch.optim.Optimizer] = "sgd"
-    momentum: float = setting(0.0, ge=0)  # torch's optimizers refuse negative values
-    weight_decay: float = setting(0.0, ge=0)
+    section = "recipe"
+
+    lr: float = setting(0.01, gt=0, doc="learning rate")
+    epochs: int = setting(10, ge=0, doc="training epochs")
+    batch_size: int = setting(64, ge=1, doc="minibatch size")
+    optimizer: str | Callable[[list[torch.Tensor]], torch.optim.Optimizer] = setting(
+        "sgd", doc="'sgd', 'adam', 'adamw' or a callable making the optimizer from a list of "
+        "tensors")
+    # torch's optimizers refuse negative values
+    momentum: float = setting(0.0, ge=0, doc="momentum of 'sgd'")
+    weight_decay: float = setting(0.0, ge=0, doc="weight decay of the built-in optimizers")
 
     def __post_init__(self) -> None:
-        check_settings(self, "recipe")
+        super().__post_init__()
         if isinstance(self.optimizer, str) and self.optimizer not in ("sgd", "adam", "adamw"):
             raise InputError(
                 f"recipe optimizer must be 'sgd', 'adam', 'adamw' or a callable, "

@@ -18,12 +18,7 @@ from pathlib import Path
 import torch
 
 from iif.errors import InputError
-from iif.grads import (
-    FunctionalModel,
-    ModelState,
-    lone_samples_use_running_stats,
-    module_mode,
-)
+from iif.functional import FunctionalModel, ModelState, lone_samples_use_running_stats, module_mode
 from iif.io import atomic_write
 from iif.progress import progress_bar
 from iif.runkey import (
@@ -83,7 +78,7 @@ def fit(
     the run's own copy of the buffers (BatchNorm running statistics) as PyTorch would the
     module's; the returned state carries them, ``state`` and the module are never modified. A
     minibatch of one sample is normalised with the running statistics and leaves them as they
-    are (``iif.grads.lone_samples_use_running_stats``). ``extra`` chooses its own mode: the
+    are (``iif.functional.lone_samples_use_running_stats``). ``extra`` chooses its own mode: the
     unlearning test term is an eval-mode loss (``iif.baseline``).
     """
     recipe = task.recipe

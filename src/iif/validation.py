@@ -12,11 +12,17 @@ Rules (the same for Python, TOML and command-line values):
   applies to its numeric members only (``int | Literal["auto"] | None``).
 - a settings dataclass: an instance of it, checked again (its ``__post_init__``).
 
-Ranges are declared with :func:`setting` (``steps: int = setting(3, ge=1)``) or passed to
-:func:`check_value`. Every refusal is an :class:`iif.errors.InputError` that names the key, the
-value and what is expected: ``[path] steps must be an integer >= 1, got 2.7``. Accepted numpy
-scalars come back as Python numbers, and ints in ``float`` fields as floats, so that the same
-setting is recorded the same way whether it came from Python or from TOML.
+Ranges are declared with :func:`setting` (``steps: int = setting(3, ge=1, doc="K")``) or
+passed to :func:`check_value`. Every refusal is an :class:`iif.errors.InputError` that names
+the key, the value and what is expected: ``[path] steps must be an integer >= 1, got 2.7``.
+Accepted numpy scalars come back as Python numbers, and ints in ``float`` fields as floats, so
+that the same setting is recorded the same way whether it came from Python or from TOML.
+
+Every settings dataclass (``PathSettings``, ``Recipe``, ...) derives from :class:`Settings`:
+its ``section`` names its keys in messages, its ``__post_init__`` runs these checks and
+``to_dict()`` is its record (part of the run key). Each field is declared with
+:func:`setting`, whose ``doc=`` is the field's one-line description, kept in the field's
+metadata under :data:`DOC`; :func:`describe_settings` lists them.
 """
 
 from __future__ import annotations
@@ -29,13 +35,14 @@ import math
 import operator
 import types
 from dataclasses import dataclass
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 
 from iif.errors import InputError
 
 LIMITS = "iif.limits"  # the key of a dataclass field's metadata that holds its Limits
+DOC = "iif.doc"  # the key of a dataclass field's metadata that holds its one-line description
 
 _REJECT = object()  # what a hint answers for a value it does not accept
 _UNION_TYPES = (Union, types.UnionType)
@@ -76,11 +83,69 @@ class Limits:
 NO_LIMITS = Limits()
 
 
-def setting(default: Any, *, ge: float | None = None, gt: float | None = None,
+def setting(default: Any, *, doc: str, ge: float | None = None, gt: float | None = None,
             le: float | None = None, lt: float | None = None, finite: bool = True) -> Any:
-    """A dataclass field with its default and the range :func:`check_settings` enforces."""
+    """A dataclass field with its default, its one-line description ``doc`` (see
+    :func:`describe_settings`) and the range :func:`check_settings` enforces."""
     return dataclasses.field(default=default,
-                             metadata={LIMITS: Limits(ge, gt, le, lt, finite)})
+                             metadata={LIMITS: Limits(ge, gt, le, lt, finite), DOC: doc})
+
+
+class Settings:
+    """The base of the settings dataclasses (``@dataclass class PathSettings(Settings)``).
+
+    - ``section`` (a class attribute): how messages name the class's keys, e.g. ``"[path]"``
+      for a TOML section (``[path] steps must be ...``) or ``"recipe"``.
+    - ``__post_init__``: every field checked against its type hint and the range of its
+      :func:`setting` (:func:`check_settings`); a subclass with further checks calls
+      ``super().__post_init__()`` first.
+    - ``to_dict()``: the fields as a dict (``dataclasses.asdict``), the form recorded in
+      results and digested by the run key.
+    - :meth:`describe`: each field's name, accepted values, default and description.
+
+    Every field is declared with :func:`setting` and its one-line ``doc``.
+    """
+
+    section: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        check_settings(self, self.section)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def describe(cls) -> list[SettingDoc]:
+        """:func:`describe_settings` of this class."""
+        return describe_settings(cls)
+
+
+@dataclass(frozen=True)
+class SettingDoc:
+    """One field of a settings dataclass, as :func:`describe_settings` lists it."""
+
+    name: str
+    """The field's (and keyword's, and TOML key's) name."""
+    accepts: str
+    """What it accepts, in words: ``"an integer >= 1"``."""
+    default: Any
+    """Its default value."""
+    doc: str
+    """Its one-line description (``setting(..., doc=...)``); empty when none was given."""
+
+    def line(self) -> str:
+        """``"epochs: training epochs (an integer >= 0; default 10)"`` (a ``Recipe`` field)."""
+        return f"{self.name}: {self.doc} ({self.accepts}; default {self.default!r})"
+
+
+def describe_settings(cls: type) -> list[SettingDoc]:
+    """The fields of the settings dataclass ``cls`` in declaration order, each with what it
+    accepts, its default and its ``doc``."""
+    hints = _field_hints(cls)
+    return [SettingDoc(f.name, describe(hints[f.name], f.metadata.get(LIMITS)),
+                       None if f.default is dataclasses.MISSING else f.default,
+                       f.metadata.get(DOC, ""))
+            for f in dataclasses.fields(cls)]
 
 
 def check_value(value: Any, hint: Any, name: str, limits: Limits | None = None) -> Any:
@@ -244,5 +309,6 @@ def _init_hints(cls: type) -> dict[str, Any]:
     return hints
 
 
-__all__ = ["Limits", "check_settings", "check_value", "describe", "keyword_hint",
-           "keyword_names", "revalidate", "setting", "without_none"]
+__all__ = ["DOC", "LIMITS", "Limits", "SettingDoc", "Settings", "check_settings",
+           "check_value", "describe", "describe_settings", "keyword_hint", "keyword_names",
+           "revalidate", "setting", "without_none"]

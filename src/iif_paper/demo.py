@@ -37,7 +37,6 @@ from iif.diagnostics import index_offset
 from iif.errors import InputError
 from iif.io import atomic_write, jsonable
 from iif.methods.integrated import IntegratedInfluence
-from iif.path import PathSettings
 from iif.projection import ProjectionSettings
 from iif.report import (
     format_test_summary,
@@ -45,6 +44,7 @@ from iif.report import (
     plot_rankings,
     top_entries,
 )
+from iif.target_path import PathSettings
 from iif.task import Recipe, Task
 from iif.training import train
 from iif_paper.data import load_digits

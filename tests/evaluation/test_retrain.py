@@ -25,7 +25,7 @@ from iif.evaluation.retrain import (
     train_batch,
     train_one,
 )
-from iif.grads import FunctionalModel
+from iif.functional import FunctionalModel
 from iif.task import Recipe, Task
 
 N_TRAIN, N_TEST, N_CLASSES = 16, 5, 3

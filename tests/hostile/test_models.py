@@ -33,7 +33,7 @@ from iif.checkpoints import train_with_checkpoints
 from iif.errors import InputError
 from iif.explain import explain
 from iif.factored import supports_factored
-from iif.grads import FunctionalModel
+from iif.functional import FunctionalModel
 from iif.methods.tracin import TracIn
 from iif.methods.trak import TRAK
 from iif.stacked import StackedState, can_stack, fit_stacked

@@ -31,7 +31,7 @@ from iif.cli import main
 from iif.config import build_method
 from iif.errors import InputError
 from iif.evaluation.retrain import RetrainSettings
-from iif.grads import FunctionalModel
+from iif.functional import FunctionalModel
 from iif.methods.tracin import TracIn
 from iif.store import attribute_to
 

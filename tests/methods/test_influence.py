@@ -302,7 +302,8 @@ def test_factored_exact_solves_equal_per_sample_gradient_solves(mlp_classifier, 
 def test_truncated_ggn_keeps_the_top_output_hessian_directions(mlp_classifier):
     # rank d is the full Gauss-Newton matrix; rank r keeps the r largest eigen-directions of
     # each sample's output Hessian, so its trace is the sum of those eigenvalues
-    from iif.grads import FunctionalModel, ggn_factor
+    from iif.functional import FunctionalModel
+    from iif.grads import ggn_factor
 
     p = mlp_classifier
     fmodel = FunctionalModel(p.task.model)

@@ -29,7 +29,7 @@ from iif import (
     Task,
 )
 from iif.baseline import mean_loss, trivial_loss, unlearning_baseline
-from iif.grads import FunctionalModel
+from iif.functional import FunctionalModel
 from iif.methods.linear import (
     linear_delta,
     linear_fit,

@@ -43,7 +43,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from iif.chunks import ChunkFolder, FolderLock
 from iif.errors import InputError
 from iif.evaluation.metrics import LDSResult, lds, random_subsets
-from iif.grads import ModelState, lone_samples_use_running_stats, module_mode
+from iif.functional import ModelState, lone_samples_use_running_stats, module_mode
 from iif.io import atomic_write, jsonable
 from iif.progress import progress_bar
 from iif.runkey import (
@@ -57,7 +57,7 @@ from iif.runkey import (
 )
 from iif.task import Data, Task
 from iif.training import reinitialised, seeded, train
-from iif.validation import check_settings, setting
+from iif.validation import Settings, setting
 
 log = logging.getLogger(__name__)
 
@@ -67,27 +67,22 @@ _EVAL_CHUNK = 1024
 
 # ---- settings and result ------------------------------------------------------------------
 @dataclass
-class RetrainSettings:
-    """How the LDS ground truth is made.
+class RetrainSettings(Settings):
+    """How the LDS ground truth is made (each field's description: ``describe()``)."""
 
-    Args:
-        n_subsets: M, the number of random training subsets (>= 2).
-        fraction: alpha, each subset holds ``round(fraction * N)`` samples.
-        repeats: R, models trained per subset; their test losses are averaged.
-        seed: draws the subsets and seeds every model (``model_seed(seed, m, r)``).
-        batch_models: models trained together in one batched run (a cache chunk).
-        epochs: training epochs per model; None uses the task recipe's.
-    """
+    section = "retrain"
 
-    n_subsets: int = setting(100, ge=2)
-    fraction: float = setting(0.5, gt=0, lt=1)
-    repeats: int = setting(1, ge=1)
-    seed: int = setting(0, ge=0)
-    batch_models: int = setting(16, ge=1)
-    epochs: int | None = setting(None, ge=0)
-
-    def __post_init__(self) -> None:
-        check_settings(self, "retrain")
+    n_subsets: int = setting(100, ge=2, doc="M, the number of random training subsets")
+    fraction: float = setting(0.5, gt=0, lt=1, doc="alpha: each subset holds "
+                              "round(fraction * N) samples")
+    repeats: int = setting(1, ge=1, doc="R, models trained per subset; their test losses are "
+                           "averaged")
+    seed: int = setting(0, ge=0, doc="draws the subsets and seeds every model "
+                        "(model_seed(seed, m, r))")
+    batch_models: int = setting(16, ge=1, doc="models trained together in one batched run "
+                                "(a cache chunk)")
+    epochs: int | None = setting(None, ge=0, doc="training epochs per model (None: the task "
+                                 "recipe's)")
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(dataclasses.asdict(self))

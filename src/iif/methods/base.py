@@ -35,7 +35,7 @@ from iif.diagnostics import log_flags, trust_flags
 from iif.errors import InputError
 from iif.factored import supports_factored
 from iif.features import DEFAULT_MAX_FEATURE_BYTES, spill_features_to
-from iif.grads import FunctionalModel
+from iif.functional import FunctionalModel
 from iif.io import jsonable
 from iif.task import Data, Task
 from iif.validation import Limits, check_value, keyword_hint, without_none

@@ -46,13 +46,13 @@ from iif.features import (
     stacked_step_features,
     step_features,
 )
-from iif.grads import ModelState
+from iif.functional import ModelState
 from iif.linalg import SOLVE_DTYPE, Solver, rows_times
 from iif.methods.base import AttributionMethod, completeness_gap
-from iif.path import PathSettings, TargetPath, path_models
 from iif.progress import progress_bar
 from iif.projection import IdentityProjector, ProjectionSettings, make_projector
 from iif.stacked import StackedState, can_stack
+from iif.target_path import PathSettings, TargetPath, path_models
 from iif.task import Data, Task
 from iif.training import fit, seeded
 from iif.validation import Limits

@@ -32,7 +32,7 @@ from iif.attribution import Attribution
 from iif.checkpoints import Checkpoint
 from iif.errors import InputError
 from iif.features import loss_features
-from iif.grads import ModelState
+from iif.functional import ModelState
 from iif.linalg import SOLVE_DTYPE
 from iif.methods.base import AttributionMethod
 from iif.progress import progress_bar

@@ -28,10 +28,10 @@ import torch
 
 from iif.baseline import BaselineSettings
 from iif.evaluation.retrain import train_batch
-from iif.grads import FunctionalModel, module_mode
+from iif.functional import FunctionalModel, module_mode
 from iif.methods import InfluenceFunction, IntegratedInfluence
-from iif.path import PathSettings
 from iif.projection import ProjectionSettings
+from iif.target_path import PathSettings
 from iif_paper.experiments import mnist
 from iif_paper.experiments.base import ExperimentResult, Table, begin
 

@@ -19,9 +19,9 @@ import torch
 from iif.baseline import BaselineSettings
 from iif.checkpoints import train_with_checkpoints
 from iif.methods import IntegratedInfluence
-from iif.path import PathSettings
 from iif.projection import ProjectionSettings
 from iif.report import plot_rankings, top_entries
+from iif.target_path import PathSettings
 from iif_paper.experiments import mnist
 from iif_paper.experiments.base import ExperimentResult, Table, begin
 

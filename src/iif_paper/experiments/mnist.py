@@ -67,8 +67,8 @@ def methods(task: Task, train, size: dict, checkpoints, seed: int, progress,
     ``common`` goes to every method (e.g. ``chunk_size``)."""
     from iif.baseline import BaselineSettings
     from iif.methods import TRAK, InfluenceFunction, IntegratedInfluence, TracIn
-    from iif.path import PathSettings
     from iif.projection import ProjectionSettings
+    from iif.target_path import PathSettings
 
     proj = ProjectionSettings(dim=size["dim"], seed=seed, structure="kronecker")
     common = {"seed": seed, "progress": progress, **common}

@@ -14,38 +14,37 @@ the features at theta_k are taken in eval mode.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 from iif.errors import InputError
-from iif.grads import FunctionalModel, ModelState
+from iif.functional import FunctionalModel, ModelState
 from iif.stacked import StackedState, fit_stacked
 from iif.task import Task
 from iif.training import fit
-from iif.validation import check_settings, setting
+from iif.validation import Settings, setting
 
 
 @dataclass
-class PathSettings:
-    """steps: K. epochs, lr, batch_size: of each path model (None: the recipe's).
+class PathSettings(Settings):
+    """The target path and its path models.
 
     K = 3 with one epoch and sparse targets was chosen on the tuning half of
     ``benchmarks/bench_quality.py`` (docs/quality.md): K = 5 and three epochs per path model
     gave the same LDS at up to twice the time, dense targets 0.15 less."""
 
-    steps: int = setting(3, ge=1)
-    epochs: int = setting(1, ge=0)
-    lr: float | None = setting(None, gt=0)
-    batch_size: int | None = setting(None, ge=1)
-    sparse: bool = True
+    section = "[path]"
 
-    def __post_init__(self) -> None:
-        check_settings(self, "[path]")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    steps: int = setting(3, ge=1, doc="K, the number of steps (path models) from the baseline "
+                         "targets to the true ones")
+    epochs: int = setting(1, ge=0, doc="training epochs of each path model on its targets")
+    lr: float | None = setting(None, gt=0, doc="learning rate of the path epochs (None: the "
+                               "recipe's)")
+    batch_size: int | None = setting(None, ge=1, doc="minibatch size of the path epochs "
+                                     "(None: the recipe's)")
+    sparse: bool = setting(True, doc="classification: keep only the true-class coordinate of "
+                           "the path targets (appendix E)")
 
 
 class TargetPath:
