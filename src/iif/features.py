@@ -300,6 +300,34 @@ def loss_features(
     return out
 
 
+def function_features(
+    fmodel: FunctionalModel,
+    state: ModelState,
+    x: torch.Tensor,
+    fn,
+    *args: torch.Tensor,
+    projector: Projector,
+    chunk_size: int = 128,
+    max_bytes: int = DEFAULT_MAX_FEATURE_BYTES,
+    what: str = "output gradients",
+    progress: bool | None = False,
+) -> torch.Tensor:
+    """Projected per-sample gradients (n, P) of one scalar ``fn(output_i, *args_i)`` per
+    sample (e.g. TRAK's margin), in the model's dtype; ``what`` names them in errors."""
+    n = x.shape[0]
+    dtype = next(iter(state.params.values())).dtype
+    out = _feature_buffer((n, projector.dim), dtype, x.device, max_bytes, what)
+    chunks = projected_jacobians(fmodel, state, x, fn, *args, projector=projector,
+                                 chunk_size=chunk_size)
+    try:
+        for start, feats in progress_bar(chunks, total=n, desc=what, enable=progress,
+                                         unit="samples", size=lambda item: item[1].shape[0]):
+            out[start : start + feats.shape[0]] = feats[:, 0]
+    except InputError as exc:
+        raise InputError(str(exc).replace("per-sample gradients", what)) from None
+    return out
+
+
 def ggn_features(
     fmodel: FunctionalModel,
     state: ModelState,

@@ -15,7 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 from torch.func import functional_call
 
-import iif.methods.trak as trak_module
+import iif.features as features_module
 from iif import Attribution, ProjectionSettings, Recipe, Task
 from iif.methods.trak import TRAK
 from iif.projection import make_projector
@@ -267,13 +267,14 @@ def test_ensemble_is_mean_kernel_times_mean_weights(classification):
 def test_training_features_are_computed_once(classification, monkeypatch, tmp_path):
     x, y, xt, yt = classification
     calls = []
-    original = trak_module.per_sample_jacobians
+    # TRAK's features are the engine's (iif.features), dense projection: per-sample Jacobians
+    original = features_module.per_sample_jacobians
 
     def counting(fmodel, state, xs, *args, **kwargs):
         calls.append(xs.shape[0])
         return original(fmodel, state, xs, *args, **kwargs)
 
-    monkeypatch.setattr(trak_module, "per_sample_jacobians", counting)
+    monkeypatch.setattr(features_module, "per_sample_jacobians", counting)
     models = [_mlp([3, 5, 3], 20), _mlp([3, 5, 3], 21)]
     method = TRAK(_classifier_task(0), (x, y), projection=ProjectionSettings(dim=8),
                   models=models)

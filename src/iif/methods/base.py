@@ -2,7 +2,7 @@
 to one trained model, and ensembles over several models.
 
 A method subclasses :class:`AttributionMethod` and implements, for the single model it is bound
-to (``self.fmodel`` at ``self.state``):
+to (``self.engine``: an :class:`iif.engine.Engine` of that model at its theta*):
 
 - ``_attribute(test) -> Attribution`` with scores (n_test, n_train),
 - ``_self_influence(idx) -> np.ndarray`` of shape (len(idx),),
@@ -27,16 +27,16 @@ from dataclasses import asdict, is_dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 from torch import nn
 
 from iif.attribution import Attribution
 from iif.diagnostics import log_flags, trust_flags
+from iif.engine import Budget, Engine
 from iif.errors import InputError
-from iif.factored import supports_factored
-from iif.features import DEFAULT_MAX_FEATURE_BYTES, spill_features_to
-from iif.functional import FunctionalModel
+from iif.features import DEFAULT_MAX_FEATURE_BYTES
+from iif.functional import FunctionalModel, ModelState
 from iif.io import jsonable
+from iif.projection import IdentityProjector, Projector
 from iif.task import Data, Task
 from iif.validation import Limits, check_value, keyword_hint, without_none
 
@@ -88,14 +88,35 @@ class AttributionMethod:
         self.feature_dir = None if feature_dir is None else str(feature_dir)
         self.task = task
         self.train: Data = task.validate(train_data, "training data")
-        self.fmodel = FunctionalModel(task.model)
-        self.state = self.fmodel.state()  # theta*, frozen at construction
+        # the engine of the task's model at theta* (frozen here), exact until the subclass's
+        # settings are in place and its __init__ calls _reset
+        self.engine = Engine.bind(task, self.train, task.model, self._budget())
         _warn_train_mode(task.model)
         self.models = _check_models(task.model, models)
         self._members: list[AttributionMethod] | None = None
-        self._supports_factored: bool | None = None  # see _factored_applies
-        # this process's block of the training set, within :meth:`sharded`
-        self.sharding: Any = None
+
+    # ---- the engine's parts, as attributes -----------------------------------------------
+    @property
+    def fmodel(self) -> FunctionalModel:
+        return self.engine.fmodel
+
+    @property
+    def state(self) -> ModelState:
+        """theta*, frozen at construction."""
+        return self.engine.state
+
+    @property
+    def projector(self) -> Projector:
+        return self.engine.projector
+
+    @property
+    def sharding(self) -> Any:
+        """This process's block of the training set, within :meth:`sharded`."""
+        return self.engine.sharding
+
+    @sharding.setter
+    def sharding(self, value: Any) -> None:
+        self.engine.sharding = value
 
     # ---- public API ----------------------------------------------------------------------
     def attribute(self, test_data: Any, **options: Any) -> Attribution:
@@ -104,7 +125,7 @@ class AttributionMethod:
         self._validate_settings()
         test = self.validate_test(test_data)
         start = time.perf_counter()
-        with spill_features_to(self.feature_dir):
+        with self.engine.budget.spill():
             parts = [m._attribute(test, **options) for m in self.members()]
         result = parts[0] if len(parts) == 1 else self._combine(parts)
         result.info.setdefault("seconds", time.perf_counter() - start)
@@ -117,7 +138,7 @@ class AttributionMethod:
         the model fits only through themselves, often mislabelled ones."""
         self._validate_settings()
         idx = self._indices(indices)
-        with spill_features_to(self.feature_dir):
+        with self.engine.budget.spill():
             return np.mean([m._self_influence(idx) for m in self.members()], axis=0)
 
     def validate_test(self, test_data: Any) -> Data:
@@ -240,17 +261,31 @@ class AttributionMethod:
         return self._members
 
     def _bound_to(self, model: nn.Module) -> AttributionMethod:
+        """A copy of this method with an engine of its own for ``model`` (its fmodel, theta*
+        and projector: a Kronecker projector's hooks sit on that model's modules)."""
         member = copy.copy(self)
-        member.fmodel = FunctionalModel(model)
-        member.state = member.fmodel.state()
+        member.engine = Engine.bind(self.task, self.train, model, self._budget(),
+                                    sharding=self.engine.sharding)
         member.models = [model]
         member._members = [member]
-        member._supports_factored = None
         member._reset()
         return member
 
+    def _budget(self) -> Budget:
+        """The memory policy of the current settings."""
+        feature_dir = None if self.feature_dir is None else str(self.feature_dir)
+        return Budget(self.chunk_size, self.max_feature_bytes, feature_dir)
+
+    def _make_projector(self, fmodel: FunctionalModel) -> Projector:
+        """The projector of the current settings for the model ``fmodel`` (default: none)."""
+        return IdentityProjector(fmodel.num_params)
+
     def _reset(self) -> None:
-        """Drop anything cached for the model this method was bound to before."""
+        """Bind the engine again with the current settings' projector and budget (same model,
+        same theta*), dropping everything cached for the former; subclasses that cache more
+        extend it."""
+        self.engine = self.engine.rebound(self._make_projector(self.engine.fmodel),
+                                          self._budget())
 
     def _combine(self, parts: list[Attribution]) -> Attribution:
         """The mean of the members' scores (and of their completeness sums and deltas)."""
@@ -282,32 +317,6 @@ class AttributionMethod:
         return {}
 
     # ---- helpers -------------------------------------------------------------------------
-    def _factored_applies(self, exact: bool, kind: str) -> bool:
-        """Whether exact solves of this model run from layer factors (``iif.factored``): an
-        unprojected (``exact``) Fisher or Gauss-Newton solve, N < M (the Woodbury form), one
-        process, and a model of single-use Linear layers (checked once per model). They equal
-        the per-sample-gradient solve without any N x M matrix."""
-        if not (exact and kind in ("fisher", "ggn") and self.sharding is None
-                and len(self.train) < self.fmodel.num_params):
-            return False
-        if self._supports_factored is None:
-            self._supports_factored = supports_factored(self.fmodel, self.state, self.train.x)
-        return self._supports_factored
-
-    def _train_block(self) -> slice:
-        """The training samples this process featurises: all, or its block under sharding."""
-        return slice(None) if self.sharding is None else self.sharding.rows(len(self.train))
-
-    def _gather_columns(self, block: torch.Tensor) -> torch.Tensor:
-        """Scores of this process's training block (..., n_block) as (..., N), summed over
-        the processes (each fills its own columns); unchanged without sharding."""
-        if self.sharding is None:
-            return block
-        full = torch.zeros(*block.shape[:-1], len(self.train), dtype=block.dtype,
-                           device=block.device)
-        full[..., self._train_block()] = block
-        return self.sharding.all_reduce(full)
-
     def _indices(self, indices: Any) -> np.ndarray:
         n = len(self.train)
         idx = np.arange(n) if indices is None else np.asarray(indices)

@@ -32,19 +32,13 @@ from iif.curvature import (
     CGSettings,
     CurvatureSettings,
     cg_solver,
-    curvature_factor,
-    curvature_product,
-    fit_curvature,
     rank_bound,
-    solver_from_factor,
 )
 from iif.errors import InputError
-from iif.factored import factored_influence_scores
-from iif.features import loss_features
-from iif.grads import per_sample_grads
+from iif.functional import FunctionalModel
 from iif.linalg import SOLVE_DTYPE, Solver, rows_times
 from iif.methods.base import AttributionMethod
-from iif.projection import IdentityProjector, ProjectionSettings, make_projector
+from iif.projection import IdentityProjector, ProjectionSettings, Projector, make_projector
 from iif.task import Data, Task
 from iif.validation import Limits
 
@@ -108,29 +102,27 @@ class InfluenceFunction(AttributionMethod):
         if self.solver not in ("projected", "auto") and projected:
             raise InputError(f"solver {self.solver!r} does not project; use "
                              f"solver='projected' (or 'auto') with a projection")
-        self.projector = (
-            make_projector(self.fmodel.num_params, self.projection, self.task.device,
-                           self.task.dtype, self.fmodel)
-            if projected else IdentityProjector(self.fmodel.num_params)
-        )
+        super()._reset()
         self._fitted: tuple[torch.Tensor | None, Solver] | None = None
         self._grads: torch.Tensor | None = None
+
+    def _make_projector(self, fmodel: FunctionalModel) -> Projector:
+        if self.projection.dim is None:
+            return IdentityProjector(fmodel.num_params)
+        return make_projector(fmodel.num_params, self.projection, self.task.device,
+                              self.task.dtype, fmodel)
 
     # ---- the method ----------------------------------------------------------------------
     def _attribute(self, test: Data) -> Attribution:
         if self._use_factored():
-            n = len(self.train)
-            scores, solver = factored_influence_scores(
-                self.fmodel, self.state, self.train.x, self.train.targets, test.x,
-                test.targets, self.task, self.curvature,
-                effective_dim=rank_bound(n, self.projector.dim, self.fmodel.num_params),
-                chunk_size=self.chunk_size)
+            scores, solver = self.engine.factored_influence_scores(self.curvature, test.x,
+                                                                   test.targets)
             return Attribution(scores.cpu().numpy(), self.method, self.settings(), None,
                                {"solver": solver.report()})
         grads, solver = self._fit()
         test_grads = self._features(test.x, test.targets)  # (n_test, D)
         sol = solver.solve(test_grads.T)  # (D, n_test) = C^{-1} g_s
-        scores = self._gather_columns(-self._train_products(grads, sol).T / len(self.train))
+        scores = self.engine.gather_columns(-self._train_products(grads, sol).T / len(self.train))
         info = {"solver": solver.report()}
         return Attribution(scores.cpu().numpy(), self.method, self.settings(), None, info)
 
@@ -153,17 +145,14 @@ class InfluenceFunction(AttributionMethod):
         # the features only: the solver of self.curvature would build the factor once more
         grads = self._train_grads()
         train = self.train
-        factor = curvature_factor(self.curvature.kind, self.fmodel, self.state, train.x,
-                                  train.targets, self.task, self.projector, grads,
-                                  self.chunk_size, ggn_rank=self.curvature.ggn_rank)
+        factor = self.engine.curvature_factor(self.curvature, grads)
         test_grads = self._features(test.x, test.targets).T  # (D, n_test)
         results = []
         for value in values:
             settings = (dataclasses.replace(self.curvature, damping=None,
                                             default_damping_ratio=value) if relative
                         else dataclasses.replace(self.curvature, damping=value))
-            solver = solver_from_factor(factor, settings, len(train), self.projector.dim,
-                                        self.fmodel.num_params)
+            solver = self.engine.solver_from_factor(factor, settings)
             scores = -self._train_products(grads, solver.solve(test_grads)).T / len(train)
             result = Attribution(scores.cpu().numpy(), self.method,
                                  {**self.settings(), "curvature": settings.to_dict()}, None,
@@ -172,14 +161,16 @@ class InfluenceFunction(AttributionMethod):
         return results
 
     def _use_factored(self) -> bool:
-        return self._factored_applies(self.effective_solver == "exact", self.curvature.kind)
+        return self.engine.factored_applies(self.effective_solver == "exact",
+                                            self.curvature.kind)
 
     def _self_influence(self, idx: np.ndarray) -> np.ndarray:
         if self.sharding is not None:
             raise InputError("self-influence runs in one process")
         grads, solver = self._fit()
         out = np.empty(idx.size)
-        step = self.chunk_size if self.effective_solver != "cg" else max(1, self.chunk_size // 4)
+        chunk = self.engine.budget.chunk_size
+        step = chunk if self.effective_solver != "cg" else max(1, chunk // 4)
         for lo in range(0, idx.size, step):
             sub = self.train.subset(idx[lo : lo + step])
             g = (grads[torch.as_tensor(idx[lo : lo + step])] if grads is not None
@@ -201,31 +192,26 @@ class InfluenceFunction(AttributionMethod):
     # ---- parts ---------------------------------------------------------------------------
     def _features(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.effective_solver == "cg":
-            return per_sample_grads(self.fmodel, self.state, x, targets, self.task,
-                                    self.chunk_size)
-        return loss_features(self.fmodel, self.state, x, targets, self.task, self.projector,
-                             self.chunk_size, self.max_feature_bytes)
+            return self.engine.per_sample_grads(self.state, x, targets)
+        return self.engine.loss_features(self.state, x, targets)
 
     def _fit(self) -> tuple[torch.Tensor | None, Solver]:
         """Training features (None for ``cg``: recomputed in chunks) and the damped solver."""
         if self._fitted is None:
             train = self.train
             if self.effective_solver == "cg":
-                product = curvature_product(self.curvature.kind, self.fmodel, self.state,
-                                            train.x, train.targets, self.task, self.chunk_size,
-                                            ggn_rank=self.curvature.ggn_rank)
+                product = self.engine.curvature_product(self.curvature)
                 trace = self._trace(product)
-                m = self.fmodel.num_params
+                m = self.engine.num_params
                 solver = cg_solver(product, m, self.curvature, self.cg, self.curvature.kind,
                                    trace, rank_bound(len(train), m, m))
                 self._fitted = (None, solver)
             else:
-                block = self._train_block()
+                block = self.engine.train_block()
                 grads = self._train_grads()
-                reduce = None if self.sharding is None else self.sharding.all_reduce
-                solver = fit_curvature(self.curvature, self.fmodel, self.state, train.x[block],
-                                       train.targets[block], self.task, self.projector, grads,
-                                       self.chunk_size, n_total=len(train), reduce=reduce)
+                solver = self.engine.fit_curvature(self.curvature, self.state, train.x[block],
+                                                   train.targets[block], grads,
+                                                   reduce=self.engine.reduce)
                 self._fitted = (grads, solver)
         return self._fitted
 
@@ -233,7 +219,7 @@ class InfluenceFunction(AttributionMethod):
         """This process's training features (exact or projected), computed once: the solver
         and every damping of :meth:`attribute_dampings` share them."""
         if self._grads is None:
-            block = self._train_block()
+            block = self.engine.train_block()
             self._grads = self._features(self.train.x[block], self.train.targets[block])
         return self._grads
 
@@ -247,7 +233,7 @@ class InfluenceFunction(AttributionMethod):
         """trace(C): exact for the Fisher (mean squared gradient norm), Hutchinson otherwise."""
         if self.curvature.damping is not None:
             return 0.0  # not used
-        m = self.fmodel.num_params
+        m = self.engine.num_params
         if self.curvature.kind == "fisher":
             total = sum(float(g.double().pow(2).sum()) for g in self._train_grad_chunks())
             return total / len(self.train)
@@ -259,8 +245,7 @@ class InfluenceFunction(AttributionMethod):
 
     def _train_grad_chunks(self):
         """Per-sample training gradients (c, M), chunk by chunk, in order."""
-        train = self.train
-        for lo in range(0, len(train), self.chunk_size):
-            sub = train.subset(slice(lo, lo + self.chunk_size))
-            yield per_sample_grads(self.fmodel, self.state, sub.x, sub.targets, self.task,
-                                   self.chunk_size)
+        train, chunk = self.train, self.engine.budget.chunk_size
+        for lo in range(0, len(train), chunk):
+            sub = train.subset(slice(lo, lo + chunk))
+            yield self.engine.per_sample_grads(self.state, sub.x, sub.targets)

@@ -25,36 +25,22 @@ from iif.attribution import Attribution
 from iif.baseline import (
     Baseline,
     BaselineSettings,
-    self_baseline_targets,
-    unlearning_baseline,
-    unlearning_baselines,
 )
 from iif.curvature import (
     CurvatureSettings,
-    fit_curvature,
-    rank_bound,
     stacked_gram_solvers,
 )
 from iif.diagnostics import log_flags, trust_flags
 from iif.errors import InputError
-from iif.factored import factored_step_scores, linear_layers
-from iif.features import (
-    can_stack_features,
-    loss_features,
-    spill_features_to,
-    stacked_loss_features,
-    stacked_step_features,
-    step_features,
-)
-from iif.functional import ModelState
+from iif.functional import FunctionalModel, ModelState
 from iif.linalg import SOLVE_DTYPE, Solver, rows_times
 from iif.methods.base import AttributionMethod, completeness_gap
 from iif.progress import progress_bar
-from iif.projection import IdentityProjector, ProjectionSettings, make_projector
+from iif.projection import IdentityProjector, ProjectionSettings, Projector, make_projector
 from iif.stacked import StackedState, can_stack
-from iif.target_path import PathSettings, TargetPath, path_models
+from iif.target_path import PathSettings, TargetPath
 from iif.task import Data, Task
-from iif.training import fit, seeded
+from iif.training import seeded
 from iif.validation import Limits
 
 log = logging.getLogger(__name__)
@@ -126,7 +112,6 @@ class IntegratedInfluence(AttributionMethod):
                              "with momentum=None (a cumulative average); such a task runs "
                              "with test_batch=1")
         self.test_batch = test_batch
-        self._stack_features: bool | None = None
         self.baseline = self._keyword("baseline", baseline, default=BaselineSettings)
         self.path = self._keyword("path", path, default=PathSettings)
         self.projection = self._keyword("projection", projection, default=ProjectionSettings)
@@ -134,14 +119,9 @@ class IntegratedInfluence(AttributionMethod):
         self._reset()
         self._mark_built()
 
-    def _reset(self) -> None:
-        # the projector is built from *this* model: a Kronecker projector's layer hooks sit on
-        # its modules, so an ensemble member must not share the first model's
-        self.projector = make_projector(
-            self.fmodel.num_params, self.projection, self.task.device, self.task.dtype,
-            self.fmodel
-        )
-        self._stack_features = None
+    def _make_projector(self, fmodel: FunctionalModel) -> Projector:
+        return make_projector(fmodel.num_params, self.projection, self.task.device,
+                              self.task.dtype, fmodel)
 
     # ---- public API ----------------------------------------------------------------------
     def attribute(self, test_data: Any, baseline_targets: Any = None,
@@ -172,7 +152,7 @@ class IntegratedInfluence(AttributionMethod):
         A group of one gives that sample's per-test scores."""
         self._validate_settings()
         test = self.validate_test(test_data)
-        with spill_features_to(self.feature_dir):
+        with self.engine.budget.spill():
             parts = [m._group(test) for m in self.members()]
         result = parts[0] if len(parts) == 1 else self._combine(parts)
         result.info["ensemble_size"] = len(parts)
@@ -201,8 +181,7 @@ class IntegratedInfluence(AttributionMethod):
         row by row, with the generators every per-test baseline uses. ``rows``: the test
         rows ``unlearn`` holds (a warning names them)."""
         with self._per_test_generators() as (unlearn_gen, path_gen):
-            base = unlearning_baseline(self.task, self.fmodel, self.state, self.train, unlearn,
-                                       settings, unlearn_gen, rows=rows)
+            base = self.engine.unlearning_baseline(unlearn, settings, unlearn_gen, rows=rows)
             return self._integrate(base.targets, test, path_gen), base
 
     @contextlib.contextmanager
@@ -270,23 +249,20 @@ class IntegratedInfluence(AttributionMethod):
         step = self.baseline.self_step
         step = self.task.recipe.lr if step is None else step
         with seeded(self.seed, self.task.device):
-            ybar = self_baseline_targets(self.task, self.fmodel, self.state, train, step,
-                                         self.chunk_size)
+            ybar = self.engine.self_baseline_targets(step)
             path = TargetPath(self.task, train.targets, ybar, self.path.steps, self.path.sparse)
             gen = torch.Generator().manual_seed(self.seed)
             out = np.zeros(idx.size)
             tidx = torch.as_tensor(idx, device=train.x.device)
-            steps = path_models(self.task, self.fmodel, self.state, train.x, path, self.path,
-                                gen)
+            steps = self.engine.path_models(self.state, path, self.path, gen)
             for k, state in progress_bar(steps, total=path.steps,
                                          desc="IIF self-influence path steps",
                                          enable=self.progress):
                 _, psi, solver = self._step(state, path(k), path(k - 1), k)
-                grads = loss_features(self.fmodel, state, train.x[tidx], train.targets[tidx],
-                                      self.task, self.projector, self.chunk_size,
-                                      self.max_feature_bytes)
-                for lo in range(0, idx.size, self.chunk_size):
-                    hi = lo + self.chunk_size
+                grads = self.engine.loss_features(state, train.x[tidx], train.targets[tidx])
+                chunk = self.engine.budget.chunk_size
+                for lo in range(0, idx.size, chunk):
+                    hi = lo + chunk
                     sol = solver.solve(grads[lo:hi].T)  # (P, c)
                     rows = psi[tidx[lo:hi]].to(SOLVE_DTYPE)
                     out[lo:hi] -= (rows * sol.T).sum(1).cpu().numpy() / len(train)
@@ -328,9 +304,8 @@ class IntegratedInfluence(AttributionMethod):
                 bases = [base]
             else:
                 with self._per_test_generators() as (unlearn_gen, path_gen):
-                    bases = unlearning_baselines(self.task, self.fmodel, self.state, self.train,
-                                                 unlearn.subset(rows), settings, unlearn_gen,
-                                                 rows=rows)
+                    bases = self.engine.unlearning_baselines(unlearn.subset(rows), settings,
+                                                             unlearn_gen, rows=rows)
                     ybar = torch.stack([b.targets for b in bases])
                     res = self._integrate(ybar, part, path_gen)
             scores[rows] = res.scores
@@ -349,7 +324,7 @@ class IntegratedInfluence(AttributionMethod):
             raise InputError("contrast explains a class margin: it needs a classification "
                              "task with the built-in cross-entropy")
         n_cls = self.train.targets.shape[1]
-        logits = self.fmodel.outputs(self.state, test.x)
+        logits = self.engine.outputs(self.state, test.x)
         order = torch.argsort(logits, dim=1, descending=True)
         a = order[:, 0]
         if isinstance(contrast, str):
@@ -405,20 +380,20 @@ class IntegratedInfluence(AttributionMethod):
             # products and the factors of its own solves: measured at about 0.23 GiB per
             # copy on the MNIST MLP at N = 5,000, 3 float64 layer factors; 4 leaves room
             widths = sum(layer.in_features + 1 + layer.out_features
-                         for layer in linear_layers(self.fmodel) or [])
+                         for layer in self.engine.linear_layers() or [])
             features = 4 * len(self.train) * widths * 8 // size
         else:
             features = 2 * len(self.train) * self.projector.dim
-        per_copy = size * (5 * self.fmodel.num_params + 3 * self.train.targets.numel()
+        per_copy = size * (5 * self.engine.num_params + 3 * self.train.targets.numel()
                            + features)
-        return max(1, min(32, n_test, (self.max_feature_bytes // 4) // per_copy))
+        budget = self.engine.budget.max_feature_bytes
+        return max(1, min(32, n_test, (budget // 4) // per_copy))
 
     def _shared(self, test: Data) -> tuple[_PathResult, np.ndarray, np.ndarray]:
         # the per-test generators: a shared baseline of one test sample is its per-test one
         with self._per_test_generators() as (unlearn_gen, path_gen):
-            base = unlearning_baseline(self.task, self.fmodel, self.state, self.train, test,
-                                       self.baseline, unlearn_gen, self.progress,
-                                       rows=range(len(test)))
+            base = self.engine.unlearning_baseline(test, self.baseline, unlearn_gen,
+                                                   self.progress, rows=range(len(test)))
             res = self._integrate(base.targets, test, path_gen)
         return res, self._delta(test, base.state), np.full(len(test), _status(base), dtype=object)
 
@@ -432,9 +407,9 @@ class IntegratedInfluence(AttributionMethod):
                               self.path.sparse)
             theta0 = res.last_state
             if self.path.epochs > 0:
-                fitted = fit(self.task, self.fmodel, res.last_state, self.train.x, path(0),
-                             epochs=self.path.epochs, lr=self.path.lr,
-                             batch_size=self.path.batch_size, generator=gen)
+                fitted = self.engine.fit(res.last_state, self.train.x, path(0),
+                                         epochs=self.path.epochs, lr=self.path.lr,
+                                         batch_size=self.path.batch_size, generator=gen)
                 theta0 = fitted.state
         return res, self._delta(test, theta0), np.full(len(test), SOUND, dtype=object)
 
@@ -452,7 +427,7 @@ class IntegratedInfluence(AttributionMethod):
         # kernels (an N x N matrix per copy and step), so they are not kept
         used: list[tuple[float, int]] = []
         state = self.state
-        steps = path_models(self.task, self.fmodel, start, self.train.x, path, self.path, gen)
+        steps = self.engine.path_models(start, path, self.path, gen)
         for k, state in progress_bar(steps, total=path.steps, desc="IIF path steps",
                                      enable=self.progress):
             rho, rho_prev = path(k), path(k - 1)
@@ -463,7 +438,7 @@ class IntegratedInfluence(AttributionMethod):
             else:
                 used += _report(self._single_step(state, test, rho, rho_prev, k, scores))
         if self.sharding is not None and not stacked:
-            scores = self.sharding.all_reduce(scores)  # every process filled its own columns
+            scores = self.engine.reduce(scores)  # every process filled its own columns
         return _PathResult(scores.cpu().numpy(), [d for d, _ in used],
                            sum(r for _, r in used), state)
 
@@ -471,20 +446,16 @@ class IntegratedInfluence(AttributionMethod):
     # returns the solvers it used (for the damping report).
     def _use_factored(self) -> bool:
         # exact gradients: no projection, or one at least as wide as the model (make_projector)
-        return self._factored_applies(isinstance(self.projector, IdentityProjector),
-                                      self.curvature.kind)
+        return self.engine.factored_applies(isinstance(self.projector, IdentityProjector),
+                                            self.curvature.kind)
 
     def _factored_step(self, state: ModelState, test_x: torch.Tensor,
                        test_targets: torch.Tensor, rho: torch.Tensor,
                        rho_prev: torch.Tensor) -> tuple[torch.Tensor, Solver]:
         """I^(k) (n_test, N) from layer factors; ``rho_prev`` (B, N, d) pairs test b with
         path b (the shared first step of stacked paths)."""
-        n = len(self.train)
-        return factored_step_scores(
-            self.fmodel, state, self.train.x, rho, rho_prev, test_x, test_targets, self.task,
-            self.curvature,
-            effective_dim=rank_bound(n, self.projector.dim, self.fmodel.num_params),
-            chunk_size=self.chunk_size)
+        return self.engine.factored_step_scores(self.curvature, state, rho, rho_prev, test_x,
+                                                test_targets)
 
     def _single_step(self, state: ModelState, test: Data, rho: torch.Tensor,
                      rho_prev: torch.Tensor, k: int, scores: torch.Tensor) -> list[Solver]:
@@ -493,12 +464,10 @@ class IntegratedInfluence(AttributionMethod):
             step, solver = self._factored_step(state, test.x, test.targets, rho, rho_prev)
             scores += step.to(scores.device)
             return [solver]
-        block = self._train_block()
+        block = self.engine.train_block()
         _, psi, solver = self._step(state, rho, rho_prev, k,
                                     None if self.sharding is None else block)
-        gamma = loss_features(self.fmodel, state, test.x, test.targets, self.task,
-                              self.projector, self.chunk_size, self.max_feature_bytes,
-                              "test gradients")
+        gamma = self.engine.loss_features(state, test.x, test.targets, "test gradients")
         sol = solver.solve(gamma.T)  # (P, n_test)
         scores[:, block] -= rows_times(psi, sol).T / len(self.train)
         return [solver]
@@ -512,9 +481,7 @@ class IntegratedInfluence(AttributionMethod):
             scores += step.to(scores.device)
             return [solver]
         _, psi, solver = self._step(self.state, rho, rho_prev, k)
-        gamma = loss_features(self.fmodel, self.state, test.x, test.targets, self.task,
-                              self.projector, self.chunk_size, self.max_feature_bytes,
-                              "test gradients")
+        gamma = self.engine.loss_features(self.state, test.x, test.targets, "test gradients")
         sol = solver.solve(gamma.T).to(SOLVE_DTYPE)  # (P, B)
         for b in range(len(test)):
             scores[b] -= rows_times(psi[:, b], sol[:, b : b + 1])[:, 0] / len(self.train)
@@ -536,26 +503,20 @@ class IntegratedInfluence(AttributionMethod):
                     solvers.append(_Used(solver.damping, solver.retries))
                     continue
                 _, psi, solver = self._step(member, rho[b], rho_prev[b], k)
-                gamma = loss_features(self.fmodel, member, test.x[b : b + 1],
-                                      test.targets[b : b + 1], self.task, self.projector,
-                                      self.chunk_size, self.max_feature_bytes,
-                                      "test gradients")
+                gamma = self.engine.loss_features(member, test.x[b : b + 1],
+                                                  test.targets[b : b + 1], "test gradients")
                 scores[b] -= rows_times(psi, solver.solve(gamma.T))[:, 0] / n
                 solvers.append(_Used(solver.damping, solver.retries))
             return solvers
-        u, psi = stacked_step_features(self.fmodel, state.params, state.buffers, self.train.x,
-                                       rho, rho_prev, self.task, self.projector,
-                                       self.chunk_size, self.max_feature_bytes)
-        gamma = stacked_loss_features(self.fmodel, state.params, state.buffers,
-                                      test.x[:, None], test.targets[:, None], self.task,
-                                      self.projector, self.chunk_size, "test gradients")
+        u, psi = self.engine.step_features(state, self.train.x, rho, rho_prev)
+        gamma = self.engine.loss_features(state, test.x[:, None], test.targets[:, None],
+                                          "test gradients")
         if self.curvature.kind == "fisher" and n >= self.projector.dim:
             solvers = stacked_gram_solvers(u, n, self.curvature, "fisher",
-                                           rank_bound(n, self.projector.dim,
-                                                      self.fmodel.num_params))
+                                           self.engine.rank_bound())
         else:
-            solvers = [fit_curvature(self.curvature, self.fmodel, member, self.train.x, rho[b],
-                                     self.task, self.projector, u[b], self.chunk_size)
+            solvers = [self.engine.fit_curvature(self.curvature, member, self.train.x, rho[b],
+                                                 u[b])
                        for b, member in enumerate(state.members())]
         for b, solver in enumerate(solvers):
             scores[b] -= rows_times(psi[b], solver.solve(gamma[b].T))[:, 0] / n
@@ -564,13 +525,10 @@ class IntegratedInfluence(AttributionMethod):
     def _stackable(self, copies: int) -> bool:
         """Whether B copies' path features can be computed together: the Kronecker fast path
         applies and their (B, N, P) features fit ``max_feature_bytes``."""
-        if self._stack_features is None:
-            self._stack_features = can_stack_features(self.fmodel, self.state,
-                                                      self.train.x[:1], self.projector)
         need = 2 * copies * len(self.train) * self.projector.dim
         # features have the model's dtype (the inputs may be integer token ids)
-        return self._stack_features and need * self.train.targets.element_size() <= \
-            self.max_feature_bytes
+        return self.engine.stacks_features() and need * self.train.targets.element_size() \
+            <= self.engine.budget.max_feature_bytes
 
     def _step(self, state: ModelState, rho: torch.Tensor, rho_prev: torch.Tensor, k: int,
               part: slice | None = None):
@@ -581,19 +539,16 @@ class IntegratedInfluence(AttributionMethod):
         reduce = None
         if part is not None:
             x, rho, rho_prev = x[part], rho[part], rho_prev[part]
-            reduce = self.sharding.all_reduce
-        u, psi = step_features(self.fmodel, state, x, rho, rho_prev, self.task,
-                               self.projector, self.chunk_size, self.max_feature_bytes,
-                               progress=self.progress, desc=f"features k={k}")
-        solver = fit_curvature(self.curvature, self.fmodel, state, x, rho, self.task,
-                               self.projector, u, self.chunk_size, n_total=len(self.train),
-                               reduce=reduce)
+            reduce = self.engine.reduce
+        u, psi = self.engine.step_features(state, x, rho, rho_prev, progress=self.progress,
+                                           desc=f"features k={k}")
+        solver = self.engine.fit_curvature(self.curvature, state, x, rho, u, reduce=reduce)
         return u, psi, solver
 
     def _delta(self, test: Data, theta_prime: ModelState) -> np.ndarray:
         """L_test(theta*) - L_test(theta') per test sample."""
         def losses(state: ModelState) -> torch.Tensor:
-            return self.task.sample_loss(self.fmodel.outputs(state, test.x), test.targets)
+            return self.task.sample_loss(self.engine.outputs(state, test.x), test.targets)
 
         return (losses(self.state) - losses(theta_prime)).double().cpu().numpy()
 

@@ -31,12 +31,11 @@ import torch
 from iif.attribution import Attribution
 from iif.checkpoints import Checkpoint
 from iif.errors import InputError
-from iif.features import loss_features
-from iif.functional import ModelState
+from iif.functional import FunctionalModel, ModelState
 from iif.linalg import SOLVE_DTYPE
 from iif.methods.base import AttributionMethod
 from iif.progress import progress_bar
-from iif.projection import ProjectionSettings, make_projector
+from iif.projection import ProjectionSettings, Projector, make_projector
 from iif.runkey import file_digest, tensor_digest, text_digest
 from iif.task import Data, Task
 
@@ -96,11 +95,9 @@ class TracIn(AttributionMethod):
         self._reset()
         self._mark_built()
 
-    def _reset(self) -> None:
-        self.projector = make_projector(
-            self.fmodel.num_params, self.projection, self.task.device, self.task.dtype,
-            self.fmodel
-        )
+    def _make_projector(self, fmodel: FunctionalModel) -> Projector:
+        return make_projector(fmodel.num_params, self.projection, self.task.device,
+                              self.task.dtype, fmodel)
 
     # ---- public API ----------------------------------------------------------------------
     def attribute(self, test_data: Any) -> Attribution:
@@ -182,16 +179,15 @@ class TracIn(AttributionMethod):
 
     def _grads(self, state: ModelState, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Projected per-sample loss gradients (n, P) at ``state``."""
-        return loss_features(self.fmodel, state, x, targets, self.task, self.projector,
-                             self.chunk_size, self.max_feature_bytes)
+        return self.engine.loss_features(state, x, targets)
 
     def _train_grads(
         self, state: ModelState, idx: np.ndarray
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """``(lo, G)`` with G (c, P): the gradients of training samples ``idx[lo:lo + c]``."""
-        train = self.train
-        for lo in range(0, idx.size, self.chunk_size):
-            rows = torch.as_tensor(idx[lo : lo + self.chunk_size], device=train.x.device)
+        train, chunk = self.train, self.engine.budget.chunk_size
+        for lo in range(0, idx.size, chunk):
+            rows = torch.as_tensor(idx[lo : lo + chunk], device=train.x.device)
             yield lo, self._grads(state, train.x[rows], train.targets[rows])
 
 

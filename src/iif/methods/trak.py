@@ -64,11 +64,11 @@ from torch.func import grad, vmap
 from iif.attribution import Attribution
 from iif.curvature import CurvatureSettings, gram_solver
 from iif.errors import InputError
-from iif.grads import output_hessian_factor, per_sample_jacobians, sample_loss_fn
+from iif.functional import FunctionalModel
+from iif.grads import output_hessian_factor, sample_loss_fn
 from iif.linalg import SOLVE_DTYPE, Solver, rows_times
 from iif.methods.base import AttributionMethod
-from iif.progress import progress_bar
-from iif.projection import IdentityProjector, ProjectionSettings, make_projector
+from iif.projection import IdentityProjector, ProjectionSettings, Projector, make_projector
 from iif.task import Data, Task
 from iif.validation import Limits
 
@@ -186,13 +186,14 @@ class TRAK(AttributionMethod):
         """The kernel and the training features serve every test sample."""
         return True
 
-    def _reset(self) -> None:
-        dim, num_params = self.projection.dim, self.fmodel.num_params
+    def _make_projector(self, fmodel: FunctionalModel) -> Projector:
+        dim, num_params = self.projection.dim, fmodel.num_params
         exact = dim is None or dim >= num_params
-        self.projector = make_projector(
-            num_params, ProjectionSettings(dim=None) if exact else self.projection,
-            self.task.device, self.task.dtype, self.fmodel,
-        )
+        return make_projector(num_params, ProjectionSettings(dim=None) if exact
+                              else self.projection, self.task.device, self.task.dtype, fmodel)
+
+    def _reset(self) -> None:
+        super()._reset()
         self._cache: _TrainFeatures | None = None
 
     def _combine(self, parts: list[Attribution]) -> Attribution:
@@ -226,10 +227,10 @@ class TRAK(AttributionMethod):
         cache = self._train_features()
         phi_test = self._features(test.x, test.targets, "test")
         sol = cache.solver.solve(phi_test.T)  # (P, n_test)
-        kernel = self._gather_columns(rows_times(cache.phi, sol).T)  # (n_test, N)
+        kernel = self.engine.gather_columns(rows_times(cache.phi, sol).T)  # (n_test, N)
         if self.task.kind == "regression":
             kernel = kernel * self._slopes(test.x, test.targets)[:, None]
-        return kernel.cpu().numpy(), self._gather_columns(cache.weights).cpu().numpy()
+        return kernel.cpu().numpy(), self.engine.gather_columns(cache.weights).cpu().numpy()
 
     def _self_parts(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``c_i phi_i^T K phi_i`` and ``w_i`` for training samples idx, each (n,)."""
@@ -238,8 +239,9 @@ class TRAK(AttributionMethod):
         cache = self._train_features()
         tidx = torch.as_tensor(idx, device=cache.phi.device)
         diag = torch.empty(idx.size, dtype=SOLVE_DTYPE, device=cache.phi.device)
-        for lo in range(0, idx.size, self.chunk_size):
-            rows = cache.phi[tidx[lo : lo + self.chunk_size]]
+        chunk = self.engine.budget.chunk_size
+        for lo in range(0, idx.size, chunk):
+            rows = cache.phi[tidx[lo : lo + chunk]]
             sol = cache.solver.solve(rows.T)  # (P, c)
             diag[lo : lo + rows.shape[0]] = (rows.to(SOLVE_DTYPE) * sol.T.to(rows.device)).sum(1)
         weights = cache.weights[tidx]
@@ -256,11 +258,13 @@ class TRAK(AttributionMethod):
             n, dim = len(train), self.projector.dim
             # Phi in the model dtype, and the solver's float64 N x N (Woodbury, N < P) or P x P.
             solve_values = n * n if n < dim else dim * dim
-            self._check_memory(n * dim, solve_values, "TRAK training features")
-            block = self._train_block()
+            # the features may spill to feature_dir (see Budget); the solver's matrix may not
+            features = 0 if self.engine.budget.feature_dir is not None else n * dim
+            self._check_memory(features, solve_values, "TRAK training features")
+            block = self.engine.train_block()
             x, targets = train.x[block], train.targets[block]
             phi = self._features(x, targets, "train", progress=self.progress)
-            outputs = self.fmodel.outputs(self.state, x, self.chunk_size)
+            outputs = self.engine.outputs(self.state, x, chunked=True)
             weights = self._slopes(x, targets, outputs)
             rows = phi
             if self.task.kind == "regression":
@@ -268,36 +272,26 @@ class TRAK(AttributionMethod):
                 rows = phi * curv.to(phi.dtype)[:, None]  # sqrt(l''_i) phi_i
             settings = CurvatureSettings(damping=self.damping,
                                          default_damping_ratio=DEFAULT_DAMPING_RATIO)
-            rank = min(n, dim, self.fmodel.num_params)
-            reduce = None if self.sharding is None else self.sharding.all_reduce
+            rank = min(n, dim, self.engine.num_params)
             solver = gram_solver(rows, 1, settings, "TRAK kernel", effective_dim=rank,
-                                 reduce=reduce)
+                                 reduce=self.engine.reduce)
             self._cache = _TrainFeatures(phi, weights, solver, time.perf_counter() - start)
         return self._cache
 
     def _features(
         self, x: torch.Tensor, targets: torch.Tensor, what: str, progress: bool | None = False
     ) -> torch.Tensor:
-        """Projected gradients of the output function, (n, P) in the model dtype."""
-        n, dim = x.shape[0], self.projector.dim
-        self._check_memory(n * dim, 0, f"TRAK {what} features")
-        out = torch.empty(n, dim, dtype=self.task.dtype, device=x.device)
+        """Projected gradients of the output function, (n, P) in the model dtype: the
+        engine's features (the Kronecker fast path, spilled to ``feature_dir`` beyond the
+        budget)."""
+        if self.engine.budget.feature_dir is None:
+            self._check_memory(x.shape[0] * self.projector.dim, 0, f"TRAK {what} features")
         if self.task.kind == "classification":
-            chunks = per_sample_jacobians(self.fmodel, self.state, x, margin, targets,
-                                          chunk_size=self.chunk_size)
+            fn, args = margin, (targets,)
         else:
-            chunks = per_sample_jacobians(self.fmodel, self.state, x, _first_output,
-                                          chunk_size=self.chunk_size)
-        total = -(-n // self.chunk_size)
-        for start, jac in progress_bar(chunks, total=total, desc=f"TRAK {what} features",
-                                       enable=progress):
-            if not bool(torch.isfinite(jac).all()):
-                raise InputError(
-                    f"{what} output gradients contain NaN or inf: the model is not finite on "
-                    f"some samples"
-                )
-            out[start : start + jac.shape[0]] = self.projector.project(jac[:, 0])
-        return out
+            fn, args = _first_output, ()
+        return self.engine.output_features(self.state, x, fn, *args,
+                                           what=f"TRAK {what} features", progress=progress)
 
     def _slopes(
         self, x: torch.Tensor, targets: torch.Tensor, outputs: torch.Tensor | None = None
@@ -305,7 +299,7 @@ class TRAK(AttributionMethod):
         """``-dl/df`` per sample (n,) float64: ``1 - p_y`` (classification, from the margin) or
         the negative loss slope at the output (regression)."""
         if outputs is None:
-            outputs = self.fmodel.outputs(self.state, x, self.chunk_size)
+            outputs = self.engine.outputs(self.state, x, chunked=True)
         if self.task.kind == "classification":
             slopes = torch.sigmoid(-margin(outputs, targets))
         else:
@@ -319,7 +313,7 @@ class TRAK(AttributionMethod):
     def _check_memory(self, values: int, solve_values: int, what: str) -> None:
         size = torch.empty((), dtype=self.task.dtype).element_size()
         need = values * size + solve_values * torch.empty((), dtype=SOLVE_DTYPE).element_size()
-        if need > self.max_feature_bytes:
+        if need > self.engine.budget.max_feature_bytes:
             raise InputError(
                 f"{what} would take {need / 2**30:.1f} GiB ({values // self.projector.dim} x "
                 f"{self.projector.dim}); use a smaller projection (ProjectionSettings(dim=...)) "

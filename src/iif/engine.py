@@ -1,0 +1,320 @@
+"""The engine bound once per trained model: its task, training data, functional model, theta*,
+projector and memory budget, so that the methods ask for features, solves, baselines and
+path models without passing them along every time.
+
+An :class:`Engine` wraps the free functions of ``iif.features``, ``iif.curvature``,
+``iif.factored``, ``iif.baseline``, ``iif.target_path`` and ``iif.training`` (the arithmetic
+stays there). Feature methods take a :class:`~iif.functional.ModelState` or a
+:class:`~iif.stacked.StackedState` of B copies and dispatch on it. Every feature matrix honours
+the :class:`Budget`: beyond ``max_feature_bytes`` it is memory-mapped from ``feature_dir`` if
+one is set, else refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from iif.baseline import (
+    Baseline,
+    BaselineSettings,
+    self_baseline_targets,
+    unlearning_baseline,
+    unlearning_baselines,
+)
+from iif.curvature import (
+    CurvatureSettings,
+    curvature_factor,
+    curvature_product,
+    fit_curvature,
+    rank_bound,
+    solver_from_factor,
+)
+from iif.factored import (
+    factored_influence_scores,
+    factored_step_scores,
+    linear_layers,
+    supports_factored,
+)
+from iif.features import (
+    DEFAULT_MAX_FEATURE_BYTES,
+    can_stack_features,
+    function_features,
+    ggn_features,
+    loss_features,
+    spill_features_to,
+    stacked_loss_features,
+    stacked_step_features,
+    step_features,
+)
+from iif.functional import FunctionalModel, ModelState
+from iif.grads import per_sample_grads
+from iif.linalg import Solver
+from iif.projection import IdentityProjector, Projector
+from iif.stacked import StackedState
+from iif.target_path import PathSettings, TargetPath, path_models
+from iif.task import Data, Task
+from iif.training import fit
+
+State = ModelState | StackedState
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The memory policy: samples per per-sample-gradient chunk, the largest feature matrix
+    held in memory, and the folder that larger ones are memory-mapped from (None: refuse)."""
+
+    chunk_size: int = 128
+    max_feature_bytes: int = DEFAULT_MAX_FEATURE_BYTES
+    feature_dir: str | None = None
+
+    @contextlib.contextmanager
+    def spill(self) -> Iterator[None]:
+        """Feature matrices beyond ``max_feature_bytes`` go to ``feature_dir`` in the block."""
+        with spill_features_to(self.feature_dir):
+            yield
+
+
+class Engine:
+    """Gradients, features, solves, baselines and path models of one trained model.
+
+    Args:
+        task: the task (its model need not be ``fmodel``'s: an ensemble member's engine has
+            the member's model and the task's recipe and loss).
+        train: the training data.
+        fmodel: the model as a pure function; ``state`` its trained parameters theta*.
+        projector: built from this model (a Kronecker projector hooks its modules).
+        budget: the memory policy.
+        sharding: an ``iif.distributed.Sharding`` while the training set is split across
+            processes (see ``AttributionMethod.sharded``), else None.
+    """
+
+    def __init__(self, task: Task, train: Data, fmodel: FunctionalModel, state: ModelState,
+                 projector: Projector, budget: Budget, sharding: Any = None):
+        self.task, self.train = task, train
+        self.fmodel, self.state = fmodel, state
+        self.projector, self.budget = projector, budget
+        self.sharding = sharding
+        self._supports_factored: bool | None = None
+        self._stacks_features: bool | None = None
+
+    @classmethod
+    def bind(cls, task: Task, train: Data, model: nn.Module, budget: Budget,
+             projector: Callable[[FunctionalModel], Projector] | None = None,
+             sharding: Any = None) -> Engine:
+        """The engine of ``model`` at its current parameters (theta*, frozen here);
+        ``projector`` builds the projector from the model's FunctionalModel (None: exact)."""
+        fmodel = FunctionalModel(model)
+        made = IdentityProjector(fmodel.num_params) if projector is None else projector(fmodel)
+        return cls(task, train, fmodel, fmodel.state(), made, budget, sharding)
+
+    def rebound(self, projector: Projector, budget: Budget) -> Engine:
+        """The same model at the same theta* with another projector and budget."""
+        return Engine(self.task, self.train, self.fmodel, self.state, projector, budget,
+                      self.sharding)
+
+    # ---- sizes and the training set ----------------------------------------------------
+    @property
+    def num_params(self) -> int:
+        return self.fmodel.num_params
+
+    @property
+    def dim(self) -> int:
+        """P, the feature dimension (M without projection)."""
+        return self.projector.dim
+
+    def rank_bound(self) -> int:
+        """The eigenvalue count of a curvature of the training set in P of M dimensions."""
+        return rank_bound(len(self.train), self.projector.dim, self.fmodel.num_params)
+
+    @property
+    def reduce(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Sums a tensor over the processes under sharding; None in one process."""
+        return None if self.sharding is None else self.sharding.all_reduce
+
+    def train_block(self) -> slice:
+        """The training samples this process featurises: all, or its block under sharding."""
+        return slice(None) if self.sharding is None else self.sharding.rows(len(self.train))
+
+    def gather_columns(self, block: torch.Tensor) -> torch.Tensor:
+        """Scores of this process's training block (..., n_block) as (..., N), summed over
+        the processes (each fills its own columns); unchanged without sharding."""
+        if self.sharding is None:
+            return block
+        full = torch.zeros(*block.shape[:-1], len(self.train), dtype=block.dtype,
+                           device=block.device)
+        full[..., self.train_block()] = block
+        return self.sharding.all_reduce(full)
+
+    def outputs(self, state: ModelState, x: torch.Tensor,
+                chunked: bool = False) -> torch.Tensor:
+        """Model outputs at ``state`` (eval mode), in budget-sized chunks if ``chunked``."""
+        if chunked:
+            return self.fmodel.outputs(state, x, self.budget.chunk_size)
+        return self.fmodel.outputs(state, x)
+
+    # ---- features ------------------------------------------------------------------------
+    def loss_features(self, state: State, x: torch.Tensor, targets: torch.Tensor,
+                      what: str = "per-sample gradients") -> torch.Tensor:
+        """Projected per-sample loss gradients: (n, P) at a ModelState; for a StackedState
+        of B copies, copy b's gradients of its own samples ``x[b]``, ``targets[b]`` ((B, n,
+        ...), (B, n, d)) -> (B, n, P)."""
+        b = self.budget
+        with b.spill():
+            if isinstance(state, StackedState):
+                return stacked_loss_features(self.fmodel, state.params, state.buffers, x,
+                                             targets, self.task, self.projector, b.chunk_size,
+                                             what)
+            return loss_features(self.fmodel, state, x, targets, self.task, self.projector,
+                                 b.chunk_size, b.max_feature_bytes, what)
+
+    def step_features(self, state: State, x: torch.Tensor, rho: torch.Tensor,
+                      rho_prev: torch.Tensor, progress: bool | None = None,
+                      desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+        """Path features u and psi: (N, P) each at a ModelState (psi (N, B, P) for B previous
+        targets (B, N, d)); for a StackedState of B copies with ``rho``, ``rho_prev`` (B, N,
+        d), (B, N, P) each (the Kronecker fast path: see :meth:`stacks_features`)."""
+        b = self.budget
+        with b.spill():
+            if isinstance(state, StackedState):
+                return stacked_step_features(self.fmodel, state.params, state.buffers, x, rho,
+                                             rho_prev, self.task, self.projector,
+                                             b.chunk_size, b.max_feature_bytes)
+            return step_features(self.fmodel, state, x, rho, rho_prev, self.task,
+                                 self.projector, b.chunk_size, b.max_feature_bytes,
+                                 progress=progress, desc=desc)
+
+    def output_features(self, state: ModelState, x: torch.Tensor, fn, *args: torch.Tensor,
+                        what: str = "output gradients",
+                        progress: bool | None = False) -> torch.Tensor:
+        """Projected per-sample gradients (n, P) of the scalar ``fn(output_i, *args_i)``."""
+        b = self.budget
+        with b.spill():
+            return function_features(self.fmodel, state, x, fn, *args,
+                                     projector=self.projector, chunk_size=b.chunk_size,
+                                     max_bytes=b.max_feature_bytes, what=what,
+                                     progress=progress)
+
+    def ggn_features(self, state: ModelState, x: torch.Tensor, targets: torch.Tensor,
+                     rank: int | None = None) -> torch.Tensor:
+        """Gauss-Newton rows ``A^T J_i^T L_i`` (N * r, P)."""
+        b = self.budget
+        with b.spill():
+            return ggn_features(self.fmodel, state, x, targets, self.task, self.projector,
+                                b.chunk_size, b.max_feature_bytes, rank)
+
+    def per_sample_grads(self, state: ModelState, x: torch.Tensor,
+                         targets: torch.Tensor) -> torch.Tensor:
+        """Unprojected per-sample loss gradients (n, M)."""
+        return per_sample_grads(self.fmodel, state, x, targets, self.task,
+                                self.budget.chunk_size)
+
+    def stacks_features(self) -> bool:
+        """Whether B copies' features come from B-wide products (the Kronecker fast path on
+        a model of single-use layers); checked once."""
+        if self._stacks_features is None:
+            self._stacks_features = can_stack_features(self.fmodel, self.state,
+                                                       self.train.x[:1], self.projector)
+        return self._stacks_features
+
+    # ---- curvature -----------------------------------------------------------------------
+    def fit_curvature(self, settings: CurvatureSettings, state: ModelState, x: torch.Tensor,
+                      targets: torch.Tensor, u: torch.Tensor,
+                      reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Solver:
+        """The damped solver of the curvature of the training set at (state, targets); ``x``,
+        ``targets``, ``u`` may be this process's part, ``reduce`` summing the parts."""
+        with self.budget.spill():
+            return fit_curvature(settings, self.fmodel, state, x, targets, self.task,
+                                 self.projector, u, self.budget.chunk_size,
+                                 n_total=len(self.train), reduce=reduce)
+
+    def curvature_factor(self, settings: CurvatureSettings,
+                         u: torch.Tensor | None) -> tuple[str, torch.Tensor]:
+        """What solvers of every damping are built from, at theta* on the training set."""
+        with self.budget.spill():
+            return curvature_factor(settings.kind, self.fmodel, self.state, self.train.x,
+                                    self.train.targets, self.task, self.projector, u,
+                                    self.budget.chunk_size, ggn_rank=settings.ggn_rank)
+
+    def solver_from_factor(self, factor: tuple[str, torch.Tensor],
+                           settings: CurvatureSettings) -> Solver:
+        return solver_from_factor(factor, settings, len(self.train), self.projector.dim,
+                                  self.fmodel.num_params)
+
+    def curvature_product(self, settings: CurvatureSettings
+                          ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``v -> C v`` (M, r) at theta* on the training set, without forming C."""
+        return curvature_product(settings.kind, self.fmodel, self.state, self.train.x,
+                                 self.train.targets, self.task, self.budget.chunk_size,
+                                 ggn_rank=settings.ggn_rank)
+
+    # ---- exact solves from layer factors -------------------------------------------------
+    def factored_applies(self, exact: bool, kind: str) -> bool:
+        """Whether exact solves of this model run from layer factors (``iif.factored``): an
+        unprojected (``exact``) Fisher or Gauss-Newton solve, N < M (the Woodbury form), one
+        process, and a model of single-use Linear layers (checked once). They equal the
+        per-sample-gradient solve without any N x M matrix."""
+        if not (exact and kind in ("fisher", "ggn") and self.sharding is None
+                and len(self.train) < self.fmodel.num_params):
+            return False
+        if self._supports_factored is None:
+            self._supports_factored = supports_factored(self.fmodel, self.state, self.train.x)
+        return self._supports_factored
+
+    def linear_layers(self):
+        return linear_layers(self.fmodel)
+
+    def factored_step_scores(self, settings: CurvatureSettings, state: ModelState,
+                             rho: torch.Tensor, rho_prev: torch.Tensor, test_x: torch.Tensor,
+                             test_targets: torch.Tensor):
+        """One exact IIF path step (n_test, N) on the training set and its solver."""
+        return factored_step_scores(self.fmodel, state, self.train.x, rho, rho_prev, test_x,
+                                    test_targets, self.task, settings,
+                                    effective_dim=self.rank_bound(),
+                                    chunk_size=self.budget.chunk_size)
+
+    def factored_influence_scores(self, settings: CurvatureSettings, test_x: torch.Tensor,
+                                  test_targets: torch.Tensor):
+        """Exact influence-function scores (n_test, N) at theta* and the solver."""
+        return factored_influence_scores(self.fmodel, self.state, self.train.x,
+                                         self.train.targets, test_x, test_targets, self.task,
+                                         settings, effective_dim=self.rank_bound(),
+                                         chunk_size=self.budget.chunk_size)
+
+    # ---- baselines, path models, training ------------------------------------------------
+    def unlearning_baseline(self, test: Data, settings: BaselineSettings,
+                            generator: torch.Generator | None = None,
+                            progress: bool | None = False, rows: Any = None) -> Baseline:
+        """One baseline from theta* unlearning the mean loss of ``test``."""
+        return unlearning_baseline(self.task, self.fmodel, self.state, self.train, test,
+                                   settings, generator, progress, rows=rows)
+
+    def unlearning_baselines(self, test: Data, settings: BaselineSettings,
+                             generator: torch.Generator | None = None,
+                             rows: Any = None) -> list[Baseline]:
+        """One baseline per test sample, trained as stacked copies from theta*."""
+        return unlearning_baselines(self.task, self.fmodel, self.state, self.train, test,
+                                    settings, generator, rows=rows)
+
+    def self_baseline_targets(self, step: float) -> torch.Tensor:
+        """Per-sample self-influence baseline targets of the training set."""
+        return self_baseline_targets(self.task, self.fmodel, self.state, self.train, step,
+                                     self.budget.chunk_size)
+
+    def path_models(self, start: State, path: TargetPath, settings: PathSettings,
+                    generator: torch.Generator | None = None
+                    ) -> Iterator[tuple[int, State]]:
+        """(k, theta_k) for k = K..1 on the training inputs, from ``start`` (B copies for a
+        StackedState)."""
+        return path_models(self.task, self.fmodel, start, self.train.x, path, settings,
+                           generator)
+
+    def fit(self, state: ModelState, x: torch.Tensor, targets: torch.Tensor, **options: Any):
+        """``iif.training.fit`` of this model from ``state``."""
+        return fit(self.task, self.fmodel, state, x, targets, **options)
+

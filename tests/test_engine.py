@@ -1,0 +1,158 @@
+"""The engine bound once per trained model (iif.engine): one per ensemble member, the budget
+honoured (TRAK's features spill to feature_dir), and one interface for B >= 1 copies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import iif.features as features_module
+from iif.engine import Budget, Engine
+from iif.errors import InputError
+from iif.methods.integrated import IntegratedInfluence
+from iif.methods.trak import TRAK
+from iif.projection import ProjectionSettings, make_projector
+from iif.stacked import StackedState
+from iif.target_path import PathSettings
+from iif.task import Recipe, Task
+
+KRONECKER = ProjectionSettings(dim=6, structure="kronecker")
+
+
+@pytest.fixture
+def data():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(14, 3, generator=gen, dtype=torch.float64)
+    xt = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+    return x, torch.arange(14) % 3, xt, torch.arange(3) % 3
+
+
+def _mlp(seed: int) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.7)
+    return model.eval()
+
+
+def _task(seed: int = 4) -> Task:
+    return Task(_mlp(seed), "classification", Recipe(lr=0.05, batch_size=4))
+
+
+def test_each_ensemble_member_has_its_own_engine(data):
+    x, y, _, _ = data
+    models = [_mlp(s) for s in (7, 8)]
+    method = IntegratedInfluence(_task(), (x, y), projection=KRONECKER, models=models,
+                                 path=PathSettings(steps=1), progress=False)
+    members = method.members()
+    engines = [m.engine for m in members]
+    assert len({id(e) for e in engines}) == 2
+    assert len({id(e.fmodel) for e in engines}) == 2
+    assert len({id(e.projector) for e in engines}) == 2
+    for engine, model in zip(engines, models, strict=True):
+        assert engine.fmodel.module is model
+        # the Kronecker hooks sit on this member's own modules
+        own = {id(m) for m in model.modules()}
+        assert all(id(layer.module) in own for layer in engine.projector.layers)
+        torch.testing.assert_close(engine.state.flat(),
+                                   torch.cat([p.detach().flatten()
+                                              for p in model.parameters()]),
+                                   rtol=0, atol=0)
+    # the method's attributes are its engine's
+    assert method.fmodel is method.engine.fmodel and method.projector is method.engine.projector
+
+
+def test_settings_changed_rebind_the_engine_at_the_same_theta(data):
+    x, y, xt, yt = data
+    method = TRAK(_task(), (x, y), projection=ProjectionSettings(dim=6), progress=False)
+    state = method.state
+    method.chunk_size = 5
+    method.attribute((xt, yt))
+    assert method.engine.budget == Budget(5, method.max_feature_bytes, None)
+    assert method.state is state  # theta* stays frozen
+
+    sentinel = object()
+    with method.sharded(sentinel):
+        assert method.engine.sharding is sentinel
+    assert method.engine.sharding is None
+
+
+@pytest.mark.parametrize("structure", ["dense", "kronecker"])
+def test_trak_features_spill_to_feature_dir(data, tmp_path, monkeypatch, structure):
+    x, y, xt, yt = data
+    settings = ProjectionSettings(dim=6, structure=structure)
+    in_memory = TRAK(_task(), (x, y), projection=settings, progress=False)
+    expected = in_memory.attribute((xt, yt)).scores
+    expected_self = in_memory.self_influence()
+
+    # training features 14 x 6 float64 = 672 bytes beyond the budget; the 6 x 6 solve fits
+    with pytest.raises(InputError, match="raise max_feature_bytes"):
+        TRAK(_task(), (x, y), projection=settings, max_feature_bytes=400,
+             progress=False).attribute((xt, yt))
+
+    spilled = []
+    mkstemp = features_module.tempfile.mkstemp
+
+    def counting(*args, **kwargs):
+        spilled.append(kwargs.get("dir"))
+        return mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(features_module.tempfile, "mkstemp", counting)
+    method = TRAK(_task(), (x, y), projection=settings, max_feature_bytes=400,
+                  feature_dir=tmp_path / "spill", progress=False)
+    np.testing.assert_array_equal(method.attribute((xt, yt)).scores, expected)
+    np.testing.assert_array_equal(method.self_influence(), expected_self)
+    assert spilled and all(str(d) == str(tmp_path / "spill") for d in spilled)
+    assert list((tmp_path / "spill").iterdir()) == []  # unlinked once mapped
+
+
+def _engine(task: Task, x: torch.Tensor, y: torch.Tensor) -> Engine:
+    train = task.validate((x, y), "training data")
+    return Engine.bind(task, train, task.model, Budget(chunk_size=4),
+                       lambda fm: make_projector(fm.num_params, KRONECKER, task.device,
+                                                 task.dtype, fm))
+
+
+@pytest.mark.parametrize("copies", [1, 3])
+def test_one_state_and_stacked_copies_give_the_same_features(data, copies):
+    x, y, _, _ = data
+    task = _task()
+    engine = _engine(task, x, y)
+    assert engine.stacks_features()
+    targets = engine.train.targets
+    stacked = StackedState.repeat(engine.state, copies)
+
+    one = engine.loss_features(engine.state, x, targets)  # (N, P)
+    many = engine.loss_features(stacked, x.expand(copies, *x.shape),
+                                targets.expand(copies, *targets.shape))  # (B, N, P)
+    assert many.shape == (copies, *one.shape)
+    for b in range(copies):
+        torch.testing.assert_close(many[b], one, rtol=1e-12, atol=1e-14)
+
+    gen = torch.Generator().manual_seed(0)
+    rho_prev = torch.softmax(torch.randn(targets.shape, generator=gen,
+                                         dtype=torch.float64), dim=1)
+    u, psi = engine.step_features(engine.state, x, targets, rho_prev)
+    u_b, psi_b = engine.step_features(stacked, x, targets.expand(copies, *targets.shape),
+                                      rho_prev.expand(copies, *rho_prev.shape))
+    for b in range(copies):
+        torch.testing.assert_close(u_b[b], u, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(psi_b[b], psi, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(u, one, rtol=1e-12, atol=1e-14)  # u is the loss gradient
+
+
+def test_engine_budget_refuses_or_spills(data, tmp_path):
+    x, y, _, _ = data
+    task = _task()
+    train = task.validate((x, y), "training data")
+    tight = Engine.bind(task, train, task.model, Budget(4, 100))
+    with pytest.raises(InputError, match="feature_dir"):
+        tight.loss_features(tight.state, x, train.targets)
+    spill = Engine.bind(task, train, task.model, Budget(4, 100, str(tmp_path)))
+    roomy = Engine.bind(task, train, task.model, Budget(4))
+    torch.testing.assert_close(spill.loss_features(spill.state, x, train.targets),
+                               roomy.loss_features(roomy.state, x, train.targets),
+                               rtol=0, atol=0)
