@@ -63,7 +63,7 @@ def agreement(ours: np.ndarray, theirs: np.ndarray) -> float:
     return float(np.nanmean(spearman_columns(ours.T, -theirs.T)))
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:  # noqa: C901 (to be split)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")

@@ -157,7 +157,7 @@ def manual_mlp_grads(params: dict[str, torch.Tensor], x: torch.Tensor,
 
 
 # ---- part A: gradient engine throughput ------------------------------------------------------
-def bench_grads(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+def bench_grads(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:  # noqa: C901 (to be split)
     model = make_mlp()
     task = Task(model, "classification")
     data = task.validate((x, y))

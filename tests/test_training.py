@@ -14,7 +14,7 @@ from iif.task import Recipe, Task
 from iif.training import fit, seeded
 
 
-def _hand_sgd(model, x, y, *, lr, batch_size, epochs, seed, momentum=0.0, weight_decay=0.0,
+def _hand_sgd(model, x, y, *, lr, batch_size, epochs, seed, momentum=0.0, weight_decay=0.0,  # noqa: PLR0913 (to be split)
               extra_coef=0.0, max_steps=None):
     """Plain minibatch SGD (PyTorch's momentum and weight-decay conventions) on MSE."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]

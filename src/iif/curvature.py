@@ -157,7 +157,7 @@ def dense_solver(
     return CholeskySolver(matrix, first, settings, kind)
 
 
-def fit_curvature(
+def fit_curvature(  # noqa: PLR0913 (to be split)
     settings: CurvatureSettings,
     fmodel: FunctionalModel,
     state: ModelState,
@@ -182,7 +182,7 @@ def fit_curvature(
     return solver_from_factor(factor, settings, n, projector.dim, fmodel.num_params, reduce)
 
 
-def curvature_factor(
+def curvature_factor(  # noqa: PLR0913 (to be split)
     kind: str, fmodel: FunctionalModel, state: ModelState, x: torch.Tensor,
     targets: torch.Tensor, task: Task, projector: Projector, u: torch.Tensor | None,
     chunk_size: int = 128,
@@ -233,7 +233,7 @@ class CGSettings(Settings):
     tol: float = setting(1e-8, gt=0, lt=1, doc="relative residual at which a solve stops")
 
 
-def curvature_product(
+def curvature_product(  # noqa: C901 (to be split)
     kind: str, fmodel: FunctionalModel, state: ModelState, x: torch.Tensor,
     targets: torch.Tensor, task: Task, chunk_size: int = 128,
     ggn_rank: int | str | None = None,

@@ -176,7 +176,7 @@ def _chunk(fmodel: FunctionalModel, layers: list[LinearLayer], chunk_size: int,
     return max(chunk_size, min(MAX_FAST_CHUNK, grown))
 
 
-def linear_factors(
+def linear_factors(  # noqa: C901 (to be split)
     fmodel: FunctionalModel,
     state: ModelState,
     x: torch.Tensor,
@@ -681,7 +681,7 @@ def _curvature(fmodel: FunctionalModel, state: ModelState, train: Factors, x: to
 
 
 # ---- entry points of the methods -------------------------------------------------------------
-def factored_step_scores(
+def factored_step_scores(  # noqa: PLR0913 (to be split)
     fmodel: FunctionalModel,
     state: ModelState,
     train_x: torch.Tensor,

@@ -233,7 +233,7 @@ def _layer_feature(delta: torch.Tensor, right: torch.Tensor,
     return torch.einsum("ntq,ntp->nqp", left, right).reshape(n, -1)
 
 
-def step_features(
+def step_features(  # noqa: PLR0913 (to be split)
     fmodel: FunctionalModel,
     state: ModelState,
     x: torch.Tensor,

@@ -157,7 +157,7 @@ def _default_heading(entry: Mapping[str, Any]) -> str:
 
 
 # ---- pictures --------------------------------------------------------------------------------
-def plot_proponents_opponents(
+def plot_proponents_opponents(  # noqa: C901, PLR0913 (to be split)
     test_image: Any,
     test_label: Any,
     train_images: Any,

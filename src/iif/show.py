@@ -17,7 +17,7 @@ from iif.runkey import data_digest
 from iif.store import CHUNKS, MANIFEST
 
 
-def show(
+def show(  # noqa: C901 (to be split)
     folder: str | Path,
     *,
     task: str | None = None,

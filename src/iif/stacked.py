@@ -91,7 +91,7 @@ def stacked_outputs(
                           for i in range(0, x.shape[0], chunk_size)], dim=1)
 
 
-def fit_stacked(
+def fit_stacked(  # noqa: C901, PLR0913 (to be split)
     task: Task,
     fmodel: FunctionalModel,
     state: StackedState,

@@ -181,7 +181,7 @@ class Task:
         return output
 
     # ---- validation ---------------------------------------------------------------------
-    def validate(self, data: Any, name: str = "data", like: Data | None = None) -> Data:
+    def validate(self, data: Any, name: str = "data", like: Data | None = None) -> Data:  # noqa: C901 (to be split)
         """Check ``(x, y)`` (tensors, arrays or a TensorDataset) and move it to the device;
         ``like``: data whose per-sample input shape ``data`` must have (the training data)."""
         x, y = _split_pair(data, name)

@@ -44,7 +44,7 @@ class FitResult:
     epochs: int = 0  # epochs completed and kept in ``state``
 
 
-def fit(
+def fit(  # noqa: PLR0913 (to be split)
     task: Task,
     fmodel: FunctionalModel,
     state: ModelState,

@@ -230,7 +230,7 @@ def _alternatives(hint: Any) -> tuple[Any, ...]:
     return get_args(hint) if get_origin(hint) in _UNION_TYPES else (hint,)
 
 
-def _accept(value: Any, hint: Any, limits: Limits) -> Any:
+def _accept(value: Any, hint: Any, limits: Limits) -> Any:  # noqa: C901 (to be split)
     """``value`` (normalised) if the single, non-union ``hint`` accepts it, else _REJECT."""
     origin = get_origin(hint)
     if hint is Any:

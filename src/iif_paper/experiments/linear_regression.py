@@ -455,7 +455,7 @@ checkpoint only (gradient similarity at θ*).
 """
 
 
-def describe_differences(
+def describe_differences(  # noqa: C901 (to be split)
     outcome: ProtocolOutcome, paper: Table, columns: list[str],
     compared: tuple[str, ...] = ("IIF", "IF", "TracIn"),
 ) -> str:
