@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_tasks as qtasks  # noqa: E402
 
 from iif import BaselineSettings  # noqa: E402
-from iif.baseline import unlearning_baselines  # noqa: E402
 from iif.diagnostics import MOVE_THRESHOLD  # noqa: E402
+from iif.engine import Budget, Engine  # noqa: E402
 from iif.functional import FunctionalModel  # noqa: E402
 
 SETTINGS = {
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     test = task.validate((qt.test[0][: args.tests], qt.test[1][: args.tests]))
     fmodel = FunctionalModel(task.model)
     state = fmodel.state()
+    engine = Engine.bind(task, train, task.model, Budget())
 
     def losses(s):
         return task.sample_loss(fmodel.outputs(s, test.x), test.targets).double().numpy()
@@ -61,8 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, settings in SETTINGS.items():
         start = time.perf_counter()
-        bases = unlearning_baselines(task, fmodel, state, train, test, settings,
-                                     torch.Generator().manual_seed(0))
+        bases = engine.unlearn([test.subset([j]) for j in range(len(test))], settings,
+                               torch.Generator().manual_seed(0))
         after = np.array([losses(b.state)[j] for j, b in enumerate(bases)])
         unmoved = int(np.sum(np.abs(after - before) < MOVE_THRESHOLD))
         print(f"| {name} | {sum(b.fell_back for b in bases)} | "

@@ -41,10 +41,10 @@ import torch
 from torch import nn
 
 import iif
+import iif.engine
 import iif.features
-import iif.methods.integrated as integrated_mod
-import iif.target_path
 from iif import IntegratedInfluence, PathSettings, ProjectionSettings, Recipe, Task
+from iif.engine import Engine
 from iif.features import step_features
 from iif.functional import FunctionalModel
 from iif.grads import path_step_fn, per_sample_grads, per_sample_jacobians
@@ -324,11 +324,11 @@ class StageTimer:
 def instrumented(timer: StageTimer, method: IntegratedInfluence) -> Iterator[None]:
     """Wrap the stages IIF calls, restoring the originals afterwards."""
     patches = [
-        (integrated_mod, "unlearning_baseline", "unlearning", False),
-        (iif.target_path, "fit", "path epochs", False),
-        (integrated_mod, "step_features", "features u, psi", False),
-        (integrated_mod, "fit_curvature", "curvature", False),
-        (integrated_mod, "loss_features", "test gradients", False),
+        (Engine, "unlearn", "unlearning", False),
+        (iif.engine, "path_models", "path epochs", True),
+        (Engine, "step_features", "features u, psi", False),
+        (Engine, "fit_curvature", "curvature", False),
+        (Engine, "loss_features", "test gradients", False),
         (iif.features, "per_sample_jacobians", "per-sample Jacobians", True),
         (method.projector, "project", "projection", False),
         (method.projector, "block", "block regeneration", False),

@@ -1,7 +1,7 @@
 """Micro-benchmark: one exact (unprojected) Integrated Influence path step, dense per-sample
 gradients against layer factors (``iif.factored``).
 
-Dense, as ``IntegratedInfluence._single_step`` does it without projection:
+Dense, as ``IntegratedInfluence._copy_step`` does it without projection:
 ``features.step_features`` with an ``IdentityProjector`` (u, psi: N x M), ``loss_features``
 (gamma), ``curvature.gram_solver`` (float64 N x N Gram, Woodbury Cholesky), the solve and the
 score products. Factored: ``factored.factored_step_scores`` (layer inputs and output

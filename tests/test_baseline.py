@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from iif.baseline import BaselineSettings, mean_loss, trivial_loss, unlearning_baseline
+from iif.baseline import BaselineSettings, mean_loss, trivial_loss
+from iif.engine import Budget, Engine
 from iif.functional import FunctionalModel
 from iif.task import Recipe, Task
 from iif.training import fit
@@ -32,8 +33,8 @@ def _least_squares():
 def _unlearn(settings):
     task, fmodel, train, test = _least_squares()
     state = fmodel.state()
-    base = unlearning_baseline(task, fmodel, state, train, test, settings,
-                               torch.Generator().manual_seed(0))
+    engine = Engine.bind(task, train, fmodel.module, Budget())
+    (base,) = engine.unlearn([test], settings, torch.Generator().manual_seed(0))
     return task, fmodel, state, train, test, base
 
 

@@ -8,7 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+import iif.engine as engine_module
 import iif.features as features_module
+import iif.training as training
+from iif.baseline import BaselineSettings
 from iif.engine import Budget, Engine
 from iif.errors import InputError
 from iif.methods.integrated import IntegratedInfluence
@@ -156,3 +159,88 @@ def test_engine_budget_refuses_or_spills(data, tmp_path):
     torch.testing.assert_close(spill.loss_features(spill.state, x, train.targets),
                                roomy.loss_features(roomy.state, x, train.targets),
                                rtol=0, atol=0)
+
+
+# ---- training and unlearning: one interface over B >= 1 copies ------------------------------
+def _soft_targets(copies: int, n: int, seed: int = 5) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(copies, n, 3, generator=gen, dtype=torch.float64), dim=2)
+
+
+def _extra(params, buffers, scale):
+    # a per-copy extra objective with that copy's slice of ``extra_data``
+    return scale * sum(p.pow(2).sum() for p in params.values())
+
+
+def _same_states(a, b) -> bool:
+    return torch.equal(a.flat(), b.flat()) and all(
+        torch.equal(a.buffers[k], b.buffers[k]) for k in a.buffers)
+
+
+@pytest.mark.parametrize("one", ["model state", "stacked state"])
+def test_fit_of_one_copy_is_the_plain_run(data, one):
+    x, y, _, _ = data
+    task = _task()
+    engine = _engine(task, x, y)
+    state = engine.state if one == "model state" else StackedState.repeat(engine.state, 1)
+    (res,) = engine.fit(state, x, engine.train.targets, epochs=2,
+                        generator=torch.Generator().manual_seed(3))
+    plain = training.fit(task, engine.fmodel, engine.state, x, engine.train.targets, epochs=2,
+                         generator=torch.Generator().manual_seed(3))
+    assert _same_states(res.state, plain.state)
+    assert res.losses == plain.losses and res.finite and res.epochs == plain.epochs == 2
+
+
+def test_fit_of_three_copies_equals_three_runs_of_one(data):
+    x, y, _, _ = data
+    engine = _engine(_task(), x, y)
+    targets = _soft_targets(3, len(x))
+    scale = torch.tensor([0.0, 0.01, 0.05], dtype=torch.float64)
+    options = dict(epochs=2, extra=_extra, extra_data=(scale,))
+    many = engine.fit(StackedState.repeat(engine.state, 3), x, targets,
+                      generator=torch.Generator().manual_seed(3), **options)
+    assert len(many) == 3
+    for b, res in enumerate(many):
+        (alone,) = engine.fit(engine.state, x, targets[b], epochs=2,
+                              extra=_extra, extra_data=(scale[b : b + 1],),
+                              generator=torch.Generator().manual_seed(3))
+        assert res.finite and res.epochs == alone.epochs == 2
+        torch.testing.assert_close(res.state.flat(), alone.state.flat(), rtol=1e-10,
+                                   atol=1e-12)
+        np.testing.assert_allclose(res.losses, alone.losses, rtol=1e-10)
+
+
+def test_a_task_that_cannot_be_stacked_trains_copy_by_copy(data, monkeypatch):
+    x, y, _, _ = data
+    task = Task(_mlp(4), "classification",
+                Recipe(lr=0.05, batch_size=4,
+                       optimizer=lambda ts: torch.optim.SGD(ts, lr=0.05, momentum=0.5)))
+    engine = _engine(task, x, y)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a custom optimizer cannot train stacked copies")
+
+    monkeypatch.setattr(engine_module, "fit_stacked", refuse)
+    targets = _soft_targets(3, len(x))
+    gen = torch.Generator().manual_seed(3)
+    many = engine.fit(StackedState.repeat(engine.state, 3), x, targets, epochs=2, generator=gen)
+    for b, res in enumerate(many):
+        plain = training.fit(task, engine.fmodel, engine.state, x, targets[b], epochs=2,
+                             generator=torch.Generator().manual_seed(3))
+        assert _same_states(res.state, plain.state) and res.losses == plain.losses
+
+
+def test_unlearning_three_copies_equals_three_runs_of_one(data):
+    x, y, xt, yt = data
+    task = _task()
+    engine = _engine(task, x, y)
+    tests = [task.validate((xt[j : j + 1], yt[j : j + 1])) for j in range(3)]
+    settings = BaselineSettings(epochs=2)
+    many = engine.unlearn(tests, settings, torch.Generator().manual_seed(0))
+    for test, base in zip(tests, many, strict=True):
+        (alone,) = engine.unlearn([test], settings, torch.Generator().manual_seed(0))
+        assert not (alone.fell_back or base.fell_back)
+        assert not torch.equal(alone.state.flat(), engine.state.flat())  # it moved
+        torch.testing.assert_close(base.state.flat(), alone.state.flat(), rtol=1e-10,
+                                   atol=1e-12)
+        torch.testing.assert_close(base.targets, alone.targets, rtol=1e-10, atol=1e-12)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,9 +33,8 @@ from iif.diagnostics import name_tests
 from iif.errors import InputError
 from iif.functional import FunctionalModel, ModelState, module_mode
 from iif.grads import per_sample_grads
-from iif.stacked import StackedState, fit_stacked
 from iif.task import Data, Task
-from iif.training import FitResult, fit
+from iif.training import FitResult
 from iif.validation import Settings, setting
 
 log = logging.getLogger(__name__)
@@ -269,92 +268,61 @@ def _finish(task: Task, fmodel: FunctionalModel, state: ModelState, train: Data,
     return Baseline(end, targets, False, truncated=not res.finite, pulled_back=alpha)
 
 
-def unlearning_baseline(
-    task: Task,
-    fmodel: FunctionalModel,
-    state: ModelState,
-    train: Data,
-    test: Data,
-    settings: BaselineSettings,
-    generator: torch.Generator | None = None,
-    progress: bool | None = False,
-    *,
-    rows: Any = None,
-) -> Baseline:
-    """theta' and its targets for the test sample(s) in ``test`` (mean test loss); ``rows``:
-    their rows in the data being attributed, named by a warning if unlearning diverges."""
-    goal = _objective(task, fmodel, state, train, settings)
+@dataclass
+class UnlearningRun:
+    """What an unlearning run of B copies from theta* needs: copy b unlearns the mean loss of
+    ``tests[b]`` (test sets of one size). ``options`` are those of ``Engine.fit`` (per-copy
+    ``extra``, ``stop`` and ``sound`` with the copies' test samples as ``extra_data``);
+    :meth:`baselines` turns the copies' results into baselines."""
 
-    def test_loss(params, buffers):
-        return task.sample_loss(fmodel(params, buffers, test.x), test.targets).mean()
+    task: Task
+    fmodel: FunctionalModel
+    state: ModelState
+    train: Data
+    tests: Sequence[Data]
+    settings: BaselineSettings
 
-    def test_term(params, buffers):
-        # The test term is a loss of the model, so it is taken in eval mode (dropout off,
-        # BatchNorm on its running statistics), as every loss and gradient of the package is;
-        # only the training term of the minibatch keeps the recipe's train mode. Batch
-        # statistics of one test sample do not exist (BatchNorm raises), and those of a group
-        # would normalise the test samples by themselves and write them into the running
-        # statistics. For a model without such layers both modes are the same computation.
-        with module_mode(fmodel.module, False):
-            return goal.term(fmodel(params, buffers, test.x), test.targets).mean() / settings.lam
+    def __post_init__(self) -> None:
+        self.goal = _objective(self.task, self.fmodel, self.state, self.train, self.settings)
+        self.reasons: list[list[str]] = [[] for _ in self.tests]
+        self.checks = [_soundness(self.task, self.fmodel, self.train, test, self.goal, why)
+                       for test, why in zip(self.tests, self.reasons, strict=True)]
 
-    def stop(params, buffers) -> bool:
-        # judged on the model itself, without dropout noise
-        with torch.no_grad(), module_mode(fmodel.module, False):
-            return bool(goal.stopped(test_loss(params, buffers)))
+    def options(self) -> dict[str, Any]:
+        task, fmodel, goal, lam = self.task, self.fmodel, self.goal, self.settings.lam
 
-    reasons: list[str] = []
-    res = fit(task, fmodel, state, train.x, train.targets, epochs=settings.epochs,
-              lr=settings.lr, batch_size=settings.batch_size, extra=test_term,
-              stop=None if goal.stop_at is None else stop,
-              sound=_soundness(task, fmodel, train, test, goal, reasons),
-              generator=generator, progress=progress, desc="unlearning")
-    return _finish(task, fmodel, state, train, test, goal, res, reasons, rows)
+        def test_term(params, buffers, xb, tb):
+            # The test term is a loss of the model, so it is taken in eval mode (dropout off,
+            # BatchNorm on its running statistics), as every loss and gradient of the package
+            # is; only the training term of the minibatch keeps the recipe's train mode. Batch
+            # statistics of one test sample do not exist (BatchNorm raises), and those of a
+            # group would normalise the test samples by themselves and write them into the
+            # running statistics. For a model without such layers both modes are the same
+            # computation. (Under vmap the flag is read when the forward is traced, so the
+            # copies' training terms keep train mode.)
+            with module_mode(fmodel.module, False):
+                return goal.term(fmodel(params, buffers, xb), tb).mean() / lam
 
+        def stop(params, buffers, xb, tb) -> torch.Tensor:
+            # judged on the model itself, without dropout noise
+            with torch.no_grad(), module_mode(fmodel.module, False):
+                return goal.stopped(task.sample_loss(fmodel(params, buffers, xb), tb).mean())
 
-def unlearning_baselines(
-    task: Task,
-    fmodel: FunctionalModel,
-    state: ModelState,
-    train: Data,
-    test: Data,
-    settings: BaselineSettings,
-    generator: torch.Generator | None = None,
-    *,
-    rows: Any = None,
-) -> list[Baseline]:
-    """One baseline per test sample, as :func:`unlearning_baseline` gives each alone, from one
-    stacked run of ``len(test)`` copies sharing the minibatch order (``iif.stacked``);
-    ``rows``: their rows in the data being attributed (warnings name them)."""
-    goal = _objective(task, fmodel, state, train, settings)
-    copies = len(test)
+        s = self.settings
+        return dict(epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, extra=test_term,
+                    extra_data=(torch.stack([t.x for t in self.tests]),
+                                torch.stack([t.targets for t in self.tests])),
+                    stop=None if goal.stop_at is None else stop,
+                    sound=lambda b, candidate: self.checks[b](candidate), desc="unlearning")
 
-    def test_term(params, buffers, xb, tb):
-        # eval mode, as in unlearning_baseline (called per copy under vmap: the flag is read
-        # when the forward is traced, so the copies' training terms keep train mode)
-        with module_mode(fmodel.module, False):
-            return goal.term(fmodel(params, buffers, xb[None]), tb[None]).mean() / settings.lam
-
-    per_copy_loss = vmap(
-        lambda p, b, xb, tb: task.sample_loss(fmodel(p, b, xb[None]), tb[None]).mean())
-
-    def stop(params, buffers) -> torch.Tensor:
-        with torch.no_grad(), module_mode(fmodel.module, False):
-            return goal.stopped(per_copy_loss(params, buffers, test.x, test.targets))
-
-    reasons: list[list[str]] = [[] for _ in range(copies)]
-    checks = [_soundness(task, fmodel, train, test.subset([b]), goal, reasons[b])
-              for b in range(copies)]
-    results = fit_stacked(task, fmodel, StackedState.repeat(state, copies), train.x,
-                          train.targets, epochs=settings.epochs, lr=settings.lr,
-                          batch_size=settings.batch_size, extra=test_term,
-                          extra_data=(test.x, test.targets),
-                          stop=None if goal.stop_at is None else stop,
-                          sound=lambda b, candidate: checks[b](candidate),
-                          generator=generator)
-    return [_finish(task, fmodel, state, train, test.subset([b]), goal, res, reasons[b],
-                    None if rows is None else [rows[b]])
-            for b, res in enumerate(results)]
+    def baselines(self, results: Sequence[FitResult], rows: Sequence[Any] | None = None
+                  ) -> list[Baseline]:
+        """Copy b's baseline; ``rows[b]``: the test rows it unlearns, named by a warning if
+        unlearning diverges (``iif.diagnostics``)."""
+        return [_finish(self.task, self.fmodel, self.state, self.train, test, self.goal, res,
+                        why, None if rows is None else rows[b])
+                for b, (test, res, why) in enumerate(zip(self.tests, results, self.reasons,
+                                                         strict=True))]
 
 
 def self_baseline_targets(

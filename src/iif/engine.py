@@ -3,9 +3,12 @@ projector and memory budget, so that the methods ask for features, solves, basel
 path models without passing them along every time.
 
 An :class:`Engine` wraps the free functions of ``iif.features``, ``iif.curvature``,
-``iif.factored``, ``iif.baseline``, ``iif.target_path`` and ``iif.training`` (the arithmetic
-stays there). Feature methods take a :class:`~iif.functional.ModelState` or a
-:class:`~iif.stacked.StackedState` of B copies and dispatch on it. Every feature matrix honours
+``iif.factored``, ``iif.baseline``, ``iif.target_path``, ``iif.training`` and ``iif.stacked``
+(the arithmetic stays there). Features, training (:meth:`Engine.fit`), unlearning baselines
+(:meth:`Engine.unlearn`) and path models take a :class:`~iif.stacked.StackedState` of B >= 1
+copies or a :class:`~iif.functional.ModelState` (one copy) and dispatch on it: one copy, or a
+task that cannot be stacked, runs the plain one-model code copy by copy; more, the vmapped
+code. Every feature matrix honours
 the :class:`Budget`: beyond ``max_feature_bytes`` it is memory-mapped from ``feature_dir`` if
 one is set, else refused.
 """
@@ -13,20 +16,15 @@ one is set, else refused.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.func import vmap
 
-from iif.baseline import (
-    Baseline,
-    BaselineSettings,
-    self_baseline_targets,
-    unlearning_baseline,
-    unlearning_baselines,
-)
+from iif.baseline import Baseline, BaselineSettings, UnlearningRun, self_baseline_targets
 from iif.curvature import (
     CurvatureSettings,
     curvature_factor,
@@ -56,10 +54,10 @@ from iif.functional import FunctionalModel, ModelState
 from iif.grads import per_sample_grads
 from iif.linalg import Solver
 from iif.projection import IdentityProjector, Projector
-from iif.stacked import StackedState
+from iif.stacked import StackedState, can_stack, fit_stacked
 from iif.target_path import PathSettings, TargetPath, path_models
 from iif.task import Data, Task
-from iif.training import fit
+from iif.training import FitResult, fit
 
 State = ModelState | StackedState
 
@@ -287,19 +285,18 @@ class Engine:
                                          chunk_size=self.budget.chunk_size)
 
     # ---- baselines, path models, training ------------------------------------------------
-    def unlearning_baseline(self, test: Data, settings: BaselineSettings,
-                            generator: torch.Generator | None = None,
-                            progress: bool | None = False, rows: Any = None) -> Baseline:
-        """One baseline from theta* unlearning the mean loss of ``test``."""
-        return unlearning_baseline(self.task, self.fmodel, self.state, self.train, test,
-                                   settings, generator, progress, rows=rows)
-
-    def unlearning_baselines(self, test: Data, settings: BaselineSettings,
-                             generator: torch.Generator | None = None,
-                             rows: Any = None) -> list[Baseline]:
-        """One baseline per test sample, trained as stacked copies from theta*."""
-        return unlearning_baselines(self.task, self.fmodel, self.state, self.train, test,
-                                    settings, generator, rows=rows)
+    def unlearn(self, tests: Sequence[Data], settings: BaselineSettings,
+                generator: torch.Generator | None = None, progress: bool | None = False,
+                rows: Sequence[Any] | None = None) -> list[Baseline]:
+        """One baseline per copy from theta*: copy b unlearns the mean loss of ``tests[b]``
+        (test sets of one size; B = ``len(tests)`` copies, trained as :meth:`fit` trains
+        them); ``rows[b]``: the rows ``tests[b]`` holds in the data being attributed, named
+        by a warning if its unlearning diverges."""
+        run = UnlearningRun(self.task, self.fmodel, self.state, self.train, tests, settings)
+        start = self.state if len(tests) == 1 else StackedState.repeat(self.state, len(tests))
+        results = self.fit(start, self.train.x, self.train.targets, generator=generator,
+                           progress=progress, **run.options())
+        return run.baselines(results, rows)
 
     def self_baseline_targets(self, step: float) -> torch.Tensor:
         """Per-sample self-influence baseline targets of the training set."""
@@ -311,10 +308,57 @@ class Engine:
                     ) -> Iterator[tuple[int, State]]:
         """(k, theta_k) for k = K..1 on the training inputs, from ``start`` (B copies for a
         StackedState)."""
-        return path_models(self.task, self.fmodel, start, self.train.x, path, settings,
-                           generator)
+        return path_models(self.fit, start, self.train.x, path, settings, generator)
 
-    def fit(self, state: ModelState, x: torch.Tensor, targets: torch.Tensor, **options: Any):
-        """``iif.training.fit`` of this model from ``state``."""
-        return fit(self.task, self.fmodel, state, x, targets, **options)
+    def fit(self, state: State, x: torch.Tensor, targets: torch.Tensor,
+            **options: Any) -> list[FitResult]:
+        """Train B >= 1 copies from ``state`` (a ModelState is one copy); one
+        :class:`~iif.training.FitResult` per copy. ``targets``: (N, d) shared by the copies
+        or (B, N, d), one set per copy. The copies share the minibatch order (``generator``);
+        copy b equals its separate run (to floating-point tolerance).
 
+        ``options`` are those of ``iif.training.fit``, with per-copy callbacks:
+        ``extra(params_b, buffers_b, *data_b)`` and ``stop(params_b, buffers_b, *data_b)``
+        (a bool tensor) get copy b's slice of ``extra_data`` (tensors (B, ...));
+        ``sound(b, state_b)`` judges copy b's epoch. One copy, or a task that cannot be
+        stacked (:func:`~iif.stacked.can_stack`), trains copy by copy with
+        ``iif.training.fit``; more run as stacked copies under vmap (``iif.stacked``).
+        """
+        if isinstance(state, StackedState) and len(state) > 1 and can_stack(self.task):
+            return fit_stacked(self.task, self.fmodel, state, x, targets,
+                               **_stacked_options(options))
+        members = state.members() if isinstance(state, StackedState) else [state]
+        generator = options.get("generator")
+        first = None if generator is None else generator.get_state()
+        results = []
+        for b, member in enumerate(members):
+            if first is not None:
+                generator.set_state(first)  # every copy sees the same minibatch order
+            results.append(fit(self.task, self.fmodel, member, x,
+                               targets[b] if targets.dim() == 3 else targets,
+                               **_copy_options(options, b)))
+        return results
+
+
+def _copy_options(options: dict[str, Any], b: int) -> dict[str, Any]:
+    """``Engine.fit``'s options for copy b alone (``iif.training.fit``'s)."""
+    out = dict(options)
+    data = [t[b] for t in out.pop("extra_data", ())]
+    extra, stop, sound = out.get("extra"), out.get("stop"), out.get("sound")
+    if extra is not None:
+        out["extra"] = lambda params, buffers: extra(params, buffers, *data)
+    if stop is not None:
+        out["stop"] = lambda params, buffers: bool(stop(params, buffers, *data))
+    if sound is not None:
+        out["sound"] = lambda candidate: sound(b, candidate)
+    return out
+
+
+def _stacked_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``Engine.fit``'s options for ``iif.stacked.fit_stacked`` (no progress bar)."""
+    out = {k: v for k, v in options.items() if k not in ("progress", "desc")}
+    stop, data = out.get("stop"), tuple(out.get("extra_data", ()))
+    if stop is not None:
+        in_dims = (0, 0) + (0,) * len(data)
+        out["stop"] = lambda params, buffers: vmap(stop, in_dims=in_dims)(params, buffers, *data)
+    return out

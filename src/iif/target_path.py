@@ -13,16 +13,16 @@ the features at theta_k are taken in eval mode.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from iif.errors import InputError
-from iif.functional import FunctionalModel, ModelState
-from iif.stacked import StackedState, fit_stacked
+from iif.functional import ModelState
+from iif.stacked import StackedState
 from iif.task import Task
-from iif.training import fit
+from iif.training import FitResult
 from iif.validation import Settings, setting
 
 
@@ -75,35 +75,29 @@ class TargetPath:
 
 
 def path_models(
-    task: Task,
-    fmodel: FunctionalModel,
+    fit: Callable[..., list[FitResult]],
     state: ModelState | StackedState,
     x: torch.Tensor,
     path: TargetPath,
     settings: PathSettings,
     generator: torch.Generator | None = None,
 ) -> Iterator[tuple[int, ModelState | StackedState]]:
-    """Yield (k, theta_k) for k = K, K-1, ..., 1, training each from the previous one.
+    """Yield (k, theta_k) for k = K, K-1, ..., 1, training each from the previous one with
+    ``fit`` (``Engine.fit``: one result per copy).
 
     A :class:`StackedState` of B copies walks B paths (``path`` with a (B, N, d) baseline)
-    in one stacked training that shares the minibatch order.
+    sharing the minibatch order.
     """
     current = state
     for k in range(path.steps, 0, -1):
         if k < path.steps and settings.epochs > 0:
-            options = dict(epochs=settings.epochs, lr=settings.lr,
-                           batch_size=settings.batch_size, generator=generator)
-            if isinstance(current, StackedState):
-                results = fit_stacked(task, fmodel, current, x, path(k), **options)
-                finite = all(r.finite for r in results)
-                trained = StackedState.stack([r.state for r in results])
-            else:
-                res = fit(task, fmodel, current, x, path(k), **options)
-                finite, trained = res.finite, res.state
-            if not finite:
+            results = fit(current, x, path(k), epochs=settings.epochs, lr=settings.lr,
+                          batch_size=settings.batch_size, generator=generator)
+            if not all(r.finite for r in results):
                 raise InputError(
                     f"path model {k} of {path.steps} diverged (NaN/inf); lower the path "
                     f"learning rate or the number of path epochs"
                 )
-            current = trained
+            current = (StackedState.stack([r.state for r in results])
+                       if isinstance(current, StackedState) else results[0].state)
         yield k, current

@@ -28,7 +28,8 @@ from iif import (
     Recipe,
     Task,
 )
-from iif.baseline import mean_loss, trivial_loss, unlearning_baseline
+from iif.baseline import mean_loss, trivial_loss
+from iif.engine import Budget, Engine
 from iif.functional import FunctionalModel
 from iif.methods.linear import (
     linear_delta,
@@ -498,9 +499,9 @@ def test_overshooting_unlearning_is_pulled_back_to_the_stop_level(mlp_regression
     train = task.validate((p.x, p.y))
     for j in range(len(p.xt)):
         test = task.validate((p.xt[j : j + 1], p.yt[j : j + 1]))
-        base = unlearning_baseline(task, fmodel, fmodel.state(), train, test,
-                                   dataclasses.replace(settings, batch_size=len(p.x)),
-                                   torch.Generator().manual_seed(0))
+        engine = Engine.bind(task, train, task.model, Budget())
+        (base,) = engine.unlearn([test], dataclasses.replace(settings, batch_size=len(p.x)),
+                                 torch.Generator().manual_seed(0))
         assert 0 < base.pulled_back < 1 and not base.fell_back
         after = mean_loss(task, fmodel, base.state, test.x, test.targets)
         before = mean_loss(task, fmodel, fmodel.state(), test.x, test.targets)

@@ -49,15 +49,7 @@ log = logging.getLogger(__name__)
 SOUND, TRUNCATED, FALLBACK = "sound", "truncated", "fallback"
 
 
-@dataclass
-class _Used:
-    """What the damping report needs of a solver, without its factors and kernels."""
-
-    damping: float
-    retries: int
-
-
-def _report(solvers: list[Solver] | list[_Used]) -> list[tuple[float, int]]:
+def _report(solvers: list[Solver]) -> list[tuple[float, int]]:
     return [(s.damping, s.retries) for s in solvers]
 
 
@@ -160,7 +152,7 @@ class IntegratedInfluence(AttributionMethod):
 
     def _group(self, test: Data) -> Attribution:
         start = time.perf_counter()
-        res, base = self._one_path(test, test, self.baseline, range(len(test)))
+        res, base = self._one_path(test)
         scores = res.scores.mean(axis=0, keepdims=True)  # the gradient of a mean is the mean
         delta = np.array([self._delta(test, base.state).mean()])
         total = scores.sum(axis=1)
@@ -175,14 +167,15 @@ class IntegratedInfluence(AttributionMethod):
         log_flags(log, info["flags"], completeness, noun="group")
         return Attribution(scores, self.method, self.settings(), completeness, info)
 
-    def _one_path(self, unlearn: Data, test: Data, settings: BaselineSettings,
-                  rows: Any = None) -> tuple[_PathResult, Baseline]:
-        """One baseline unlearning the mean loss of ``unlearn`` and its path, scoring ``test``
-        row by row, with the generators every per-test baseline uses. ``rows``: the test
-        rows ``unlearn`` holds (a warning names them)."""
+    def _one_path(self, test: Data, progress: bool | None = False
+                  ) -> tuple[_PathResult, Baseline]:
+        """One baseline unlearning the mean loss of ``test`` and its path, scoring ``test``
+        row by row, with the generators every per-test baseline uses (a shared baseline of
+        one test sample is its per-test one)."""
         with self._per_test_generators() as (unlearn_gen, path_gen):
-            base = self.engine.unlearning_baseline(unlearn, settings, unlearn_gen, rows=rows)
-            return self._integrate(base.targets, test, path_gen), base
+            (base,) = self.engine.unlearn([test], self.baseline, unlearn_gen, progress,
+                                          rows=[range(len(test))])
+            return self._integrate(base.targets[None], test, path_gen), base
 
     @contextlib.contextmanager
     def _per_test_generators(self) -> Iterator[tuple[torch.Generator, torch.Generator]]:
@@ -258,7 +251,7 @@ class IntegratedInfluence(AttributionMethod):
             for k, state in progress_bar(steps, total=path.steps,
                                          desc="IIF self-influence path steps",
                                          enable=self.progress):
-                _, psi, solver = self._step(state, path(k), path(k - 1), k)
+                _, psi, solver = self._features(state, path(k), path(k - 1), k)
                 grads = self.engine.loss_features(state, train.x[tidx], train.targets[tidx])
                 chunk = self.engine.budget.chunk_size
                 for lo in range(0, idx.size, chunk):
@@ -299,15 +292,10 @@ class IntegratedInfluence(AttributionMethod):
         for rows in progress_bar(batches, total=len(test), desc="IIF test samples",
                                  enable=self.progress, size=len):
             part = test.subset(rows)
-            if len(rows) == 1:
-                res, base = self._one_path(unlearn.subset(rows), part, settings, rows)
-                bases = [base]
-            else:
-                with self._per_test_generators() as (unlearn_gen, path_gen):
-                    bases = self.engine.unlearning_baselines(unlearn.subset(rows), settings,
-                                                             unlearn_gen, rows=rows)
-                    ybar = torch.stack([b.targets for b in bases])
-                    res = self._integrate(ybar, part, path_gen)
+            with self._per_test_generators() as (unlearn_gen, path_gen):
+                bases = self.engine.unlearn([unlearn.subset([r]) for r in rows], settings,
+                                            unlearn_gen, rows=[[r] for r in rows])
+                res = self._integrate(torch.stack([b.targets for b in bases]), part, path_gen)
             scores[rows] = res.scores
             for j, (row, base) in enumerate(zip(rows, bases, strict=True)):
                 deltas[row] = self._delta(part.subset([j]), base.state)[0]
@@ -390,18 +378,14 @@ class IntegratedInfluence(AttributionMethod):
         return max(1, min(32, n_test, (budget // 4) // per_copy))
 
     def _shared(self, test: Data) -> tuple[_PathResult, np.ndarray, np.ndarray]:
-        # the per-test generators: a shared baseline of one test sample is its per-test one
-        with self._per_test_generators() as (unlearn_gen, path_gen):
-            base = self.engine.unlearning_baseline(test, self.baseline, unlearn_gen,
-                                                   self.progress, rows=range(len(test)))
-            res = self._integrate(base.targets, test, path_gen)
+        res, base = self._one_path(test, self.progress)
         return res, self._delta(test, base.state), np.full(len(test), _status(base), dtype=object)
 
     def _explicit(self, test: Data, targets: Any) -> tuple[_PathResult, np.ndarray, np.ndarray]:
         ybar = self._baseline_targets(targets)
         with seeded(self.seed, self.task.device):
             gen = torch.Generator().manual_seed(self.seed)
-            res = self._integrate(ybar, test, gen)
+            res = self._integrate(ybar[None], test, gen)
             # theta' for completeness: the baseline dataset's model, continued from theta_1.
             path = TargetPath(self.task, self.train.targets, ybar, self.path.steps,
                               self.path.sparse)
@@ -410,40 +394,51 @@ class IntegratedInfluence(AttributionMethod):
                 fitted = self.engine.fit(res.last_state, self.train.x, path(0),
                                          epochs=self.path.epochs, lr=self.path.lr,
                                          batch_size=self.path.batch_size, generator=gen)
-                theta0 = fitted.state
+                theta0 = fitted[0].state
         return res, self._delta(test, theta0), np.full(len(test), SOUND, dtype=object)
 
     # ---- the integral --------------------------------------------------------------------
     def _integrate(self, ybar: torch.Tensor, test: Data, gen: torch.Generator) -> _PathResult:
-        """Scores (n_test, N) along the path from baseline targets ``ybar``: (N, d) for one
-        path explaining every test sample, or (B, N, d) for B = n_test paths walked by stacked
-        model copies, copy b explaining test sample b."""
+        """Scores (n_test, N) along the paths from baseline targets ``ybar`` (B, N, d) of B
+        model copies: one copy explains every test sample, or B = n_test copies, copy b test
+        sample b."""
+        copies = len(ybar)
+        ybar = ybar[0] if copies == 1 else ybar
         path = TargetPath(self.task, self.train.targets, ybar, self.path.steps, self.path.sparse)
-        stacked = ybar.dim() == 3
-        start = StackedState.repeat(self.state, len(test)) if stacked else self.state
+        start = self.state if copies == 1 else StackedState.repeat(self.state, copies)
         scores = torch.zeros(len(test), len(self.train), dtype=SOLVE_DTYPE,
                              device=self.task.device)
         # (damping, retries) of every solve: the solvers themselves hold their factors and
         # kernels (an N x N matrix per copy and step), so they are not kept
         used: list[tuple[float, int]] = []
-        state = self.state
+        state = start
         steps = self.engine.path_models(start, path, self.path, gen)
         for k, state in progress_bar(steps, total=path.steps, desc="IIF path steps",
                                      enable=self.progress):
-            rho, rho_prev = path(k), path(k - 1)
-            if stacked and k == path.steps:
-                used += _report(self._first_stacked_step(test, rho[0], rho_prev, k, scores))
-            elif stacked:
-                used += _report(self._stacked_step(state, test, rho, rho_prev, k, scores))
-            else:
-                used += _report(self._single_step(state, test, rho, rho_prev, k, scores))
-        if self.sharding is not None and not stacked:
+            used += self._step(state, test, path(k), path(k - 1), k, scores)
+        if self.sharding is not None and copies == 1:
             scores = self.engine.reduce(scores)  # every process filled its own columns
         return _PathResult(scores.cpu().numpy(), [d for d, _ in used],
                            sum(r for _, r in used), state)
 
-    # Each step subtracts I^(k) = (1/N) gamma^T C^{-1} psi_i from ``scores`` in place and
-    # returns the solvers it used (for the damping report).
+    def _step(self, state: ModelState | StackedState, test: Data, rho: torch.Tensor,
+              rho_prev: torch.Tensor, k: int, scores: torch.Tensor) -> list[tuple[float, int]]:
+        """Path step k of B copies: subtract I^(k) = (1/N) gamma^T C^{-1} psi_i from
+        ``scores`` in place; returns (damping, retries) of the solves. One copy (a ModelState)
+        explains every test sample; B copies (a StackedState, ``rho`` (B, N, d)) one each:
+        at k = K all still theta* (one featurisation), later in B-wide products when the
+        Kronecker fast path applies, else copy by copy."""
+        if isinstance(state, ModelState):
+            return _report([self._copy_step(state, test, rho, rho_prev, k, scores)])
+        if k == self.path.steps:
+            return _report([self._theta_star_step(test, rho[0], rho_prev, k, scores)])
+        if self._stackable(len(state)):
+            return _report(self._vmapped_step(state, test, rho, rho_prev, scores))
+        return [(s.damping, s.retries) for s in
+                (self._copy_step(member, test.subset([b]), rho[b], rho_prev[b], k,
+                                 scores[b : b + 1])
+                 for b, member in enumerate(state.members()))]
+
     def _use_factored(self) -> bool:
         # exact gradients: no projection, or one at least as wide as the model (make_projector)
         return self.engine.factored_applies(isinstance(self.projector, IdentityProjector),
@@ -457,57 +452,42 @@ class IntegratedInfluence(AttributionMethod):
         return self.engine.factored_step_scores(self.curvature, state, rho, rho_prev, test_x,
                                                 test_targets)
 
-    def _single_step(self, state: ModelState, test: Data, rho: torch.Tensor,
-                     rho_prev: torch.Tensor, k: int, scores: torch.Tensor) -> list[Solver]:
-        """One path for every test sample; under sharding, this process's training block."""
+    def _copy_step(self, state: ModelState, test: Data, rho: torch.Tensor,
+                   rho_prev: torch.Tensor, k: int, scores: torch.Tensor) -> Solver:
+        """One copy's path explaining every row of ``test`` (``scores`` (n_test, N), a view
+        for one copy of many); under sharding, this process's training block."""
         if self._use_factored():
             step, solver = self._factored_step(state, test.x, test.targets, rho, rho_prev)
             scores += step.to(scores.device)
-            return [solver]
+            return solver
         block = self.engine.train_block()
-        _, psi, solver = self._step(state, rho, rho_prev, k,
-                                    None if self.sharding is None else block)
+        _, psi, solver = self._features(state, rho, rho_prev, k,
+                                        None if self.sharding is None else block)
         gamma = self.engine.loss_features(state, test.x, test.targets, "test gradients")
         sol = solver.solve(gamma.T)  # (P, n_test)
         scores[:, block] -= rows_times(psi, sol).T / len(self.train)
-        return [solver]
+        return solver
 
-    def _first_stacked_step(self, test: Data, rho: torch.Tensor, rho_prev: torch.Tensor, k: int,
-                            scores: torch.Tensor) -> list[Solver]:
+    def _theta_star_step(self, test: Data, rho: torch.Tensor, rho_prev: torch.Tensor, k: int,
+                         scores: torch.Tensor) -> Solver:
         """Every copy is still theta* with the real targets ``rho``: one featurisation (the
         loss gradient and the B copies' psi from ``rho_prev`` (B, N, d)) and one curvature."""
         if self._use_factored():
             step, solver = self._factored_step(self.state, test.x, test.targets, rho, rho_prev)
             scores += step.to(scores.device)
-            return [solver]
-        _, psi, solver = self._step(self.state, rho, rho_prev, k)
+            return solver
+        _, psi, solver = self._features(self.state, rho, rho_prev, k)
         gamma = self.engine.loss_features(self.state, test.x, test.targets, "test gradients")
         sol = solver.solve(gamma.T).to(SOLVE_DTYPE)  # (P, B)
         for b in range(len(test)):
             scores[b] -= rows_times(psi[:, b], sol[:, b : b + 1])[:, 0] / len(self.train)
-        return [solver]
+        return solver
 
-    def _stacked_step(self, state: StackedState, test: Data, rho: torch.Tensor,
-                      rho_prev: torch.Tensor, k: int, scores: torch.Tensor) -> list[Solver]:
-        """Copy b at theta_k^b explains test sample b; features of all copies in B-wide
-        products when the Kronecker fast path applies, else one copy at a time."""
+    def _vmapped_step(self, state: StackedState, test: Data, rho: torch.Tensor,
+                      rho_prev: torch.Tensor, scores: torch.Tensor) -> list[Solver]:
+        """Copy b at theta_k^b explains test sample b, features of all copies in B-wide
+        products (the Kronecker fast path)."""
         n = len(self.train)
-        if not self._stackable(len(test)):
-            solvers = []
-            for b, member in enumerate(state.members()):
-                if self._use_factored():
-                    step, solver = self._factored_step(member, test.x[b : b + 1],
-                                                       test.targets[b : b + 1], rho[b],
-                                                       rho_prev[b])
-                    scores[b] += step[0].to(scores.device)
-                    solvers.append(_Used(solver.damping, solver.retries))
-                    continue
-                _, psi, solver = self._step(member, rho[b], rho_prev[b], k)
-                gamma = self.engine.loss_features(member, test.x[b : b + 1],
-                                                  test.targets[b : b + 1], "test gradients")
-                scores[b] -= rows_times(psi, solver.solve(gamma.T))[:, 0] / n
-                solvers.append(_Used(solver.damping, solver.retries))
-            return solvers
         u, psi = self.engine.step_features(state, self.train.x, rho, rho_prev)
         gamma = self.engine.loss_features(state, test.x[:, None], test.targets[:, None],
                                           "test gradients")
@@ -530,8 +510,8 @@ class IntegratedInfluence(AttributionMethod):
         return self.engine.stacks_features() and need * self.train.targets.element_size() \
             <= self.engine.budget.max_feature_bytes
 
-    def _step(self, state: ModelState, rho: torch.Tensor, rho_prev: torch.Tensor, k: int,
-              part: slice | None = None):
+    def _features(self, state: ModelState, rho: torch.Tensor, rho_prev: torch.Tensor, k: int,
+                  part: slice | None = None):
         """Features u (N, P), psi (N, P), or (N, B, P) for B previous targets (B, N, d), and
         the curvature solver at path point k. ``part``: only these training samples'
         features, the curvature summed with the other processes' parts (``self.sharding``)."""
