@@ -36,8 +36,9 @@ from iif.curvature import (
 )
 from iif.errors import InputError
 from iif.functional import FunctionalModel
-from iif.linalg import SOLVE_DTYPE, Solver, rows_times
+from iif.linalg import SOLVE_DTYPE, Solver
 from iif.methods.base import AttributionMethod
+from iif.methods.estimator import KernelEstimator
 from iif.projection import IdentityProjector, ProjectionSettings, Projector, make_projector
 from iif.task import Data, Task
 from iif.validation import Limits
@@ -103,7 +104,7 @@ class InfluenceFunction(AttributionMethod):
             raise InputError(f"solver {self.solver!r} does not project; use "
                              f"solver='projected' (or 'auto') with a projection")
         super()._reset()
-        self._fitted: tuple[torch.Tensor | None, Solver] | None = None
+        self._fitted: tuple[KernelEstimator, Solver] | None = None
         self._grads: torch.Tensor | None = None
 
     def _make_projector(self, fmodel: FunctionalModel) -> Projector:
@@ -119,10 +120,9 @@ class InfluenceFunction(AttributionMethod):
                                                                    test.targets)
             return Attribution(scores.cpu().numpy(), self.method, self.settings(), None,
                                {"solver": solver.report()})
-        grads, solver = self._fit()
-        test_grads = self._features(test.x, test.targets)  # (n_test, D)
-        sol = solver.solve(test_grads.T)  # (D, n_test) = C^{-1} g_s
-        scores = self.engine.gather_columns(-self._train_products(grads, sol).T / len(self.train))
+        estimator, solver = self._fit()
+        products = estimator.products(estimator.test_features(test.x, test.targets))
+        scores = -products / len(self.train)
         info = {"solver": solver.report()}
         return Attribution(scores.cpu().numpy(), self.method, self.settings(), None, info)
 
@@ -146,14 +146,15 @@ class InfluenceFunction(AttributionMethod):
         grads = self._train_grads()
         train = self.train
         factor = self.engine.curvature_factor(self.curvature, grads)
-        test_grads = self._features(test.x, test.targets).T  # (D, n_test)
+        test_grads = self._features(test.x, test.targets)  # (n_test, D)
         results = []
         for value in values:
             settings = (dataclasses.replace(self.curvature, damping=None,
                                             default_damping_ratio=value) if relative
                         else dataclasses.replace(self.curvature, damping=value))
             solver = self.engine.solver_from_factor(factor, settings)
-            scores = -self._train_products(grads, solver.solve(test_grads)).T / len(train)
+            estimator = KernelEstimator(self.engine, self._features, solver.solve, grads)
+            scores = -estimator.products(test_grads) / len(train)
             result = Attribution(scores.cpu().numpy(), self.method,
                                  {**self.settings(), "curvature": settings.to_dict()}, None,
                                  {"solver": solver.report()})
@@ -167,17 +168,10 @@ class InfluenceFunction(AttributionMethod):
     def _self_influence(self, idx: np.ndarray) -> np.ndarray:
         if self.sharding is not None:
             raise InputError("self-influence runs in one process")
-        grads, solver = self._fit()
-        out = np.empty(idx.size)
+        estimator, _ = self._fit()
         chunk = self.engine.budget.chunk_size
         step = chunk if self.effective_solver != "cg" else max(1, chunk // 4)
-        for lo in range(0, idx.size, step):
-            sub = self.train.subset(idx[lo : lo + step])
-            g = (grads[torch.as_tensor(idx[lo : lo + step])] if grads is not None
-                 else self._features(sub.x, sub.targets)).to(SOLVE_DTYPE)
-            sol = solver.solve(g.T)  # (D, c)
-            out[lo : lo + step] = (-(g * sol.T).sum(1) / len(self.train)).cpu().numpy()
-        return out
+        return (-estimator.self_products(idx, step) / len(self.train)).cpu().numpy()
 
     def _settings(self) -> dict[str, Any]:
         return {
@@ -195,8 +189,9 @@ class InfluenceFunction(AttributionMethod):
             return self.engine.per_sample_grads(self.state, x, targets)
         return self.engine.loss_features(self.state, x, targets)
 
-    def _fit(self) -> tuple[torch.Tensor | None, Solver]:
-        """Training features (None for ``cg``: recomputed in chunks) and the damped solver."""
+    def _fit(self) -> tuple[KernelEstimator, Solver]:
+        """The estimator (training features stored, or recomputed in chunks for ``cg``) on
+        the damped solver, and the solver."""
         if self._fitted is None:
             train = self.train
             if self.effective_solver == "cg":
@@ -205,14 +200,15 @@ class InfluenceFunction(AttributionMethod):
                 m = self.engine.num_params
                 solver = cg_solver(product, m, self.curvature, self.cg, self.curvature.kind,
                                    trace, rank_bound(len(train), m, m))
-                self._fitted = (None, solver)
+                grads = None
             else:
                 block = self.engine.train_block()
                 grads = self._train_grads()
                 solver = self.engine.fit_curvature(self.curvature, self.state, train.x[block],
                                                    train.targets[block], grads,
                                                    reduce=self.engine.reduce)
-                self._fitted = (grads, solver)
+            self._fitted = (KernelEstimator(self.engine, self._features, solver.solve, grads),
+                            solver)
         return self._fitted
 
     def _train_grads(self) -> torch.Tensor:
@@ -222,12 +218,6 @@ class InfluenceFunction(AttributionMethod):
             block = self.engine.train_block()
             self._grads = self._features(self.train.x[block], self.train.targets[block])
         return self._grads
-
-    def _train_products(self, grads: torch.Tensor | None, sol: torch.Tensor) -> torch.Tensor:
-        """``G sol`` (N, n_test) for the training gradients G, stored or recomputed."""
-        if grads is None:
-            return torch.cat([rows_times(g, sol) for g in self._train_grad_chunks()])
-        return rows_times(grads, sol)
 
     def _trace(self, product) -> float:
         """trace(C): exact for the Fisher (mean squared gradient norm), Hutchinson otherwise."""

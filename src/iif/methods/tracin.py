@@ -23,17 +23,17 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
-import torch
 
 from iif.attribution import Attribution
 from iif.checkpoints import Checkpoint
 from iif.errors import InputError
-from iif.functional import FunctionalModel, ModelState
-from iif.linalg import SOLVE_DTYPE
+from iif.functional import FunctionalModel
 from iif.methods.base import AttributionMethod
+from iif.methods.estimator import KernelEstimator, identity, weighted_sum
 from iif.progress import progress_bar
 from iif.projection import ProjectionSettings, Projector, make_projector
 from iif.runkey import file_digest, tensor_digest, text_digest
@@ -113,13 +113,9 @@ class TracIn(AttributionMethod):
 
     def _attribute(self, test: Data) -> Attribution:
         start = time.perf_counter()
-        n = len(self.train)
-        scores = torch.zeros(len(test), n, dtype=SOLVE_DTYPE, device=self.task.device)
-        for ckpt, state in self._states():
-            g_test = self._grads(state, test.x, test.targets)  # (n_test, P)
-            for lo, g_train in self._train_grads(state, np.arange(n)):
-                block = (g_test @ g_train.T).to(SOLVE_DTYPE)
-                scores[:, lo : lo + g_train.shape[0]] -= ckpt.lr * block
+        scores = weighted_sum(
+            (ckpt.lr, est.products(est.test_features(test.x, test.targets)))
+            for ckpt, est in self._estimators())
         info = {
             "checkpoints": len(self.checkpoints),
             "epochs": [c.epoch for c in self.checkpoints],
@@ -128,11 +124,8 @@ class TracIn(AttributionMethod):
         return Attribution(scores.cpu().numpy(), self.method, self.settings(), None, info)
 
     def _self_influence(self, idx: np.ndarray) -> np.ndarray:
-        out = torch.zeros(idx.size, dtype=SOLVE_DTYPE, device=self.task.device)
-        for ckpt, state in self._states():
-            for lo, g in self._train_grads(state, idx):
-                out[lo : lo + g.shape[0]] -= ckpt.lr * g.to(SOLVE_DTYPE).pow(2).sum(1)
-        return out.cpu().numpy()
+        return weighted_sum((ckpt.lr, est.self_products(idx))
+                            for ckpt, est in self._estimators()).cpu().numpy()
 
     def _settings(self) -> dict[str, Any]:
         runs = [[{"epoch": c.epoch, "lr": c.lr, "path": None if c.path is None else str(c.path)}
@@ -171,24 +164,14 @@ class TracIn(AttributionMethod):
         return member
 
     # ---- helpers -------------------------------------------------------------------------
-    def _states(self) -> Iterator[tuple[Checkpoint, ModelState]]:
-        """Each checkpoint with its loaded state, one at a time."""
+    def _estimators(self) -> Iterator[tuple[Checkpoint, KernelEstimator]]:
+        """Each checkpoint with its estimator: projected per-sample loss gradients at the
+        checkpoint, recomputed chunk by chunk, and the identity solve."""
         for c in progress_bar(self.checkpoints, total=len(self.checkpoints),
                               desc="TracIn checkpoints", enable=self.progress):
-            yield c, c.load(self.fmodel)
-
-    def _grads(self, state: ModelState, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Projected per-sample loss gradients (n, P) at ``state``."""
-        return self.engine.loss_features(state, x, targets)
-
-    def _train_grads(
-        self, state: ModelState, idx: np.ndarray
-    ) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(lo, G)`` with G (c, P): the gradients of training samples ``idx[lo:lo + c]``."""
-        train, chunk = self.train, self.engine.budget.chunk_size
-        for lo in range(0, idx.size, chunk):
-            rows = torch.as_tensor(idx[lo : lo + chunk], device=train.x.device)
-            yield lo, self._grads(state, train.x[rows], train.targets[rows])
+            state = c.load(self.fmodel)
+            yield c, KernelEstimator(self.engine, partial(self.engine.loss_features, state),
+                                     identity)
 
 
 def _check_checkpoints(checkpoints: Sequence[Checkpoint] | None) -> list[Checkpoint]:

@@ -55,19 +55,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch.func import grad, vmap
 
 from iif.attribution import Attribution
 from iif.curvature import CurvatureSettings, gram_solver
 from iif.errors import InputError
 from iif.functional import FunctionalModel
-from iif.grads import output_hessian_factor, sample_loss_fn
-from iif.linalg import SOLVE_DTYPE, Solver, rows_times
+from iif.linalg import SOLVE_DTYPE, Solver
 from iif.methods.base import AttributionMethod
+from iif.methods.estimator import KernelEstimator, ensemble_scores
+from iif.outputs import ModelOutput, check_output, default_output
 from iif.projection import IdentityProjector, ProjectionSettings, Projector, make_projector
 from iif.task import Data, Task
 from iif.validation import Limits
@@ -77,21 +78,14 @@ DEFAULT_PROJECTION_DIM = 2048
 DEFAULT_DAMPING_RATIO = 0.1
 
 
-def margin(output: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-    """TRAK's classification output ``log p_y - log(1 - p_y)``, computed stably from logits as
-    ``z_y - logsumexp_{c != y} z_c``. Shapes (..., C) -> (...)."""
-    true = (output * onehot).sum(-1)
-    others = output.masked_fill(onehot > 0.5, float("-inf"))
-    return true - torch.logsumexp(others, dim=-1)
-
-
 @dataclass
 class _TrainFeatures:
     """What one model keeps for the training set."""
 
-    phi: torch.Tensor  # (N, P), model dtype
+    estimator: KernelEstimator  # Phi (N, P) in the model dtype, K = (Phi^T D Phi + lambda I)^-1
     weights: torch.Tensor  # (N,) float64: w_i = -dl_i/df_i
-    solver: Solver  # K = (Phi^T D Phi + lambda I)^{-1}
+    orientation: torch.Tensor | None  # (N,) float64: c_i, or None for 1
+    solver: Solver
     seconds: float
 
 
@@ -105,6 +99,9 @@ class TRAK(AttributionMethod):
         projection: ``ProjectionSettings``; default ``dim=2048``. ``dim=None`` or a dim at
             least the number of parameters uses the gradients unprojected.
         damping: lambda >= 0 added to ``Phi^T D Phi``; None: 0.1 x its mean eigenvalue.
+        model_output: the model-output function (an :class:`iif.outputs.ModelOutput`);
+            None: :class:`~iif.outputs.Margin` for classification (cross-entropy only),
+            :class:`~iif.outputs.Output` for single-output regression.
         models, chunk_size, seed, progress, max_feature_bytes: see
             :class:`iif.methods.base.AttributionMethod`. ``models`` (e.g. from
             ``iif.training.train_ensemble(..., subset="half")``) makes the TRAK ensemble.
@@ -120,6 +117,7 @@ class TRAK(AttributionMethod):
         *,
         projection: ProjectionSettings | None = None,
         damping: float | None = None,
+        model_output: ModelOutput | None = None,
         **common: Any,
     ):
         super().__init__(task, train_data, **common)
@@ -127,20 +125,8 @@ class TRAK(AttributionMethod):
                                    default=lambda: ProjectionSettings(dim=DEFAULT_PROJECTION_DIM))
         self.projection = projection
         self.damping = self._keyword("damping", damping)
-        outputs = self.train.targets.shape[1]
-        if task.kind == "regression" and outputs != 1:
-            raise InputError(
-                f"TRAK supports regression with a single output only; the model has {outputs} "
-                f"outputs (attribute each output with its own single-output task)"
-            )
-        if task.kind == "classification":
-            if task.loss is not None:
-                raise InputError(
-                    "TRAK's margin output function assumes the cross-entropy loss; this "
-                    "classification task has a custom loss"
-                )
-            if outputs < 2:
-                raise InputError(f"TRAK classification needs >= 2 classes, got {outputs}")
+        self.model_output = (default_output(task, self.train.targets.shape[1])
+                             if model_output is None else check_output(model_output))
         self._reset()
         self._mark_built()
 
@@ -152,12 +138,10 @@ class TRAK(AttributionMethod):
         test = self.validate_test(test_data)
         start = time.perf_counter()
         members = self.members()
-        parts = [m._parts(test) for m in members]
-        kernel = sum(k for k, _ in parts) / len(parts)
-        weights = sum(w for _, w in parts) / len(parts)
+        scores = ensemble_scores([m._parts(test) for m in members])
         info = self._info(members)
         info["seconds"] = time.perf_counter() - start
-        return Attribution(-kernel * weights[None, :], self.method, self.settings(), None, info)
+        return Attribution(scores, self.method, self.settings(), None, info)
 
     def self_influence(self, indices: Any = None) -> np.ndarray:
         """Self-influence of training samples (default all), shape (n,): the ensemble score of
@@ -166,21 +150,16 @@ class TRAK(AttributionMethod):
         the models fit only through themselves."""
         self._validate_settings()
         idx = self._indices(indices)
-        parts = [m._self_parts(idx) for m in self.members()]
-        kernel = sum(k for k, _ in parts) / len(parts)
-        weights = sum(w for _, w in parts) / len(parts)
-        return -kernel * weights
+        return ensemble_scores([m._self_parts(idx) for m in self.members()])
 
     # ---- one model ---------------------------------------------------------------------
     def _attribute(self, test: Data) -> Attribution:
         """This model alone (an ensemble of one)."""
-        kernel, weights = self._parts(test)
-        return Attribution(-kernel * weights[None, :], self.method, self.settings(), None,
-                           self._info([self]))
+        return Attribution(ensemble_scores([self._parts(test)]), self.method, self.settings(),
+                           None, self._info([self]))
 
     def _self_influence(self, idx: np.ndarray) -> np.ndarray:
-        kernel, weights = self._self_parts(idx)
-        return -kernel * weights
+        return ensemble_scores([self._self_parts(idx)])
 
     def shards_training_set(self) -> bool:
         """The kernel and the training features serve every test sample."""
@@ -208,7 +187,7 @@ class TRAK(AttributionMethod):
             "projection_dim": self.projector.dim,
             "damping": self.damping,
             "damping_ratio": DEFAULT_DAMPING_RATIO if self.damping is None else None,
-            "output_function": "margin" if self.task.kind == "classification" else "output",
+            "output_function": getattr(self.model_output, "name", "custom"),
         }
 
     def _info(self, members: list[TRAK]) -> dict[str, Any]:
@@ -225,11 +204,11 @@ class TRAK(AttributionMethod):
     def _parts(self, test: Data) -> tuple[np.ndarray, np.ndarray]:
         """``c_s phi_s^T K phi_i`` (n_test, N) and ``w_i`` (N,) for this model, float64."""
         cache = self._train_features()
-        phi_test = self._features(test.x, test.targets, "test")
-        sol = cache.solver.solve(phi_test.T)  # (P, n_test)
-        kernel = self.engine.gather_columns(rows_times(cache.phi, sol).T)  # (n_test, N)
-        if self.task.kind == "regression":
-            kernel = kernel * self._slopes(test.x, test.targets)[:, None]
+        estimator = cache.estimator
+        kernel = estimator.products(estimator.test_features(test.x, test.targets))
+        if cache.orientation is not None:  # the output function orients test samples
+            outputs = self.engine.outputs(self.state, test.x, chunked=True)
+            kernel = kernel * _finite(self.model_output.test_weight(outputs, test.targets))[:, None]
         return kernel.cpu().numpy(), self.engine.gather_columns(cache.weights).cpu().numpy()
 
     def _self_parts(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -237,16 +216,11 @@ class TRAK(AttributionMethod):
         if self.sharding is not None:
             raise InputError("self-influence runs in one process")
         cache = self._train_features()
-        tidx = torch.as_tensor(idx, device=cache.phi.device)
-        diag = torch.empty(idx.size, dtype=SOLVE_DTYPE, device=cache.phi.device)
-        chunk = self.engine.budget.chunk_size
-        for lo in range(0, idx.size, chunk):
-            rows = cache.phi[tidx[lo : lo + chunk]]
-            sol = cache.solver.solve(rows.T)  # (P, c)
-            diag[lo : lo + rows.shape[0]] = (rows.to(SOLVE_DTYPE) * sol.T.to(rows.device)).sum(1)
-        weights = cache.weights[tidx]
-        if self.task.kind == "regression":
-            diag = diag * weights  # c_i = w_i: the test sample is training sample i
+        diag = cache.estimator.self_products(idx)
+        weights = cache.weights[torch.as_tensor(idx, device=diag.device)]
+        if cache.orientation is not None:
+            # c_i: the test sample is training sample i
+            diag = diag * cache.orientation[torch.as_tensor(idx, device=diag.device)]
         return diag.cpu().numpy(), weights.cpu().numpy()
 
     # ---- features, weights and the kernel ------------------------------------------------
@@ -265,17 +239,20 @@ class TRAK(AttributionMethod):
             x, targets = train.x[block], train.targets[block]
             phi = self._features(x, targets, "train", progress=self.progress)
             outputs = self.engine.outputs(self.state, x, chunked=True)
-            weights = self._slopes(x, targets, outputs)
-            rows = phi
-            if self.task.kind == "regression":
-                curv = output_hessian_factor(self.task, outputs, targets)[:, 0, 0]
-                rows = phi * curv.to(phi.dtype)[:, None]  # sqrt(l''_i) phi_i
+            weights = _finite(self.model_output.weight(outputs, targets))
+            orientation = self.model_output.test_weight(outputs, targets)
+            curvature = self.model_output.curvature(outputs, targets)
+            rows = phi if curvature is None else phi * curvature.to(phi.dtype)[:, None]
             settings = CurvatureSettings(damping=self.damping,
                                          default_damping_ratio=DEFAULT_DAMPING_RATIO)
             rank = min(n, dim, self.engine.num_params)
             solver = gram_solver(rows, 1, settings, "TRAK kernel", effective_dim=rank,
                                  reduce=self.engine.reduce)
-            self._cache = _TrainFeatures(phi, weights, solver, time.perf_counter() - start)
+            estimator = KernelEstimator(self.engine, partial(self._features, what="test"),
+                                        solver.solve, phi)
+            self._cache = _TrainFeatures(estimator, weights,
+                                         None if orientation is None else _finite(orientation),
+                                         solver, time.perf_counter() - start)
         return self._cache
 
     def _features(
@@ -286,29 +263,12 @@ class TRAK(AttributionMethod):
         budget)."""
         if self.engine.budget.feature_dir is None:
             self._check_memory(x.shape[0] * self.projector.dim, 0, f"TRAK {what} features")
-        if self.task.kind == "classification":
-            fn, args = margin, (targets,)
-        else:
-            fn, args = _first_output, ()
-        return self.engine.output_features(self.state, x, fn, *args,
+        return self.engine.output_features(self.state, x, self._value, targets,
                                            what=f"TRAK {what} features", progress=progress)
 
-    def _slopes(
-        self, x: torch.Tensor, targets: torch.Tensor, outputs: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``-dl/df`` per sample (n,) float64: ``1 - p_y`` (classification, from the margin) or
-        the negative loss slope at the output (regression)."""
-        if outputs is None:
-            outputs = self.engine.outputs(self.state, x, chunked=True)
-        if self.task.kind == "classification":
-            slopes = torch.sigmoid(-margin(outputs, targets))
-        else:
-            slopes = -vmap(grad(sample_loss_fn(self.task)))(outputs, targets)[:, 0]
-        slopes = slopes.detach().to(SOLVE_DTYPE)
-        if not bool(torch.isfinite(slopes).all()):
-            raise InputError("loss slopes contain NaN or inf: the model or its loss is not "
-                             "finite on some samples")
-        return slopes
+    def _value(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The model output of one sample (d,), (d,) -> a scalar."""
+        return self.model_output.value(output[None], target[None])[0]
 
     def _check_memory(self, values: int, solve_values: int, what: str) -> None:
         size = torch.empty((), dtype=self.task.dtype).element_size()
@@ -321,5 +281,10 @@ class TRAK(AttributionMethod):
             )
 
 
-def _first_output(output: torch.Tensor) -> torch.Tensor:
-    return output[0]
+def _finite(values: torch.Tensor) -> torch.Tensor:
+    """Per-sample weights (n,) as float64, refused if not finite."""
+    values = values.detach().to(SOLVE_DTYPE)
+    if not bool(torch.isfinite(values).all()):
+        raise InputError("loss slopes contain NaN or inf: the model or its loss is not "
+                         "finite on some samples")
+    return values
