@@ -34,6 +34,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -157,29 +158,71 @@ def manual_mlp_grads(params: dict[str, torch.Tensor], x: torch.Tensor,
 
 
 # ---- part A: gradient engine throughput ------------------------------------------------------
-def bench_grads(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:  # noqa: C901 (to be split)
-    model = make_mlp()
-    task = Task(model, "classification")
-    data = task.validate((x, y))
-    fmodel = FunctionalModel(model)
-    state = fmodel.state()
-    m = fmodel.num_params
-    n = data.x.shape[0]
-    p = args.proj_dim
-    projector = RandomProjector(m, ProjectionSettings(dim=p))
-    kron = make_projector(m, ProjectionSettings(dim=p, structure="kronecker"), "cpu",
-                          torch.float32, fmodel)
-    # per projected row: G A_in (out x cols x p_in) then A_out^T (out x p_in x p_out), 2 FLOPs
-    kron_flops = sum(2 * layer.out_features * (layer.in_features + 1) * layer.p_in
-                     + 2 * layer.out_features * layer.p_in * layer.p_out
-                     for layer in kron.layers)
-    rho = data.targets
-    rho_prev = 0.6 * data.targets  # any second target: same cost as a real path step
-    step_fn = path_step_fn(task)
-    rows: list[dict[str, Any]] = []
+def bench_grads(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    b = _GradBench.make(x, y, args.proj_dim)
+    ref = per_sample_grads(b.fmodel, b.state, b.data.x[:64], b.data.targets[:64], b.task,
+                           chunk_size=64)
+    manual = manual_mlp_grads(b.state.params, b.data.x[:64], b.data.targets[:64])
+    max_err = float((ref - manual).abs().max() / ref.abs().max())
+    print(f"  M = {b.m} parameters, n = {b.n} samples, P = {b.p}; hand-written gradients "
+          f"agree with per_sample_grads to {max_err:.1e} (relative max)", flush=True)
+    for chunk in args.chunks:
+        _bench_grads_chunk(b, chunk, args.repeats)
+    projection = _bench_projection(b, args.chunks[len(args.chunks) // 2], args.repeats)
+    return {"num_params": b.m, "n": b.n, "proj_dim": b.p, "rows": b.rows,
+            "projection": projection}
 
-    def record(name: str, chunk: int, times: list[float], grad_flops: float,
+
+@dataclass
+class _GradBench:
+    """The MLP, its data and projectors for part A, and the rows measured so far."""
+
+    task: Task
+    data: Any
+    fmodel: FunctionalModel
+    state: Any
+    projector: RandomProjector
+    kron: Any
+    kron_flops: float
+    p: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def make(cls, x: torch.Tensor, y: torch.Tensor, p: int) -> _GradBench:
+        model = make_mlp()
+        task = Task(model, "classification")
+        data = task.validate((x, y))
+        fmodel = FunctionalModel(model)
+        m = fmodel.num_params
+        projector = RandomProjector(m, ProjectionSettings(dim=p))
+        kron = make_projector(m, ProjectionSettings(dim=p, structure="kronecker"), "cpu",
+                              torch.float32, fmodel)
+        # per projected row: G A_in (out x cols x p_in) then A_out^T (out x p_in x p_out),
+        # 2 FLOPs
+        kron_flops = sum(2 * layer.out_features * (layer.in_features + 1) * layer.p_in
+                         + 2 * layer.out_features * layer.p_in * layer.p_out
+                         for layer in kron.layers)
+        return cls(task, data, fmodel, fmodel.state(), projector, kron, kron_flops, p)
+
+    @property
+    def m(self) -> int:
+        return self.fmodel.num_params
+
+    @property
+    def n(self) -> int:
+        return self.data.x.shape[0]
+
+    @property
+    def rho(self) -> torch.Tensor:
+        return self.data.targets
+
+    @property
+    def rho_prev(self) -> torch.Tensor:
+        return 0.6 * self.data.targets  # any second target: same cost as a real path step
+
+    def record(self, name: str, chunk: int, times: list[float], grad_flops: float,
                extra_flops: float = 0.0) -> None:
+        n = self.n
         med = statistics.median(times)
         row = {
             "name": name, "chunk": chunk, "n": n, "seconds_median": med,
@@ -187,76 +230,71 @@ def bench_grads(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> d
             "grad_gflops": grad_flops * n / med / 1e9,
             "total_gflops": (grad_flops + extra_flops) * n / med / 1e9,
         }
-        rows.append(row)
+        self.rows.append(row)
         print(f"  {name:<34} chunk {chunk:>4}  {med * 1e3:9.1f} ms  "
               f"{row['samples_per_s']:10.0f} samples/s  {row['grad_gflops']:7.2f} GFLOP/s"
               + (f"  ({row['total_gflops']:.2f} incl. projection)" if extra_flops else ""),
               flush=True)
 
-    ref = per_sample_grads(fmodel, state, data.x[:64], data.targets[:64], task, chunk_size=64)
-    manual = manual_mlp_grads(state.params, data.x[:64], data.targets[:64])
-    max_err = float((ref - manual).abs().max() / ref.abs().max())
-    print(f"  M = {m} parameters, n = {n} samples, P = {p}; hand-written gradients agree with "
-          f"per_sample_grads to {max_err:.1e} (relative max)", flush=True)
 
-    for chunk in args.chunks:
-        def psg(chunk: int = chunk) -> None:
-            per_sample_grads(fmodel, state, data.x, data.targets, task, chunk_size=chunk)
+def _bench_grads_chunk(b: _GradBench, chunk: int, repeats: int) -> None:
+    """Part A's rows at one chunk size: gradients, step features (dense and Kronecker
+    projection) and their Jacobian and projection parts."""
+    fmodel, state, task, data, n, m, p = b.fmodel, b.state, b.task, b.data, b.n, b.m, b.p
+    rho, rho_prev = b.rho, b.rho_prev
+    step_fn = path_step_fn(task)
 
-        def manual_run(chunk: int = chunk) -> None:
-            for lo in range(0, n, chunk):
-                manual_mlp_grads(state.params, data.x[lo : lo + chunk],
-                                 data.targets[lo : lo + chunk])
+    def psg() -> None:
+        per_sample_grads(fmodel, state, data.x, data.targets, task, chunk_size=chunk)
 
-        def feats(chunk: int = chunk) -> None:
-            step_features(fmodel, state, data.x, rho, rho_prev, task, projector,
-                          chunk_size=chunk, progress=False)
+    def manual_run() -> None:
+        for lo in range(0, n, chunk):
+            manual_mlp_grads(state.params, data.x[lo : lo + chunk],
+                             data.targets[lo : lo + chunk])
 
-        def jac_only(chunk: int = chunk) -> None:
-            for _ in per_sample_jacobians(fmodel, state, data.x, step_fn, rho, rho_prev,
-                                          chunk_size=chunk):
-                pass
+    def feats(projector: Any = b.projector) -> None:
+        step_features(fmodel, state, data.x, rho, rho_prev, task, projector,
+                      chunk_size=chunk, progress=False)
 
-        jac = torch.randn(min(chunk, n), 2, m)
+    def jac_only() -> None:
+        for _ in per_sample_jacobians(fmodel, state, data.x, step_fn, rho, rho_prev,
+                                      chunk_size=chunk):
+            pass
 
-        def proj_only(chunk: int = chunk, jac: torch.Tensor = jac) -> None:
-            for _ in range(0, n, chunk):
-                projector.project(jac)
+    jac = torch.randn(min(chunk, n), 2, m)
 
-        record("per_sample_grads", chunk, timed(psg, args.repeats), 6 * m)
-        record("hand-written MLP gradients (ref.)", chunk, timed(manual_run, args.repeats), 6 * m)
-        record("step_features (u, psi -> P)", chunk, timed(feats, args.repeats), 10 * m,
-               2 * 2 * m * p)
-        record("  of which Jacobians (u, psi)", chunk, timed(jac_only, args.repeats), 10 * m)
-        record("  of which projection", chunk, timed(proj_only, args.repeats), 0.0,
-               2 * 2 * m * p)
+    def proj_only(projector: Any = b.projector) -> None:
+        for _ in range(0, n, chunk):
+            projector.project(jac)
 
-        def kron_feats(chunk: int = chunk) -> None:
-            step_features(fmodel, state, data.x, rho, rho_prev, task, kron,
-                          chunk_size=chunk, progress=False)
+    b.record("per_sample_grads", chunk, timed(psg, repeats), 6 * m)
+    b.record("hand-written MLP gradients (ref.)", chunk, timed(manual_run, repeats), 6 * m)
+    b.record("step_features (u, psi -> P)", chunk, timed(feats, repeats), 10 * m,
+             2 * 2 * m * p)
+    b.record("  of which Jacobians (u, psi)", chunk, timed(jac_only, repeats), 10 * m)
+    b.record("  of which projection", chunk, timed(proj_only, repeats), 0.0, 2 * 2 * m * p)
+    b.record(f"step_features, kronecker P={b.kron.dim}", chunk,
+             timed(lambda: feats(b.kron), repeats), 10 * m, 2 * b.kron_flops)
+    b.record("kronecker project() of (n, 2, M) grads", chunk,
+             timed(lambda: proj_only(b.kron), repeats), 0.0, 2 * b.kron_flops)
 
-        def kron_only(chunk: int = chunk, jac: torch.Tensor = jac) -> None:
-            for _ in range(0, n, chunk):
-                kron.project(jac)
 
-        record(f"step_features, kronecker P={kron.dim}", chunk, timed(kron_feats, args.repeats),
-               10 * m, 2 * kron_flops)
-        record("kronecker project() of (n, 2, M) grads", chunk, timed(kron_only, args.repeats),
-               0.0,
-               2 * kron_flops)
+def _bench_projection(b: _GradBench, chunk: int, repeats: int) -> dict[str, Any]:
+    """The dense projection's costs: regenerating its blocks, a matmul with a cached matrix
+    for ``chunk`` samples, and one row (a test gradient) with and without the cache."""
+    projector, m, n, p = b.projector, b.m, b.n, b.p
 
     def regen() -> None:
         for i in range(len(projector.blocks)):
             projector.block(i)
 
-    regen_times = timed(regen, args.repeats)
+    regen_times = timed(regen, repeats)
     a_full = torch.cat([projector.block(i) for i in range(len(projector.blocks))])
-    chunk = args.chunks[len(args.chunks) // 2]
     jac = torch.randn(min(chunk, n), 2, m)
-    mm_times = timed(lambda: jac @ a_full, args.repeats)
+    mm_times = timed(lambda: jac @ a_full, repeats)
     gamma = torch.randn(1, m)
-    one_row = timed(lambda: projector.project(gamma), args.repeats)
-    one_row_cached = timed(lambda: gamma @ a_full, args.repeats)
+    one_row = timed(lambda: projector.project(gamma), repeats)
+    one_row_cached = timed(lambda: gamma @ a_full, repeats)
     projection = {
         "blocks": len(projector.blocks),
         "block_rows": projector.blocks[0][1] - projector.blocks[0][0],
@@ -275,7 +313,7 @@ def bench_grads(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> d
           f"{projection['matmul_cached_s'] * 1e3:.0f} ms; one row (test gradient) "
           f"{projection['project_one_row_s'] * 1e3:.0f} ms vs "
           f"{projection['project_one_row_cached_s'] * 1e3:.1f} ms cached", flush=True)
-    return {"num_params": m, "n": n, "proj_dim": p, "rows": rows, "projection": projection}
+    return projection
 
 
 # ---- part B: IIF per test sample -------------------------------------------------------------

@@ -285,6 +285,15 @@ def test_fit_curvature_ggn_at_zero_residuals(mlp_factory):
     _dense_inverse_check(ggn, _ggn_matrix(task, fmodel, state, x, targets))
 
 
+def test_fit_curvature_refuses_a_split_hessian(mlp_factory):
+    # the explicit Hessian is of the whole training set: no process holds a part of it
+    task, fmodel, x, targets = _problem(mlp_factory, "regression", seed=3)
+    with pytest.raises(InputError, match="not split across processes"):
+        fit_curvature(CurvatureSettings(kind="hessian", damping=0.05), fmodel, fmodel.state(),
+                      x, targets, task, IdentityProjector(fmodel.num_params), u=None,
+                      chunk_size=3, n_total=2 * x.shape[0], reduce=lambda t: t)
+
+
 @pytest.mark.parametrize("kind", ["regression", "classification"])
 def test_fit_curvature_hessian(mlp_factory, kind):
     task, fmodel, x, targets = _problem(mlp_factory, kind, seed=3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -11,12 +12,30 @@ from torch.func import functional_call
 import iif
 from iif.functional import FunctionalModel
 from iif.task import Recipe, Task
-from iif.training import fit, seeded
+from iif.training import FitOptions, fit, seeded
 
 
-def _hand_sgd(model, x, y, *, lr, batch_size, epochs, seed, momentum=0.0, weight_decay=0.0,  # noqa: PLR0913 (to be split)
-              extra_coef=0.0, max_steps=None):
-    """Plain minibatch SGD (PyTorch's momentum and weight-decay conventions) on MSE."""
+@dataclass(frozen=True)
+class _SGDSettings:
+    """The keywords of :func:`_hand_sgd`."""
+
+    lr: float
+    batch_size: int
+    epochs: int
+    seed: int
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    extra_coef: float = 0.0
+    max_steps: int | None = None
+
+
+def _hand_sgd(model, x, y, **settings):
+    """Plain minibatch SGD (PyTorch's momentum and weight-decay conventions) on MSE;
+    ``settings``: the fields of :class:`_SGDSettings` (lr, batch_size, epochs, seed required)."""
+    sgd = _SGDSettings(**settings)
+    lr, batch_size, epochs, seed = sgd.lr, sgd.batch_size, sgd.epochs, sgd.seed
+    momentum, weight_decay, extra_coef, max_steps = (sgd.momentum, sgd.weight_decay,
+                                                     sgd.extra_coef, sgd.max_steps)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
@@ -381,3 +400,19 @@ def test_train_cached_trains_once_and_retrains_on_other_inputs(tmp_path, caplog)
     with caplog.at_level("WARNING", logger="iif"):
         assert iif.train_cached(build(), (x, y), path) is True
     assert "cannot use" in caplog.text
+
+
+def test_fit_options_equal_keywords():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    task = Task(model, "regression", Recipe(lr=0.05, batch_size=4))
+    fmodel = FunctionalModel(model)
+    x = torch.randn(10, 3, dtype=torch.float64)
+    y = torch.randn(10, 2, dtype=torch.float64)
+    by_keywords = fit(task, fmodel, fmodel.state(), x, y, epochs=2,
+                      generator=torch.Generator().manual_seed(1))
+    options = FitOptions(epochs=5, generator=torch.Generator().manual_seed(1))
+    by_options = fit(task, fmodel, fmodel.state(), x, y, options, epochs=2)  # keywords win
+    assert by_options.epochs == by_keywords.epochs == 2
+    for k, v in by_keywords.state.params.items():
+        assert torch.equal(v, by_options.state.params[k])

@@ -177,30 +177,30 @@ def fit_curvature(  # noqa: PLR0913 (to be split)
     ``n_total`` samples and ``reduce`` sums the parts' matrices (see :func:`gram_solver`).
     """
     n = x.shape[0] if n_total is None else n_total
+    if reduce is not None and settings.kind not in ("fisher", "ggn"):
+        raise InputError("the explicit Hessian is not split across processes; use 'fisher' or "
+                         "'ggn' curvature, or run in one process")
     factor = curvature_factor(settings.kind, fmodel, state, x, targets, task, projector, u,
-                              chunk_size, reduce, settings.ggn_rank)
+                              chunk_size, ggn_rank=settings.ggn_rank)
     return solver_from_factor(factor, settings, n, projector.dim, fmodel.num_params, reduce)
 
 
-def curvature_factor(  # noqa: PLR0913 (to be split)
+def curvature_factor(
     kind: str, fmodel: FunctionalModel, state: ModelState, x: torch.Tensor,
     targets: torch.Tensor, task: Task, projector: Projector, u: torch.Tensor | None,
     chunk_size: int = 128,
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ggn_rank: int | None = None,
 ) -> tuple[str, torch.Tensor]:
     """What a solver of the ``kind`` curvature is built from, without the damping:
     ``("rows", R)`` whose Gram matrix / N is the curvature (the Fisher's ``u``, the
-    Gauss-Newton rows ``A^T J_i^T L_i``), or ``("matrix", H)`` for the explicit Hessian. One
+    Gauss-Newton rows ``A^T J_i^T L_i``), or ``("matrix", H)`` for the explicit Hessian of
+    the whole training set (never split across processes: :func:`fit_curvature` refuses). One
     factor serves any number of damping values (:func:`solver_from_factor`)."""
     if kind == "fisher":
         return "rows", u
     if kind == "ggn":
         return "rows", ggn_features(fmodel, state, x, targets, task, projector, chunk_size,
                                     rank=ggn_rank)
-    if reduce is not None:
-        raise InputError("the explicit Hessian is not split across processes; use 'fisher' or "
-                         "'ggn' curvature, or run in one process")
     h = full_hessian(fmodel, state, x, targets, task, chunk_size=chunk_size)
     if not isinstance(projector, IdentityProjector):
         # A^T H A without forming A: project the rows of H, then the rows of (H A)^T.
@@ -233,7 +233,7 @@ class CGSettings(Settings):
     tol: float = setting(1e-8, gt=0, lt=1, doc="relative residual at which a solve stops")
 
 
-def curvature_product(  # noqa: C901 (to be split)
+def curvature_product(
     kind: str, fmodel: FunctionalModel, state: ModelState, x: torch.Tensor,
     targets: torch.Tensor, task: Task, chunk_size: int = 128,
     ggn_rank: int | str | None = None,
@@ -246,37 +246,12 @@ def curvature_product(  # noqa: C901 (to be split)
     recomputed chunk by chunk. Eval mode throughout, like the features.
     """
     n = x.shape[0]
-    flat0 = state.flat()
-    dtype = flat0.dtype
-
-    def outputs(flat: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
-        return fmodel(fmodel.unflatten(flat), state.buffers, xc)
-
     if kind == "fisher":
-        def fisher_chunk(v: torch.Tensor, xc, tc) -> torch.Tensor:
-            g = per_sample_grads(fmodel, state, xc, tc, task, chunk_size).to(SOLVE_DTYPE)
-            return g.T @ (g @ v) / n
-        chunk_product = fisher_chunk
+        chunk_product = _fisher_chunk_product(fmodel, state, task, n, chunk_size)
     elif kind == "hessian":
-        def hessian_chunk(v: torch.Tensor, xc, tc) -> torch.Tensor:
-            def loss(flat):
-                return task.sample_loss(outputs(flat, xc), tc).sum() / n
-
-            def hvp(col):
-                return jvp(grad(loss), (flat0,), (col,))[1]
-            return vmap(hvp, in_dims=1, out_dims=1)(v.to(dtype)).to(SOLVE_DTYPE)
-        chunk_product = hessian_chunk
+        chunk_product = _hessian_chunk_product(fmodel, state, task, n)
     elif kind == "ggn":
-        def ggn_chunk(v: torch.Tensor, xc, tc) -> torch.Tensor:
-            out, pullback = vjp(lambda f: outputs(f, xc), flat0)
-            h = ggn_factor(task, out.detach(), tc, ggn_rank)
-            h = h @ h.transpose(1, 2) / n  # (c, d, d) loss Hessians in output space
-
-            def gvp(col):
-                jv = jvp(lambda f: outputs(f, xc), (flat0,), (col,))[1]
-                return pullback(torch.einsum("nab,nb->na", h, jv))[0]
-            return vmap(gvp, in_dims=1, out_dims=1)(v.to(dtype)).to(SOLVE_DTYPE)
-        chunk_product = ggn_chunk
+        chunk_product = _ggn_chunk_product(fmodel, state, task, n, ggn_rank)
     else:
         raise InputError(f"unknown curvature kind {kind!r}")
 
@@ -290,6 +265,62 @@ def curvature_product(  # noqa: C901 (to be split)
         return out
 
     return apply
+
+
+_ChunkProduct = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _outputs_at(fmodel: FunctionalModel, state: ModelState
+                ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(flat parameters, inputs) -> outputs`` with ``state``'s buffers."""
+    def outputs(flat: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
+        return fmodel(fmodel.unflatten(flat), state.buffers, xc)
+    return outputs
+
+
+def _fisher_chunk_product(fmodel: FunctionalModel, state: ModelState, task: Task, n: int,
+                          chunk_size: int) -> _ChunkProduct:
+    """``(v, x_chunk, targets_chunk) -> (1/n) G^T G v`` from the chunk's per-sample
+    gradients ``G``."""
+    def fisher_chunk(v: torch.Tensor, xc, tc) -> torch.Tensor:
+        g = per_sample_grads(fmodel, state, xc, tc, task, chunk_size).to(SOLVE_DTYPE)
+        return g.T @ (g @ v) / n
+    return fisher_chunk
+
+
+def _hessian_chunk_product(fmodel: FunctionalModel, state: ModelState, task: Task,
+                           n: int) -> _ChunkProduct:
+    """``(v, x_chunk, targets_chunk) -> H v``, ``H`` the Hessian of the chunk's summed loss
+    / n (forward-over-reverse)."""
+    flat0 = state.flat()
+    outputs = _outputs_at(fmodel, state)
+
+    def hessian_chunk(v: torch.Tensor, xc, tc) -> torch.Tensor:
+        def loss(flat):
+            return task.sample_loss(outputs(flat, xc), tc).sum() / n
+
+        def hvp(col):
+            return jvp(grad(loss), (flat0,), (col,))[1]
+        return vmap(hvp, in_dims=1, out_dims=1)(v.to(flat0.dtype)).to(SOLVE_DTYPE)
+    return hessian_chunk
+
+
+def _ggn_chunk_product(fmodel: FunctionalModel, state: ModelState, task: Task, n: int,
+                       ggn_rank: int | str | None) -> _ChunkProduct:
+    """``(v, x_chunk, targets_chunk) -> (1/n) sum_i J_i^T H_i J_i v`` over the chunk."""
+    flat0 = state.flat()
+    outputs = _outputs_at(fmodel, state)
+
+    def ggn_chunk(v: torch.Tensor, xc, tc) -> torch.Tensor:
+        out, pullback = vjp(lambda f: outputs(f, xc), flat0)
+        h = ggn_factor(task, out.detach(), tc, ggn_rank)
+        h = h @ h.transpose(1, 2) / n  # (c, d, d) loss Hessians in output space
+
+        def gvp(col):
+            jv = jvp(lambda f: outputs(f, xc), (flat0,), (col,))[1]
+            return pullback(torch.einsum("nab,nb->na", h, jv))[0]
+        return vmap(gvp, in_dims=1, out_dims=1)(v.to(flat0.dtype)).to(SOLVE_DTYPE)
+    return ggn_chunk
 
 
 def cg_solver(

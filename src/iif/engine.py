@@ -41,6 +41,7 @@ from iif.factored import (
 )
 from iif.features import (
     DEFAULT_MAX_FEATURE_BYTES,
+    Bar,
     can_stack_features,
     function_features,
     ggn_features,
@@ -185,7 +186,7 @@ class Engine:
                                              b.chunk_size, b.max_feature_bytes)
             return step_features(self.fmodel, state, x, rho, rho_prev, self.task,
                                  self.projector, b.chunk_size, b.max_feature_bytes,
-                                 progress=progress, desc=desc)
+                                 progress=Bar(progress, desc))
 
     def output_features(self, state: ModelState, x: torch.Tensor, fn, *args: torch.Tensor,
                         what: str = "output gradients",
@@ -355,8 +356,9 @@ def _copy_options(options: dict[str, Any], b: int) -> dict[str, Any]:
 
 
 def _stacked_options(options: dict[str, Any]) -> dict[str, Any]:
-    """``Engine.fit``'s options for ``iif.stacked.fit_stacked`` (no progress bar)."""
-    out = {k: v for k, v in options.items() if k not in ("progress", "desc")}
+    """``Engine.fit``'s options for ``iif.stacked.fit_stacked`` (which shows no progress bar),
+    ``stop`` vmapped over the copies."""
+    out = dict(options)
     stop, data = out.get("stop"), tuple(out.get("extra_data", ()))
     if stop is not None:
         in_dims = (0, 0) + (0,) * len(data)

@@ -176,7 +176,7 @@ def _chunk(fmodel: FunctionalModel, layers: list[LinearLayer], chunk_size: int,
     return max(chunk_size, min(MAX_FAST_CHUNK, grown))
 
 
-def linear_factors(  # noqa: C901 (to be split)
+def linear_factors(
     fmodel: FunctionalModel,
     state: ModelState,
     x: torch.Tensor,
@@ -193,65 +193,97 @@ def linear_factors(  # noqa: C901 (to be split)
     not called exactly once per forward, gets inputs that are not (batch, features), or the
     factors are not finite.
     """
-    from torch.func import vmap
-
     layers = _require_layers(fmodel) if layers is None else layers
     n = x.shape[0]
     if n == 0:
         raise InputError("no samples to factor")
-    count = len(layers)
-    calls = [0] * count
-    inputs: list[torch.Tensor | None] = [None] * count
-    outputs: list[torch.Tensor | None] = [None] * count
-
-    def hook(index: int):
-        def record(module, inp, out):
-            calls[index] += 1
-            inputs[index] = inp[0].detach()
-            outputs[index] = out
-            # later in-place operations (ReLU(inplace=True)) act on a copy, so ``out`` stays
-            # the layer's output in the graph
-            return out.clone()
-        return record
-
-    handles = [layer.module.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    recorder = _LayerRecorder(layers)
     # parameters require grad only so that the layer outputs do
     params = {k: v.detach().requires_grad_(True) for k, v in state.params.items()}
     a_out = [torch.empty(n, layer.cols, dtype=SOLVE_DTYPE, device=x.device) for layer in layers]
     d_out: list[torch.Tensor] = []
     step = None
-    try:
-        with module_mode(fmodel.module, False), torch.enable_grad():
-            start = 0
-            while start < n:
-                stop = start + (step or chunk_size)
-                calls[:] = [0] * count
-                out = fmodel(params, state.buffers, x[start:stop])
-                _check_calls(layers, calls, inputs)
-                values = vmap(lambda o, *a: fn(o, *a).reshape(-1))(
-                    out, *(a[start:stop] for a in args))  # (c, R)
-                c, r = values.shape
-                if step is None:
-                    step = _chunk(fmodel, layers, chunk_size, r)
-                    d_out = [torch.zeros(n, r, layer.out_features, dtype=SOLVE_DTYPE,
-                                         device=x.device) for layer in layers]
-                for a_l, inp, layer in zip(a_out, inputs, layers, strict=True):
-                    a_l[start : start + c] = _augmented(inp, layer)
-                for j in range(r):
-                    deltas = torch.autograd.grad(values[:, j].sum(), outputs,
-                                                 retain_graph=j < r - 1, allow_unused=True)
-                    for d_l, delta in zip(d_out, deltas, strict=True):
-                        if delta is not None:
-                            d_l[start : start + c, j] = delta
-                start += c
-    finally:
-        for h in handles:
+    with recorder, module_mode(fmodel.module, False), torch.enable_grad():
+        start = 0
+        while start < n:
+            stop = start + (step or chunk_size)
+            values = recorder.forward(fmodel, params, state, x[start:stop], fn,
+                                      [a[start:stop] for a in args])  # (c, R)
+            c, r = values.shape
+            if step is None:
+                step = _chunk(fmodel, layers, chunk_size, r)
+                d_out = [torch.zeros(n, r, layer.out_features, dtype=SOLVE_DTYPE,
+                                     device=x.device) for layer in layers]
+            for a_l, inp, layer in zip(a_out, recorder.inputs, layers, strict=True):
+                a_l[start : start + c] = _augmented(inp, layer)
+            _output_gradients(values, recorder.outputs, d_out, start)
+            start += c
+    _check_finite_factors(a_out, d_out)
+    return Factors(layers, a_out, d_out)
+
+
+class _LayerRecorder:
+    """Forward hooks on ``layers`` (registered while the recorder is entered as a context)
+    recording, per forward, how often each layer is called, its input and its output."""
+
+    def __init__(self, layers: list[LinearLayer]):
+        self.layers = layers
+        self.calls = [0] * len(layers)
+        self.inputs: list[torch.Tensor | None] = [None] * len(layers)
+        self.outputs: list[torch.Tensor | None] = [None] * len(layers)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _hook(self, index: int):
+        def record(module, inp, out):
+            self.calls[index] += 1
+            self.inputs[index] = inp[0].detach()
+            self.outputs[index] = out
+            # later in-place operations (ReLU(inplace=True)) act on a copy, so ``out`` stays
+            # the layer's output in the graph
+            return out.clone()
+        return record
+
+    def __enter__(self) -> _LayerRecorder:
+        self._handles = [layer.module.register_forward_hook(self._hook(i))
+                         for i, layer in enumerate(self.layers)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
             h.remove()
+        self._handles = []
+
+    def forward(self, fmodel: FunctionalModel, params: dict[str, torch.Tensor],
+                state: ModelState, xc: torch.Tensor, fn: Callable[..., torch.Tensor],
+                args: list[torch.Tensor]) -> torch.Tensor:
+        """The R scalars ``fn(output_i, *args_i)`` of each sample of the chunk ``xc``, shape
+        (c, R), recording the layers' inputs and outputs (each layer called once)."""
+        from torch.func import vmap
+
+        self.calls[:] = [0] * len(self.layers)
+        out = fmodel(params, state.buffers, xc)
+        _check_calls(self.layers, self.calls, self.inputs)
+        return vmap(lambda o, *a: fn(o, *a).reshape(-1))(out, *args)
+
+
+def _output_gradients(values: torch.Tensor, outputs: list, d_out: list[torch.Tensor],
+                      start: int) -> None:
+    """Write the gradients of each of the R columns of ``values`` (c, R) with respect to the
+    layer ``outputs`` into rows ``start..start + c`` of ``d_out`` (one backward per column)."""
+    c, r = values.shape
+    for j in range(r):
+        deltas = torch.autograd.grad(values[:, j].sum(), outputs,
+                                     retain_graph=j < r - 1, allow_unused=True)
+        for d_l, delta in zip(d_out, deltas, strict=True):
+            if delta is not None:
+                d_l[start : start + c, j] = delta
+
+
+def _check_finite_factors(a_out: list[torch.Tensor], d_out: list[torch.Tensor]) -> None:
     for tensor in (*a_out, *d_out):
         if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
             raise InputError("per-sample gradients contain NaN or inf: the model or its loss "
                              "is not finite on some samples")
-    return Factors(layers, a_out, d_out)
 
 
 def _check_calls(layers: list[LinearLayer], calls: list[int], inputs: list) -> None:

@@ -19,6 +19,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -233,7 +234,15 @@ def _layer_feature(delta: torch.Tensor, right: torch.Tensor,
     return torch.einsum("ntq,ntp->nqp", left, right).reshape(n, -1)
 
 
-def step_features(  # noqa: PLR0913 (to be split)
+@dataclass(frozen=True)
+class Bar:
+    """A progress bar: shown if ``enable`` (None: as ``iif.progress`` decides), with a label."""
+
+    enable: bool | None = None
+    desc: str = "features"
+
+
+def step_features(
     fmodel: FunctionalModel,
     state: ModelState,
     x: torch.Tensor,
@@ -243,15 +252,15 @@ def step_features(  # noqa: PLR0913 (to be split)
     projector: Projector,
     chunk_size: int = 128,
     max_bytes: int = DEFAULT_MAX_FEATURE_BYTES,
-    progress: bool | None = None,
-    desc: str = "features",
+    progress: bool | None | Bar = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Projected ``u`` (N, P) and ``psi`` from one shared forward per sample.
 
     ``rho_prev`` (N, d) gives ``psi`` (N, P); (B, N, d), the previous targets of B paths that
     share this model and ``rho`` (the first step of stacked per-test paths), gives ``psi``
-    (N, B, P) from the same forward.
+    (N, B, P) from the same forward. ``progress``: whether to show a bar, or a :class:`Bar`.
     """
+    bar = progress if isinstance(progress, Bar) else Bar(progress)
     n = x.shape[0]
     many = rho_prev.dim() == 3
     rows = 1 + (rho_prev.shape[0] if many else 1)
@@ -267,7 +276,7 @@ def step_features(  # noqa: PLR0913 (to be split)
         fn, args = path_step_fn(task), (rho, rho_prev)
     chunks = projected_jacobians(fmodel, state, x, fn, *args, projector=projector,
                                  chunk_size=chunk_size)
-    for start, feats in progress_bar(chunks, total=n, desc=desc, enable=progress,
+    for start, feats in progress_bar(chunks, total=n, desc=bar.desc, enable=bar.enable,
                                      unit="samples", size=lambda item: item[1].shape[0]):
         u[start : start + feats.shape[0]] = feats[:, 0]
         psi[start : start + feats.shape[0]] = feats[:, 1:] if many else feats[:, 1]

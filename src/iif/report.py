@@ -19,6 +19,7 @@ import io
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -157,7 +158,7 @@ def _default_heading(entry: Mapping[str, Any]) -> str:
 
 
 # ---- pictures --------------------------------------------------------------------------------
-def plot_proponents_opponents(  # noqa: C901, PLR0913 (to be split)
+def plot_proponents_opponents(  # noqa: PLR0913 (documented notebook API: keywords kept flat)
     test_image: Any,
     test_label: Any,
     train_images: Any,
@@ -215,9 +216,46 @@ def plot_proponents_opponents(  # noqa: C901, PLR0913 (to be split)
     test = _as_image(test_image, image_shape, "test image")
     shown = {e["index"]: _as_image(train[e["index"]], image_shape, "training image")
              for e in pro + opp}
-    grey = test.ndim == 2
     vmin, vmax = _range([test, *shown.values()])
+    show = {"cmap": cmap if test.ndim == 2 else None, "vmin": vmin, "vmax": vmax,
+            "interpolation": "nearest"}
 
+    layout = _panel_layout(k, completeness, warning)
+    fig = _figure_class()(figsize=(layout.width, layout.height), dpi=dpi)
+    grid = fig.add_gridspec(
+        2, k + 2, width_ratios=[2.0, 0.2] + [1.0] * k,
+        left=0.02, right=0.99, top=1 - (layout.header_h + 0.1) / layout.height,
+        bottom=layout.foot_h / layout.height, wspace=0.12, hspace=0.75,
+    )
+    _draw_test_panel(fig.add_subplot(grid[:, 0]), test, show, test_label, prediction)
+    for r, (entries, heading) in enumerate(
+        [(pro, PROPONENTS_HEADING), (opp, OPPONENTS_HEADING)]
+    ):
+        _draw_train_row(fig, grid, r, k, entries, heading, shown, show)
+    heading = title if title is not None else _plot_heading(test_label, prediction)
+    _draw_header(fig, layout, heading)
+    if path is not None:
+        save_png(fig, path)
+    return fig
+
+
+@dataclass(frozen=True)
+class _PanelLayout:
+    """Sizes (inches) of a proponents/opponents figure and the texts under its heading."""
+
+    width: float
+    height: float
+    header_h: float
+    foot_h: float
+    sub: str  # what the scores (and the completeness) mean
+    note: str  # the wrapped warning, "" for none
+    note_h: float
+
+
+def _panel_layout(k: int, completeness: Mapping[str, Any] | None,
+                  warning: str | None) -> _PanelLayout:
+    """The figure size for ``k`` images per row, with room for the completeness sentence and
+    the warning note."""
     col_w, header_h, row_h, foot_h = 1.25, 1.05, 1.95, 0.45
     width = col_w * (k + 2.2)
     note, note_h = _wrap_note(warning, width) if warning else ("", 0.0)
@@ -227,16 +265,12 @@ def plot_proponents_opponents(  # noqa: C901, PLR0913 (to be split)
                + _wrap(COMPLETENESS_MEANING, width, 14) + "\n" + sub)
     header_h += note_h + 0.16 * max(0, sub.count("\n") - 1)
     height = header_h + 2 * row_h + foot_h
-    fig = _figure_class()(figsize=(width, height), dpi=dpi)
-    grid = fig.add_gridspec(
-        2, k + 2, width_ratios=[2.0, 0.2] + [1.0] * k,
-        left=0.02, right=0.99, top=1 - (header_h + 0.1) / height, bottom=foot_h / height,
-        wspace=0.12, hspace=0.75,
-    )
-    show = {"cmap": cmap if grey else None, "vmin": vmin, "vmax": vmax,
-            "interpolation": "nearest"}
+    return _PanelLayout(width, height, header_h, foot_h, sub, note, note_h)
 
-    ax = fig.add_subplot(grid[:, 0])
+
+def _draw_test_panel(ax: Any, test: np.ndarray, show: Mapping[str, Any], test_label: Any,
+                     prediction: Any) -> None:
+    """The test image in ``ax``, captioned with its label and the prediction."""
     ax.imshow(test, **show)
     _frame(ax, width=2.0)
     caption = f"label {_plain(test_label)}"
@@ -245,39 +279,48 @@ def plot_proponents_opponents(  # noqa: C901, PLR0913 (to be split)
     ax.set_title("test sample", fontsize=11, fontweight="bold")
     ax.set_xlabel(caption, fontsize=10)
 
-    for r, (entries, heading) in enumerate(
-        [(pro, PROPONENTS_HEADING), (opp, OPPONENTS_HEADING)]
-    ):
-        for c in range(k):
-            cell = fig.add_subplot(grid[r, c + 2])
-            if c >= len(entries):
-                cell.axis("off")
-                continue
-            e = entries[c]
-            cell.imshow(shown[e["index"]], **show)
-            _frame(cell)
-            cell.set_xlabel(
-                f"#{e['index']}  label {e['label']}\n{e['score']:+.2e}",
-                fontsize=8.5, labelpad=3,
-            )
-            if c == 0:
-                cell.set_title(heading, loc="left", fontsize=10.5, fontweight="bold", pad=6)
 
-    heading = title
-    if heading is None:
-        heading = f"Test label {_plain(test_label)}"
-        if prediction is not None:
-            heading += f", predicted {_plain(prediction)}"
-            if str(_plain(prediction)) != str(_plain(test_label)):
-                heading += " (misclassified)"
+def _draw_train_row(fig: Any, grid: Any, r: int, k: int, entries: Sequence[Mapping[str, Any]],
+                    heading: str, shown: Mapping[int, np.ndarray],
+                    show: Mapping[str, Any]) -> None:
+    """Row ``r`` of ``k`` training images (``entries``: index, label, score), headed by
+    ``heading``; cells beyond the entries are left blank."""
+    for c in range(k):
+        cell = fig.add_subplot(grid[r, c + 2])
+        if c >= len(entries):
+            cell.axis("off")
+            continue
+        e = entries[c]
+        cell.imshow(shown[e["index"]], **show)
+        _frame(cell)
+        cell.set_xlabel(
+            f"#{e['index']}  label {e['label']}\n{e['score']:+.2e}",
+            fontsize=8.5, labelpad=3,
+        )
+        if c == 0:
+            cell.set_title(heading, loc="left", fontsize=10.5, fontweight="bold", pad=6)
+
+
+def _plot_heading(test_label: Any, prediction: Any) -> str:
+    """The default heading: "Test label L, predicted P" (and whether it is misclassified)."""
+    heading = f"Test label {_plain(test_label)}"
+    if prediction is not None:
+        heading += f", predicted {_plain(prediction)}"
+        if str(_plain(prediction)) != str(_plain(test_label)):
+            heading += " (misclassified)"
+    return heading
+
+
+def _draw_header(fig: Any, layout: _PanelLayout, heading: str) -> None:
+    """The heading, the line on what scores mean and any warning note, at the top."""
+    height = layout.height
     fig.suptitle(heading, x=0.02, y=1 - 0.12 / height, ha="left", va="top", fontsize=13,
                  fontweight="bold")
-    fig.text(0.02, 1 - 0.5 / height, sub, ha="left", va="top", fontsize=9.5, color="0.25")
-    if warning:
-        _warning_note(fig, note, 0.02, 1 - (header_h - note_h + 0.02) / height)
-    if path is not None:
-        save_png(fig, path)
-    return fig
+    fig.text(0.02, 1 - 0.5 / height, layout.sub, ha="left", va="top", fontsize=9.5,
+             color="0.25")
+    if layout.note:
+        _warning_note(fig, layout.note, 0.02,
+                      1 - (layout.header_h - layout.note_h + 0.02) / height)
 
 
 # ---- helpers ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from iif.runkey import data_digest
 from iif.store import CHUNKS, MANIFEST
 
 
-def show(  # noqa: C901 (to be split)
+def show(
     folder: str | Path,
     *,
     task: str | None = None,
@@ -33,6 +33,32 @@ def show(  # noqa: C901 (to be split)
     if not (folder / SCORES_FILE).exists() or not (folder / META_FILE).exists():
         return _in_progress(folder)
     result = Attribution.load(folder)
+    lines = _summary_lines(folder, result)
+    flags = _flags(folder, result)
+    summary = summarize(flags, result.completeness)
+    if summary:
+        lines.append(f"warning: {summary}")
+    job, train, test = _job_data(folder, task, result)
+    labels = images = None
+    if train is not None:
+        labels = train.labels.cpu().numpy()
+        images = train.x.cpu().numpy()
+    for i in test_indices:
+        if not 0 <= i < result.n_test:
+            raise InputError(f"test index {i} is outside 0..{result.n_test - 1}")
+        comp = None if result.completeness is None else {
+            key: v[i] for key, v in result.completeness.items()}
+        note = describe(flags, i, result.completeness)
+        lines += _test_lines(i, result.scores[i], labels, k, comp, note)
+        if job is not None:
+            lines += _draw_test(folder, job.task, (images, labels), test, i, result.scores[i],
+                                k=k, image_shape=image_shape, completeness=comp, warning=note)
+    return "\n".join(lines)
+
+
+def _summary_lines(folder: Path, result: Attribution) -> list[str]:
+    """The lines on the whole result: method and sizes, what a score means, the settings
+    and the completeness gap."""
     meaning = "score > 0: the training sample raises the test loss"
     if "contrast" in result.info:
         meaning = "scores of the margin log p_A - log p_B; score > 0: pushes towards A"
@@ -47,60 +73,69 @@ def show(  # noqa: C901 (to be split)
         if np.isfinite(gap).any():
             lines.append(f"  completeness gap |sum - delta| / |delta|: median "
                          f"{np.nanmedian(gap):.3f}, max {np.nanmax(gap):.3f}")
-    flags = _flags(folder, result)
-    summary = summarize(flags, result.completeness)
-    if summary:
-        lines.append(f"warning: {summary}")
-    job = None
-    if task is not None:
-        from iif.config import load_job
+    return lines
 
-        job = load_job(task)
-    labels = images = None
-    if job is not None:
-        train = job.task.validate(job.train, "training data")
-        test = job.task.validate(job.test, "test data")
-        if len(train) != result.n_train or len(test) != result.n_test:
-            raise InputError(f"{task} gives {len(test)} test x {len(train)} training samples, "
-                             f"the folder {result.n_test} x {result.n_train}")
-        _check_data(folder, task, train, test)
-        labels = train.labels.cpu().numpy()
-        images = train.x.cpu().numpy()
-    for i in test_indices:
-        if not 0 <= i < result.n_test:
-            raise InputError(f"test index {i} is outside 0..{result.n_test - 1}")
-        pro, opp = top_entries(result.scores[i], labels, k)
-        comp = None if result.completeness is None else {
-            key: v[i] for key, v in result.completeness.items()}
-        lines.append(f"test sample {i}: {format_completeness(comp)}")
-        note = describe(flags, i, result.completeness)
-        if note:
-            lines.append(f"  warning: test {i}: {note}")
-        for title, entries in (("proponents", pro), ("opponents", opp)):
-            lines.append(f"  {title}: " + ", ".join(
-                f"#{e['index']}" + (f" (label {e['label']})" if "label" in e else "")
-                + f" {e['score']:+.3g}" for e in entries))
-        if job is not None:
-            shape = guess_shape(images.shape[1:], image_shape)
-            if shape is None:
-                raise InputError("inputs are not square images: give --image-shape")
-            x_test = test.x[i].cpu().numpy()
-            label = _label_text(test.labels[i].cpu().numpy().tolist())
-            predicted, confidence = _predict(job.task, test.x[i : i + 1])
-            lines.append(f"  label {label}, predicted {predicted}"
-                         + (f" (p={confidence:.2f})" if confidence is not None else ""))
-            heading = f"Test sample #{i}: label {label}, predicted {predicted}"
-            if confidence is not None:
-                heading += f" (p = {confidence:.2f})"
-                if predicted != label:
-                    heading += ", misclassified"
-            path = folder / f"show_{i}.png"
-            plot_proponents_opponents(
-                x_test, label, images, labels, result.scores[i], path, k=k,
-                image_shape=shape, title=heading, prediction=predicted, completeness=comp,
-                warning=note)
-            lines.append(f"  wrote {path}")
-    return "\n".join(lines)
+
+def _job_data(folder: Path, task: str | None, result: Attribution):
+    """The job of ``task`` with its validated training and test data, checked to be the
+    data the scores in ``folder`` were computed on; ``(None, None, None)`` without a task."""
+    if task is None:
+        return None, None, None
+    from iif.config import load_job
+
+    job = load_job(task)
+    if job is None:
+        return None, None, None
+    train = job.task.validate(job.train, "training data")
+    test = job.task.validate(job.test, "test data")
+    if len(train) != result.n_train or len(test) != result.n_test:
+        raise InputError(f"{task} gives {len(test)} test x {len(train)} training samples, "
+                         f"the folder {result.n_test} x {result.n_train}")
+    _check_data(folder, task, train, test)
+    return job, train, test
+
+
+def _test_lines(i: int, scores, labels, k: int, comp, note: str | None) -> list[str]:
+    """The lines on test sample ``i``: its completeness, any warning, and its top-``k``
+    proponents and opponents."""
+    pro, opp = top_entries(scores, labels, k)
+    lines = [f"test sample {i}: {format_completeness(comp)}"]
+    if note:
+        lines.append(f"  warning: test {i}: {note}")
+    for title, entries in (("proponents", pro), ("opponents", opp)):
+        lines.append(f"  {title}: " + ", ".join(
+            f"#{e['index']}" + (f" (label {e['label']})" if "label" in e else "")
+            + f" {e['score']:+.3g}" for e in entries))
+    return lines
+
+
+def _draw_test(folder: Path, task, train_arrays: tuple[np.ndarray, np.ndarray], test, i: int,
+               scores, *, k: int, image_shape: Sequence[int] | None, completeness,
+               warning) -> list[str]:
+    """Write ``show_<i>.png`` in ``folder`` (test sample ``i`` with the model's prediction
+    beside its proponents and opponents, ``train_arrays`` the training images and labels);
+    the lines saying so."""
+    images, labels = train_arrays
+    shape = guess_shape(images.shape[1:], image_shape)
+    if shape is None:
+        raise InputError("inputs are not square images: give --image-shape")
+    x_test = test.x[i].cpu().numpy()
+    label = _label_text(test.labels[i].cpu().numpy().tolist())
+    predicted, confidence = _predict(task, test.x[i : i + 1])
+    lines = [f"  label {label}, predicted {predicted}"
+             + (f" (p={confidence:.2f})" if confidence is not None else "")]
+    heading = f"Test sample #{i}: label {label}, predicted {predicted}"
+    if confidence is not None:
+        heading += f" (p = {confidence:.2f})"
+        if predicted != label:
+            heading += ", misclassified"
+    path = folder / f"show_{i}.png"
+    plot_proponents_opponents(
+        x_test, label, images, labels, scores, path, k=k,
+        image_shape=shape, title=heading, prediction=predicted, completeness=completeness,
+        warning=warning)
+    lines.append(f"  wrote {path}")
+    return lines
 
 
 def _predict(task, x1) -> tuple[object, float | None]:

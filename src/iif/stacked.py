@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from torch.func import vmap
 
 from iif.functional import FunctionalModel, ModelState, lone_samples_use_running_stats, module_mode
 from iif.task import Task
-from iif.training import FitResult
+from iif.training import FitOptions, FitResult
 
 # extra(params, buffers, *data_b) -> scalar: the extra objective of one copy, with that copy's
 # slice of ``extra_data``
@@ -91,126 +92,150 @@ def stacked_outputs(
                           for i in range(0, x.shape[0], chunk_size)], dim=1)
 
 
-def fit_stacked(  # noqa: C901, PLR0913 (to be split)
+def fit_stacked(
     task: Task,
     fmodel: FunctionalModel,
     state: StackedState,
     x: torch.Tensor,
     targets: torch.Tensor,
-    *,
-    epochs: int,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    extra: StackedExtra | None = None,
-    extra_data: Sequence[torch.Tensor] = (),
-    stop: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor] | None = None,
-    sound: Callable[[int, ModelState], bool] | None = None,
-    generator: torch.Generator | None = None,
-    train_mode: bool = True,
+    options: FitOptions | None = None,
+    **changes: Any,
 ) -> list[FitResult]:
     """``iif.training.fit`` for each of the B copies in ``state``, one vmapped step for all.
 
+    ``options`` (a :class:`~iif.training.FitOptions`) and/or its fields as keywords say how
+    (``progress`` and ``desc`` are ignored, ``on_epoch`` is not supported).
     ``targets``: (N, d) shared by the copies or (B, N, d), one set per copy. ``extra`` is
     called per copy as ``extra(params_b, buffers_b, *[t[b] for t in extra_data])``.
     ``stop(params, buffers)`` gets the stacked tensors and returns a (B,) bool mask;
     ``sound(b, state_b)`` judges copy b's epoch. Returns one :class:`FitResult` per copy, equal
     to what ``fit`` returns for that copy alone given the same minibatch order.
     """
-    copies = len(state)
-    batch_size = int(batch_size or task.recipe.batch_size)
-    per_copy_targets = targets.dim() == 3
-    work = state.clone()
-    params = {k: v.requires_grad_(True) for k, v in work.params.items()}
-    opt = task.recipe.make_optimizer(list(params.values()), lr=lr)
+    o = FitOptions.of(options, changes)
+    if o.on_epoch is not None:
+        raise TypeError("fit_stacked does not call on_epoch")
+    run = _StackedRun(task, fmodel, state, o)
+    batch_size = int(o.batch_size or task.recipe.batch_size)
     n = x.shape[0]
+    with module_mode(fmodel.module, o.train_mode), \
+            lone_samples_use_running_stats(fmodel.module), torch.enable_grad():
+        for _ in range(int(o.epochs)):
+            if not run.running():
+                break
+            order = torch.randperm(n, generator=o.generator).to(x.device)
+            run.begin_epoch(x.device)
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                run.step(x[idx], targets[:, idx] if targets.dim() == 3 else targets[idx])
+                if not run.running():
+                    break
+            run.end_epoch()
+    return run.results()
 
-    def copy_loss(p, buf, xb, tb, *data):
-        loss = task.sample_loss(fmodel(p, buf, xb), tb).mean()
-        if extra is not None:
-            loss = loss + extra(p, buf, *data)
-        return loss
 
-    # dropout draws its own mask per copy, as separate runs would
-    losses_of = vmap(copy_loss, in_dims=(0, 0, None, 0 if per_copy_targets else None)
-                     + (0,) * len(extra_data), randomness="different")
+class _StackedRun:
+    """The B copies of one ``fit_stacked`` run: their stacked parameters and optimizer, and
+    per copy its last sound epoch and, once it has ended (broken down, stopped or rejected),
+    its result; ended copies are frozen, their parameters put back after every step."""
 
-    good = [m.clone() for m in state.members()]  # each copy's last sound epoch
-    done = [0] * copies
-    history: list[list[float]] = [[] for _ in range(copies)]
-    results: list[FitResult | None] = [None] * copies
-    held = work.clone()  # parameters frozen copies are put back to
-    # a copy is frozen once its result is set; the mask serves the vmapped loss
-    frozen = torch.zeros(copies, dtype=torch.bool, device=x.device)
+    def __init__(self, task: Task, fmodel: FunctionalModel, state: StackedState,
+                 o: FitOptions):
+        self.o = o
+        copies = len(state)
+        self.work = state.clone()
+        self.params = {k: v.requires_grad_(True) for k, v in self.work.params.items()}
+        self.opt = task.recipe.make_optimizer(list(self.params.values()), lr=o.lr)
 
-    def running() -> list[int]:
-        return [b for b, r in enumerate(results) if r is None]
+        def copy_loss(p, buf, xb, tb, *data):
+            loss = task.sample_loss(fmodel(p, buf, xb), tb).mean()
+            if o.extra is not None:
+                loss = loss + o.extra(p, buf, *data)
+            return loss
 
-    def freeze(b: int, result: FitResult) -> None:
-        results[b] = result
-        frozen[b] = True
+        self.copy_loss = copy_loss
+        self.good = [m.clone() for m in state.members()]  # each copy's last sound epoch
+        self.done = [0] * copies
+        self.history: list[list[float]] = [[] for _ in range(copies)]
+        self.ended: list[FitResult | None] = [None] * copies
+        self.held = self.work.clone()  # parameters frozen copies are put back to
+        # a copy is frozen once its result is set; the mask serves the vmapped loss
+        device = next(iter(self.params.values())).device
+        self.frozen = torch.zeros(copies, dtype=torch.bool, device=device)
+        self.total = torch.zeros(copies, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def running(self) -> list[int]:
+        return [b for b, r in enumerate(self.ended) if r is None]
+
+    def freeze(self, b: int, result: FitResult) -> None:
+        self.ended[b] = result
+        self.frozen[b] = True
         with torch.no_grad():
-            for k in held.params:
-                held.params[k][b] = result.state.params[k]
-            for k in held.buffers:
-                held.buffers[k][b] = result.state.buffers[k]
+            for k in self.held.params:
+                self.held.params[k][b] = result.state.params[k]
+            for k in self.held.buffers:
+                self.held.buffers[k][b] = result.state.buffers[k]
 
-    def restore_frozen() -> None:
+    def restore_frozen(self) -> None:
         # slice by slice: a masked rewrite of every stacked tensor costs more than the step
         with torch.no_grad():
-            for b in (b for b, r in enumerate(results) if r is not None):
-                for tree, keep in ((params, held.params), (work.buffers, held.buffers)):
+            for b in (b for b, r in enumerate(self.ended) if r is not None):
+                for tree, keep in ((self.params, self.held.params),
+                                   (self.work.buffers, self.held.buffers)):
                     for k, v in tree.items():
                         v[b] = keep[k][b]
 
-    def current(b: int) -> ModelState:
-        return work.member(b).clone()
+    def ok(self, b: int, candidate: ModelState) -> bool:
+        return candidate.is_finite() and (self.o.sound is None or self.o.sound(b, candidate))
 
-    def ok(b: int, candidate: ModelState) -> bool:
-        return candidate.is_finite() and (sound is None or sound(b, candidate))
+    def begin_epoch(self, device: torch.device) -> None:
+        self.total = torch.zeros(len(self.ended), dtype=torch.float64, device=device)
+        self.count = 0
 
-    with module_mode(fmodel.module, train_mode), lone_samples_use_running_stats(fmodel.module), \
-            torch.enable_grad():
-        for _ in range(int(epochs)):
-            if not running():
-                break
-            order = torch.randperm(n, generator=generator).to(x.device)
-            total = torch.zeros(copies, dtype=torch.float64, device=x.device)
-            count = 0
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                tb = targets[:, idx] if per_copy_targets else targets[idx]
-                loss = losses_of(params, work.buffers, x[idx], tb, *extra_data)
-                broken = ~torch.isfinite(loss.detach()) & ~frozen
-                # one device sync per step, as fit's own finiteness check
-                for b in (torch.nonzero(broken).flatten().tolist() if bool(broken.any())
-                          else []):
-                    freeze(b, FitResult(good[b], False, history[b], done[b]))
-                live = ~frozen
-                opt.zero_grad(set_to_none=True)
-                torch.where(live, loss, torch.zeros_like(loss)).sum().backward()
-                opt.step()
-                restore_frozen()
-                total += torch.where(live, loss.detach(), 0.0).double() * len(idx)
-                count += len(idx)
-                if stop is not None:
-                    with torch.no_grad():
-                        fired = stop(params, work.buffers) & ~frozen
-                    for b in torch.nonzero(fired).flatten().tolist():
-                        result = current(b)
-                        if ok(b, result):
-                            epoch_loss = float(total[b]) / count
-                            freeze(b, FitResult(result, True, history[b] + [epoch_loss],
-                                                done[b] + 1))
-                        else:
-                            freeze(b, FitResult(good[b], False, history[b], done[b]))
-                if not running():
-                    break
-            for b in running():
-                result = current(b)
-                if not ok(b, result):
-                    freeze(b, FitResult(good[b], False, history[b], done[b]))
-                    continue
-                history[b] = history[b] + [float(total[b]) / max(count, 1)]
-                good[b], done[b] = result, done[b] + 1
-    return [r if r is not None else FitResult(good[b], True, history[b], done[b])
-            for b, r in enumerate(results)]
+    def step(self, xb: torch.Tensor, tb: torch.Tensor) -> None:
+        """One optimizer step of the running copies on a minibatch."""
+        extra_data = tuple(self.o.extra_data)
+        # dropout draws its own mask per copy, as separate runs would
+        losses_of = vmap(self.copy_loss, in_dims=(0, 0, None, 0 if tb.dim() == 3 else None)
+                         + (0,) * len(extra_data), randomness="different")
+        loss = losses_of(self.params, self.work.buffers, xb, tb, *extra_data)
+        broken = ~torch.isfinite(loss.detach()) & ~self.frozen
+        # one device sync per step, as fit's own finiteness check
+        for b in (torch.nonzero(broken).flatten().tolist() if bool(broken.any()) else []):
+            self.freeze(b, FitResult(self.good[b], False, self.history[b], self.done[b]))
+        live = ~self.frozen
+        self.opt.zero_grad(set_to_none=True)
+        torch.where(live, loss, torch.zeros_like(loss)).sum().backward()
+        self.opt.step()
+        self.restore_frozen()
+        self.total += torch.where(live, loss.detach(), 0.0).double() * xb.shape[0]
+        self.count += xb.shape[0]
+        if self.o.stop is not None:
+            self.check_stop()
+
+    def check_stop(self) -> None:
+        """End the copies whose ``stop`` fired, with this epoch so far if it is sound."""
+        with torch.no_grad():
+            fired = self.o.stop(self.params, self.work.buffers) & ~self.frozen
+        for b in torch.nonzero(fired).flatten().tolist():
+            result = self.work.member(b).clone()
+            if self.ok(b, result):
+                epoch_loss = float(self.total[b]) / self.count
+                self.freeze(b, FitResult(result, True, self.history[b] + [epoch_loss],
+                                         self.done[b] + 1))
+            else:
+                self.freeze(b, FitResult(self.good[b], False, self.history[b], self.done[b]))
+
+    def end_epoch(self) -> None:
+        for b in self.running():
+            result = self.work.member(b).clone()
+            if not self.ok(b, result):
+                self.freeze(b, FitResult(self.good[b], False, self.history[b], self.done[b]))
+                continue
+            self.history[b] = self.history[b] + [float(self.total[b]) / max(self.count, 1)]
+            self.good[b], self.done[b] = result, self.done[b] + 1
+
+    def results(self) -> list[FitResult]:
+        return [r if r is not None else FitResult(self.good[b], True, self.history[b],
+                                                  self.done[b])
+                for b, r in enumerate(self.ended)]

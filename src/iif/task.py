@@ -181,21 +181,23 @@ class Task:
         return output
 
     # ---- validation ---------------------------------------------------------------------
-    def validate(self, data: Any, name: str = "data", like: Data | None = None) -> Data:  # noqa: C901 (to be split)
+    def validate(self, data: Any, name: str = "data", like: Data | None = None) -> Data:
         """Check ``(x, y)`` (tensors, arrays or a TensorDataset) and move it to the device;
         ``like``: data whose per-sample input shape ``data`` must have (the training data)."""
         x, y = _split_pair(data, name)
         x = _as_tensor(x, f"{name} inputs")
         y = _as_tensor(y, f"{name} labels")
-        if x.ndim == 0 or x.shape[0] == 0:
-            raise InputError(f"{name} is empty: inputs have shape {tuple(x.shape)}")
-        if like is not None and tuple(x.shape[1:]) != tuple(like.x.shape[1:]):
-            raise InputError(f"{name} inputs have the per-sample shape {tuple(x.shape[1:])}, "
-                             f"the training inputs {tuple(like.x.shape[1:])}")
-        if y.ndim == 0 or y.shape[0] != x.shape[0]:
-            raise InputError(
-                f"{name}: {x.shape[0]} inputs but labels of shape {tuple(y.shape)}"
-            )
+        _check_sizes(x, y, name, like)
+        x, out_dim = self._device_inputs(x, name)
+        if self.kind == "classification":
+            labels, targets = self._class_targets(y, name, out_dim)
+        else:
+            labels = targets = self._regression_targets(y, name, out_dim)
+        return Data(x, labels, targets)
+
+    def _device_inputs(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor, int]:
+        """Inputs ``x`` checked (finite floating point, or integers) and on the device, with
+        the number of values the model outputs for one of them."""
         # integer inputs are token ids (an nn.Embedding) or codes the model converts itself:
         # they stay integers (int64, what embeddings take) when the model runs on them
         integer = not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
@@ -214,45 +216,51 @@ class Task:
             raise InputError(f"{name} inputs are integers ({x.dtype}) and the model cannot run "
                              f"on them; inputs must be floating point, or integer token ids "
                              f"for a model that takes them ({exc})") from exc
-        if self.kind == "classification":
-            if y.is_floating_point():
-                if not torch.isfinite(y).all() or not torch.equal(y, y.round()):
-                    raise InputError(
-                        f"{name} labels must be integer class indices for classification"
-                    )
-            if y.ndim != 1:
+        return x, out_dim
+
+    def _class_targets(self, y: torch.Tensor, name: str,
+                       out_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class labels ``y`` checked against the model's ``out_dim`` outputs (which fix
+        ``num_classes`` if unset): the labels on the device and their one-hot targets."""
+        if y.is_floating_point():
+            if not torch.isfinite(y).all() or not torch.equal(y, y.round()):
                 raise InputError(
-                    f"{name} labels must have shape (n,) for classification, got {tuple(y.shape)}"
+                    f"{name} labels must be integer class indices for classification"
                 )
-            labels = y.long().to(self.device)
-            n_cls = self.num_classes or out_dim
-            if n_cls != out_dim:
-                raise InputError(f"num_classes={n_cls} but the model outputs {out_dim} values")
-            lo, hi = int(labels.min()), int(labels.max())
-            if lo < 0 or hi >= n_cls:
-                raise InputError(
-                    f"{name} labels out of range: found [{lo}, {hi}], expected 0..{n_cls - 1}"
-                )
-            self.num_classes = n_cls
-            targets = torch.nn.functional.one_hot(labels, n_cls).to(self.dtype)
-        else:
-            if not y.is_floating_point():
-                if y.dim() == 1 and name == "training data" and y.numel() > 1:
-                    # told once per method (the training data are checked at construction)
-                    log.warning("the regression targets of the %s are integers (%d distinct "
-                                "values); if they are class labels, use Task(model, "
-                                "\"classification\")", name, int(torch.unique(y).numel()))
-                y = y.to(self.dtype)
-            if not torch.isfinite(y).all():
-                raise InputError(f"{name} regression targets contain NaN or inf")
-            labels = y.reshape(y.shape[0], -1).to(self.device, self.dtype)
-            if labels.shape[1] != out_dim:
-                raise InputError(
-                    f"{name} targets have {labels.shape[1]} values per sample but the model "
-                    f"outputs {out_dim}"
-                )
-            targets = labels
-        return Data(x, labels, targets)
+        if y.ndim != 1:
+            raise InputError(
+                f"{name} labels must have shape (n,) for classification, got {tuple(y.shape)}"
+            )
+        labels = y.long().to(self.device)
+        n_cls = self.num_classes or out_dim
+        if n_cls != out_dim:
+            raise InputError(f"num_classes={n_cls} but the model outputs {out_dim} values")
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= n_cls:
+            raise InputError(
+                f"{name} labels out of range: found [{lo}, {hi}], expected 0..{n_cls - 1}"
+            )
+        self.num_classes = n_cls
+        return labels, torch.nn.functional.one_hot(labels, n_cls).to(self.dtype)
+
+    def _regression_targets(self, y: torch.Tensor, name: str, out_dim: int) -> torch.Tensor:
+        """Regression targets ``y`` as finite ``(n, out_dim)`` values on the device."""
+        if not y.is_floating_point():
+            if y.dim() == 1 and name == "training data" and y.numel() > 1:
+                # told once per method (the training data are checked at construction)
+                log.warning("the regression targets of the %s are integers (%d distinct "
+                            "values); if they are class labels, use Task(model, "
+                            "\"classification\")", name, int(torch.unique(y).numel()))
+            y = y.to(self.dtype)
+        if not torch.isfinite(y).all():
+            raise InputError(f"{name} regression targets contain NaN or inf")
+        labels = y.reshape(y.shape[0], -1).to(self.device, self.dtype)
+        if labels.shape[1] != out_dim:
+            raise InputError(
+                f"{name} targets have {labels.shape[1]} values per sample but the model "
+                f"outputs {out_dim}"
+            )
+        return labels
 
     def _output_dim(self, x1: torch.Tensor, name: str) -> int:
         # every submodule's own flag comes back (a train-mode model may hold an eval-mode
@@ -290,6 +298,20 @@ class Task:
             "device": str(self.device),
             "dtype": str(self.dtype),
         }
+
+
+def _check_sizes(x: torch.Tensor, y: torch.Tensor, name: str, like: Data | None) -> None:
+    """Refuse empty inputs, a per-sample input shape other than ``like``'s, and labels not
+    one per input."""
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise InputError(f"{name} is empty: inputs have shape {tuple(x.shape)}")
+    if like is not None and tuple(x.shape[1:]) != tuple(like.x.shape[1:]):
+        raise InputError(f"{name} inputs have the per-sample shape {tuple(x.shape[1:])}, "
+                         f"the training inputs {tuple(like.x.shape[1:])}")
+    if y.ndim == 0 or y.shape[0] != x.shape[0]:
+        raise InputError(
+            f"{name}: {x.shape[0]} inputs but labels of shape {tuple(y.shape)}"
+        )
 
 
 def _split_pair(data: Any, name: str) -> tuple[Any, Any]:

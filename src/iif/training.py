@@ -11,9 +11,10 @@ import copy
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,26 +45,42 @@ class FitResult:
     epochs: int = 0  # epochs completed and kept in ``state``
 
 
-def fit(  # noqa: PLR0913 (to be split)
+@dataclass
+class FitOptions:
+    """How :func:`fit` (and ``iif.stacked.fit_stacked``) train; see :func:`fit`. ``extra``,
+    ``stop`` and ``sound`` take the forms each function documents; ``extra_data`` is
+    ``fit_stacked``'s only, ``on_epoch``, ``progress`` and ``desc`` ``fit``'s only."""
+
+    epochs: int
+    lr: float | None = None
+    batch_size: int | None = None
+    extra: Callable[..., torch.Tensor] | None = None
+    extra_data: Sequence[torch.Tensor] = ()
+    stop: Callable[..., Any] | None = None
+    sound: Callable[..., bool] | None = None
+    on_epoch: Callable[[int, ModelState], None] | None = None
+    generator: torch.Generator | None = None
+    train_mode: bool = True
+    progress: bool | None = False
+    desc: str = "train"
+
+    @classmethod
+    def of(cls, options: FitOptions | None, changes: dict[str, Any]) -> FitOptions:
+        """``options`` (None: the defaults, ``epochs`` among ``changes``) with ``changes``."""
+        return cls(**changes) if options is None else dataclasses.replace(options, **changes)
+
+
+def fit(
     task: Task,
     fmodel: FunctionalModel,
     state: ModelState,
     x: torch.Tensor,
     targets: torch.Tensor,
-    *,
-    epochs: int,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    extra: ExtraLoss | None = None,
-    stop: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], bool] | None = None,
-    sound: Callable[[ModelState], bool] | None = None,
-    on_epoch: Callable[[int, ModelState], None] | None = None,
-    generator: torch.Generator | None = None,
-    train_mode: bool = True,
-    progress: bool | None = False,
-    desc: str = "train",
+    options: FitOptions | None = None,
+    **changes: Any,
 ) -> FitResult:
     """Run ``epochs`` epochs of the recipe's optimizer from ``state`` (which is not modified).
+``options`` (a :class:`FitOptions`) and/or its fields as keywords (``changes``) say how.
 
     Each minibatch minimises ``mean_i l(f(x_i), targets_i) + extra(params, buffers)``.
     ``stop(params, buffers)``, checked after every step, ends the run early when True.
@@ -81,11 +98,12 @@ def fit(  # noqa: PLR0913 (to be split)
     are (``iif.functional.lone_samples_use_running_stats``). ``extra`` chooses its own mode: the
     unlearning test term is an eval-mode loss (``iif.baseline``).
     """
-    recipe = task.recipe
-    batch_size = int(batch_size or recipe.batch_size)
+    o = FitOptions.of(options, changes)
+    extra, stop, sound, generator = o.extra, o.stop, o.sound, o.generator
+    batch_size = int(o.batch_size or task.recipe.batch_size)
     work = state.clone()
     params = {k: v.requires_grad_(True) for k, v in work.params.items()}
-    opt = recipe.make_optimizer(list(params.values()), lr=lr)
+    opt = task.recipe.make_optimizer(list(params.values()), lr=o.lr)
     n = x.shape[0]
     losses: list[float] = []
     good, done = state.clone(), 0
@@ -93,9 +111,10 @@ def fit(  # noqa: PLR0913 (to be split)
     def ok(candidate: ModelState) -> bool:
         return candidate.is_finite() and (sound is None or sound(candidate))
 
-    with module_mode(fmodel.module, train_mode), lone_samples_use_running_stats(fmodel.module), \
-            torch.enable_grad():
-        for _ in progress_bar(range(int(epochs)), total=int(epochs), desc=desc, enable=progress):
+    with module_mode(fmodel.module, o.train_mode), \
+            lone_samples_use_running_stats(fmodel.module), torch.enable_grad():
+        for _ in progress_bar(range(int(o.epochs)), total=int(o.epochs), desc=o.desc,
+                              enable=o.progress):
             order = torch.randperm(n, generator=generator).to(x.device)
             total, count = 0.0, 0
             for start in range(0, n, batch_size):
@@ -122,8 +141,8 @@ def fit(  # noqa: PLR0913 (to be split)
                 return FitResult(good, False, losses, done)
             losses.append(total / max(count, 1))
             good, done = result.clone(), done + 1
-            if on_epoch is not None:
-                on_epoch(done, good.clone())
+            if o.on_epoch is not None:
+                o.on_epoch(done, good.clone())
     return FitResult(good, True, losses, done)
 
 

@@ -230,33 +230,51 @@ def _alternatives(hint: Any) -> tuple[Any, ...]:
     return get_args(hint) if get_origin(hint) in _UNION_TYPES else (hint,)
 
 
-def _accept(value: Any, hint: Any, limits: Limits) -> Any:  # noqa: C901 (to be split)
+def _accept(value: Any, hint: Any, limits: Limits) -> Any:
     """``value`` (normalised) if the single, non-union ``hint`` accepts it, else _REJECT."""
-    origin = get_origin(hint)
     if hint is Any:
         return value
     if hint is type(None):
         return value if value is None else _REJECT
-    if origin is Literal:
-        for v in get_args(hint):
-            # same kind of value: True == 1 and 1.0 == 1, but neither is the other's setting
-            if (isinstance(value, type(v)) and isinstance(value, bool) == isinstance(v, bool)
-                    and value == v):
-                return v
-        return _REJECT
-    if hint is bool:
-        return bool(value) if isinstance(value, (bool, np.bool_)) else _REJECT
-    if hint is int:
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-            return _REJECT
-        return int(value) if limits.admits(int(value)) else _REJECT
-    if hint is float:
-        if isinstance(value, (bool, np.bool_)) or not isinstance(
-                value, (int, float, np.integer, np.floating)):
-            return _REJECT
-        return float(value) if limits.admits(float(value)) else _REJECT
+    if get_origin(hint) is Literal:
+        return _accept_literal(value, hint)
+    if any(hint is t for t in (bool, int, float, str)):  # identity: hints may be odd objects
+        return _accept_scalar(value, hint, limits)
+    return _accept_other(value, hint)
+
+
+def _accept_literal(value: Any, hint: Any) -> Any:
+    """The ``Literal[...]`` choice equal to ``value``, else _REJECT."""
+    for v in get_args(hint):
+        # same kind of value: True == 1 and 1.0 == 1, but neither is the other's setting
+        if (isinstance(value, type(v)) and isinstance(value, bool) == isinstance(v, bool)
+                and value == v):
+            return v
+    return _REJECT
+
+
+def _accept_scalar(value: Any, hint: type, limits: Limits) -> Any:
+    """``value`` as a ``bool``, ``int``, ``float`` or ``str`` (``hint``) within ``limits``,
+    else _REJECT; booleans are never numbers here."""
     if hint is str:
         return value if isinstance(value, str) else _REJECT
+    if hint is bool:
+        return bool(value) if isinstance(value, (bool, np.bool_)) else _REJECT
+    if isinstance(value, (bool, np.bool_)):
+        return _REJECT
+    if hint is int:
+        if not isinstance(value, (int, np.integer)):
+            return _REJECT
+        return int(value) if limits.admits(int(value)) else _REJECT
+    if not isinstance(value, (int, float, np.integer, np.floating)):
+        return _REJECT
+    return float(value) if limits.admits(float(value)) else _REJECT
+
+
+def _accept_other(value: Any, hint: Any) -> Any:
+    """``value`` checked against a callable, dataclass or class ``hint``, else _REJECT; a
+    hint this layer does not understand is left to the code that uses it."""
+    origin = get_origin(hint)
     if origin is collections.abc.Callable or hint is collections.abc.Callable:
         return value if callable(value) else _REJECT
     if dataclasses.is_dataclass(hint) and isinstance(hint, type):
@@ -267,7 +285,7 @@ def _accept(value: Any, hint: Any, limits: Limits) -> Any:  # noqa: C901 (to be 
     cls = origin or hint
     if isinstance(cls, type):
         return value if isinstance(value, cls) else _REJECT
-    return value  # a hint this layer does not understand is left to the code that uses it
+    return value
 
 
 def _describe_one(hint: Any, limits: Limits) -> str:

@@ -458,6 +458,31 @@ def test_per_test_group_of_one_equals_shared(mlp_classifier):
                                    rtol=1e-10)
 
 
+def test_a_new_baseline_builder_plugs_into_the_integration_loop(mlp_classifier):
+    # a test-only builder: explicit targets, each test sample its own batch of one copy, and
+    # theta' = theta_1 (path epochs 0); the loop knows nothing of it, yet reproduces the mode
+    from iif.methods.integrated import BaselineBatch
+
+    p = mlp_classifier
+    method = IntegratedInfluence(p.task, (p.x, p.y), path=PathSettings(steps=3, epochs=0),
+                                 seed=3, progress=False)
+    labels = (p.y + 1) % int(p.y.max() + 1)
+    test = method.validate_test((p.xt[:3], p.yt[:3]))
+
+    def one_at_a_time(m, test):
+        ybar = m._baseline_targets(labels)
+        for row in range(len(test)):
+            gen = torch.Generator().manual_seed(m.seed)
+            yield BaselineBatch(ybar[None], test.subset([row]), np.array([row]), gen,
+                                theta_prime=lambda last: [last])
+
+    res, deltas, status = method._run(one_at_a_time(method, test), len(test))
+    want = method.attribute((p.xt[:3], p.yt[:3]), baseline_targets=labels)
+    np.testing.assert_allclose(res.scores, want.scores, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(deltas, want.completeness["delta"], rtol=1e-10, atol=1e-14)
+    assert list(status) == ["sound"] * 3
+
+
 def test_explicit_baseline_targets_with_wrong_shape_raise(mlp_classifier, mlp_regression):
     method = IntegratedInfluence(mlp_classifier.task, (mlp_classifier.x, mlp_classifier.y))
     test = (mlp_classifier.xt, mlp_classifier.yt)

@@ -369,7 +369,7 @@ def _chunk_name(chunk: int) -> str:
 
 
 # ---- the ground truth -------------------------------------------------------------------
-def ground_truth(  # noqa: C901 (to be split)
+def ground_truth(
     task: Task,
     train_data: Any,
     test_data: Any,
@@ -410,22 +410,7 @@ def ground_truth(  # noqa: C901 (to be split)
     cache = None if cache_dir is None else ChunkFolder(Path(cache_dir) / key, key, lock=False)
     per_model = np.empty((n_models, len(test_d)), dtype=np.float64)
     seconds: dict[int, float] = {}
-    todo = []
-    for c in mine:
-        lo, hi = bounds[c]
-        problem = "missing" if cache is None else cache.problem(_chunk_name(c),
-                                                                (hi - lo, len(test_d)))
-        if problem is None:
-            values, record = cache.read(_chunk_name(c))
-            if np.all(np.isfinite(values)):
-                per_model[lo:hi] = values
-                seconds[c] = float(record.get("seconds") or 0.0)
-                continue
-            problem = "holds NaN or inf"
-        if problem != "missing":
-            log.warning("cache chunk %d in %s %s; retraining it", c, cache.folder, problem)
-            cache.discard(_chunk_name(c))
-        todo.append(c)
+    todo = _read_cached_chunks(cache, mine, bounds, per_model, seconds)
     lock = FolderLock(cache.folder) if cache is not None and todo and world == 1 else None
     try:
         subsets = _subsets(cache, settings, n_train)
@@ -435,16 +420,9 @@ def ground_truth(  # noqa: C901 (to be split)
                 "task": task.to_dict(), "epochs": epochs, "n_train": n_train,
                 "n_test": len(test_d), "n_models": n_models, "chunk_size": chunk,
                 "n_chunks": n_chunks})
-        cached_chunks, trained = len(mine) - len(todo), 0
-        for c in progress_bar(todo, total=len(todo), desc="retrain", enable=progress):
-            lo, hi = bounds[c]
-            t0 = time.perf_counter()
-            per_model[lo:hi] = _train_chunk(task, train_d, test_d, subsets, settings, epochs,
-                                            lo, hi)
-            seconds[c] = time.perf_counter() - t0
-            trained += hi - lo
-            if cache is not None:
-                cache.write(_chunk_name(c), per_model[lo:hi], seconds=seconds[c])
+        cached_chunks = len(mine) - len(todo)
+        trained = _train_chunks(task, train_d, test_d, subsets, settings, epochs, cache,
+                                _ChunkPlan(todo, bounds, per_model, seconds), progress)
     finally:
         if lock is not None:
             lock.release()
@@ -466,6 +444,59 @@ def ground_truth(  # noqa: C901 (to be split)
     return GroundTruth(subsets=subsets, losses=repeat_losses.mean(axis=1), settings=settings,
                        key=key, seconds=float(sum(seconds.values())),
                        repeat_losses=repeat_losses, info=info)
+
+
+def _read_cached_chunks(cache: ChunkFolder | None, mine: list[int],
+                        bounds: list[tuple[int, int]], per_model: np.ndarray,
+                        seconds: dict[int, float]) -> list[int]:
+    """Fill ``per_model`` (and ``seconds``) from the valid cached chunks among ``mine``;
+    a damaged chunk, or one holding NaN or inf, is discarded. Returns the chunks to train."""
+    todo = []
+    for c in mine:
+        lo, hi = bounds[c]
+        problem = "missing" if cache is None else cache.problem(_chunk_name(c),
+                                                                (hi - lo, per_model.shape[1]))
+        if problem is None:
+            values, record = cache.read(_chunk_name(c))
+            if np.all(np.isfinite(values)):
+                per_model[lo:hi] = values
+                seconds[c] = float(record.get("seconds") or 0.0)
+                continue
+            problem = "holds NaN or inf"
+        if problem != "missing":
+            log.warning("cache chunk %d in %s %s; retraining it", c, cache.folder, problem)
+            cache.discard(_chunk_name(c))
+        todo.append(c)
+    return todo
+
+
+@dataclass
+class _ChunkPlan:
+    """The chunks to train (``todo``), the model range of each chunk (``bounds``) and where
+    their test losses (``per_model``, models x n_test) and seconds go."""
+
+    todo: list[int]
+    bounds: list[tuple[int, int]]
+    per_model: np.ndarray
+    seconds: dict[int, float]
+
+
+def _train_chunks(task: Task, train_d: Data, test_d: Data, subsets: np.ndarray,
+                  settings: RetrainSettings, epochs: int, cache: ChunkFolder | None,
+                  plan: _ChunkPlan, progress: bool | None) -> int:
+    """Train the chunks of ``plan``, writing each to ``cache`` when there is one; returns
+    the number of models trained."""
+    trained = 0
+    for c in progress_bar(plan.todo, total=len(plan.todo), desc="retrain", enable=progress):
+        lo, hi = plan.bounds[c]
+        t0 = time.perf_counter()
+        plan.per_model[lo:hi] = _train_chunk(task, train_d, test_d, subsets, settings, epochs,
+                                             lo, hi)
+        plan.seconds[c] = time.perf_counter() - t0
+        trained += hi - lo
+        if cache is not None:
+            cache.write(_chunk_name(c), plan.per_model[lo:hi], seconds=plan.seconds[c])
+    return trained
 
 
 def _subsets(cache: ChunkFolder | None, settings: RetrainSettings, n_train: int

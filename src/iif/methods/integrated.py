@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -152,30 +152,21 @@ class IntegratedInfluence(AttributionMethod):
 
     def _group(self, test: Data) -> Attribution:
         start = time.perf_counter()
-        res, base = self._one_path(test)
+        res, deltas, status = self._run(shared_baseline(self, test), len(test))
         scores = res.scores.mean(axis=0, keepdims=True)  # the gradient of a mean is the mean
-        delta = np.array([self._delta(test, base.state).mean()])
+        delta = np.array([deltas.mean()])
         total = scores.sum(axis=1)
+        fell_back, truncated = status[0] == FALLBACK, status[0] == TRUNCATED
         info = {"baseline_mode": "group", "group_size": len(test),
-                "fallbacks": int(base.fell_back), "truncated": int(base.truncated),
-                "fallback_tests": [0] if base.fell_back else [],
-                "truncated_tests": [0] if base.truncated else [],
+                "fallbacks": int(fell_back), "truncated": int(truncated),
+                "fallback_tests": [0] if fell_back else [],
+                "truncated_tests": [0] if truncated else [],
                 "damping": res.dampings, "damping_retries": res.retries,
                 "seconds": time.perf_counter() - start}
         completeness = {"sum": total, "delta": delta, "gap": completeness_gap(total, delta)}
         info["flags"] = trust_flags(completeness, info)  # row 0: the group
         log_flags(log, info["flags"], completeness, noun="group")
         return Attribution(scores, self.method, self.settings(), completeness, info)
-
-    def _one_path(self, test: Data, progress: bool | None = False
-                  ) -> tuple[_PathResult, Baseline]:
-        """One baseline unlearning the mean loss of ``test`` and its path, scoring ``test``
-        row by row, with the generators every per-test baseline uses (a shared baseline of
-        one test sample is its per-test one)."""
-        with self._per_test_generators() as (unlearn_gen, path_gen):
-            (base,) = self.engine.unlearn([test], self.baseline, unlearn_gen, progress,
-                                          rows=[range(len(test))])
-            return self._integrate(base.targets[None], test, path_gen), base
 
     @contextlib.contextmanager
     def _per_test_generators(self) -> Iterator[tuple[torch.Generator, torch.Generator]]:
@@ -185,30 +176,28 @@ class IntegratedInfluence(AttributionMethod):
             yield (torch.Generator().manual_seed(self.seed),
                    torch.Generator().manual_seed(self.seed + 1))
 
-    def _attribute(self, test: Data, baseline_targets: Any = None,
-                   contrast: Any = None) -> Attribution:
-        start = time.perf_counter()
-        extra_info: dict[str, Any] = {}
+    def _builder(self, test: Data, baseline_targets: Any, contrast: Any
+                 ) -> tuple[str, Builder, dict[str, Any]]:
+        """The mode's name, its baseline builder and what it adds to ``info``."""
         if contrast is not None:
             if baseline_targets is not None or self.baseline.mode == "shared":
                 raise InputError("contrast uses one baseline per test sample: it does not "
                                  "combine with baseline_targets or a shared baseline")
             toward_b, margin, a, b = self._contrast(test, contrast)
-            res, deltas, status = self._per_test(
-                margin, toward_b, dataclasses.replace(self.baseline, direction="reinforce"))
-            mode = "per-test contrast"
-            extra_info["contrast"] = {"A": a.tolist(), "B": b.tolist(),
-                                      "scores": "margin log p_A - log p_B; positive = "
-                                                "pushes towards A"}
-        elif baseline_targets is not None:
-            res, deltas, status = self._explicit(test, baseline_targets)
-            mode = "explicit"
-        elif self.baseline.mode == "shared":
-            res, deltas, status = self._shared(test)
-            mode = "shared"
-        else:
-            res, deltas, status = self._per_test(test)
-            mode = "per-test"
+            return "per-test contrast", contrast_baselines(self, toward_b, margin), {
+                "contrast": {"A": a.tolist(), "B": b.tolist(),
+                             "scores": "margin log p_A - log p_B; positive = pushes towards A"}}
+        if baseline_targets is not None:
+            return "explicit", explicit_baseline(self, test, baseline_targets), {}
+        if self.baseline.mode == "shared":
+            return "shared", shared_baseline(self, test, self.progress), {}
+        return "per-test", per_test_baselines(self, test), {}
+
+    def _attribute(self, test: Data, baseline_targets: Any = None,
+                   contrast: Any = None) -> Attribution:
+        start = time.perf_counter()
+        mode, builder, extra_info = self._builder(test, baseline_targets, contrast)
+        res, deltas, status = self._run(builder, len(test))
         total = res.scores.sum(axis=1)
         gap = completeness_gap(total, deltas)
         info = {
@@ -238,28 +227,8 @@ class IntegratedInfluence(AttributionMethod):
         return super().self_influence(indices)
 
     def _self_influence(self, idx: np.ndarray) -> np.ndarray:
-        train = self.train
-        step = self.baseline.self_step
-        step = self.task.recipe.lr if step is None else step
-        with seeded(self.seed, self.task.device):
-            ybar = self.engine.self_baseline_targets(step)
-            path = TargetPath(self.task, train.targets, ybar, self.path.steps, self.path.sparse)
-            gen = torch.Generator().manual_seed(self.seed)
-            out = np.zeros(idx.size)
-            tidx = torch.as_tensor(idx, device=train.x.device)
-            steps = self.engine.path_models(self.state, path, self.path, gen)
-            for k, state in progress_bar(steps, total=path.steps,
-                                         desc="IIF self-influence path steps",
-                                         enable=self.progress):
-                _, psi, solver = self._features(state, path(k), path(k - 1), k)
-                grads = self.engine.loss_features(state, train.x[tidx], train.targets[tidx])
-                chunk = self.engine.budget.chunk_size
-                for lo in range(0, idx.size, chunk):
-                    hi = lo + chunk
-                    sol = solver.solve(grads[lo:hi].T)  # (P, c)
-                    rows = psi[tidx[lo:hi]].to(SOLVE_DTYPE)
-                    out[lo:hi] -= (rows * sol.T).sum(1).cpu().numpy() / len(train)
-        return out
+        res, _, _ = self._run(self_baselines(self, idx), idx.size)
+        return res.scores
 
     def _settings(self) -> dict[str, Any]:
         return {
@@ -271,39 +240,7 @@ class IntegratedInfluence(AttributionMethod):
             "test_batch": self.test_batch,
         }
 
-    # ---- baseline modes ------------------------------------------------------------------
-    def _per_test(self, test: Data, unlearn: Data | None = None,
-                  settings: BaselineSettings | None = None
-                  ) -> tuple[_PathResult, np.ndarray, np.ndarray]:
-        """One unlearning baseline and path per test sample. Every test sample sees the same
-        minibatch orders (one generator for unlearning, one for the path epochs, both seeded
-        by ``seed``), so batches of them can be trained as stacked copies. ``unlearn``: the
-        test samples with the targets their baselines are trained on, and ``settings`` how,
-        when these differ from the scored ones and ``self.baseline`` (contrast)."""
-        unlearn = test if unlearn is None else unlearn
-        settings = self.baseline if settings is None else settings
-        scores = np.zeros((len(test), len(self.train)))
-        deltas = np.zeros(len(test))
-        status = np.full(len(test), SOUND, dtype=object)
-        dampings: list[float] = []
-        retries = 0
-        size = self._test_batch(len(test))
-        batches = [np.arange(lo, min(lo + size, len(test))) for lo in range(0, len(test), size)]
-        for rows in progress_bar(batches, total=len(test), desc="IIF test samples",
-                                 enable=self.progress, size=len):
-            part = test.subset(rows)
-            with self._per_test_generators() as (unlearn_gen, path_gen):
-                bases = self.engine.unlearn([unlearn.subset([r]) for r in rows], settings,
-                                            unlearn_gen, rows=[[r] for r in rows])
-                res = self._integrate(torch.stack([b.targets for b in bases]), part, path_gen)
-            scores[rows] = res.scores
-            for j, (row, base) in enumerate(zip(rows, bases, strict=True)):
-                deltas[row] = self._delta(part.subset([j]), base.state)[0]
-                status[row] = _status(base)
-            dampings += res.dampings
-            retries += res.retries
-        return _PathResult(scores, dampings, retries, self.state), deltas, status
-
+    # ---- baseline modes (the builders are below the class) ----------------------------
     def _contrast(self, test: Data, contrast: Any) -> tuple[Data, Data, np.ndarray, np.ndarray]:
         """For "A and not B": the test samples with one-hot B targets (what the baselines are
         trained towards) and with targets e_B - e_A, whose soft cross-entropy is the margin
@@ -377,49 +314,75 @@ class IntegratedInfluence(AttributionMethod):
         budget = self.engine.budget.max_feature_bytes
         return max(1, min(32, n_test, (budget // 4) // per_copy))
 
-    def _shared(self, test: Data) -> tuple[_PathResult, np.ndarray, np.ndarray]:
-        res, base = self._one_path(test, self.progress)
-        return res, self._delta(test, base.state), np.full(len(test), _status(base), dtype=object)
-
-    def _explicit(self, test: Data, targets: Any) -> tuple[_PathResult, np.ndarray, np.ndarray]:
-        ybar = self._baseline_targets(targets)
-        with seeded(self.seed, self.task.device):
-            gen = torch.Generator().manual_seed(self.seed)
-            res = self._integrate(ybar[None], test, gen)
-            # theta' for completeness: the baseline dataset's model, continued from theta_1.
-            path = TargetPath(self.task, self.train.targets, ybar, self.path.steps,
-                              self.path.sparse)
-            theta0 = res.last_state
-            if self.path.epochs > 0:
-                fitted = self.engine.fit(res.last_state, self.train.x, path(0),
-                                         epochs=self.path.epochs, lr=self.path.lr,
-                                         batch_size=self.path.batch_size, generator=gen)
-                theta0 = fitted[0].state
-        return res, self._delta(test, theta0), np.full(len(test), SOUND, dtype=object)
-
     # ---- the integral --------------------------------------------------------------------
-    def _integrate(self, ybar: torch.Tensor, test: Data, gen: torch.Generator) -> _PathResult:
-        """Scores (n_test, N) along the paths from baseline targets ``ybar`` (B, N, d) of B
-        model copies: one copy explains every test sample, or B = n_test copies, copy b test
-        sample b."""
-        copies = len(ybar)
-        ybar = ybar[0] if copies == 1 else ybar
+    def _run(self, batches: Builder, n_test: int
+             ) -> tuple[_PathResult, np.ndarray, np.ndarray]:
+        """Every batch of a baseline builder through the integration loop: scores (n_test,
+        N) (or (n_test,) for paired batches), L_test(theta*) - L_test(theta') and the
+        baselines' status per row."""
+        scores: np.ndarray | None = None
+        deltas = np.zeros(n_test)
+        status = np.full(n_test, SOUND, dtype=object)
+        dampings: list[float] = []
+        retries = 0
+        for batch in batches:
+            res = self._integrate(batch)
+            if scores is None:
+                scores = np.zeros((n_test, *res.scores.shape[1:]))
+            scores[batch.rows] = res.scores
+            primes = batch.theta_prime(res.last_state)
+            if len(primes) == 1:  # one theta' for every row
+                deltas[batch.rows] = self._delta(batch.test, primes[0])
+            elif primes:  # one per row
+                for j, (row, prime) in enumerate(zip(batch.rows, primes, strict=True)):
+                    deltas[row] = self._delta(batch.test.subset([j]), prime)[0]
+            if batch.status is not None:
+                status[batch.rows] = batch.status
+            dampings += res.dampings
+            retries += res.retries
+        return _PathResult(scores, dampings, retries, self.state), deltas, status
+
+    def _integrate(self, batch: BaselineBatch) -> _PathResult:
+        """Scores along the paths of B model copies from theta* to the baseline targets
+        ``batch.ybar`` (B, N, d): (n_test, N), one copy explaining every test sample or B =
+        n_test copies, copy b test sample b; (n_test,) for ``batch.pairs``."""
+        copies = len(batch.ybar)
+        ybar = batch.ybar[0] if copies == 1 else batch.ybar
         path = TargetPath(self.task, self.train.targets, ybar, self.path.steps, self.path.sparse)
         start = self.state if copies == 1 else StackedState.repeat(self.state, copies)
-        scores = torch.zeros(len(test), len(self.train), dtype=SOLVE_DTYPE,
-                             device=self.task.device)
+        shape = (len(batch.test),) if batch.pairs is not None else \
+            (len(batch.test), len(self.train))
+        scores = torch.zeros(shape, dtype=SOLVE_DTYPE, device=self.task.device)
         # (damping, retries) of every solve: the solvers themselves hold their factors and
         # kernels (an N x N matrix per copy and step), so they are not kept
         used: list[tuple[float, int]] = []
         state = start
-        steps = self.engine.path_models(start, path, self.path, gen)
+        steps = self.engine.path_models(start, path, self.path, batch.generator)
         for k, state in progress_bar(steps, total=path.steps, desc="IIF path steps",
                                      enable=self.progress):
-            used += self._step(state, test, path(k), path(k - 1), k, scores)
-        if self.sharding is not None and copies == 1:
+            if batch.pairs is not None:
+                used += _report([self._paired_step(state, batch, path(k), path(k - 1), k,
+                                                   scores)])
+            else:
+                used += self._step(state, batch.test, path(k), path(k - 1), k, scores)
+        if self.sharding is not None and copies == 1 and batch.pairs is None:
             scores = self.engine.reduce(scores)  # every process filled its own columns
         return _PathResult(scores.cpu().numpy(), [d for d, _ in used],
                            sum(r for _, r in used), state)
+
+    def _paired_step(self, state: ModelState, batch: BaselineBatch, rho: torch.Tensor,
+                     rho_prev: torch.Tensor, k: int, scores: torch.Tensor) -> Solver:
+        """Path step k scoring test row j against training sample ``batch.pairs[j]`` only,
+        in chunks (self-influence: I_i(i) without the (n, N) matrix)."""
+        _, psi, solver = self._features(state, rho, rho_prev, k)
+        grads = self.engine.loss_features(state, batch.test.x, batch.test.targets)
+        chunk = self.engine.budget.chunk_size
+        for lo in range(0, len(batch.test), chunk):
+            hi = lo + chunk
+            sol = solver.solve(grads[lo:hi].T)  # (P, c)
+            rows = psi[batch.pairs[lo:hi]].to(SOLVE_DTYPE)
+            scores[lo:hi] -= (rows * sol.T).sum(1).to(scores.device) / len(self.train)
+        return solver
 
     def _step(self, state: ModelState | StackedState, test: Data, rho: torch.Tensor,
               rho_prev: torch.Tensor, k: int, scores: torch.Tensor) -> list[tuple[float, int]]:
@@ -551,3 +514,104 @@ class IntegratedInfluence(AttributionMethod):
             raise InputError("baseline targets contain NaN or inf")
         return t
 
+
+# ---- baseline builders -------------------------------------------------------------------
+# Each IIF mode is a builder: it yields BaselineBatch-es, each one run of the integration
+# loop (IntegratedInfluence._integrate), which knows nothing of modes. A builder may hold a
+# context (the seeded global RNG) around its yield: the loop runs inside it.
+
+
+@dataclass
+class BaselineBatch:
+    """What one run of the integration loop starts from and measures.
+
+    ``ybar`` (B, N, d): the baseline targets of B >= 1 model copies, whose paths start at
+    theta* (copy b = ybar[b]); ``test``: the samples and targets the scores are measured on
+    (B = 1: one copy explains every row; else copy b row b); ``rows``: where they sit in the
+    attributed test data; ``generator``: the path epochs' minibatch order; ``theta_prime``:
+    given the loop's last state theta_1, the baseline models theta' for completeness (one
+    shared by every row, or one per row); ``status``: how each row's baseline ended;
+    ``pairs``: score row j against training sample ``pairs[j]`` only (self-influence), giving
+    scores (n_test,) instead of (n_test, N).
+    """
+
+    ybar: torch.Tensor
+    test: Data
+    rows: np.ndarray
+    generator: torch.Generator
+    theta_prime: Callable[[ModelState | StackedState], list[ModelState]] = lambda _: []
+    status: np.ndarray | None = None
+    pairs: torch.Tensor | None = None
+
+
+Builder = Iterator[BaselineBatch]
+
+
+def per_test_baselines(m: IntegratedInfluence, test: Data, unlearn: Data | None = None,
+                       settings: BaselineSettings | None = None) -> Builder:
+    """One unlearning baseline per test sample (the paper's), B = test_batch at a time as
+    stacked copies. Every test sample sees the same minibatch orders, so the scores equal
+    those of one test sample at a time. ``unlearn``: the samples with the targets their
+    baselines are trained on, and ``settings`` how, when these differ from the scored ones
+    and ``m.baseline`` (contrast)."""
+    unlearn = test if unlearn is None else unlearn
+    settings = m.baseline if settings is None else settings
+    size = m._test_batch(len(test))
+    batches = [np.arange(lo, min(lo + size, len(test))) for lo in range(0, len(test), size)]
+    for rows in progress_bar(batches, total=len(test), desc="IIF test samples",
+                             enable=m.progress, size=len):
+        with m._per_test_generators() as (unlearn_gen, path_gen):
+            bases = m.engine.unlearn([unlearn.subset([r]) for r in rows], settings,
+                                     unlearn_gen, rows=[[r] for r in rows])
+            yield BaselineBatch(torch.stack([b.targets for b in bases]), test.subset(rows),
+                                rows, path_gen, lambda _, bases=bases: [b.state for b in bases],
+                                np.array([_status(b) for b in bases], dtype=object))
+
+
+def contrast_baselines(m: IntegratedInfluence, toward_b: Data, margin: Data) -> Builder:
+    """"Why A and not B": per-test baselines trained towards B (``toward_b``, the reinforce
+    recipe), scoring the margin ``log p_A - log p_B`` (``margin``: see ``_contrast``)."""
+    return per_test_baselines(m, margin, toward_b,
+                              dataclasses.replace(m.baseline, direction="reinforce"))
+
+
+def shared_baseline(m: IntegratedInfluence, test: Data, progress: bool | None = False
+                    ) -> Builder:
+    """One baseline unlearning the mean loss of ``test`` and its path, scoring every row,
+    with the generators every per-test baseline uses (a shared baseline of one test sample
+    is its per-test one)."""
+    with m._per_test_generators() as (unlearn_gen, path_gen):
+        (base,) = m.engine.unlearn([test], m.baseline, unlearn_gen, progress,
+                                   rows=[range(len(test))])
+        yield BaselineBatch(base.targets[None], test, np.arange(len(test)), path_gen,
+                            lambda _: [base.state],
+                            np.full(len(test), _status(base), dtype=object))
+
+
+def explicit_baseline(m: IntegratedInfluence, test: Data, targets: Any) -> Builder:
+    """Explicit baseline targets of every training sample: one path for all test samples;
+    theta' for completeness is the baseline dataset's model, continued from theta_1."""
+    ybar = m._baseline_targets(targets)
+    with seeded(m.seed, m.task.device):
+        gen = torch.Generator().manual_seed(m.seed)
+
+        def theta_prime(last: ModelState | StackedState) -> list[ModelState]:
+            if m.path.epochs == 0:
+                return [last]
+            path = TargetPath(m.task, m.train.targets, ybar, m.path.steps, m.path.sparse)
+            return [m.engine.fit(last, m.train.x, path(0), epochs=m.path.epochs, lr=m.path.lr,
+                                 batch_size=m.path.batch_size, generator=gen)[0].state]
+
+        yield BaselineBatch(ybar[None], test, np.arange(len(test)), gen, theta_prime)
+
+
+def self_baselines(m: IntegratedInfluence, idx: np.ndarray) -> Builder:
+    """Self-influence: per-sample baselines ``theta'_i = theta* + eta grad l_i`` (paper 3.3)
+    as one shared path; training sample i is its own test sample, scored against itself."""
+    step = m.task.recipe.lr if m.baseline.self_step is None else m.baseline.self_step
+    with seeded(m.seed, m.task.device):
+        ybar = m.engine.self_baseline_targets(step)
+        gen = torch.Generator().manual_seed(m.seed)
+        tidx = torch.as_tensor(idx, device=m.train.x.device)
+        yield BaselineBatch(ybar[None], m.train.subset(tidx), np.arange(idx.size), gen,
+                            pairs=tidx)

@@ -455,32 +455,45 @@ checkpoint only (gradient similarity at θ*).
 """
 
 
-def describe_differences(  # noqa: C901 (to be split)
+def describe_differences(
     outcome: ProtocolOutcome, paper: Table, columns: list[str],
     compared: tuple[str, ...] = ("IIF", "IF", "TracIn"),
 ) -> str:
     """A paragraph comparing our numbers with the paper's, written from the numbers."""
+    parts = _agreement_sentences(outcome, paper, columns, compared)
+    parts += _tracin_checkpoint_sentences(outcome, paper, columns)
+    parts += _iif_peer_sentences(outcome, paper, columns, compared)
+    parts += _iif_if_gap_sentences(outcome, paper, columns)
+    parts += _ceiling_sentences(outcome, paper, columns, compared)
+    return " ".join(parts)
+
+
+def _se_of(stderr: Mapping[str, Mapping[str, float]], method: str, column: str) -> float:
+    """The standard error of ``method`` in ``column``, NaN when not recorded."""
+    se = stderr.get(method, {}).get(column)
+    return float(se) if se is not None else float("nan")
+
+
+def _close(diff: float, se: float) -> bool:
+    """Whether ``diff`` is within 3 standard errors ``se`` or 0.02."""
+    return abs(diff) <= max(3 * se, 0.02) if math.isfinite(se) else abs(diff) <= 0.02
+
+
+def _agreement_sentences(outcome: ProtocolOutcome, paper: Table, columns: list[str],
+                         compared: tuple[str, ...]) -> list[str]:
+    """Per method of ``compared``: whether it matches the paper, column by column."""
     results, stderr = outcome.results, outcome.stderr
     parts: list[str] = []
-
-    def se_of(method: str, column: str) -> float:
-        se = stderr.get(method, {}).get(column)
-        return float(se) if se is not None else float("nan")
-
-    def close(diff: float, se: float) -> bool:
-        return abs(diff) <= max(3 * se, 0.02) if math.isfinite(se) else abs(diff) <= 0.02
-
-    # agreement per method
     for method in compared:
         diffs = []
         for c in columns:
             ours, theirs = results[method].get(c), paper.get(method, {}).get(c)
             if ours is None or theirs is None or not math.isfinite(ours):
                 continue
-            diffs.append((c, ours - theirs, se_of(method, c)))
+            diffs.append((c, ours - theirs, _se_of(stderr, method, c)))
         if not diffs:
             continue
-        n_close = sum(close(d, se) for _, d, se in diffs)
+        n_close = sum(_close(d, se) for _, d, se in diffs)
         text = ", ".join(f"{d:+.3f}" for _, d, _ in diffs)
         if n_close == len(diffs):
             parts.append(f"{method} matches the paper in every column (ours − paper: {text}; "
@@ -492,7 +505,15 @@ def describe_differences(  # noqa: C901 (to be split)
                          f"{n_close} of {len(diffs)} columns are within 3 standard errors "
                          f"or 0.02.")
 
-    # TracIn's dependence on its checkpoints
+    return parts
+
+
+def _tracin_checkpoint_sentences(outcome: ProtocolOutcome, paper: Table,
+                                 columns: list[str]) -> list[str]:
+    """TracIn's dependence on its checkpoints: the final model alone against the whole
+    descent, both against the paper's TracIn."""
+    results = outcome.results
+    parts: list[str] = []
     final = outcome.variants.get("TracIn (final model only)")
     if final and "TracIn" in paper:
         pairs = [(results["TracIn"][c], final[c], paper["TracIn"][c]) for c in columns
@@ -509,7 +530,13 @@ def describe_differences(  # noqa: C901 (to be split)
                 f"against {dist_all:.3f} for the whole descent from θ = 0); the paper does not "
                 "say how its linear models were trained.")
 
-    # IIF against its peers, paired over trials
+    return parts
+
+
+def _iif_peer_sentences(outcome: ProtocolOutcome, paper: Table, columns: list[str],
+                        compared: tuple[str, ...]) -> list[str]:
+    """IIF against its peers, paired over trials, where the paper has IIF best."""
+    parts: list[str] = []
     verdicts = {}
     for c in columns:
         peers = [m for m in compared if m != "IIF"]
@@ -530,6 +557,13 @@ def describe_differences(  # noqa: C901 (to be split)
         parts.append("The paper has IIF best in every column; here IIF is (a difference "
                      "counts when it exceeds 0.005 and 2 standard errors, paired over trials) "
                      + "; ".join(f"{v} ({c})" for c, v in verdicts.items()) + ".")
+    return parts
+
+
+def _iif_if_gap_sentences(outcome: ProtocolOutcome, paper: Table,
+                          columns: list[str]) -> list[str]:
+    """IIF - IF per column, paired over trials, beside the paper's difference."""
+    parts: list[str] = []
     gaps = []
     for c in columns:
         theirs, ref = paper.get("IIF", {}).get(c), paper.get("IF", {}).get(c)
@@ -539,39 +573,48 @@ def describe_differences(  # noqa: C901 (to be split)
     if gaps:
         parts.append("IIF − IF: " + "; ".join(gaps) + ".")
 
-    # the ceiling
-    if "datamodel" in results:
-        below, above = [], []
-        for c in columns:
-            ceiling, if_value = results["datamodel"].get(c), results["IF"].get(c)
-            if ceiling is None or not math.isfinite(ceiling):
-                continue
-            mean, se = _paired(outcome.per_trial[c], "datamodel", "IF")
-            if math.isfinite(mean) and mean < -max(3 * se, 0.02):
-                below.append(f"{c}: {ceiling:.3f} vs IF {if_value:.3f}")
-            ours_best = max((results[m][c], se_of(m, c)) for m in results
-                            if results[m].get(c) is not None and math.isfinite(results[m][c]))
-            for method in compared:
-                theirs = paper.get(method, {}).get(c)
-                if theirs is not None and theirs > ours_best[0] + max(3 * ours_best[1], 0.02):
-                    above.append(f"{method} {theirs:.3f} > {ours_best[0]:.3f} ({c})")
-        if below:
-            parts.append("The datamodel falls short of IF (" + "; ".join(below) + "): "
-                         f"fitted on {outcome.n_fit_subsets} subsets for {outcome.n_train} "
-                         "coefficients, its estimation noise costs LDS, so it is a loose "
-                         "ceiling at this scale.")
-        else:
-            parts.append("The datamodel ceiling is within noise of IF or above it in every "
-                         "column: on this problem IF is about as good as an additive "
-                         "attribution can be.")
-        if above:
-            parts.append("Some of the paper's numbers exceed the best LDS of every method "
-                         "here, the datamodel ceiling included, by more than 3 standard errors: "
-                         + "; ".join(above) + ". Under our protocol no additive attribution "
-                         "reaches them, so the paper's protocol must differ from ours in a way "
-                         "its text does not state (e.g. how the ground-truth models were "
-                         "trained, the subsets, or the test loss).")
-    return " ".join(parts)
+    return parts
+
+
+def _ceiling_sentences(outcome: ProtocolOutcome, paper: Table, columns: list[str],
+                       compared: tuple[str, ...]) -> list[str]:
+    """The datamodel ceiling: where it falls short of IF, and the paper's numbers above the
+    best LDS of every method here."""
+    results, stderr = outcome.results, outcome.stderr
+    parts: list[str] = []
+    if "datamodel" not in results:
+        return parts
+    below, above = [], []
+    for c in columns:
+        ceiling, if_value = results["datamodel"].get(c), results["IF"].get(c)
+        if ceiling is None or not math.isfinite(ceiling):
+            continue
+        mean, se = _paired(outcome.per_trial[c], "datamodel", "IF")
+        if math.isfinite(mean) and mean < -max(3 * se, 0.02):
+            below.append(f"{c}: {ceiling:.3f} vs IF {if_value:.3f}")
+        ours_best = max((results[m][c], _se_of(stderr, m, c)) for m in results
+                        if results[m].get(c) is not None and math.isfinite(results[m][c]))
+        for method in compared:
+            theirs = paper.get(method, {}).get(c)
+            if theirs is not None and theirs > ours_best[0] + max(3 * ours_best[1], 0.02):
+                above.append(f"{method} {theirs:.3f} > {ours_best[0]:.3f} ({c})")
+    if below:
+        parts.append("The datamodel falls short of IF (" + "; ".join(below) + "): "
+                     f"fitted on {outcome.n_fit_subsets} subsets for {outcome.n_train} "
+                     "coefficients, its estimation noise costs LDS, so it is a loose "
+                     "ceiling at this scale.")
+    else:
+        parts.append("The datamodel ceiling is within noise of IF or above it in every "
+                     "column: on this problem IF is about as good as an additive "
+                     "attribution can be.")
+    if above:
+        parts.append("Some of the paper's numbers exceed the best LDS of every method "
+                     "here, the datamodel ceiling included, by more than 3 standard errors: "
+                     + "; ".join(above) + ". Under our protocol no additive attribution "
+                     "reaches them, so the paper's protocol must differ from ours in a way "
+                     "its text does not state (e.g. how the ground-truth models were "
+                     "trained, the subsets, or the test loss).")
+    return parts
 
 
 def _paired(per_trial: Mapping[str, list[float]], a: str, b: str) -> tuple[float, float]:
