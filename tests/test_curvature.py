@@ -11,6 +11,7 @@ from torch.func import functional_call, jacrev
 
 from iif.curvature import (
     CurvatureSettings,
+    Share,
     dense_solver,
     fit_curvature,
     gram_solver,
@@ -291,7 +292,7 @@ def test_fit_curvature_refuses_a_split_hessian(mlp_factory):
     with pytest.raises(InputError, match="not split across processes"):
         fit_curvature(CurvatureSettings(kind="hessian", damping=0.05), fmodel, fmodel.state(),
                       x, targets, task, IdentityProjector(fmodel.num_params), u=None,
-                      chunk_size=3, n_total=2 * x.shape[0], reduce=lambda t: t)
+                      chunk_size=3, share=Share(2 * x.shape[0], lambda t: t))
 
 
 @pytest.mark.parametrize("kind", ["regression", "classification"])

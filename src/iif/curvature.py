@@ -157,7 +157,16 @@ def dense_solver(
     return CholeskySolver(matrix, first, settings, kind)
 
 
-def fit_curvature(  # noqa: PLR0913 (to be split)
+@dataclass(frozen=True)
+class Share:
+    """This process's part of a training set of ``n_total`` samples; ``reduce`` sums the
+    parts' matrices across the processes (``iif.distributed.Sharding.all_reduce``)."""
+
+    n_total: int
+    reduce: Callable[[torch.Tensor], torch.Tensor]
+
+
+def fit_curvature(
     settings: CurvatureSettings,
     fmodel: FunctionalModel,
     state: ModelState,
@@ -167,16 +176,16 @@ def fit_curvature(  # noqa: PLR0913 (to be split)
     projector: Projector,
     u: torch.Tensor,
     chunk_size: int = 128,
-    n_total: int | None = None,
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    share: Share | None = None,
 ) -> Solver:
     """The damped solver of the chosen curvature at (state, targets).
 
     ``u`` are the projected per-sample gradients at the same point (the Fisher features).
-    With ``reduce``, ``x``, ``targets`` and ``u`` are this process's part of a training set of
-    ``n_total`` samples and ``reduce`` sums the parts' matrices (see :func:`gram_solver`).
+    With ``share``, ``x``, ``targets`` and ``u`` are this process's part of the training set
+    and the parts' matrices are summed (see :func:`gram_solver`).
     """
-    n = x.shape[0] if n_total is None else n_total
+    n = x.shape[0] if share is None else share.n_total
+    reduce = None if share is None else share.reduce
     if reduce is not None and settings.kind not in ("fisher", "ggn"):
         raise InputError("the explicit Hessian is not split across processes; use 'fisher' or "
                          "'ggn' curvature, or run in one process")

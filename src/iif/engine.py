@@ -27,6 +27,7 @@ from torch.func import vmap
 from iif.baseline import Baseline, BaselineSettings, UnlearningRun, self_baseline_targets
 from iif.curvature import (
     CurvatureSettings,
+    Share,
     curvature_factor,
     curvature_product,
     fit_curvature,
@@ -228,9 +229,9 @@ class Engine:
         """The damped solver of the curvature of the training set at (state, targets); ``x``,
         ``targets``, ``u`` may be this process's part, ``reduce`` summing the parts."""
         with self.budget.spill():
+            share = None if reduce is None else Share(len(self.train), reduce)
             return fit_curvature(settings, self.fmodel, state, x, targets, self.task,
-                                 self.projector, u, self.budget.chunk_size,
-                                 n_total=len(self.train), reduce=reduce)
+                                 self.projector, u, self.budget.chunk_size, share)
 
     def curvature_factor(self, settings: CurvatureSettings,
                          u: torch.Tensor | None) -> tuple[str, torch.Tensor]:

@@ -42,6 +42,7 @@ a Linear subclass with its own forward or a weight used outside its layer is ref
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -713,7 +714,20 @@ def _curvature(fmodel: FunctionalModel, state: ModelState, train: Factors, x: to
 
 
 # ---- entry points of the methods -------------------------------------------------------------
-def factored_step_scores(  # noqa: PLR0913 (to be split)
+@dataclass(frozen=True)
+class StepOptions:
+    """How :func:`factored_step_scores` solves: ``effective_dim`` (the eigenvalue count of
+    the default damping), ``chunk_size`` (samples per chunk of layer factors), ``dampings``
+    (explicit values instead of the default rule) and ``method`` (their solve, see
+    :meth:`FactoredFisher.solvers`)."""
+
+    effective_dim: int | None = None
+    chunk_size: int = 128
+    dampings: Sequence[float] | None = None
+    method: Literal["auto", "eigh", "cholesky"] = "auto"
+
+
+def factored_step_scores(
     fmodel: FunctionalModel,
     state: ModelState,
     train_x: torch.Tensor,
@@ -723,10 +737,8 @@ def factored_step_scores(  # noqa: PLR0913 (to be split)
     test_targets: torch.Tensor,
     task: Task,
     settings: CurvatureSettings,
-    effective_dim: int | None = None,
-    chunk_size: int = 128,
-    dampings: Sequence[float] | None = None,
-    method: Literal["auto", "eigh", "cholesky"] = "auto",
+    options: StepOptions | None = None,
+    **changes: object,
 ) -> tuple[torch.Tensor, FactoredSolver] | tuple[list[torch.Tensor], list[FactoredSolver]]:
     """One exact path step of Integrated Influence with the empirical Fisher (or, for
     ``settings.kind == "ggn"``, the Gauss-Newton matrix of ``rho`` in place of F):
@@ -741,8 +753,11 @@ def factored_step_scores(  # noqa: PLR0913 (to be split)
     ``effective_dim``: the eigenvalue count of the default damping, as the dense solve's.
     ``dampings``: explicit damping values instead of the default rule, all from one
     featurisation and Gram matrix (``method``: see :meth:`FactoredFisher.solvers`); then
-    lists of scores and solvers, one per value.
+    lists of scores and solvers, one per value. These four are :class:`StepOptions`, given as
+    ``options`` and/or keywords (``chunk_size=64``).
     """
+    opts = dataclasses.replace(options or StepOptions(), **changes)
+    effective_dim, chunk_size, dampings = opts.effective_dim, opts.chunk_size, opts.dampings
     if settings.kind not in ("fisher", "ggn"):
         raise InputError(f"factored solves use the empirical Fisher or Gauss-Newton, not "
                          f"{settings.kind!r}")
@@ -774,7 +789,7 @@ def factored_step_scores(  # noqa: PLR0913 (to be split)
     if dampings is None:
         solver = fisher.solver()
         return solver.scores(test, 1, paired, psi=psi, k_psi_u=k_psi_u), solver
-    solvers = fisher.solvers(dampings, method)
+    solvers = fisher.solvers(dampings, opts.method)
     return woodbury_scores(solvers, test, 1, paired, psi=psi, k_psi_u=k_psi_u), solvers
 
 
