@@ -17,12 +17,16 @@ frozen copy's buffers are put back with its parameters. Dropout draws a mask per
 (``vmap(randomness="different")``), so with dropout a copy equals its separate run in
 distribution only. BatchNorm with ``momentum=None`` cannot train under ``vmap``
 (:func:`can_stack` refuses it; such models run one test sample at a time).
+
+Each copy may also have its own training samples and minibatch order (``subsets``, and a
+generator per copy): the LDS ground truth (``iif.evaluation.retrain.train_batch``) trains B
+fresh models this way, each equal to its one-model run (``retrain.train_one``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,10 +44,16 @@ StackedExtra = Callable[..., torch.Tensor]
 
 @dataclass
 class StackedState:
-    """Parameters and buffers of B model copies, each tensor with a leading dimension B."""
+    """Parameters and buffers of B model copies, each tensor with a leading dimension B.
+
+    ``frozen``: parameters with ``requires_grad=False``, stacked, when they differ between the
+    copies (fresh models of ``iif.evaluation.retrain``); empty: the module's own, shared.
+    They are never trained, and :meth:`member` leaves them out (a ``ModelState`` has none).
+    """
 
     params: dict[str, torch.Tensor]
     buffers: dict[str, torch.Tensor]
+    frozen: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @staticmethod
     def stack(states: Sequence[ModelState]) -> StackedState:
@@ -69,27 +79,53 @@ class StackedState:
 
     def clone(self) -> StackedState:
         return StackedState({k: v.detach().clone() for k, v in self.params.items()},
-                            {k: v.detach().clone() for k, v in self.buffers.items()})
+                            {k: v.detach().clone() for k, v in self.buffers.items()},
+                            {k: v.detach().clone() for k, v in self.frozen.items()})
+
+
+def cumulative_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` has BatchNorm with ``momentum=None`` (a cumulative average): it reads
+    its batch counter as a Python number in train mode, which ``vmap`` cannot batch."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+               and m.momentum is None for m in model.modules())
 
 
 def can_stack(task: Task) -> bool:
     """Whether the task's optimizer is one whose copies can be frozen independently, and the
-    model can train under ``vmap``: BatchNorm with ``momentum=None`` (a cumulative average)
-    reads its batch counter as a Python number in train mode, which ``vmap`` cannot batch
-    (``iif.evaluation.retrain`` trains such models one by one for the same reason)."""
-    cumulative = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-                     and m.momentum is None for m in task.model.modules())
-    return not callable(task.recipe.optimizer) and not cumulative
+    model can train under ``vmap`` (no :func:`cumulative_batchnorm`;
+    ``iif.evaluation.retrain`` trains such models one by one for the same reason)."""
+    return not callable(task.recipe.optimizer) and not cumulative_batchnorm(task.model)
+
+
+def _forward(fmodel: FunctionalModel, params: dict[str, torch.Tensor],
+             frozen: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+             x: torch.Tensor) -> torch.Tensor:
+    """One copy's outputs; its own ``frozen`` parameters, when given, replace the module's
+    (``FunctionalModel`` lets the buffers' dict, merged last, override them)."""
+    return fmodel(params, {**frozen, **buffers} if frozen else buffers, x)
 
 
 def stacked_outputs(
     fmodel: FunctionalModel, state: StackedState, x: torch.Tensor, chunk_size: int = 1024
 ) -> torch.Tensor:
     """Outputs (B, n, d) of every copy on the same inputs, eval mode, no gradients."""
-    call = vmap(fmodel, in_dims=(0, 0, None))
+    call = vmap(lambda p, fr, buf, xb: _forward(fmodel, p, fr, buf, xb), in_dims=(0, 0, 0, None))
     with torch.no_grad(), module_mode(fmodel.module, False):
-        return torch.cat([call(state.params, state.buffers, x[i : i + chunk_size])
+        return torch.cat([call(state.params, state.frozen, state.buffers, x[i : i + chunk_size])
                           for i in range(0, x.shape[0], chunk_size)], dim=1)
+
+
+def stacked_losses(
+    task: Task, fmodel: FunctionalModel, state: StackedState, x: torch.Tensor,
+    targets: torch.Tensor, chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Per-sample losses (B, n) of every copy on (x, targets) (n, d), eval mode, no grads."""
+    out = stacked_outputs(fmodel, state, x, chunk_size)  # (B, n, d)
+    copies, n = out.shape[:2]
+    with torch.no_grad():
+        shared = targets.unsqueeze(0).expand(copies, *targets.shape)
+        return task.sample_loss(out.reshape(copies * n, -1),
+                                shared.reshape(copies * n, -1)).reshape(copies, n)
 
 
 def fit_stacked(
@@ -99,6 +135,7 @@ def fit_stacked(
     x: torch.Tensor,
     targets: torch.Tensor,
     options: FitOptions | None = None,
+    subsets: torch.Tensor | None = None,
     **changes: Any,
 ) -> list[FitResult]:
     """``iif.training.fit`` for each of the B copies in ``state``, one vmapped step for all.
@@ -110,27 +147,69 @@ def fit_stacked(
     ``stop(params, buffers)`` gets the stacked tensors and returns a (B,) bool mask;
     ``sound(b, state_b)`` judges copy b's epoch. Returns one :class:`FitResult` per copy, equal
     to what ``fit`` returns for that copy alone given the same minibatch order.
+
+    Sample orders: by default every epoch draws one order of the N samples from
+    ``generator``, shared by the copies. ``generator`` may instead be a sequence of B
+    generators, copy b drawing its own order from the b-th (as ``fit`` with that generator
+    would). ``subsets`` (B, S) int: copy b trains on samples ``subsets[b]`` only (as ``fit``
+    on ``x[subsets[b]]``), permuted each epoch by its own or the shared generator.
     """
     o = FitOptions.of(options, changes)
     if o.on_epoch is not None:
         raise TypeError("fit_stacked does not call on_epoch")
+    orders = _Orders(len(state), x.shape[0], subsets, o.generator, x.device)
     run = _StackedRun(task, fmodel, state, o)
     batch_size = int(o.batch_size or task.recipe.batch_size)
-    n = x.shape[0]
     with module_mode(fmodel.module, o.train_mode), \
             lone_samples_use_running_stats(fmodel.module), torch.enable_grad():
         for _ in range(int(o.epochs)):
             if not run.running():
                 break
-            order = torch.randperm(n, generator=o.generator).to(x.device)
+            order = orders.draw()  # (n,) shared, or (B, n) one row per copy
             run.begin_epoch(x.device)
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                run.step(x[idx], targets[:, idx] if targets.dim() == 3 else targets[idx])
+            for start in range(0, order.shape[-1], batch_size):
+                idx = order[..., start : start + batch_size]
+                run.step(x[idx], _minibatch_targets(targets, idx), per_copy=idx.dim() == 2)
                 if not run.running():
                     break
             run.end_epoch()
     return run.results()
+
+
+def _minibatch_targets(targets: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The targets of minibatch ``idx`` ((k,) shared or (B, k) per copy): (k, d) or (B, k, d)."""
+    if targets.dim() < 3:
+        return targets[idx]
+    if idx.dim() == 1:
+        return targets[:, idx]
+    return targets[torch.arange(targets.shape[0], device=idx.device)[:, None], idx]
+
+
+class _Orders:
+    """Each epoch's sample order of a ``fit_stacked`` run: (N,) shared by the copies, or
+    (B, S) per copy when there are ``subsets`` or one generator per copy."""
+
+    def __init__(self, copies: int, n: int, subsets: torch.Tensor | None,
+                 generator: Any, device: torch.device):
+        self.per_copy = isinstance(generator, Sequence)
+        if self.per_copy and len(generator) != copies:
+            raise ValueError(f"fit_stacked needs one generator per copy ({copies}), got "
+                             f"{len(generator)}")
+        if subsets is not None and (subsets.dim() != 2 or subsets.shape[0] != copies):
+            raise ValueError(f"subsets must be (B={copies}, S) sample indices, got shape "
+                             f"{tuple(subsets.shape)}")
+        self.n, self.generator, self.device = n, generator, device
+        self.subsets = None if subsets is None else subsets.to(device)
+
+    def draw(self) -> torch.Tensor:
+        if not self.per_copy and self.subsets is None:
+            return torch.randperm(self.n, generator=self.generator).to(self.device)
+        gens = self.generator if self.per_copy else [self.generator]
+        size = self.n if self.subsets is None else self.subsets.shape[1]
+        perms = torch.stack([torch.randperm(size, generator=g) for g in gens]).to(self.device)
+        if self.subsets is None:
+            return perms
+        return torch.gather(self.subsets, 1, perms.expand(self.subsets.shape[0], -1))
 
 
 class _StackedRun:
@@ -146,8 +225,8 @@ class _StackedRun:
         self.params = {k: v.requires_grad_(True) for k, v in self.work.params.items()}
         self.opt = task.recipe.make_optimizer(list(self.params.values()), lr=o.lr)
 
-        def copy_loss(p, buf, xb, tb, *data):
-            loss = task.sample_loss(fmodel(p, buf, xb), tb).mean()
+        def copy_loss(p, fr, buf, xb, tb, *data):
+            loss = task.sample_loss(_forward(fmodel, p, fr, buf, xb), tb).mean()
             if o.extra is not None:
                 loss = loss + o.extra(p, buf, *data)
             return loss
@@ -192,13 +271,16 @@ class _StackedRun:
         self.total = torch.zeros(len(self.ended), dtype=torch.float64, device=device)
         self.count = 0
 
-    def step(self, xb: torch.Tensor, tb: torch.Tensor) -> None:
-        """One optimizer step of the running copies on a minibatch."""
+    def step(self, xb: torch.Tensor, tb: torch.Tensor, per_copy: bool = False) -> None:
+        """One optimizer step of the running copies on a minibatch: ``xb`` (k, ...) shared,
+        or (B, k, ...) one per copy (``per_copy``); ``tb`` (k, d) or (B, k, d)."""
         extra_data = tuple(self.o.extra_data)
         # dropout draws its own mask per copy, as separate runs would
-        losses_of = vmap(self.copy_loss, in_dims=(0, 0, None, 0 if tb.dim() == 3 else None)
+        losses_of = vmap(self.copy_loss,
+                         in_dims=(0, 0, 0, 0 if per_copy else None, 0 if tb.dim() == 3 else None)
                          + (0,) * len(extra_data), randomness="different")
-        loss = losses_of(self.params, self.work.buffers, xb, tb, *extra_data)
+        loss = losses_of(self.params, self.work.frozen, self.work.buffers, xb, tb, *extra_data)
+        k = xb.shape[1] if per_copy else xb.shape[0]
         broken = ~torch.isfinite(loss.detach()) & ~self.frozen
         # one device sync per step, as fit's own finiteness check
         for b in (torch.nonzero(broken).flatten().tolist() if bool(broken.any()) else []):
@@ -208,8 +290,8 @@ class _StackedRun:
         torch.where(live, loss, torch.zeros_like(loss)).sum().backward()
         self.opt.step()
         self.restore_frozen()
-        self.total += torch.where(live, loss.detach(), 0.0).double() * xb.shape[0]
-        self.count += xb.shape[0]
+        self.total += torch.where(live, loss.detach(), 0.0).double() * k
+        self.count += k
         if self.o.stop is not None:
             self.check_stop()
 

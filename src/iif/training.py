@@ -48,8 +48,9 @@ class FitResult:
 @dataclass
 class FitOptions:
     """How :func:`fit` (and ``iif.stacked.fit_stacked``) train; see :func:`fit`. ``extra``,
-    ``stop`` and ``sound`` take the forms each function documents; ``extra_data`` is
-    ``fit_stacked``'s only, ``on_epoch``, ``progress`` and ``desc`` ``fit``'s only."""
+    ``stop`` and ``sound`` take the forms each function documents; ``extra_data`` and a
+    ``generator`` sequence (one per copy) are ``fit_stacked``'s only, ``on_epoch``,
+    ``progress`` and ``desc`` ``fit``'s only."""
 
     epochs: int
     lr: float | None = None
@@ -59,7 +60,7 @@ class FitOptions:
     stop: Callable[..., Any] | None = None
     sound: Callable[..., bool] | None = None
     on_epoch: Callable[[int, ModelState], None] | None = None
-    generator: torch.Generator | None = None
+    generator: torch.Generator | Sequence[torch.Generator] | None = None
     train_mode: bool = True
     progress: bool | None = False
     desc: str = "train"

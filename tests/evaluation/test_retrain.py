@@ -26,6 +26,7 @@ from iif.evaluation.retrain import (
     train_one,
 )
 from iif.functional import FunctionalModel
+from iif.stacked import StackedState
 from iif.task import Recipe, Task
 
 N_TRAIN, N_TEST, N_CLASSES = 16, 5, 3
@@ -104,9 +105,9 @@ def test_train_batch_matches_train_one(mlp_factory, train_data, recipe):
     for b in range(3):
         ref = FunctionalModel(train_one(task, train_data, masks[b], seeds[b])).state()
         init = FunctionalModel(rt.reinitialised(task.model, seeds[b])).state()
-        assert _max_diff(stacked.state(b).params, ref.params) < 1e-10
+        assert _max_diff(stacked.member(b).params, ref.params) < 1e-10
         assert _max_diff(init.params, ref.params) > 1e-3  # training moved the parameters
-    assert _max_diff(stacked.state(0).params, stacked.state(1).params) > 1e-3
+    assert _max_diff(stacked.member(0).params, stacked.member(1).params) > 1e-3
 
 
 def test_train_batch_with_batchnorm_updates_running_statistics_per_model(
@@ -119,7 +120,7 @@ def test_train_batch_with_batchnorm_updates_running_statistics_per_model(
     stacked = train_batch(task, train_data, masks, seeds)
     for b in range(3):
         ref = FunctionalModel(train_one(task, train_data, masks[b], seeds[b])).state()
-        got = stacked.state(b)
+        got = stacked.member(b)
         assert _max_diff(got.params, ref.params) < 1e-10
         assert _max_diff(got.buffers, ref.buffers) < 1e-10
         assert int(got.buffers["1.num_batches_tracked"]) == 2 * 3
@@ -137,10 +138,10 @@ def test_train_batch_with_batchnorm_and_a_last_minibatch_of_one(mlp_factory, tra
     stacked = train_batch(task, train_data, masks, [4, 5])
     for b in range(2):
         ref = FunctionalModel(train_one(task, train_data, masks[b], b + 4)).state()
-        assert _max_diff(stacked.state(b).params, ref.params) < 1e-10
-        assert _max_diff(stacked.state(b).buffers, ref.buffers) < 1e-10
+        assert _max_diff(stacked.member(b).params, ref.params) < 1e-10
+        assert _max_diff(stacked.member(b).buffers, ref.buffers) < 1e-10
         # the lone samples did not update the running statistics: one update per epoch
-        assert int(stacked.state(b).buffers["1.num_batches_tracked"]) == 2
+        assert int(stacked.member(b).buffers["1.num_batches_tracked"]) == 2
 
 
 def test_batchnorm_cumulative_average_is_trained_one_by_one(train_data):
@@ -151,8 +152,40 @@ def test_batchnorm_cumulative_average_is_trained_one_by_one(train_data):
     stacked = train_batch(task, train_data, masks, [1, 2])
     for b in range(2):
         ref = FunctionalModel(train_one(task, train_data, masks[b], b + 1)).state()
-        assert _max_diff(stacked.state(b).params, ref.params) == 0.0
-        assert _max_diff(stacked.state(b).buffers, ref.buffers) == 0.0
+        assert _max_diff(stacked.member(b).params, ref.params) == 0.0
+        assert _max_diff(stacked.member(b).buffers, ref.buffers) == 0.0
+
+
+def test_train_batch_reinitialises_and_keeps_frozen_parameters_per_model(train_data):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(),
+                          nn.Linear(4, N_CLASSES)).double()
+    model[2].requires_grad_(False)
+    task = Task(model, "classification", Recipe(lr=0.05, batch_size=3, epochs=2,
+                                                optimizer="adam"))
+    masks = random_subsets(2, N_TRAIN, 0.5, seed=1)
+    stacked = train_batch(task, train_data, masks, [7, 8])
+    assert isinstance(stacked, StackedState)
+    assert set(stacked.frozen) == {"2.weight", "2.bias"}
+    for b in range(2):
+        ref = train_one(task, train_data, masks[b], 7 + b)
+        assert _max_diff(stacked.member(b).params, FunctionalModel(ref).state().params) < 1e-10
+        assert torch.equal(stacked.frozen["2.weight"][b], ref[2].weight)  # never trained
+    assert not torch.equal(stacked.frozen["2.weight"][0], stacked.frozen["2.weight"][1])
+
+
+def test_train_batch_names_the_model_that_diverged(train_data):
+    x, y = train_data
+    y = torch.randn(N_TRAIN, 2, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    y[0] = 1e200  # squared, an inf loss for every model that trains on sample 0
+    task = Task(nn.Linear(3, 2).double(), "regression", Recipe(lr=0.1, batch_size=4,
+                                                               epochs=2))
+    masks = np.zeros((3, N_TRAIN), dtype=bool)
+    masks[:, 1:9] = True
+    masks[1, 1], masks[1, 0] = False, True
+    with pytest.raises(RetrainDiverged, match="epoch 1 of 2") as caught:
+        train_batch(task, (x, y), masks, [1, 2, 3])
+    assert caught.value.index == 1
 
 
 def test_train_batch_rejects_bad_subsets(mlp_factory, train_data):

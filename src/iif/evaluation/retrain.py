@@ -7,10 +7,10 @@ losses of each model (eval mode) are averaged over the R repeats: ``losses[m, s]
 (``reinitialised``) and its minibatch order, so a model's result never depends on which other
 models it was trained with.
 
-Training is batched: B models at once as stacked parameter tensors (leading dimension B,
-``torch.func.stack_module_state``), one forward for all of them with ``vmap`` over
-``functional_call``, each model on its own subset and in its own minibatch order. One optimizer
-of the recipe runs over the stacked tensors; SGD (momentum, weight decay), Adam and AdamW are
+Training is batched: B models at once as an ``iif.stacked.StackedState`` (leading dimension B)
+trained by ``iif.stacked.fit_stacked``, one vmapped step for all of them, each model on its
+own subset and in its own minibatch order. One optimizer of the recipe runs over the stacked
+tensors; SGD (momentum, weight decay), Adam and AdamW are
 element-wise, so this equals B separate optimizers. A custom optimizer must be element-wise
 too (no norms or shapes across parameters) for that to hold; otherwise set
 ``batch_models=1``.
@@ -38,12 +38,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import stack_module_state
 
 from iif.chunks import ChunkFolder, FolderLock
 from iif.errors import InputError
 from iif.evaluation.metrics import LDSResult, lds, random_subsets
-from iif.functional import ModelState, lone_samples_use_running_stats, module_mode
+from iif.functional import FunctionalModel
 from iif.io import atomic_write, jsonable
 from iif.progress import progress_bar
 from iif.runkey import (
@@ -55,6 +55,7 @@ from iif.runkey import (
     tensor_digest,
     text_digest,
 )
+from iif.stacked import StackedState, cumulative_batchnorm, fit_stacked, stacked_losses
 from iif.task import Data, Task
 from iif.training import reinitialised, seeded, train
 from iif.validation import Settings, setting
@@ -62,7 +63,6 @@ from iif.validation import Settings, setting
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 2
-_EVAL_CHUNK = 1024
 
 
 # ---- settings and result ------------------------------------------------------------------
@@ -187,72 +187,22 @@ class RetrainDiverged(InputError):
         self.index = index
 
 
-@dataclass
-class StackedModels:
-    """B models of one architecture as stacked tensors (leading dimension B).
-
-    ``module`` is the architecture used for ``functional_call``; ``params`` the trainable
-    parameters, ``frozen`` the parameters with ``requires_grad=False``, ``buffers`` the buffers.
-    """
-
-    module: nn.Module
-    params: dict[str, torch.Tensor]
-    frozen: dict[str, torch.Tensor]
-    buffers: dict[str, torch.Tensor]
-
-    def __len__(self) -> int:
-        return int(next(iter(self.params.values())).shape[0])
-
-    def state(self, index: int) -> ModelState:
-        """Trainable parameters and buffers of model ``index`` (copies)."""
-        return ModelState({k: v[index].detach().clone() for k, v in self.params.items()},
-                          {k: v[index].detach().clone() for k, v in self.buffers.items()})
-
-    def forward(self, x: torch.Tensor, shared_input: bool = False) -> torch.Tensor:
-        """Outputs (B, n, d) for inputs (B, n, ...) (one batch per model), or (n, ...) shared
-        by all models when ``shared_input``. Uses the module's current train/eval mode."""
-
-        def one(params, frozen, buffers, xb):
-            out = functional_call(self.module, (params, frozen, buffers), (xb,))
-            return out.reshape(out.shape[0], -1)
-
-        in_dims = (0, 0, 0, None if shared_input else 0)
-        return vmap(one, in_dims=in_dims, randomness="different")(
-            self.params, self.frozen, self.buffers, x)
-
-    def losses(self, task: Task, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-sample losses (B, n) of every model on (x, targets) in eval mode."""
-        b = len(self)
-        out = []
-        with torch.no_grad(), module_mode(self.module, False):
-            for start in range(0, x.shape[0], _EVAL_CHUNK):
-                xs, ts = x[start : start + _EVAL_CHUNK], targets[start : start + _EVAL_CHUNK]
-                pred = self.forward(xs, shared_input=True)
-                tb = ts.unsqueeze(0).expand(b, *ts.shape)
-                loss = task.sample_loss(pred.reshape(b * len(xs), -1), tb.reshape(b * len(xs), -1))
-                out.append(loss.reshape(b, len(xs)))
-        return torch.cat(out, dim=1)
-
-
-def _one_by_one_only(model: nn.Module) -> bool:
-    """BatchNorm with ``momentum=None`` (cumulative average) reads its batch counter as a
-    Python number, which ``vmap`` cannot batch."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-               and m.momentum is None for m in model.modules())
 
 
 def train_batch(task: Task, data: Any, subset_masks: Any, seeds: Sequence[int],
-                epochs: int | None = None) -> StackedModels:
+                epochs: int | None = None) -> StackedState:
     """Train B fresh models together, model b on subset ``subset_masks[b]`` with ``seeds[b]``.
 
     ``subset_masks`` (B, N) bool, all rows with the same number of samples. Model b equals
     ``train_one(task, data, subset_masks[b], seeds[b], epochs)`` up to rounding: the same
-    initialisation, minibatch order and optimizer steps. Buffers are stacked and updated per
-    model (BatchNorm running statistics). Random layers (dropout) draw different numbers for
-    every model (``vmap(randomness="different")``, seeded by ``seeds[0]``), so with dropout a
-    model equals its one-by-one counterpart in distribution only, and depends on the batch.
-    BatchNorm with ``momentum=None`` cannot run under ``vmap``: such models are trained one
-    by one with ``train_one``. Raises :class:`RetrainDiverged` on a NaN/inf training loss.
+    initialisation, minibatch order and optimizer steps (``iif.stacked.fit_stacked`` with the
+    subsets and one generator per model). Returns the models' stacked parameters, buffers
+    (BatchNorm running statistics, updated per model) and ``frozen`` parameters (re-initialised
+    per model too). Random layers (dropout) draw different numbers for every model
+    (``vmap(randomness="different")``, seeded by ``seeds[0]``), so with dropout a model equals
+    its one-by-one counterpart in distribution only, and depends on the batch. BatchNorm with
+    ``momentum=None`` cannot run under ``vmap``: such models are trained one by one with
+    ``train_one``. Raises :class:`RetrainDiverged` on a NaN/inf training loss or parameter.
     """
     d = task.validate(data, "training data")
     epochs = _resolve_epochs(task, epochs)
@@ -268,7 +218,7 @@ def train_batch(task: Task, data: Any, subset_masks: Any, seeds: Sequence[int],
     if len(sizes) != 1:
         raise InputError(f"batched training needs subsets of one size, got sizes {sorted(sizes)}")
 
-    if _one_by_one_only(task.model):
+    if cumulative_batchnorm(task.model):
         models = []
         for b, (row, s) in enumerate(zip(rows, seeds, strict=True)):
             model, complete = _train_one(task, d, row, s, epochs)
@@ -277,53 +227,29 @@ def train_batch(task: Task, data: Any, subset_masks: Any, seeds: Sequence[int],
             models.append(model)
         return _stack(models)
 
-    stacked = _stack([reinitialised(task.model, s) for s in seeds])
-    stacked.params = {k: v.detach().clone().requires_grad_(True)
-                      for k, v in stacked.params.items()}
-    opt = task.recipe.make_optimizer(list(stacked.params.values()))
+    models = [reinitialised(task.model, s) for s in seeds]
+    start = _stack(models)
     index = torch.as_tensor(np.stack([np.flatnonzero(row) for row in rows]))  # (B, S)
-    n_models, size = index.shape
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    batch_size = int(task.recipe.batch_size)
-
-    # a last minibatch of one sample normalises with running statistics, as in train_one
-    with seeded(seeds[0], task.device), module_mode(stacked.module, True), torch.enable_grad(), \
-            lone_samples_use_running_stats(stacked.module):
-        for epoch in range(epochs):
-            order = torch.stack([index[b][torch.randperm(size, generator=gens[b])]
-                                 for b in range(n_models)]).to(d.x.device)
-            for start in range(0, size, batch_size):
-                idx = order[:, start : start + batch_size]  # (B, bs)
-                out = stacked.forward(d.x[idx])  # (B, bs, d)
-                k = idx.shape[1]
-                per_model = task.sample_loss(
-                    out.reshape(n_models * k, -1), d.targets[idx].reshape(n_models * k, -1)
-                ).reshape(n_models, k).mean(dim=1)
-                finite = torch.isfinite(per_model.detach())
-                if not bool(finite.all()):
-                    bad = int(torch.nonzero(~finite)[0, 0])
-                    raise RetrainDiverged(bad, f"NaN/inf training loss in epoch {epoch + 1} "
-                                               f"of {epochs}")
-                opt.zero_grad(set_to_none=True)
-                per_model.sum().backward()  # model b's gradient is that of its own loss
-                opt.step()
-    stacked.params = {k: v.detach() for k, v in stacked.params.items()}
-    for name, value in stacked.params.items():
-        finite = torch.isfinite(value.reshape(n_models, -1)).all(dim=1)
-        if not bool(finite.all()):
-            bad = int(torch.nonzero(~finite)[0, 0])
-            raise RetrainDiverged(bad, f"parameter {name} is NaN/inf after training")
-    return stacked
+    with seeded(seeds[0], task.device):
+        results = fit_stacked(task, FunctionalModel(models[0]), start, d.x, d.targets,
+                              epochs=epochs, generator=gens, subsets=index.to(d.x.device))
+    for b, res in enumerate(results):
+        if not res.finite:
+            raise RetrainDiverged(b, f"NaN/inf training loss or parameter in epoch "
+                                     f"{res.epochs + 1} of {epochs}")
+    trained = StackedState.stack([res.state for res in results])
+    trained.frozen = start.frozen
+    return trained
 
 
-def _stack(models: list[nn.Module]) -> StackedModels:
+def _stack(models: list[nn.Module]) -> StackedState:
     params, buffers = stack_module_state(models)
     names = {n for n, p in models[0].named_parameters() if p.requires_grad}
-    return StackedModels(
-        module=models[0],
+    return StackedState(
         params={k: v.detach() for k, v in params.items() if k in names},
-        frozen={k: v.detach() for k, v in params.items() if k not in names},
         buffers={k: v.detach().clone() for k, v in buffers.items()},
+        frozen={k: v.detach() for k, v in params.items() if k not in names},
     )
 
 
@@ -522,7 +448,8 @@ def _train_chunk(task: Task, train_d: Data, test_d: Data, subsets: np.ndarray,
     masks = np.stack([subsets[m] for m, _ in pairs])
     try:
         models = train_batch(task, train_d, masks, seeds, epochs)
-        losses = models.losses(task, test_d.x, test_d.targets).detach().cpu().numpy()
+        losses = stacked_losses(task, FunctionalModel(task.model), models, test_d.x,
+                                test_d.targets).detach().cpu().numpy()
     except RetrainDiverged as exc:
         m, r = pairs[exc.index]
         raise InputError(f"the model retrained on subset {m} (repeat {r}) diverged: {exc}; "

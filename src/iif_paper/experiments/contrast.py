@@ -28,9 +28,10 @@ import torch
 
 from iif.baseline import BaselineSettings
 from iif.evaluation.retrain import train_batch
-from iif.functional import FunctionalModel, module_mode
+from iif.functional import FunctionalModel
 from iif.methods import InfluenceFunction, IntegratedInfluence
 from iif.projection import ProjectionSettings
+from iif.stacked import stacked_outputs
 from iif.target_path import PathSettings
 from iif_paper.experiments import mnist
 from iif_paper.experiments.base import ExperimentResult, Table, begin
@@ -82,7 +83,7 @@ def run(
     # the attributed model is the one every removal is compared with: trained the same way
     # (train_batch, seed) as the retrained ones
     full = train_batch(task, (x, y), masks_all, [seed])
-    FunctionalModel(task.model).load_into_module(full.state(0))
+    FunctionalModel(task.model).load_into_module(full.member(0))
     task.model.eval()
     with torch.no_grad():
         logits = task.model(torch.as_tensor(xt_all))
@@ -115,8 +116,8 @@ def run(
             for r, (name, s) in enumerate(part):
                 masks[r, rankings[name][s, :k]] = False
             models = train_batch(task, (x, y), masks, [seed] * len(part))
-            with torch.no_grad(), module_mode(models.module, False):
-                outs = models.forward(torch.as_tensor(xt), shared_input=True)  # (B, n, 10)
+            outs = stacked_outputs(FunctionalModel(task.model), models,
+                                   torch.as_tensor(xt))  # (B, n, 10), eval mode
             for r, (name, s) in enumerate(part):
                 m = margins(outs[r, s : s + 1], a[s : s + 1], b[s : s + 1])[0]
                 change[(name, s)] = m - base_margin[s]
