@@ -12,7 +12,8 @@ import iif.engine as engine_module
 import iif.features as features_module
 import iif.training as training
 from iif.baseline import BaselineSettings
-from iif.engine import Budget, Engine
+from iif.budget import MAX_COPIES, spill_features_to, spill_folder
+from iif.engine import NOT_KRONECKER, SHARED_LAYERS, Budget, Engine, Stacking
 from iif.errors import InputError
 from iif.methods.integrated import IntegratedInfluence
 from iif.methods.trak import TRAK
@@ -244,3 +245,94 @@ def test_unlearning_three_copies_equals_three_runs_of_one(data):
         torch.testing.assert_close(base.state.flat(), alone.state.flat(), rtol=1e-10,
                                    atol=1e-12)
         torch.testing.assert_close(base.targets, alone.targets, rtol=1e-10, atol=1e-12)
+
+
+# ---- the policy: stacking and memory ---------------------------------------------------------
+def test_copies_that_fit_at_the_boundaries():
+    """Copies get a quarter of max_feature_bytes, at least one, at most ``most`` (32)."""
+    budget = Budget(max_feature_bytes=4 * 100 * 5)  # a quarter: 500 bytes
+    assert budget.copies_that_fit(100) == 5
+    assert budget.copies_that_fit(101) == 4  # 500 // 101
+    assert budget.copies_that_fit(100, most=3) == 3
+    assert budget.copies_that_fit(501) == 1  # not one fits: one copy runs anyway
+    assert Budget(max_feature_bytes=0).copies_that_fit(1) == 1
+    assert Budget(max_feature_bytes=4 << 30).copies_that_fit(1) == MAX_COPIES == 32
+    assert budget.copies_that_fit(0) == 32  # nothing per copy: the cap
+    assert budget.holds(2000) and not budget.holds(2001)
+
+
+def test_check_features_refuses_naming_the_matrix():
+    budget = Budget(max_feature_bytes=14 * 6 * 8)
+    budget.check_features(14, 6, "TRAK training features", 8)  # exactly the budget
+    with pytest.raises(InputError, match=r"^TRAK training features would take 0\.0 GiB "
+                                         r"\(15 x 6\); use a smaller projection"):
+        budget.check_features(15, 6, "TRAK training features", 8)
+    with pytest.raises(InputError, match=r"TRAK kernel would take .* \(14 x 6\).*raise "
+                                         r"max_feature_bytes"):
+        budget.check_features(14, 6, "TRAK kernel", 8, solve_bytes=1)
+    # with a feature_dir the features spill: only the solver's bytes count, and must fit
+    spilling = Budget(max_feature_bytes=100, feature_dir="anywhere")
+    spilling.check_features(10**6, 6, "TRAK training features", 8, solve_bytes=100)
+    with pytest.raises(InputError, match=r"TRAK training features .* \(0 x 6\)"):
+        spilling.check_features(10**6, 6, "TRAK training features", 8, solve_bytes=101)
+
+
+def test_spill_folder_holds_spills_or_refuses(tmp_path):
+    assert spill_folder((3, 4), torch.float64, torch.device("cpu"), 96, "path features") is None
+    with pytest.raises(InputError, match=r"^path features would take .* \(3 x 5\); use a "
+                                         r"projection .*feature_dir="):
+        spill_folder((3, 5), torch.float64, torch.device("cpu"), 96, "path features")
+    with spill_features_to(tmp_path):
+        assert spill_folder((3, 5), torch.float64, torch.device("cpu"), 96, "x") == tmp_path
+
+
+def test_engine_check_features_uses_the_projection_and_dtype(data):
+    x, y, _, _ = data
+    task = _task()
+    base = _engine(task, x, y)
+    engine = base.rebound(base.projector, Budget(max_feature_bytes=14 * 4 * 8))
+    assert engine.dim == 4
+    engine.check_features(14, "test features")
+    with pytest.raises(InputError, match=r"test features would take .* \(15 x 4\)"):
+        engine.check_features(15, "test features")
+    assert engine.copies_that_fit(14 * 2) == 4 and engine.copies_that_fit(1, most=2) == 2
+
+
+class _Twice(nn.Module):
+    """One Linear layer called twice per forward (shared weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.layer(torch.tanh(self.layer(x)))
+
+
+def test_stacking_says_why_not(data):
+    x, y, _, _ = data
+    assert _engine(_task(), x, y).stacking() == Stacking(None, None)
+    custom = Task(_mlp(4), "classification",
+                  Recipe(optimizer=lambda ts: torch.optim.SGD(ts, lr=0.05)))
+    stacking = _engine(custom, x, y).stacking()
+    assert not stacking.training and stacking.features
+    assert "custom optimizer" in stacking.why_not_training
+    bn = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5, momentum=None), nn.Linear(5, 3))
+    stacking = _engine(Task(bn.double().eval(), "classification"), x, y).stacking()
+    assert "momentum=None" in stacking.why_not_training
+    assert stacking.why_not_features == NOT_KRONECKER  # BatchNorm's parameters: no layer
+    exact = Engine.bind(_task(), _task().validate((x, y)), _mlp(4), Budget())
+    assert exact.stacking().training and exact.stacking().why_not_features == NOT_KRONECKER
+    twice = Task(_Twice().double().eval(), "classification")
+    stacking = _engine(twice, x, y).stacking()
+    assert stacking.training and stacking.why_not_features == SHARED_LAYERS
+    assert not _engine(twice, x, y).stacks_path_features(1)
+
+
+def test_path_features_stack_while_they_fit(data):
+    x, y, _, _ = data
+    task = _task()
+    base = _engine(task, x, y)
+    per_copy = 2 * len(x) * base.dim * 8  # u and psi, float64
+    engine = base.rebound(base.projector, Budget(max_feature_bytes=3 * per_copy))
+    assert engine.stacks_path_features(3) and not engine.stacks_path_features(4)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from iif.engine import why_training_cannot_stack
 from iif.functional import FunctionalModel, ModelState
-from iif.stacked import StackedState, can_stack, fit_stacked, stacked_losses, stacked_outputs
+from iif.stacked import StackedState, fit_stacked, stacked_losses, stacked_outputs
 from iif.task import Recipe, Task
 from iif.training import FitResult, fit
 
@@ -243,6 +244,6 @@ def test_frozen_parameters_of_each_copy(regression_data):
 
 def test_custom_optimizers_cannot_be_stacked(mlp_factory):
     model = mlp_factory()
-    assert can_stack(Task(model, "regression", Recipe(optimizer="adamw")))
-    assert not can_stack(Task(model, "regression",
-                              Recipe(optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))))
+    assert why_training_cannot_stack(Task(model, "regression", Recipe(optimizer="adamw"))) is None
+    custom = Recipe(optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
+    assert "custom optimizer" in why_training_cannot_stack(Task(model, "regression", custom))

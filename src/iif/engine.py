@@ -11,11 +11,15 @@ task that cannot be stacked, runs the plain one-model code copy by copy; more, t
 code. Every feature matrix honours
 the :class:`Budget`: beyond ``max_feature_bytes`` it is memory-mapped from ``feature_dir`` if
 one is set, else refused.
+
+The engine owns the policy: :meth:`Engine.stacking` says whether copies of this task train
+and featurise stacked (and why not), the :class:`~iif.budget.Budget` how many copies fit
+(:meth:`Engine.copies_that_fit`) and whether a feature matrix may be held
+(:meth:`Engine.check_features`); the methods ask it instead of sizing memory themselves.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +29,7 @@ from torch import nn
 from torch.func import vmap
 
 from iif.baseline import Baseline, BaselineSettings, UnlearningRun, self_baseline_targets
+from iif.budget import MAX_COPIES, Budget
 from iif.curvature import (
     CurvatureSettings,
     Share,
@@ -41,13 +46,11 @@ from iif.factored import (
     supports_factored,
 )
 from iif.features import (
-    DEFAULT_MAX_FEATURE_BYTES,
     Bar,
     can_stack_features,
     function_features,
     ggn_features,
     loss_features,
-    spill_features_to,
     stacked_loss_features,
     stacked_step_features,
     step_features,
@@ -56,7 +59,7 @@ from iif.functional import FunctionalModel, ModelState
 from iif.grads import per_sample_grads
 from iif.linalg import Solver
 from iif.projection import IdentityProjector, Projector
-from iif.stacked import StackedState, can_stack, fit_stacked
+from iif.stacked import StackedState, cumulative_batchnorm, fit_stacked
 from iif.target_path import PathSettings, TargetPath, path_models
 from iif.task import Data, Task
 from iif.training import FitResult, fit
@@ -64,20 +67,42 @@ from iif.training import FitResult, fit
 State = ModelState | StackedState
 
 
+__all__ = ["Budget", "Engine", "Stacking", "why_training_cannot_stack"]
+
+# why a Kronecker projector's features are not computed for B copies at once
+NOT_KRONECKER = ("the projection is not Kronecker over parameters that all sit in Linear or "
+                 "Conv2d layers")
+SHARED_LAYERS = "a projected layer is called more than once per forward (shared weights)"
+
+
 @dataclass(frozen=True)
-class Budget:
-    """The memory policy: samples per per-sample-gradient chunk, the largest feature matrix
-    held in memory, and the folder that larger ones are memory-mapped from (None: refuse)."""
+class Stacking:
+    """Whether B copies of one model can be trained stacked (under ``vmap``) and featurised
+    stacked (B-wide Kronecker products), each with the reason why not (None: they can)."""
 
-    chunk_size: int = 128
-    max_feature_bytes: int = DEFAULT_MAX_FEATURE_BYTES
-    feature_dir: str | None = None
+    why_not_training: str | None = None
+    why_not_features: str | None = None
 
-    @contextlib.contextmanager
-    def spill(self) -> Iterator[None]:
-        """Feature matrices beyond ``max_feature_bytes`` go to ``feature_dir`` in the block."""
-        with spill_features_to(self.feature_dir):
-            yield
+    @property
+    def training(self) -> bool:
+        return self.why_not_training is None
+
+    @property
+    def features(self) -> bool:
+        return self.why_not_features is None
+
+
+def why_training_cannot_stack(task: Task) -> str | None:
+    """Why copies of ``task`` cannot train stacked, or None: freezing a copy needs an
+    optimizer that updates each element from its own history (the built-in ones, not a
+    callable), and BatchNorm with ``momentum=None`` cannot train under ``vmap``
+    (:func:`~iif.stacked.cumulative_batchnorm`)."""
+    if callable(task.recipe.optimizer):
+        return ("a custom optimizer (a callable) cannot freeze one copy of many; stacking "
+                "needs the recipe's built-in 'sgd', 'adam' or 'adamw'")
+    if cumulative_batchnorm(task.model):
+        return "BatchNorm with momentum=None (a cumulative average) cannot train under vmap"
+    return None
 
 
 class Engine:
@@ -101,7 +126,7 @@ class Engine:
         self.projector, self.budget = projector, budget
         self.sharding = sharding
         self._supports_factored: bool | None = None
-        self._stacks_features: bool | None = None
+        self._stacking: Stacking | None = None
 
     @classmethod
     def bind(cls, task: Task, train: Data, model: nn.Module, budget: Budget,
@@ -214,13 +239,47 @@ class Engine:
         return per_sample_grads(self.fmodel, state, x, targets, self.task,
                                 self.budget.chunk_size)
 
+    # ---- the policy: stacking and memory -----------------------------------------------
+    def stacking(self) -> Stacking:
+        """Whether B copies train stacked (the task's optimizer and BatchNorm) and featurise
+        stacked (the Kronecker fast path on a model of single-use layers), and why not;
+        checked once."""
+        if self._stacking is None:
+            if not getattr(self.projector, "all_params_in_layers", False):
+                features = NOT_KRONECKER
+            elif not can_stack_features(self.fmodel, self.state, self.train.x[:1],
+                                        self.projector):
+                features = SHARED_LAYERS
+            else:
+                features = None
+            self._stacking = Stacking(why_training_cannot_stack(self.task), features)
+        return self._stacking
+
     def stacks_features(self) -> bool:
-        """Whether B copies' features come from B-wide products (the Kronecker fast path on
-        a model of single-use layers); checked once."""
-        if self._stacks_features is None:
-            self._stacks_features = can_stack_features(self.fmodel, self.state,
-                                                       self.train.x[:1], self.projector)
-        return self._stacks_features
+        """Whether B copies' features come from B-wide products (:meth:`stacking`)."""
+        return self.stacking().features
+
+    def stacks_path_features(self, copies: int) -> bool:
+        """Whether the path features u, psi (B, N, P) of ``copies`` copies are computed
+        together: they stack (:meth:`stacking`) and fit ``max_feature_bytes`` (in the
+        model's dtype: the inputs may be integer token ids)."""
+        need = 2 * copies * len(self.train) * self.projector.dim
+        return self.stacks_features() and self.budget.holds(
+            need * self.train.targets.element_size())
+
+    def copies_that_fit(self, per_copy_bytes: int, most: int = MAX_COPIES) -> int:
+        """Model copies (1..``most``) of ``per_copy_bytes`` each that the budget allows
+        side by side: :meth:`iif.budget.Budget.copies_that_fit`."""
+        return self.budget.copies_that_fit(per_copy_bytes, most)
+
+    def check_features(self, rows: int, what: str, solve_bytes: int = 0,
+                       dim: int | None = None) -> None:
+        """Refuse a (rows x dim) feature matrix in the task's dtype (dim: P by default), with
+        ``solve_bytes`` of a solver's matrix, beyond the budget (it names ``what``); with a
+        ``feature_dir`` the features spill and only the solver's bytes count."""
+        size = torch.empty((), dtype=self.task.dtype).element_size()
+        self.budget.check_features(rows, self.projector.dim if dim is None else dim, what,
+                                   size, solve_bytes)
 
     # ---- curvature -----------------------------------------------------------------------
     def fit_curvature(self, settings: CurvatureSettings, state: ModelState, x: torch.Tensor,
@@ -323,10 +382,11 @@ class Engine:
         ``extra(params_b, buffers_b, *data_b)`` and ``stop(params_b, buffers_b, *data_b)``
         (a bool tensor) get copy b's slice of ``extra_data`` (tensors (B, ...));
         ``sound(b, state_b)`` judges copy b's epoch. One copy, or a task that cannot be
-        stacked (:func:`~iif.stacked.can_stack`), trains copy by copy with
+        stacked (:meth:`stacking`), trains copy by copy with
         ``iif.training.fit``; more run as stacked copies under vmap (``iif.stacked``).
         """
-        if isinstance(state, StackedState) and len(state) > 1 and can_stack(self.task):
+        stacks = why_training_cannot_stack(self.task) is None  # no features probe here
+        if isinstance(state, StackedState) and len(state) > 1 and stacks:
             return fit_stacked(self.task, self.fmodel, state, x, targets,
                                **_stacked_options(options))
         members = state.members() if isinstance(state, StackedState) else [state]

@@ -52,9 +52,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from iif.budget import grown_chunk
 from iif.curvature import CurvatureSettings, default_damping
 from iif.errors import CurvatureError, InputError
-from iif.features import MAX_FAST_CHUNK
 from iif.functional import FunctionalModel, ModelState, module_mode
 from iif.grads import (
     ggn_factor,
@@ -170,11 +170,9 @@ def _require_layers(fmodel: FunctionalModel) -> list[LinearLayer]:
 def _chunk(fmodel: FunctionalModel, layers: list[LinearLayer], chunk_size: int,
            rows: int) -> int:
     """Samples per chunk: as many as fit the memory of a dense chunk of ``chunk_size``
-    samples (``chunk_size * rows * M`` values), up to ``MAX_FAST_CHUNK``."""
+    samples (``chunk_size * rows * M`` values), up to ``iif.budget.MAX_FAST_CHUNK``."""
     widths = sum(layer.in_features + layer.out_features for layer in layers)
-    per_sample = (rows + 2) * widths
-    grown = chunk_size * rows * fmodel.num_params // max(per_sample, 1)
-    return max(chunk_size, min(MAX_FAST_CHUNK, grown))
+    return grown_chunk(chunk_size, rows, fmodel.num_params, (rows + 2) * widths)
 
 
 def linear_factors(

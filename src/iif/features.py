@@ -8,23 +8,24 @@ For a model state theta_k and the path targets rho_k, rho_{k-1}:
 
 Features are stored as (N, P) in the model's dtype; for the unprojected case P = M. A matrix
 beyond the memory budget (``max_bytes``) is a clear error, or, inside
-:func:`spill_features_to` (a method's ``feature_dir``), memory-mapped from disk.
+:func:`iif.budget.spill_features_to` (a method's ``feature_dir``), memory-mapped from disk; these
+decisions are the budget's (``iif.budget``, behind the engine).
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
 import tempfile
-from collections.abc import Iterator
-from contextvars import ContextVar
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from iif.budget import (
+    DEFAULT_MAX_FEATURE_BYTES,
+    grown_chunk,
+    spill_folder,
+)
 from iif.errors import InputError
 from iif.functional import FunctionalModel, ModelState, module_mode
 from iif.grads import (
@@ -38,39 +39,14 @@ from iif.progress import progress_bar
 from iif.projection import KroneckerLayer, Projector
 from iif.task import Task
 
-DEFAULT_MAX_FEATURE_BYTES = 4 << 30
-
-
-# where features larger than max_bytes go instead of memory (see spill_features_to)
-_SPILL_DIR: ContextVar[Path | None] = ContextVar("iif_feature_dir", default=None)
-
-
-@contextlib.contextmanager
-def spill_features_to(folder: str | os.PathLike | None) -> Iterator[None]:
-    """Within the block, feature matrices larger than ``max_bytes`` are memory-mapped from
-    unnamed files in ``folder`` instead of refused (None: refuse, the default). The files are
-    unlinked as soon as they are mapped, so nothing is left behind, even after a crash."""
-    token = _SPILL_DIR.set(None if folder is None else Path(folder))
-    try:
-        yield
-    finally:
-        _SPILL_DIR.reset(token)
-
 
 def _feature_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
                     max_bytes: int, what: str) -> torch.Tensor:
-    """An uninitialised (shape) tensor for features: in memory up to ``max_bytes``, beyond it
-    memory-mapped from disk when a spill folder is set (CPU), else a clear error."""
-    need = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if need <= max_bytes:
+    """An uninitialised (shape) tensor for features: where the budget says
+    (:func:`iif.budget.spill_folder`), in memory or memory-mapped from its spill folder."""
+    folder = spill_folder(shape, dtype, device, max_bytes, what)
+    if folder is None:
         return torch.empty(shape, dtype=dtype, device=device)
-    folder = _SPILL_DIR.get()
-    if folder is None or torch.device(device).type != "cpu":
-        raise InputError(
-            f"{what} would take {need / 2**30:.1f} GiB ({' x '.join(map(str, shape))}); use a "
-            f"projection (ProjectionSettings(dim=...)), raise max_feature_bytes, or give "
-            f"feature_dir= to memory-map them from disk"
-        )
     folder.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=folder, prefix=".features-", suffix=".bin")
     try:
@@ -142,21 +118,16 @@ def _single_use_layers(fmodel, state, x, projector) -> bool:
     return all(c == 1 for c in calls)
 
 
-# rows per chunk on the Kronecker fast path: its memory per sample is a few layer widths and
-# R x P features instead of R x M gradient entries, so chunks grow by M / (that) up to this cap
-MAX_FAST_CHUNK = 4096
-
-
 def _fast_chunk(projector, fmodel, chunk_size: int, rows: int) -> int:
     """Samples per fast-path chunk: as many as fit the memory of a dense chunk of
-    ``chunk_size`` samples (``chunk_size * rows * M`` values), up to ``MAX_FAST_CHUNK``."""
+    ``chunk_size`` samples (``chunk_size * rows * M`` values), the budget's
+    :func:`iif.budget.grown_chunk`."""
     if any(layer.patches is not None for layer in projector.layers):
         # a convolution's working set grows with its positions: keep the asked chunk
         return chunk_size
     widths = sum(layer.in_features + layer.out_features for layer in projector.layers)
-    per_sample = rows * (widths + projector.dim) + widths
-    grown = chunk_size * rows * fmodel.num_params // max(per_sample, 1)
-    return max(chunk_size, min(MAX_FAST_CHUNK, grown))
+    return grown_chunk(chunk_size, rows, fmodel.num_params,
+                       rows * (widths + projector.dim) + widths)
 
 
 def _kronecker_chunks(fmodel, state, x, fn, args, projector, chunk_size):

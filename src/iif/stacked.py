@@ -9,14 +9,14 @@ Copies end independently: a copy whose ``stop`` fires, whose loss turns NaN/inf,
 epoch ``sound`` rejects, is frozen at the state ``fit`` would have returned, and its
 parameters are put back after every later optimizer step. Freezing needs an optimizer that
 updates each element from that element's own history, which SGD (with momentum, weight decay,
-Nesterov), Adam and AdamW do; :func:`can_stack` refuses a custom optimizer.
+Nesterov), Adam and AdamW do; ``iif.engine.Engine.stacking`` refuses a custom optimizer.
 
 Buffers (BatchNorm running statistics) are stacked like the parameters: each copy's train-mode
 forwards update its own slice, exactly as ``fit`` updates the buffers of a single run, and a
 frozen copy's buffers are put back with its parameters. Dropout draws a mask per copy
 (``vmap(randomness="different")``), so with dropout a copy equals its separate run in
 distribution only. BatchNorm with ``momentum=None`` cannot train under ``vmap``
-(:func:`can_stack` refuses it; such models run one test sample at a time).
+(``Engine.stacking`` refuses it; such models run one test sample at a time).
 
 Each copy may also have its own training samples and minibatch order (``subsets``, and a
 generator per copy): the LDS ground truth (``iif.evaluation.retrain.train_batch``) trains B
@@ -88,13 +88,6 @@ def cumulative_batchnorm(model: nn.Module) -> bool:
     its batch counter as a Python number in train mode, which ``vmap`` cannot batch."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
                and m.momentum is None for m in model.modules())
-
-
-def can_stack(task: Task) -> bool:
-    """Whether the task's optimizer is one whose copies can be frozen independently, and the
-    model can train under ``vmap`` (no :func:`cumulative_batchnorm`;
-    ``iif.evaluation.retrain`` trains such models one by one for the same reason)."""
-    return not callable(task.recipe.optimizer) and not cumulative_batchnorm(task.model)
 
 
 def _forward(fmodel: FunctionalModel, params: dict[str, torch.Tensor],

@@ -30,13 +30,14 @@ from iif import (
 )
 from iif.baseline import complement_loss
 from iif.checkpoints import train_with_checkpoints
+from iif.engine import why_training_cannot_stack
 from iif.errors import InputError
 from iif.explain import explain
 from iif.factored import supports_factored
 from iif.functional import FunctionalModel
 from iif.methods.tracin import TracIn
 from iif.methods.trak import TRAK
-from iif.stacked import StackedState, can_stack, fit_stacked
+from iif.stacked import StackedState, fit_stacked
 from iif.training import fit
 
 N_TRAIN, N_TEST, CLASSES = 12, 3, 3
@@ -404,7 +405,7 @@ def test_cumulative_batchnorm_is_not_stacked():
     task = Task(model, "classification", Recipe(lr=0.2, epochs=2, batch_size=4))
     iif.train(task, train)
     model.eval()
-    assert not can_stack(task)
+    assert "momentum=None" in why_training_cannot_stack(task)
     result = IntegratedInfluence(task, train, progress=False).attribute(test)
     assert np.isfinite(result.scores).all() and result.scores.shape == (N_TEST, N_TRAIN)
 

@@ -26,6 +26,7 @@ from iif.baseline import (
     Baseline,
     BaselineSettings,
 )
+from iif.budget import MAX_COPIES
 from iif.curvature import (
     CurvatureSettings,
     stacked_gram_solvers,
@@ -37,7 +38,7 @@ from iif.linalg import SOLVE_DTYPE, Solver, rows_times
 from iif.methods.base import AttributionMethod, completeness_gap
 from iif.progress import progress_bar
 from iif.projection import IdentityProjector, ProjectionSettings, Projector, make_projector
-from iif.stacked import StackedState, can_stack
+from iif.stacked import StackedState
 from iif.target_path import PathSettings, TargetPath
 from iif.task import Data, Task
 from iif.training import seeded
@@ -98,7 +99,7 @@ class IntegratedInfluence(AttributionMethod):
     ):
         super().__init__(task, train_data, **common)
         test_batch = self._keyword("test_batch", test_batch)
-        if test_batch not in ("auto", 1) and not can_stack(task):
+        if test_batch not in ("auto", 1) and not self.engine.stacking().training:
             raise InputError("test_batch > 1 trains stacked model copies, which needs the "
                              "recipe's built-in 'sgd', 'adam' or 'adamw' and no BatchNorm "
                              "with momentum=None (a cumulative average); such a task runs "
@@ -292,12 +293,13 @@ class IntegratedInfluence(AttributionMethod):
         return self.baseline.mode == "shared"
 
     def _test_batch(self, n_test: int) -> int:
-        """Test samples per stacked batch: the setting, or for "auto" as many (up to 32) as
-        fit a quarter of ``max_feature_bytes`` at what each copy adds: parameters, gradients
-        and optimizer state, path targets, and its (N, P) features u and psi."""
+        """Test samples per stacked batch: the setting, or for "auto" as many copies as the
+        engine's budget allows (:meth:`~iif.engine.Engine.copies_that_fit`) at what each copy
+        adds: parameters, gradients and optimizer state, path targets, and its (N, P)
+        features u and psi."""
         if self.test_batch != "auto":
             return min(int(self.test_batch), n_test)
-        if not can_stack(self.task):
+        if not self.engine.stacking().training:
             return 1
         size = self.train.targets.element_size()
         if self._use_factored():
@@ -311,8 +313,7 @@ class IntegratedInfluence(AttributionMethod):
             features = 2 * len(self.train) * self.projector.dim
         per_copy = size * (5 * self.engine.num_params + 3 * self.train.targets.numel()
                            + features)
-        budget = self.engine.budget.max_feature_bytes
-        return max(1, min(32, n_test, (budget // 4) // per_copy))
+        return self.engine.copies_that_fit(per_copy, min(MAX_COPIES, n_test))
 
     # ---- the integral --------------------------------------------------------------------
     def _run(self, batches: Builder, n_test: int
@@ -466,12 +467,9 @@ class IntegratedInfluence(AttributionMethod):
         return solvers
 
     def _stackable(self, copies: int) -> bool:
-        """Whether B copies' path features can be computed together: the Kronecker fast path
-        applies and their (B, N, P) features fit ``max_feature_bytes``."""
-        need = 2 * copies * len(self.train) * self.projector.dim
-        # features have the model's dtype (the inputs may be integer token ids)
-        return self.engine.stacks_features() and need * self.train.targets.element_size() \
-            <= self.engine.budget.max_feature_bytes
+        """Whether B copies' path features can be computed together: the engine's
+        :meth:`~iif.engine.Engine.stacks_path_features`."""
+        return self.engine.stacks_path_features(copies)
 
     def _features(self, state: ModelState, rho: torch.Tensor, rho_prev: torch.Tensor, k: int,
                   part: slice | None = None):

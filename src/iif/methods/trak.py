@@ -233,8 +233,8 @@ class TRAK(AttributionMethod):
             # Phi in the model dtype, and the solver's float64 N x N (Woodbury, N < P) or P x P.
             solve_values = n * n if n < dim else dim * dim
             # the features may spill to feature_dir (see Budget); the solver's matrix may not
-            features = 0 if self.engine.budget.feature_dir is not None else n * dim
-            self._check_memory(features, solve_values, "TRAK training features")
+            solve_bytes = solve_values * torch.empty((), dtype=SOLVE_DTYPE).element_size()
+            self.engine.check_features(n, "TRAK training features", solve_bytes)
             block = self.engine.train_block()
             x, targets = train.x[block], train.targets[block]
             phi = self._features(x, targets, "train", progress=self.progress)
@@ -261,24 +261,13 @@ class TRAK(AttributionMethod):
         """Projected gradients of the output function, (n, P) in the model dtype: the
         engine's features (the Kronecker fast path, spilled to ``feature_dir`` beyond the
         budget)."""
-        if self.engine.budget.feature_dir is None:
-            self._check_memory(x.shape[0] * self.projector.dim, 0, f"TRAK {what} features")
+        self.engine.check_features(x.shape[0], f"TRAK {what} features")
         return self.engine.output_features(self.state, x, self._value, targets,
                                            what=f"TRAK {what} features", progress=progress)
 
     def _value(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The model output of one sample (d,), (d,) -> a scalar."""
         return self.model_output.value(output[None], target[None])[0]
-
-    def _check_memory(self, values: int, solve_values: int, what: str) -> None:
-        size = torch.empty((), dtype=self.task.dtype).element_size()
-        need = values * size + solve_values * torch.empty((), dtype=SOLVE_DTYPE).element_size()
-        if need > self.engine.budget.max_feature_bytes:
-            raise InputError(
-                f"{what} would take {need / 2**30:.1f} GiB ({values // self.projector.dim} x "
-                f"{self.projector.dim}); use a smaller projection (ProjectionSettings(dim=...)) "
-                f"or raise max_feature_bytes"
-            )
 
 
 def _finite(values: torch.Tensor) -> torch.Tensor:
