@@ -10,8 +10,6 @@ from iif import ProjectionSettings
 from iif.features import (
     can_stack_features,
     loss_features,
-    stacked_loss_features,
-    stacked_step_features,
     step_features,
 )
 from iif.functional import FunctionalModel
@@ -45,12 +43,10 @@ def test_stacked_features_equal_each_copy_alone():
     prev = torch.softmax(torch.randn(3, 11, 3, generator=gen, dtype=torch.float64), -1)
     stacked = StackedState.stack(states)
     assert can_stack_features(fmodel, states[0], x, projector)
-    u, psi = stacked_step_features(fmodel, stacked.params, stacked.buffers, x, rho, prev, task,
-                                   projector, chunk_size=2)
+    u, psi = step_features(fmodel, stacked, x, rho, prev, task, projector, chunk_size=2)
     xt = torch.randn(3, 2, 5, generator=gen, dtype=torch.float64)
     tt = torch.nn.functional.one_hot(torch.tensor([[0, 2], [1, 1], [2, 0]]), 3).double()
-    gamma = stacked_loss_features(fmodel, stacked.params, stacked.buffers, xt, tt, task,
-                                  projector, chunk_size=1)
+    gamma = loss_features(fmodel, stacked, xt, tt, task, projector, chunk_size=1)
     assert u.shape == psi.shape == (3, 11, projector.dim) and gamma.shape == (3, 2, projector.dim)
     for b, s in enumerate(states):
         u1, psi1 = step_features(fmodel, s, x, rho[b], prev[b], task, projector, chunk_size=4)

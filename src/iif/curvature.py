@@ -29,6 +29,11 @@ Gram matrices with fewer rows than columns are solved through the Woodbury ident
 row space, exactly. All solves run in float64 on a Cholesky factor; a factorisation that fails
 (not positive definite) is retried with ``retry_factor`` times more damping, and the damping
 finally used and the number of retries are reported on the solver.
+
+:func:`gram_solver` and :func:`stacked_gram_solvers` stay twins, as their
+:mod:`iif.linalg` parts do (see there): the B-copy one's batched float64 Gram products are
+not bit-equal to B one-copy products, and the one-copy one has forms (Woodbury, summed
+parts) that the batched one cannot take.
 """
 
 from __future__ import annotations

@@ -51,8 +51,6 @@ from iif.features import (
     function_features,
     ggn_features,
     loss_features,
-    stacked_loss_features,
-    stacked_step_features,
     step_features,
 )
 from iif.functional import FunctionalModel, ModelState
@@ -191,10 +189,6 @@ class Engine:
         ...), (B, n, d)) -> (B, n, P)."""
         b = self.budget
         with b.spill():
-            if isinstance(state, StackedState):
-                return stacked_loss_features(self.fmodel, state.params, state.buffers, x,
-                                             targets, self.task, self.projector, b.chunk_size,
-                                             what)
             return loss_features(self.fmodel, state, x, targets, self.task, self.projector,
                                  b.chunk_size, b.max_feature_bytes, what)
 
@@ -206,10 +200,6 @@ class Engine:
         d), (B, N, P) each (the Kronecker fast path: see :meth:`stacks_features`)."""
         b = self.budget
         with b.spill():
-            if isinstance(state, StackedState):
-                return stacked_step_features(self.fmodel, state.params, state.buffers, x, rho,
-                                             rho_prev, self.task, self.projector,
-                                             b.chunk_size, b.max_feature_bytes)
             return step_features(self.fmodel, state, x, rho, rho_prev, self.task,
                                  self.projector, b.chunk_size, b.max_feature_bytes,
                                  progress=Bar(progress, desc))

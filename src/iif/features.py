@@ -10,6 +10,16 @@ Features are stored as (N, P) in the model's dtype; for the unprojected case P =
 beyond the memory budget (``max_bytes``) is a clear error, or, inside
 :func:`iif.budget.spill_features_to` (a method's ``feature_dir``), memory-mapped from disk; these
 decisions are the budget's (``iif.budget``, behind the engine).
+
+One model and B stacked copies: :func:`step_features` and :func:`loss_features` take a
+``ModelState`` or an ``iif.stacked.StackedState`` of B copies and differ only in where their
+chunks come from (:func:`projected_jacobians` or :func:`stacked_projected_jacobians`), whose
+values they copy unchanged. The chunk sources stay twins: the B-copy one runs the Kronecker
+fast path as a function of one copy's parameters under ``vmap`` (zero probes and ``vjp``),
+which at B = 1 is not bit-equal to the one-model path's hooked batched forward and
+``autograd.grad`` (measured: up to 7e-16 apart in float64) and costs ``vmap``'s overhead,
+and it cannot serve the per-sample-Jacobian path or shared layers; the one-model one looped
+over the copies would give up the B-wide products the B-copy one exists for.
 """
 
 from __future__ import annotations
@@ -213,9 +223,21 @@ class Bar:
     desc: str = "features"
 
 
+def _feature_chunks(fmodel: FunctionalModel, state, x: torch.Tensor, fn, args: tuple,
+                    projector: Projector, chunk_size: int, x_per_copy: bool = False):
+    """``(start, F)``: F (n, R, P) from :func:`projected_jacobians` at a ModelState, (B, n, R,
+    P) from :func:`stacked_projected_jacobians` at a StackedState of B copies."""
+    if isinstance(state, ModelState):
+        return projected_jacobians(fmodel, state, x, fn, *args, projector=projector,
+                                   chunk_size=chunk_size)
+    return stacked_projected_jacobians(fmodel, state.params, state.buffers, x, fn, *args,
+                                       projector=projector, chunk_size=chunk_size,
+                                       x_per_copy=x_per_copy)
+
+
 def step_features(
     fmodel: FunctionalModel,
-    state: ModelState,
+    state,
     x: torch.Tensor,
     rho: torch.Tensor,
     rho_prev: torch.Tensor,
@@ -225,19 +247,23 @@ def step_features(
     max_bytes: int = DEFAULT_MAX_FEATURE_BYTES,
     progress: bool | None | Bar = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Projected ``u`` (N, P) and ``psi`` from one shared forward per sample.
+    """Projected ``u`` and ``psi`` from one shared forward per sample.
 
-    ``rho_prev`` (N, d) gives ``psi`` (N, P); (B, N, d), the previous targets of B paths that
-    share this model and ``rho`` (the first step of stacked per-test paths), gives ``psi``
-    (N, B, P) from the same forward. ``progress``: whether to show a bar, or a :class:`Bar`.
+    At a ModelState: ``rho``, ``rho_prev`` (N, d) give u, psi (N, P) each; ``rho_prev`` (B,
+    N, d), the previous targets of B paths that share this model and ``rho`` (the first step
+    of stacked per-test paths), gives ``psi`` (N, B, P) from the same forward. At a
+    ``iif.stacked.StackedState`` of B copies (the Kronecker fast path): ``rho``, ``rho_prev``
+    (B, N, d) give u, psi (B, N, P) each. ``progress``: whether to show a bar, or a
+    :class:`Bar`.
     """
     bar = progress if isinstance(progress, Bar) else Bar(progress)
     n = x.shape[0]
-    many = rho_prev.dim() == 3
+    many = isinstance(state, ModelState) and rho_prev.dim() == 3
     rows = 1 + (rho_prev.shape[0] if many else 1)
-    u = _feature_buffer((n, projector.dim), rho.dtype, x.device, max_bytes // rows,
+    lead = tuple(rho.shape[:-1])  # (N,) for one model, (B, N) for B copies
+    u = _feature_buffer((*lead, projector.dim), rho.dtype, x.device, max_bytes // rows,
                         "path features")
-    psi = _feature_buffer((n, *((rows - 1,) if many else ()), projector.dim), rho.dtype,
+    psi = _feature_buffer((*lead, *((rows - 1,) if many else ()), projector.dim), rho.dtype,
                           x.device, max_bytes * (rows - 1) // rows, "path features")
     if many:
         fn, args = loss_and_target_jvps(task), (rho, rho_prev.transpose(0, 1))
@@ -245,18 +271,21 @@ def step_features(
         chunk_size = max(1, chunk_size * 2 // rows)
     else:
         fn, args = path_step_fn(task), (rho, rho_prev)
-    chunks = projected_jacobians(fmodel, state, x, fn, *args, projector=projector,
-                                 chunk_size=chunk_size)
+    chunks = _feature_chunks(fmodel, state, x, fn, args, projector, chunk_size)
     for start, feats in progress_bar(chunks, total=n, desc=bar.desc, enable=bar.enable,
-                                     unit="samples", size=lambda item: item[1].shape[0]):
-        u[start : start + feats.shape[0]] = feats[:, 0]
-        psi[start : start + feats.shape[0]] = feats[:, 1:] if many else feats[:, 1]
+                                     unit="samples", size=lambda item: item[1].shape[-3]):
+        stop = start + feats.shape[-3]
+        u[..., start:stop, :] = feats[..., 0, :]
+        if many:
+            psi[start:stop] = feats[:, 1:]
+        else:
+            psi[..., start:stop, :] = feats[..., 1, :]
     return u, psi
 
 
 def loss_features(
     fmodel: FunctionalModel,
-    state: ModelState,
+    state,
     x: torch.Tensor,
     targets: torch.Tensor,
     task: Task,
@@ -265,16 +294,17 @@ def loss_features(
     max_bytes: int = DEFAULT_MAX_FEATURE_BYTES,
     what: str = "per-sample gradients",
 ) -> torch.Tensor:
-    """Projected per-sample loss gradients (n, P), e.g. the test gradients gamma. ``what``
+    """Projected per-sample loss gradients, e.g. the test gradients gamma: (n, P) at a
+    ModelState; at a ``iif.stacked.StackedState`` of B copies, copy b's gradients of its own
+    samples ``x[b]``, ``targets[b]`` ((B, n, ...) and (B, n, d)) -> (B, n, P). ``what``
     names them in errors."""
-    n = x.shape[0]
-    out = _feature_buffer((n, projector.dim), targets.dtype, x.device, max_bytes,
-                          "gradient features")
-
+    out = _feature_buffer((*targets.shape[:-1], projector.dim), targets.dtype, x.device,
+                          max_bytes, "gradient features")
+    chunks = _feature_chunks(fmodel, state, x, sample_loss_fn(task), (targets,), projector,
+                             chunk_size, x_per_copy=True)
     try:
-        for start, feats in projected_jacobians(fmodel, state, x, sample_loss_fn(task), targets,
-                                                projector=projector, chunk_size=chunk_size):
-            out[start : start + feats.shape[0]] = feats[:, 0]
+        for start, feats in chunks:
+            out[..., start : start + feats.shape[-3], :] = feats[..., 0, :]
     except InputError as exc:
         raise InputError(str(exc).replace("per-sample gradients", what)) from None
     return out
@@ -436,52 +466,3 @@ def stacked_projected_jacobians(
             feats = batched(params, buffers, xc, *(a[:, start:stop] for a in args))
             _check_finite(feats, "per-sample gradients")
             yield start, feats.detach()
-
-
-def stacked_step_features(
-    fmodel: FunctionalModel,
-    params: dict[str, torch.Tensor],
-    buffers: dict[str, torch.Tensor],
-    x: torch.Tensor,
-    rho: torch.Tensor,
-    rho_prev: torch.Tensor,
-    task: Task,
-    projector: Projector,
-    chunk_size: int = 128,
-    max_bytes: int = DEFAULT_MAX_FEATURE_BYTES,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`step_features` of B copies: ``rho``, ``rho_prev`` (B, N, d) -> u, psi (B, N, P)."""
-    copies, n = rho.shape[0], x.shape[0]
-    u = _feature_buffer((copies, n, projector.dim), rho.dtype, x.device, max_bytes // 2,
-                        "path features")
-    psi = _feature_buffer((copies, n, projector.dim), rho.dtype, x.device, max_bytes // 2,
-                          "path features")
-    for start, feats in stacked_projected_jacobians(
-            fmodel, params, buffers, x, path_step_fn(task), rho, rho_prev,
-            projector=projector, chunk_size=chunk_size):
-        u[:, start : start + feats.shape[1]] = feats[:, :, 0]
-        psi[:, start : start + feats.shape[1]] = feats[:, :, 1]
-    return u, psi
-
-
-def stacked_loss_features(
-    fmodel: FunctionalModel,
-    params: dict[str, torch.Tensor],
-    buffers: dict[str, torch.Tensor],
-    x: torch.Tensor,
-    targets: torch.Tensor,
-    task: Task,
-    projector: Projector,
-    chunk_size: int = 128,
-    what: str = "per-sample gradients",
-) -> torch.Tensor:
-    """Copy b's projected loss gradients of its own samples ``x[b]``, ``targets[b]``
-    ((B, n, ...) and (B, n, d)) -> (B, n, P), e.g. each copy's test gradient."""
-
-    try:
-        parts = [feats[:, :, 0] for _, feats in stacked_projected_jacobians(
-            fmodel, params, buffers, x, sample_loss_fn(task), targets, projector=projector,
-            chunk_size=chunk_size, x_per_copy=True)]
-    except InputError as exc:
-        raise InputError(str(exc).replace("per-sample gradients", what)) from None
-    return torch.cat(parts, dim=1)

@@ -452,7 +452,7 @@ class IntegratedInfluence(AttributionMethod):
         """Copy b at theta_k^b explains test sample b, features of all copies in B-wide
         products (the Kronecker fast path)."""
         n = len(self.train)
-        u, psi = self.engine.step_features(state, self.train.x, rho, rho_prev)
+        u, psi = self.engine.step_features(state, self.train.x, rho, rho_prev, progress=False)
         gamma = self.engine.loss_features(state, test.x[:, None], test.targets[:, None],
                                           "test gradients")
         if self.curvature.kind == "fisher" and n >= self.projector.dim:
