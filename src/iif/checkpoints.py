@@ -28,6 +28,7 @@ from iif.functional import FunctionalModel, ModelState
 from iif.io import atomic_write
 from iif.task import Task
 from iif.training import fit, seeded
+from iif.validation import Limits, check_value
 
 log = logging.getLogger(__name__)
 
@@ -190,13 +191,9 @@ def train_with_checkpoints(
 
     Returns the checkpoints sorted by epoch.
     """
-    if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
-        raise InputError(f"every must be an integer >= 1, got {every!r}")
-    epochs = task.recipe.epochs if epochs is None else epochs
-    if (isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral)
-            or epochs < 0):
-        raise InputError(f"epochs must be an integer >= 0, got {epochs!r}")
-    every, epochs = int(every), int(epochs)
+    every = check_value(every, int, "every", Limits(ge=1))
+    epochs = check_value(task.recipe.epochs if epochs is None else epochs, int, "epochs",
+                         Limits(ge=0))
     d = task.validate(data, "training data")
     folder = None if directory is None else Path(directory)
     if folder is not None:

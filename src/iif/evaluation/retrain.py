@@ -58,7 +58,7 @@ from iif.runkey import (
 from iif.stacked import StackedState, cumulative_batchnorm, fit_stacked, stacked_losses
 from iif.task import Data, Task
 from iif.training import reinitialised, seeded, train
-from iif.validation import Settings, setting
+from iif.validation import Limits, Settings, check_value, setting
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,6 @@ class RetrainSettings(Settings):
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(dataclasses.asdict(self))
-
-
-def _check_int(name: str, value: Any, lowest: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lowest:
-        raise InputError(f"{name} must be an integer >= {lowest}, got {value!r}")
 
 
 @dataclass
@@ -137,8 +132,7 @@ def model_seed(seed: int, m: int, r: int) -> int:
 # ---- one model: the reference -------------------------------------------------------------
 def _resolve_epochs(task: Task, epochs: int | None) -> int:
     epochs = task.recipe.epochs if epochs is None else epochs
-    _check_int("epochs", epochs, 0)
-    return int(epochs)
+    return check_value(epochs, int, "epochs", Limits(ge=0))
 
 
 def _mask(mask: Any, n: int) -> np.ndarray:

@@ -43,8 +43,6 @@ from iif.projection import IdentityProjector, ProjectionSettings, Projector, mak
 from iif.task import Data, Task
 from iif.validation import Limits
 
-SOLVERS = ("exact", "projected", "cg")
-
 
 class InfluenceFunction(AttributionMethod):
     """Influence-function attributions for a trained model.
