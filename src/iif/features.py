@@ -302,12 +302,7 @@ def loss_features(
                           max_bytes, "gradient features")
     chunks = _feature_chunks(fmodel, state, x, sample_loss_fn(task), (targets,), projector,
                              chunk_size, x_per_copy=True)
-    try:
-        for start, feats in chunks:
-            out[..., start : start + feats.shape[-3], :] = feats[..., 0, :]
-    except InputError as exc:
-        raise InputError(str(exc).replace("per-sample gradients", what)) from None
-    return out
+    return _fill(out, chunks, what)
 
 
 def function_features(
@@ -329,10 +324,18 @@ def function_features(
     out = _feature_buffer((n, projector.dim), dtype, x.device, max_bytes, what)
     chunks = projected_jacobians(fmodel, state, x, fn, *args, projector=projector,
                                  chunk_size=chunk_size)
+    return _fill(out, chunks, what, progress)
+
+
+def _fill(out: torch.Tensor, chunks, what: str, progress: bool | None = False
+          ) -> torch.Tensor:
+    """``out`` (..., n, P) filled with the first scalar's features of each ``(start, F)``
+    chunk, F (..., n_chunk, R, P); errors name the features ``what``."""
+    size = out.shape[-2]
     try:
-        for start, feats in progress_bar(chunks, total=n, desc=what, enable=progress,
-                                         unit="samples", size=lambda item: item[1].shape[0]):
-            out[start : start + feats.shape[0]] = feats[:, 0]
+        for start, feats in progress_bar(chunks, total=size, desc=what, enable=progress,
+                                         unit="samples", size=lambda item: item[1].shape[-3]):
+            out[..., start : start + feats.shape[-3], :] = feats[..., 0, :]
     except InputError as exc:
         raise InputError(str(exc).replace("per-sample gradients", what)) from None
     return out

@@ -102,6 +102,9 @@ class ResultStore:
                 remove_temporary_files(chunks)
             self._claim(force)
             self._chunks = ChunkFolder(chunks, key.digest, lock=False)
+            # chunks this object wrote or checked: pending() and assemble() need not hash
+            # every finished chunk again while the folder is held
+            self._sound: set[str] = set()
         except BaseException:
             self.close()
             raise
@@ -197,6 +200,8 @@ class ResultStore:
         """Whether chunk [lo, hi) is on disk, intact and of this run (anything else is
         removed, so it is computed again)."""
         name = self._name(lo, hi)
+        if name in self._sound:
+            return True
         problem = self._chunks.problem(name, (hi - lo, self.manifest["n_train"]))
         if problem == "missing":
             return False
@@ -210,7 +215,9 @@ class ResultStore:
         if problem:
             log.warning("chunk %s %s; computing it again", name, problem)
             self._chunks.discard(name)
-        return problem is None
+            return False
+        self._sound.add(name)
+        return True
 
     @staticmethod
     def _check_record(lo: int, hi: int, record: dict[str, Any]) -> str | None:
