@@ -38,6 +38,7 @@ from iif.curvature import (
     fit_curvature,
     rank_bound,
     solver_from_factor,
+    stacked_gram_solvers,
 )
 from iif.factored import (
     factored_influence_scores,
@@ -272,11 +273,22 @@ class Engine:
                                    size, solve_bytes)
 
     # ---- curvature -----------------------------------------------------------------------
-    def fit_curvature(self, settings: CurvatureSettings, state: ModelState, x: torch.Tensor,
+    def fit_curvature(self, settings: CurvatureSettings, state: State, x: torch.Tensor,
                       targets: torch.Tensor, u: torch.Tensor,
-                      reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Solver:
+                      reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+                      ) -> Solver | list[Solver]:
         """The damped solver of the curvature of the training set at (state, targets); ``x``,
-        ``targets``, ``u`` may be this process's part, ``reduce`` summing the parts."""
+        ``targets``, ``u`` may be this process's part, ``reduce`` summing the parts.
+
+        For a StackedState of B copies (``targets`` (B, N, d), ``u`` (B, N, P)), the B
+        copies' solvers: a Fisher with N >= P from batched Gram products
+        (:func:`iif.curvature.stacked_gram_solvers`), anything else copy by copy."""
+        if isinstance(state, StackedState):
+            n = len(self.train) if reduce is None else x.shape[0]
+            if settings.kind == "fisher" and reduce is None and n >= self.projector.dim:
+                return stacked_gram_solvers(u, n, settings, "fisher", self.rank_bound())
+            return [self.fit_curvature(settings, member, x, targets[b], u[b], reduce)
+                    for b, member in enumerate(state.members())]
         with self.budget.spill():
             share = None if reduce is None else Share(len(self.train), reduce)
             return fit_curvature(settings, self.fmodel, state, x, targets, self.task,

@@ -22,15 +22,9 @@ import numpy as np
 import torch
 
 from iif.attribution import Attribution
-from iif.baseline import (
-    Baseline,
-    BaselineSettings,
-)
+from iif.baseline import Baseline, BaselineSettings
 from iif.budget import MAX_COPIES
-from iif.curvature import (
-    CurvatureSettings,
-    stacked_gram_solvers,
-)
+from iif.curvature import CurvatureSettings
 from iif.diagnostics import log_flags, trust_flags
 from iif.errors import InputError
 from iif.functional import FunctionalModel, ModelState
@@ -455,13 +449,7 @@ class IntegratedInfluence(AttributionMethod):
         u, psi = self.engine.step_features(state, self.train.x, rho, rho_prev, progress=False)
         gamma = self.engine.loss_features(state, test.x[:, None], test.targets[:, None],
                                           "test gradients")
-        if self.curvature.kind == "fisher" and n >= self.projector.dim:
-            solvers = stacked_gram_solvers(u, n, self.curvature, "fisher",
-                                           self.engine.rank_bound())
-        else:
-            solvers = [self.engine.fit_curvature(self.curvature, member, self.train.x, rho[b],
-                                                 u[b])
-                       for b, member in enumerate(state.members())]
+        solvers = self.engine.fit_curvature(self.curvature, state, self.train.x, rho, u)
         for b, solver in enumerate(solvers):
             scores[b] -= rows_times(psi[b], solver.solve(gamma[b].T))[:, 0] / n
         return solvers
