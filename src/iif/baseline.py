@@ -121,6 +121,8 @@ def trivial_loss(task: Task, targets: torch.Tensor) -> float:
     """Loss of a predictor that ignores its input: the scale 'exploding' is measured against."""
     if task.kind == "classification":
         return math.log(targets.shape[1])
+    if task.kind == "sequence":  # uniform over the vocabulary at every labelled position
+        return float(targets.sum(1).mean()) * math.log(task.num_classes)
     return float((targets - targets.mean(0)).pow(2).mean()) or 1.0
 
 
@@ -130,6 +132,16 @@ def complement_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     exact for a saturated p_y (where ``1 - p_y`` rounds to 0)."""
     rest = torch.log1p(-target.clamp(max=1.0))  # log(1 - t): -inf on a one-hot target class
     return torch.logsumexp(output, dim=-1) - torch.logsumexp(output + rest, dim=-1)
+
+
+def _sequence_complement(task: Task) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """:func:`complement_loss` at every position of a sequence, summed (n,); positions
+    without a label (zero target rows) add nothing."""
+    def term(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = task.shaped(output)
+        return complement_loss(logits, target.reshape(logits.shape)).sum(-1)
+
+    return term
 
 
 @dataclass
@@ -152,7 +164,7 @@ def resolved_objective(task: Task, settings: BaselineSettings) -> str:
     """The objective ``settings.objective`` means for this task (see BaselineSettings)."""
     if settings.objective != "auto":
         return settings.objective
-    builtin_ce = task.kind == "classification" and task.loss is None
+    builtin_ce = task.kind in ("classification", "sequence") and task.loss is None
     return "complement" if builtin_ce and settings.direction == "unlearn" else "loss"
 
 
@@ -168,10 +180,11 @@ def _objective(task: Task, fmodel: FunctionalModel, state: ModelState, train: Da
     before = mean_loss(task, fmodel, state, train.x, train.targets)
     limit = settings.divergence_factor * max(before, trivial_loss(task, train.targets))
     if complement:
-        if task.kind != "classification" or task.loss is not None:
-            raise InputError("baseline objective 'complement' needs a classification task with "
-                             "the built-in cross-entropy; use objective='loss'")
-        term = complement_loss
+        if task.kind not in ("classification", "sequence") or task.loss is not None:
+            raise InputError("baseline objective 'complement' needs a classification or "
+                             "sequence task with the built-in cross-entropy; use "
+                             "objective='loss'")
+        term = complement_loss if task.kind == "classification" else _sequence_complement(task)
     else:
         def term(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return sign * task.sample_loss(out, t)
@@ -257,14 +270,15 @@ def _finish(task: Task, fmodel: FunctionalModel, state: ModelState, train: Data,
     if not res.finite and res.epochs == 0:
         log.warning("unlearning diverged in its first epoch%s (%s); falling back to the "
                     "baseline f(x; theta*)", who, reason)
-        return Baseline(state, task.prediction_targets(fmodel.outputs(state, train.x)), True)
+        guess = task.prediction_targets(fmodel.outputs(state, train.x), train.targets)
+        return Baseline(state, guess, True)
     if not res.finite:
         log.warning("unlearning diverged after %d epoch%s%s (%s); keeping the last sound epoch",
                     res.epochs, "" if res.epochs == 1 else "s", who, reason)
     end, alpha = res.state, 1.0
     if res.finite:
         end, alpha = _land(task, fmodel, state, res.state, train, test, goal)
-    targets = task.prediction_targets(fmodel.outputs(end, train.x))
+    targets = task.prediction_targets(fmodel.outputs(end, train.x), train.targets)
     return Baseline(end, targets, False, truncated=not res.finite, pulled_back=alpha)
 
 
@@ -347,4 +361,4 @@ def self_baseline_targets(
             sub = train.subset(slice(start, start + chunk_size))
             g = per_sample_grads(fmodel, state, sub.x, sub.targets, task, chunk_size)
             outs.append(vmap(forward)(step * g, sub.x))
-    return task.prediction_targets(torch.cat(outs))
+    return task.prediction_targets(torch.cat(outs), train.targets)

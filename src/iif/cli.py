@@ -4,6 +4,7 @@
     iif reproduce NAME --out DIR [--scale smoke|full] [--seed S]
     iif attribute --task MODULE:FUNCTION --out DIR [--method M] [--settings FILE.toml] ...
     iif show DIR [--task MODULE:FUNCTION] [--test-index I ...] [--top K]
+    iif report DIR --html [--out FILE] [--top K] [--task MODULE:FUNCTION]
     iif explain --task MODULE:FUNCTION --test-index I [--contrast B|runner-up] [--out DIR]
                 [--settings FILE.toml] [--proj-dim P] [--kronecker]
     iif --version
@@ -176,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="replace the results in --out when they belong to another run "
                                 "(other settings, model, data or checkpoints) or were written "
                                 "by Attribution.save(); without it such a folder is refused")
+    attribute.add_argument("--fitted", default=None, metavar="DIR",
+                           help="folder of the method's fitted training-side state (IF, TRAK): "
+                                "loaded when it holds this run's, else computed and saved "
+                                "there; another run's is refused (one process)")
     attribute.add_argument("--peer-timeout", type=_positive_float, default=None,
                            metavar="SECONDS",
                            help="under torchrun: how long a rank waits for the others to join "
@@ -224,6 +229,31 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--image-shape", type=int, nargs="+", default=None, metavar="D",
                          help="shape of one input image (default: from the data)")
     explain.set_defaults(handler=_cmd_explain)
+
+    report = sub.add_parser(
+        "report", parents=[common],
+        help="write a self-contained HTML page of an attribution folder",
+        description="Write one HTML file (images inline, no network) for a folder written by "
+                    "iif attribute or Attribution.save: the method, settings and run key, "
+                    "then per test sample its label and prediction (with --task), the "
+                    "completeness and its top proponents (score < 0: lower the test loss) "
+                    "and opponents (score > 0: raise it). With --task the samples are drawn "
+                    "as images, or printed as text when the task's module defines "
+                    "decode(x) -> str; without it they are named by index.",
+    )
+    report.add_argument("folder", metavar="DIR", help="folder written by iif attribute or "
+                                                      "Attribution.save")
+    report.add_argument("--html", action="store_true", default=True,
+                        help="write the HTML page (the only format so far, and the default)")
+    report.add_argument("--out", default=None, metavar="FILE",
+                        help="the HTML file to write (default: DIR/report.html)")
+    report.add_argument("--top", type=_positive_int, default=5, metavar="K",
+                        help="proponents and opponents per test sample (default: 5)")
+    report.add_argument("--task", default=None, metavar="MODULE:FUNCTION",
+                        help="the task function, for the samples, labels and predictions")
+    report.add_argument("--image-shape", type=int, nargs="+", default=None, metavar="D",
+                        help="shape of one input image, e.g. 28 28 (default: from the data)")
+    report.set_defaults(handler=_cmd_report)
     return parser
 
 
@@ -305,6 +335,12 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     _check_out(args.out)
     job = load_job(args.task)
     method = build_method(job, settings)
+    if args.fitted is not None:
+        from iif.distributed import world
+
+        if world()[1] > 1:  # ranks featurise their own block of the training set
+            raise InputError("--fitted runs in one process, not under torchrun")
+        method.fit(args.fitted)
     timeouts = {} if args.peer_timeout is None else {"peer_timeout_s": args.peer_timeout}
     result = attribute_job(args.out, method, job, chunk=settings.get("chunk"), force=args.force,
                            **timeouts)
@@ -346,6 +382,15 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     text, _ = explain(build_method(job, settings), job.test, args.test_index, args.out,
                       contrast=contrast, k=args.top, image_shape=args.image_shape)
     print(text)
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from iif.html_report import report_folder
+
+    path = report_folder(args.folder, args.out, top=args.top, task=args.task,
+                         image_shape=args.image_shape)
+    print(f"wrote {path}")
     return EXIT_OK
 
 

@@ -32,6 +32,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
 from iif.baseline import BaselineSettings
@@ -119,6 +120,19 @@ def load_job(spec: str) -> Job:
     return job
 
 
+def task_module(spec: str) -> ModuleType | None:
+    """The module of the task function ``spec`` (``MODULE:FUNCTION`` or ``FILE.py:FUNCTION``)
+    once :func:`load_job` has imported it; None before, or for a malformed ``spec``."""
+    where = spec.rsplit(":", 1)[0]
+    return sys.modules.get(_file_module_name(Path(where)) if where.endswith(".py") else where)
+
+
+def _file_module_name(path: Path) -> str:
+    """The module name a task file is imported under: stable for the file, since hash() of a
+    path changes from process to process."""
+    return "_iif_task_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+
+
 def _import(where: str):
     """The module ``where``: a ``.py`` file, or a dotted module name looked up on
     ``sys.path`` with the current folder in front (as ``python -m`` has it)."""
@@ -126,8 +140,7 @@ def _import(where: str):
         path = Path(where)
         if not path.is_file():
             raise InputError(f"no such file: {where}")
-        # a stable name (hash() of a path changes from process to process)
-        name = "_iif_task_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+        name = _file_module_name(path)
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module

@@ -41,8 +41,10 @@ from iif.curvature import (
     stacked_gram_solvers,
 )
 from iif.factored import (
+    FactoredInfluence,
     factored_influence_scores,
     factored_step_scores,
+    fit_factored_influence,
     linear_layers,
     supports_factored,
 )
@@ -193,6 +195,15 @@ class Engine:
             return loss_features(self.fmodel, state, x, targets, self.task, self.projector,
                                  b.chunk_size, b.max_feature_bytes, what)
 
+    def test_features(self, state: State, x: torch.Tensor, targets: torch.Tensor,
+                      what: str = "test gradients") -> torch.Tensor:
+        """Projected per-sample gradients of the task's measurement (the test loss by
+        default; :meth:`iif.task.Task.measure`), shaped as :meth:`loss_features`."""
+        b = self.budget
+        with b.spill():
+            return loss_features(self.fmodel, state, x, targets, self.task, self.projector,
+                                 b.chunk_size, b.max_feature_bytes, what, measure=True)
+
     def step_features(self, state: State, x: torch.Tensor, rho: torch.Tensor,
                       rho_prev: torch.Tensor, progress: bool | None = None,
                       desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,11 +235,12 @@ class Engine:
             return ggn_features(self.fmodel, state, x, targets, self.task, self.projector,
                                 b.chunk_size, b.max_feature_bytes, rank)
 
-    def per_sample_grads(self, state: ModelState, x: torch.Tensor,
-                         targets: torch.Tensor) -> torch.Tensor:
-        """Unprojected per-sample loss gradients (n, M)."""
+    def per_sample_grads(self, state: ModelState, x: torch.Tensor, targets: torch.Tensor,
+                         measure: bool = False) -> torch.Tensor:
+        """Unprojected per-sample loss gradients (n, M); ``measure``: of the task's
+        measurement instead."""
         return per_sample_grads(self.fmodel, state, x, targets, self.task,
-                                self.budget.chunk_size)
+                                self.budget.chunk_size, measure)
 
     # ---- the policy: stacking and memory -----------------------------------------------
     def stacking(self) -> Stacking:
@@ -338,6 +350,14 @@ class Engine:
                                     test_targets, self.task, settings,
                                     effective_dim=self.rank_bound(),
                                     chunk_size=self.budget.chunk_size)
+
+    def factored_influence(self, settings: CurvatureSettings) -> FactoredInfluence:
+        """The training side of exact influence functions at theta*: training factors,
+        solver and Gram matrix, for any number of test batches."""
+        return fit_factored_influence(self.fmodel, self.state, self.train.x,
+                                      self.train.targets, self.task, settings,
+                                      effective_dim=self.rank_bound(),
+                                      chunk_size=self.budget.chunk_size)
 
     def factored_influence_scores(self, settings: CurvatureSettings, test_x: torch.Tensor,
                                   test_targets: torch.Tensor):

@@ -59,6 +59,7 @@ from iif.functional import FunctionalModel, ModelState, module_mode
 from iif.grads import (
     ggn_factor,
     loss_and_target_jvps,
+    measurement_fn,
     path_step_fn,
     per_sample_jacobians,
     sample_loss_fn,
@@ -529,11 +530,19 @@ class FactoredFisher:
         base, extra = self._start(self.default_damping if damping is None else damping)
         factor, used, retries = damped_cholesky(self.kuu, base, float(self.n), self.settings,
                                                 "fisher")
+        return self.cholesky_solver(factor, used, retries + extra)
+
+    def cholesky_solver(self, factor: torch.Tensor, damping: float, retries: int
+                        ) -> FactoredSolver:
+        """The solver on a Cholesky factor (n, n) of ``K + n damping I`` already computed
+        (by :meth:`solver`, or loaded with a fitted state: ``iif.fitted``)."""
 
         def inner(rhs: torch.Tensor) -> torch.Tensor:
             return torch.cholesky_solve(rhs, factor)
 
-        return FactoredSolver(self, used, retries + extra, inner, "cholesky")
+        solver = FactoredSolver(self, damping, retries, inner, "cholesky")
+        solver.cholesky = factor  # kept for saving the fitted state
+        return solver
 
     def solvers(self, dampings: Sequence[float],
                 method: Literal["auto", "eigh", "cholesky"] = "auto") -> list[FactoredSolver]:
@@ -591,6 +600,7 @@ class FactoredSolver(Solver):
                          fisher.settings.kind)
         self.fisher = fisher
         self.inner = inner
+        self.cholesky: torch.Tensor | None = None  # the factor behind ``inner``, if one
         self.details = {"solver": "factored", "factorisation": how, "trace": fisher.trace,
                         "effective_dim": fisher.effective_dim}
 
@@ -771,7 +781,7 @@ def factored_step_scores(
         fn, args = path_step_fn(task), (rho, rho_prev)
     train = linear_factors(fmodel, state, train_x, fn, *args, chunk_size=chunk_size,
                            layers=layers)
-    test = linear_factors(fmodel, state, test_x, sample_loss_fn(task), test_targets,
+    test = linear_factors(fmodel, state, test_x, measurement_fn(task), test_targets,
                           chunk_size=chunk_size, layers=layers)
     solves = 1 if dampings is None else len(dampings)
     if settings.kind == "ggn":
@@ -791,6 +801,55 @@ def factored_step_scores(
     return woodbury_scores(solvers, test, 1, paired, psi=psi, k_psi_u=k_psi_u), solvers
 
 
+@dataclass
+class FactoredInfluence:
+    """The training side of exact influence functions from layer factors, fitted once:
+    ``train`` the per-sample gradient factors at theta*, ``solver`` the damped curvature's
+    Woodbury solver, ``kernel`` the (N, N) Gram matrix ``U U^T`` of the Fisher (None for
+    the Gauss-Newton matrix, whose scores go through per-layer matrices)."""
+
+    train: Factors
+    solver: FactoredSolver
+    kernel: torch.Tensor | None
+
+    def scores(self, fmodel: FunctionalModel, state: ModelState, test_x: torch.Tensor,
+               test_targets: torch.Tensor, task: Task, chunk_size: int = 128
+               ) -> torch.Tensor:
+        """``-(1/N) g_s^T C^{-1} g_i`` (n_test, N) float64: only the test factors are new."""
+        test = linear_factors(fmodel, state, test_x, measurement_fn(task), test_targets,
+                              chunk_size=chunk_size, layers=self.train.layers)
+        if self.kernel is None:
+            return self.solver.scores(test, psi_row=0, psi=self.train)
+        return self.solver.scores(test, psi_row=0, k_psi_u=self.kernel)
+
+
+def fit_factored_influence(
+    fmodel: FunctionalModel,
+    state: ModelState,
+    train_x: torch.Tensor,
+    train_targets: torch.Tensor,
+    task: Task,
+    settings: CurvatureSettings,
+    effective_dim: int | None = None,
+    chunk_size: int = 128,
+) -> FactoredInfluence:
+    """The training factors, the curvature's solver and (Fisher) the Gram matrix of
+    :func:`factored_influence_scores`."""
+    if settings.kind not in ("fisher", "ggn"):
+        raise InputError(f"factored solves use the empirical Fisher or Gauss-Newton, not "
+                         f"{settings.kind!r}")
+    layers = _require_layers(fmodel)
+    train = linear_factors(fmodel, state, train_x, sample_loss_fn(task), train_targets,
+                           chunk_size=chunk_size, layers=layers)
+    if settings.kind == "ggn":
+        solver = _curvature(fmodel, state, train, train_x, train_targets, task, settings,
+                            effective_dim, chunk_size).solver()
+        return FactoredInfluence(train, solver, None)
+    k = gram(train)  # here Psi U^T = U U^T: the kernel route costs n^2 s more
+    return FactoredInfluence(train, FactoredFisher(fmodel, train, settings, effective_dim,
+                                                   gram=k).solver(), k)
+
+
 def factored_influence_scores(
     fmodel: FunctionalModel,
     state: ModelState,
@@ -806,19 +865,7 @@ def factored_influence_scores(
     """Influence-function scores ``-(1/N) g_s^T F^{-1} g_i`` (n_test, N) float64 with the
     exact empirical Fisher of the training loss gradients, from layer factors; and the
     solver."""
-    if settings.kind not in ("fisher", "ggn"):
-        raise InputError(f"factored solves use the empirical Fisher or Gauss-Newton, not "
-                         f"{settings.kind!r}")
-    layers = _require_layers(fmodel)
-    loss = sample_loss_fn(task)
-    train = linear_factors(fmodel, state, train_x, loss, train_targets, chunk_size=chunk_size,
-                           layers=layers)
-    test = linear_factors(fmodel, state, test_x, loss, test_targets, chunk_size=chunk_size,
-                          layers=layers)
-    if settings.kind == "ggn":
-        solver = _curvature(fmodel, state, train, train_x, train_targets, task, settings,
-                            effective_dim, chunk_size).solver()
-        return solver.scores(test, psi_row=0, psi=train), solver
-    k = gram(train)  # here Psi U^T = U U^T: the kernel route costs n^2 s more
-    solver = FactoredFisher(fmodel, train, settings, effective_dim, gram=k).solver()
-    return solver.scores(test, psi_row=0, k_psi_u=k), solver
+    fitted = fit_factored_influence(fmodel, state, train_x, train_targets, task, settings,
+                                    effective_dim, chunk_size)
+    scores = fitted.scores(fmodel, state, test_x, test_targets, task, chunk_size)
+    return scores, fitted.solver

@@ -41,6 +41,7 @@ from iif.functional import FunctionalModel, ModelState, module_mode
 from iif.grads import (
     ggn_factor,
     loss_and_target_jvps,
+    measurement_fn,
     path_step_fn,
     per_sample_jacobians,
     sample_loss_fn,
@@ -293,14 +294,17 @@ def loss_features(
     chunk_size: int = 128,
     max_bytes: int = DEFAULT_MAX_FEATURE_BYTES,
     what: str = "per-sample gradients",
+    measure: bool = False,
 ) -> torch.Tensor:
-    """Projected per-sample loss gradients, e.g. the test gradients gamma: (n, P) at a
-    ModelState; at a ``iif.stacked.StackedState`` of B copies, copy b's gradients of its own
-    samples ``x[b]``, ``targets[b]`` ((B, n, ...) and (B, n, d)) -> (B, n, P). ``what``
-    names them in errors."""
+    """Projected per-sample loss gradients: (n, P) at a ModelState; at a
+    ``iif.stacked.StackedState`` of B copies, copy b's gradients of its own samples ``x[b]``,
+    ``targets[b]`` ((B, n, ...) and (B, n, d)) -> (B, n, P). ``measure``: gradients of the
+    task's measurement instead (the test gradients gamma; the test loss by default).
+    ``what`` names them in errors."""
     out = _feature_buffer((*targets.shape[:-1], projector.dim), targets.dtype, x.device,
                           max_bytes, "gradient features")
-    chunks = _feature_chunks(fmodel, state, x, sample_loss_fn(task), (targets,), projector,
+    fn = measurement_fn(task) if measure else sample_loss_fn(task)
+    chunks = _feature_chunks(fmodel, state, x, fn, (targets,), projector,
                              chunk_size, x_per_copy=True)
     return _fill(out, chunks, what)
 

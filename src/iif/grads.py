@@ -56,16 +56,13 @@ def per_sample_grads(
     targets: torch.Tensor,
     task: Task,
     chunk_size: int = 128,
+    measure: bool = False,
 ) -> torch.Tensor:
-    """Per-sample loss gradients (n, M) of ``l(f(x_i), targets_i)``; for small problems."""
-    return torch.cat(
-        [
-            j[:, 0]
-            for _, j in per_sample_jacobians(
-                fmodel, state, x, sample_loss_fn(task), targets, chunk_size=chunk_size,
-            )
-        ]
-    )
+    """Per-sample loss gradients (n, M) of ``l(f(x_i), targets_i)`` (``measure``: of the
+    task's measurement); for small problems."""
+    fn = measurement_fn(task) if measure else sample_loss_fn(task)
+    return torch.cat([j[:, 0] for _, j in per_sample_jacobians(fmodel, state, x, fn, targets,
+                                                               chunk_size=chunk_size)])
 
 
 def sample_loss_fn(task: Task) -> SampleFn:
@@ -75,6 +72,16 @@ def sample_loss_fn(task: Task) -> SampleFn:
         return task.sample_loss(out[None], target[None])[0]
 
     return loss
+
+
+def measurement_fn(task: Task) -> SampleFn:
+    """``fn(output_i, target_i) -> m`` for one sample (unbatched): what the scores explain on
+    a test sample, oriented as a loss (:meth:`iif.task.Task.measure`)."""
+
+    def measure(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return task.measure(out[None], target[None])[0]
+
+    return measure
 
 
 def loss_and_target_jvp(task: Task) -> SampleFn:

@@ -15,8 +15,8 @@ and, with defaults that leave them out as TRAK does for classification,
 
 ``value`` is differentiated one sample at a time: it is called with outputs and targets of
 one sample as (1, d) each and must return shape (1,). :class:`Margin` (classification with
-cross-entropy) and :class:`Output` (one-output regression, on the task's loss) are the
-defaults, chosen from the task by :func:`default_output`.
+cross-entropy), :class:`SequenceMargin` (a sequence task) and :class:`Output` (one-output
+regression, on the task's loss) are the defaults, chosen from the task by :func:`default_output`.
 """
 
 from __future__ import annotations
@@ -94,6 +94,33 @@ class Output(ModelOutput):
         return self.weight(outputs, targets)
 
 
+class SequenceMargin(ModelOutput):
+    """A sequence task: f = the sum of the per-token margins over the labelled positions
+    (outputs (n, T * V) flattened); ``w`` the mean of the per-token ``1 - p_y``, which is
+    :class:`Margin`'s for one position (a sum of token losses has no single ``-dl/df``)."""
+
+    name = "sequence margin"
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def _margins(self, outputs: torch.Tensor, targets: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = outputs.reshape(outputs.shape[0], -1, self.vocab)
+        onehot = targets.reshape(logits.shape)
+        keep = onehot.sum(-1) > 0
+        zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+        return torch.where(keep, margin(logits, onehot), zero), keep
+
+    def value(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self._margins(outputs, targets)[0].sum(-1)
+
+    def weight(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        m, keep = self._margins(outputs, targets)
+        w = torch.sigmoid(-m) * keep.to(m.dtype)
+        return w.sum(-1) / keep.sum(-1).clamp_min(1).to(m.dtype)
+
+
 def default_output(task: Task, outputs: int) -> ModelOutput:
     """:class:`Margin` for classification with the default cross-entropy and >= 2 classes,
     :class:`Output` for single-output regression; anything else is refused (give a
@@ -107,9 +134,11 @@ def default_output(task: Task, outputs: int) -> ModelOutput:
         return Output(task)
     if task.loss is not None:
         raise InputError(
-            "TRAK's margin output function assumes the cross-entropy loss; this "
-            "classification task has a custom loss"
+            f"TRAK's margin output function assumes the cross-entropy loss; this "
+            f"{task.kind} task has a custom loss"
         )
+    if task.kind == "sequence":
+        return SequenceMargin(task.num_classes)
     if outputs < 2:
         raise InputError(f"TRAK classification needs >= 2 classes, got {outputs}")
     return Margin()

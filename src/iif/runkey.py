@@ -169,6 +169,12 @@ def software_versions() -> dict[str, str]:
 def run_key(method: Any, test: Any) -> RunKey:
     """The key of ``method`` (an :class:`iif.methods.base.AttributionMethod`) attributing the
     validated test data ``test``; the method adds parts of its own (``key_parts``)."""
+    return RunKey({**method_key(method).parts, "test data": data_digest(test)})
+
+
+def method_key(method: Any) -> RunKey:
+    """The key of everything but the test data: what a method's fitted training-side state
+    (:mod:`iif.fitted`) depends on."""
     members = method.members()
     weights = []
     for member in members:
@@ -180,7 +186,6 @@ def run_key(method: Any, test: Any) -> RunKey:
         "model structure": model_structure_digest(
             [m for member in members for m in member.models], method.task.loss),
         "training data": data_digest(method.train),
-        "test data": data_digest(test),
         "software": settings_digest(software_versions()),
         **method.key_parts(),
     }

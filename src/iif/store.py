@@ -172,14 +172,7 @@ class ResultStore:
         return None
 
     def _describe(self, differs: list[str], old: dict[str, Any]) -> str:
-        text = []
-        for name in differs:
-            if name == "settings":
-                changes = _settings_changes(old.get("settings"), self.manifest["settings"])
-                text.append(f"settings ({changes})" if changes else "settings")
-            else:
-                text.append(name)
-        return "different " + ", ".join(text)
+        return describe_differences(differs, old.get("settings"), self.manifest["settings"])
 
     def _clear(self) -> None:
         for name in (MANIFEST, SCORES_FILE, META_FILE):
@@ -277,6 +270,20 @@ class ResultStore:
         result = Attribution(scores, m["method"], m["settings"], whole, info)
         result.save(self.folder)
         return result
+
+
+def describe_differences(differs: list[str], old_settings: Any, new_settings: dict[str, Any]
+                         ) -> str:
+    """``different settings (a.b: old -> new), model weights``: the run-key parts that differ,
+    the settings with their first changed values."""
+    text = []
+    for name in differs:
+        if name == "settings":
+            changes = _settings_changes(old_settings, new_settings)
+            text.append(f"settings ({changes})" if changes else "settings")
+        else:
+            text.append(name)
+    return "different " + ", ".join(text)
 
 
 def _settings_changes(old: Any, new: dict[str, Any], limit: int = 4) -> str:

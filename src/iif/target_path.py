@@ -43,8 +43,8 @@ class PathSettings(Settings):
                                "recipe's)")
     batch_size: int | None = setting(None, ge=1, doc="minibatch size of the path epochs "
                                      "(None: the recipe's)")
-    sparse: bool = setting(True, doc="classification: keep only the true-class coordinate of "
-                           "the path targets (appendix E)")
+    sparse: bool = setting(True, doc="classification (per token for sequences): keep only the "
+                           "true-class coordinate of the path targets (appendix E)")
 
 
 class TargetPath:
@@ -66,7 +66,7 @@ class TargetPath:
         self.targets = targets
         self.baseline = baseline.to(targets.dtype)
         self.steps = int(steps)
-        self.sparse = bool(sparse) and task.kind == "classification"
+        self.sparse = bool(sparse) and task.kind in ("classification", "sequence")
 
     def __call__(self, k: int) -> torch.Tensor:
         t = k / self.steps

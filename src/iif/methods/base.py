@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, is_dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from torch import nn
@@ -39,6 +39,9 @@ from iif.io import jsonable
 from iif.projection import IdentityProjector, Projector
 from iif.task import Data, Task
 from iif.validation import Limits, check_value, keyword_hint, without_none
+
+if TYPE_CHECKING:
+    from iif.fitted import FittedState
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +143,25 @@ class AttributionMethod:
         idx = self._indices(indices)
         with self.engine.budget.spill():
             return np.mean([m._self_influence(idx) for m in self.members()], axis=0)
+
+    def fit(self, folder: str | os.PathLike | None = None) -> AttributionMethod:
+        """Compute the training-side state once (training features at theta*, the factored
+        curvature or kernel; see the method's ``_fitted_state``) and keep it, so that later
+        ``attribute`` calls featurise only their test samples. With ``folder``, load the
+        state from it when it holds this run's (same run key without the test data), else
+        compute it and save it there (``iif.fitted``); another run's state is refused.
+        A setting changed afterwards drops the state (it is computed again). Returns self."""
+        self._validate_settings()
+        if self.sharding is not None:
+            raise InputError(f"{self.method}: fit runs in one process, outside sharded()")
+        if folder is None:
+            for member in self.members():
+                member._fitted_state()
+        else:
+            from iif.fitted import fit_folder
+
+            fit_folder(self, folder)
+        return self
 
     def validate_test(self, test_data: Any) -> Data:
         """``test_data`` checked and on the device, with the training inputs' sample shape."""
@@ -310,6 +332,15 @@ class AttributionMethod:
 
     def _settings(self) -> dict[str, Any]:
         return {}
+
+    def _fitted_state(self) -> FittedState:
+        """Fit this model's training side (kept in the method's caches, dropped by
+        :meth:`_reset`) and return it as tensors and metadata (:mod:`iif.fitted`)."""
+        raise InputError(f"{self.method} has no training-side state to fit")
+
+    def _load_fitted(self, state: FittedState) -> None:
+        """Take ``state`` (from :meth:`_fitted_state` of the same run) as the caches."""
+        raise InputError(f"{self.method} has no training-side state to load")
 
     def key_parts(self) -> dict[str, str]:
         """Digests of inputs beyond the models, data and settings that determine the scores

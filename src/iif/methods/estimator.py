@@ -7,7 +7,9 @@ One :class:`KernelEstimator` per model (and per checkpoint for TracIn) holds the
   (IF's ``cg`` solver, TracIn);
 - the solve ``v -> K v`` on (D, r) columns: the identity (TracIn), the damped curvature (IF),
   TRAK's kernel;
-- ``featurise(x, targets) -> (n, D)``, the same features for test samples.
+- ``featurise(x, targets) -> (n, D)``, the same features for test samples, or
+  ``test_featurise``: the gradients of the task's measurement (IF, TracIn) when it is not the
+  loss.
 
 :meth:`KernelEstimator.products` gives ``phi_s^T K phi_i`` (n_test, N) over the whole training
 set (gathered across processes), :meth:`KernelEstimator.self_products` the diagonal
@@ -48,6 +50,7 @@ class KernelEstimator:
     featurise: Featurise
     solve: Solve
     features: torch.Tensor | None = None
+    test_featurise: Featurise | None = None
 
     def train_chunks(self, idx: np.ndarray, step: int | None = None
                      ) -> Iterator[tuple[int, torch.Tensor]]:
@@ -63,7 +66,8 @@ class KernelEstimator:
                 yield lo, self.featurise(train.x[rows], train.targets[rows])
 
     def test_features(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.featurise(x, targets)
+        featurise = self.featurise if self.test_featurise is None else self.test_featurise
+        return featurise(x, targets)
 
     def products(self, test_features: torch.Tensor) -> torch.Tensor:
         """``phi_s^T K phi_i`` (n_test, N) in float64 for test features (n_test, D)."""

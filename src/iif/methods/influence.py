@@ -35,6 +35,8 @@ from iif.curvature import (
     rank_bound,
 )
 from iif.errors import InputError
+from iif.factored import FactoredInfluence
+from iif.fitted import FittedState, factored_state, load_factored, load_solver, merged, solver_state
 from iif.functional import FunctionalModel
 from iif.linalg import SOLVE_DTYPE, Solver
 from iif.methods.base import AttributionMethod
@@ -102,8 +104,11 @@ class InfluenceFunction(AttributionMethod):
             raise InputError(f"solver {self.solver!r} does not project; use "
                              f"solver='projected' (or 'auto') with a projection")
         super()._reset()
+        # the fitted training side (``fit``): every cache below is of the current settings
         self._fitted: tuple[KernelEstimator, Solver] | None = None
         self._grads: torch.Tensor | None = None
+        self._factored: FactoredInfluence | None = None
+        self._cg_trace: float | None = None
 
     def _make_projector(self, fmodel: FunctionalModel) -> Projector:
         if self.projection.dim is None:
@@ -114,8 +119,10 @@ class InfluenceFunction(AttributionMethod):
     # ---- the method ----------------------------------------------------------------------
     def _attribute(self, test: Data) -> Attribution:
         if self._use_factored():
-            scores, solver = self.engine.factored_influence_scores(self.curvature, test.x,
-                                                                   test.targets)
+            fitted = self._factored_fit()
+            scores = fitted.scores(self.fmodel, self.state, test.x, test.targets, self.task,
+                                   self.engine.budget.chunk_size)
+            solver = fitted.solver
             return Attribution(scores.cpu().numpy(), self.method, self.settings(), None,
                                {"solver": solver.report()})
         estimator, solver = self._fit()
@@ -151,7 +158,7 @@ class InfluenceFunction(AttributionMethod):
                                             default_damping_ratio=value) if relative
                         else dataclasses.replace(self.curvature, damping=value))
             solver = self.engine.solver_from_factor(factor, settings)
-            estimator = KernelEstimator(self.engine, self._features, solver.solve, grads)
+            estimator = self._estimator(solver, grads)
             scores = -estimator.products(test_grads) / len(train)
             result = Attribution(scores.cpu().numpy(), self.method,
                                  {**self.settings(), "curvature": settings.to_dict()}, None,
@@ -187,27 +194,76 @@ class InfluenceFunction(AttributionMethod):
             return self.engine.per_sample_grads(self.state, x, targets)
         return self.engine.loss_features(self.state, x, targets)
 
+    def _test_features(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Gradients of the task's measurement (the test loss by default)."""
+        if self.effective_solver == "cg":
+            return self.engine.per_sample_grads(self.state, x, targets, measure=True)
+        return self.engine.test_features(self.state, x, targets)
+
+    def _estimator(self, solver: Solver, grads: torch.Tensor | None) -> KernelEstimator:
+        return KernelEstimator(self.engine, self._features, solver.solve, grads,
+                               self._test_features)
+
     def _fit(self) -> tuple[KernelEstimator, Solver]:
         """The estimator (training features stored, or recomputed in chunks for ``cg``) on
         the damped solver, and the solver."""
         if self._fitted is None:
             train = self.train
             if self.effective_solver == "cg":
-                product = self.engine.curvature_product(self.curvature)
-                trace = self._trace(product)
-                m = self.engine.num_params
-                solver = cg_solver(product, m, self.curvature, self.cg, self.curvature.kind,
-                                   trace, rank_bound(len(train), m, m))
-                grads = None
+                solver, grads = self._cg_solver(), None
             else:
                 block = self.engine.train_block()
                 grads = self._train_grads()
                 solver = self.engine.fit_curvature(self.curvature, self.state, train.x[block],
                                                    train.targets[block], grads,
                                                    reduce=self.engine.reduce)
-            self._fitted = (KernelEstimator(self.engine, self._features, solver.solve, grads),
+            self._fitted = (self._estimator(solver, grads),
                             solver)
         return self._fitted
+
+    def _cg_solver(self) -> Solver:
+        """The conjugate-gradient solver; its trace (for the default damping) is computed
+        once, or taken from a loaded fitted state."""
+        product = self.engine.curvature_product(self.curvature)
+        if self._cg_trace is None:
+            self._cg_trace = self._trace(product)
+        m = self.engine.num_params
+        return cg_solver(product, m, self.curvature, self.cg, self.curvature.kind,
+                         self._cg_trace, rank_bound(len(self.train), m, m))
+
+    def _factored_fit(self) -> FactoredInfluence:
+        """Training factors, solver and Gram matrix of the exact factored solve, once."""
+        if self._factored is None:
+            self._factored = self.engine.factored_influence(self.curvature)
+        return self._factored
+
+    def _fitted_state(self) -> FittedState:
+        """Factored route: training layer factors, the Gram matrix and its Cholesky factor;
+        ``exact``/``projected``: training features (N, D) and the solver's factor (Cholesky
+        of the (D, D) curvature, or the Woodbury (N, N) one); ``cg``: the trace only (its
+        training gradients are recomputed chunk by chunk by design)."""
+        if self._use_factored():
+            return factored_state(self._factored_fit())
+        estimator, solver = self._fit()
+        if self.effective_solver == "cg":
+            return FittedState({}, {"cg": {"trace": self._cg_trace}})
+        features = estimator.features
+        assert features is not None  # stored for the exact and projected solvers
+        return merged(FittedState({"features": features}),
+                      solver_state(solver, "solver.", rows=features))
+
+    def _load_fitted(self, state: FittedState) -> None:
+        if "factored" in state.meta:
+            self._factored = load_factored(state, self.fmodel, self.curvature)
+            return
+        grads: torch.Tensor | None = None
+        if "cg" in state.meta:
+            self._cg_trace = float(state.meta["cg"]["trace"])
+            solver = self._cg_solver()
+        else:
+            grads = self._grads = state.tensors["features"]
+            solver = load_solver(state, "solver.", rows=grads)
+        self._fitted = (self._estimator(solver, grads), solver)
 
     def _train_grads(self) -> torch.Tensor:
         """This process's training features (exact or projected), computed once: the solver

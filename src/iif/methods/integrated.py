@@ -421,7 +421,7 @@ class IntegratedInfluence(AttributionMethod):
         block = self.engine.train_block()
         _, psi, solver = self._features(state, rho, rho_prev, k,
                                         None if self.sharding is None else block)
-        gamma = self.engine.loss_features(state, test.x, test.targets, "test gradients")
+        gamma = self.engine.test_features(state, test.x, test.targets)
         sol = solver.solve(gamma.T)  # (P, n_test)
         scores[:, block] -= rows_times(psi, sol).T / len(self.train)
         return solver
@@ -435,7 +435,7 @@ class IntegratedInfluence(AttributionMethod):
             scores += step.to(scores.device)
             return solver
         _, psi, solver = self._features(self.state, rho, rho_prev, k)
-        gamma = self.engine.loss_features(self.state, test.x, test.targets, "test gradients")
+        gamma = self.engine.test_features(self.state, test.x, test.targets)
         sol = solver.solve(gamma.T).to(SOLVE_DTYPE)  # (P, B)
         for b in range(len(test)):
             scores[b] -= rows_times(psi[:, b], sol[:, b : b + 1])[:, 0] / len(self.train)
@@ -447,8 +447,7 @@ class IntegratedInfluence(AttributionMethod):
         products (the Kronecker fast path)."""
         n = len(self.train)
         u, psi = self.engine.step_features(state, self.train.x, rho, rho_prev, progress=False)
-        gamma = self.engine.loss_features(state, test.x[:, None], test.targets[:, None],
-                                          "test gradients")
+        gamma = self.engine.test_features(state, test.x[:, None], test.targets[:, None])
         solvers = self.engine.fit_curvature(self.curvature, state, self.train.x, rho, u)
         for b, solver in enumerate(solvers):
             scores[b] -= rows_times(psi[b], solver.solve(gamma[b].T))[:, 0] / n
@@ -475,9 +474,10 @@ class IntegratedInfluence(AttributionMethod):
         return u, psi, solver
 
     def _delta(self, test: Data, theta_prime: ModelState) -> np.ndarray:
-        """L_test(theta*) - L_test(theta') per test sample."""
+        """m(theta*) - m(theta') per test sample: the change of the measurement (the test
+        loss by default) that the scores add up to."""
         def losses(state: ModelState) -> torch.Tensor:
-            return self.task.sample_loss(self.engine.outputs(state, test.x), test.targets)
+            return self.task.measure(self.engine.outputs(state, test.x), test.targets)
 
         return (losses(self.state) - losses(theta_prime)).double().cpu().numpy()
 

@@ -171,7 +171,8 @@ class TracIn(AttributionMethod):
                               desc="TracIn checkpoints", enable=self.progress):
             state = c.load(self.fmodel)
             yield c, KernelEstimator(self.engine, partial(self.engine.loss_features, state),
-                                     identity)
+                                     identity,
+                                     test_featurise=partial(self.engine.test_features, state))
 
 
 def _check_checkpoints(checkpoints: Sequence[Checkpoint] | None) -> list[Checkpoint]:

@@ -64,6 +64,7 @@ import torch
 from iif.attribution import Attribution
 from iif.curvature import CurvatureSettings, gram_solver
 from iif.errors import InputError
+from iif.fitted import FittedState, load_solver, merged, solver_state
 from iif.functional import FunctionalModel
 from iif.linalg import SOLVE_DTYPE, Solver
 from iif.methods.base import AttributionMethod
@@ -121,6 +122,10 @@ class TRAK(AttributionMethod):
         **common: Any,
     ):
         super().__init__(task, train_data, **common)
+        if task.measurement is not None:
+            raise InputError(f"TRAK explains its model-output function, not the task's "
+                             f"measurement ({task.measurement.name!r}): give "
+                             f"model_output=... (iif.outputs) and a task without a measurement")
         projection = self._keyword("projection", projection,
                                    default=lambda: ProjectionSettings(dim=DEFAULT_PROJECTION_DIM))
         self.projection = projection
@@ -254,6 +259,28 @@ class TRAK(AttributionMethod):
                                          None if orientation is None else _finite(orientation),
                                          solver, time.perf_counter() - start)
         return self._cache
+
+    def _fitted_state(self) -> FittedState:
+        """Phi (N, P), the weights w (N,), the orientations c (N,) when the output function
+        has them, and the kernel solver's factor: Cholesky of ``Phi^T D Phi + lambda I``
+        (P, P), or the Woodbury (N, N) one for N < P (with ``D^(1/2) Phi`` when D != I)."""
+        cache = self._train_features()
+        phi = cache.estimator.features
+        assert phi is not None  # TRAK always keeps its training features
+        tensors = {"features": phi, "weights": cache.weights}
+        if cache.orientation is not None:
+            tensors["orientation"] = cache.orientation
+        return merged(FittedState(tensors, {"seconds": cache.seconds}),
+                      solver_state(cache.solver, "kernel.", rows=phi))
+
+    def _load_fitted(self, state: FittedState) -> None:
+        phi = state.tensors["features"]
+        solver = load_solver(state, "kernel.", rows=phi)
+        estimator = KernelEstimator(self.engine, partial(self._features, what="test"),
+                                    solver.solve, phi)
+        self._cache = _TrainFeatures(estimator, state.tensors["weights"],
+                                     state.tensors.get("orientation"), solver,
+                                     float(state.meta["seconds"]))
 
     def _features(
         self, x: torch.Tensor, targets: torch.Tensor, what: str, progress: bool | None = False

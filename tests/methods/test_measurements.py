@@ -1,0 +1,174 @@
+"""Measurements: what the scores explain, checked against explicit autograd computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from iif import (
+    TRAK,
+    CurvatureSettings,
+    InfluenceFunction,
+    IntegratedInfluence,
+    PathSettings,
+    ProjectionSettings,
+    Task,
+    TracIn,
+)
+from iif.checkpoints import Checkpoint
+from iif.errors import InputError
+from iif.functional import FunctionalModel
+from iif.measurements import FunctionMeasurement, Logit, LogProb, Margin, TestLoss
+
+from .reference import flat_model, influence, safe_damping, sample_grads, targets
+
+
+@pytest.fixture(scope="module")
+def classifier(mlp_classifier):
+    p = mlp_classifier
+    return p.task, p.x, p.y, p.xt, p.yt
+
+
+def _with(task: Task, measurement) -> Task:
+    return Task(task.model, task.kind, task.recipe, measurement=measurement)
+
+
+def _k1(task: Task, x, y, xt, yt, damping: float):
+    """IIF with K = 1 from the baseline f(x; theta*): one step at theta* (an IF of the
+    measurement against the training losses)."""
+    with torch.no_grad():
+        base = torch.softmax(task.model(torch.as_tensor(x)), -1).numpy()
+    method = IntegratedInfluence(task, (x, y), path=PathSettings(steps=1, sparse=False),
+                                 curvature=CurvatureSettings(kind="fisher", damping=damping),
+                                 progress=False)
+    return method.attribute((xt, yt), baseline_targets=base).scores
+
+
+def _oracle(task: Task, x, y, xt, yt, measured) -> tuple[np.ndarray, float]:
+    """-(1/N) grad m_test^T (F + damping I)^{-1} grad l_i with autograd, one sample at a time;
+    ``measured(out (1, C), onehot (1, C)) -> (1,)`` is the loss-oriented measurement."""
+    theta, forward = flat_model(task.model)
+    x, xt = torch.as_tensor(x), torch.as_tensor(xt)
+    t, tt = targets("classification", y, 3), targets("classification", yt, 3)
+    g = sample_grads(forward, theta, "classification", x, t)
+    fisher = g.T @ g / x.shape[0]
+    damping = safe_damping(fisher)
+    rows = []
+    for i in range(xt.shape[0]):
+        th = theta.clone().requires_grad_(True)
+        rows.append(torch.autograd.grad(measured(forward(th, xt[i:i + 1]), tt[i:i + 1]).sum(),
+                                        th)[0])
+    return influence(fisher, damping, torch.stack(rows), g), damping
+
+
+def _neg_margin(out: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    true = (out * onehot).sum(-1)
+    rest = torch.logsumexp(out.masked_fill(onehot > 0.5, float("-inf")), -1)
+    return -(true - rest)
+
+
+@pytest.mark.parametrize("measurement, measured", [
+    (Margin(), _neg_margin),
+    (Logit(2), lambda out, t: -out[:, 2]),
+    (Logit(), lambda out, t: -(out * t).sum(-1)),
+])
+def test_iif_explains_the_measurement(classifier, measurement, measured):
+    task, x, y, xt, yt = classifier
+    expected, damping = _oracle(task, x, y, xt, yt, measured)
+    scores = _k1(_with(task, measurement), x, y, xt, yt, damping)
+    assert np.abs(expected).max() > 1e-6
+    np.testing.assert_allclose(scores, expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("solver", ["exact", "projected", "cg"])
+def test_influence_function_explains_the_measurement(classifier, solver):
+    task, x, y, xt, yt = classifier
+    expected, damping = _oracle(task, x, y, xt, yt, _neg_margin)
+    # a projection as wide as the model is the exact gradient (make_projector)
+    wide = {"projection": ProjectionSettings(dim=256)} if solver == "projected" else {}
+    method = InfluenceFunction(_with(task, Margin()), (x, y), solver=solver,
+                               curvature=CurvatureSettings(kind="fisher", damping=damping),
+                               progress=False, **wide)
+    scores = method.attribute((xt, yt)).scores
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-8 * np.abs(expected).max())
+
+
+def test_tracin_explains_the_measurement(classifier):
+    task, x, y, xt, yt = classifier
+    theta, forward = flat_model(task.model)
+    t = targets("classification", y, 3)
+    g = sample_grads(forward, theta, "classification", torch.as_tensor(x), t)
+    th = theta.clone().requires_grad_(True)
+    m = _neg_margin(forward(th, torch.as_tensor(xt[:1])), targets("classification", yt[:1], 3))
+    g_test = torch.autograd.grad(m.sum(), th)[0]
+    checkpoint = Checkpoint(epoch=1, lr=0.1, state=FunctionalModel(task.model).state())
+    scores = TracIn(_with(task, Margin()), (x, y), checkpoints=[checkpoint],
+                    progress=False).attribute((xt[:1], yt[:1])).scores
+    np.testing.assert_allclose(scores[0], -0.1 * (g @ g_test).numpy(), rtol=1e-8)
+
+
+def test_trak_refuses_a_task_measurement(classifier):
+    task, x, y, *_ = classifier
+    with pytest.raises(InputError, match="model_output"):
+        TRAK(_with(task, Margin()), (x, y), progress=False)
+
+
+def test_log_probability_is_minus_the_cross_entropy(classifier):
+    task, x, y, xt, yt = classifier
+    base = _k1(task, x, y, xt, yt, 0.01)
+    for measurement in (LogProb(), TestLoss()):
+        np.testing.assert_allclose(_k1(_with(task, measurement), x, y, xt, yt, 0.01), base,
+                                   rtol=1e-10, atol=1e-14)
+
+
+def test_a_scaled_measurement_scales_the_scores_and_its_orientation_flips_them(classifier):
+    task, x, y, xt, yt = classifier
+    base = _k1(task, x, y, xt, yt, 0.01)
+
+    def ce(out, t):
+        return -(t * torch.log_softmax(out, -1)).sum(-1)
+
+    twice = FunctionMeasurement(lambda out, t: 2.0 * ce(out, t), "2 x loss", False)
+    np.testing.assert_allclose(_k1(_with(task, twice), x, y, xt, yt, 0.01), 2.0 * base,
+                               rtol=1e-10, atol=1e-14)
+    # the same value declared "higher is better" is attributed as its negative
+    flipped = FunctionMeasurement(ce, "loss, misdeclared", True)
+    np.testing.assert_allclose(_k1(_with(task, flipped), x, y, xt, yt, 0.01), -base,
+                               rtol=1e-10, atol=1e-14)
+
+
+def test_completeness_compares_with_the_change_of_the_measurement(classifier):
+    task, x, y, xt, yt = classifier
+    method = IntegratedInfluence(_with(task, Margin()), (x, y), progress=False)
+    result = method.attribute((xt[:2], yt[:2]))
+    theta_star = torch.as_tensor(method.task.model(torch.as_tensor(xt[:2])).detach())
+    onehot = targets("classification", yt[:2], 3)
+    m_star = _neg_margin(theta_star, onehot).numpy()
+    # delta = m(theta*) - m(theta'): theta' unlearned the test sample, so its margin is lower
+    assert np.all(result.completeness["delta"] < 0)
+    assert np.all(np.isfinite(m_star))
+
+
+def test_measurements_are_checked_against_the_task(classifier):
+    task = classifier[0]
+    with pytest.raises(InputError, match="Measurement"):
+        Task(task.model, "classification", measurement=lambda o, t: o[:, 0])
+    with pytest.raises(InputError, match="regression"):
+        Task(task.model, "regression", measurement=Margin())
+    with pytest.raises(InputError, match="integer >= 0"):
+        Logit(-1)
+
+    class Empty(LogProb.__mro__[1]):  # a Measurement without value
+        name = "empty"
+
+    with pytest.raises(InputError, match="does not implement value"):
+        Task(task.model, "classification", measurement=Empty())
+
+
+def test_the_measurement_is_in_the_settings(classifier):
+    task, x, y, *_ = classifier
+    method = IntegratedInfluence(_with(task, Margin()), (x, y), progress=False)
+    assert method.settings()["task"]["measurement"] == "margin"
+    default = IntegratedInfluence(task, (x, y), progress=False)
+    assert default.settings()["task"]["measurement"] == "test loss"
