@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.func import jacrev, vmap
 
 from iif.budget import (
     DEFAULT_MAX_FEATURE_BYTES,
@@ -47,7 +48,7 @@ from iif.grads import (
     sample_loss_fn,
 )
 from iif.progress import progress_bar
-from iif.projection import KroneckerLayer, Projector
+from iif.projection import KroneckerLayer, KroneckerProjector, Projector
 from iif.task import Task
 
 
@@ -100,11 +101,18 @@ def projected_jacobians(
     gradients ``delta_i``; the feature of a layer is then
     ``(A_out^T delta_i) (x) (A_in^T [a_i, 1])`` (summed over a convolution's positions), equal
     to projecting the per-sample gradient ``delta_i [a_i, 1]^T`` without ever forming it.
-    Otherwise per-sample Jacobians (``iif.grads.per_sample_jacobians``) are projected.
+    A layer's input and output gradient may carry positions between the batch and feature
+    dimensions (a sequence model's Linear sees (n, T, in)): the feature then sums over them,
+    as the per-sample gradient ``sum_t delta_it [a_it, 1]^T`` does. Parameters outside the
+    layers (embeddings, norms) get per-sample Jacobians of their own, projected densely
+    (:func:`_rest_chunks`). Otherwise per-sample Jacobians
+    (``iif.grads.per_sample_jacobians``) of all parameters are projected.
     """
-    if getattr(projector, "all_params_in_layers", False) and _single_use_layers(
+    if isinstance(projector, KroneckerProjector) and _single_use_layers(
             fmodel, state, x, projector):
         chunks = _kronecker_chunks(fmodel, state, x, fn, args, projector, chunk_size)
+        if projector.rest is not None:
+            chunks = _with_rest(chunks, fmodel, state, x, fn, args, projector, chunk_size)
     else:
         chunks = ((start, projector.project(jac)) for start, jac in
                   per_sample_jacobians(fmodel, state, x, fn, *args, chunk_size=chunk_size))
@@ -129,6 +137,35 @@ def _single_use_layers(fmodel, state, x, projector) -> bool:
     return all(c == 1 for c in calls)
 
 
+def _with_rest(chunks, fmodel: FunctionalModel, state: ModelState, x: torch.Tensor, fn,
+               args: tuple, projector: KroneckerProjector, chunk_size: int):
+    """``(start, F)`` of the layers' chunks with the projected per-sample Jacobians of the
+    parameters outside them appended: F (n, R, P), columns in ``projector.project``'s
+    order (layers, then the rest)."""
+    rest = projector.rest
+    assert rest is not None
+    names = [n for n in fmodel.names if n not in projector.layer_params]
+    fixed = {k: v for k, v in state.params.items() if k not in names}
+    free = {k: state.params[k] for k in names}
+
+    def single(p, xi, *ai):
+        out = fmodel({**fixed, **p}, state.buffers, xi.unsqueeze(0)).squeeze(0)
+        return fn(out, *ai).reshape(-1)
+
+    batched = vmap(jacrev(single), in_dims=(None, 0) + (0,) * len(args))
+    for start, feats in chunks:
+        parts = []
+        # the layers' chunk may be larger than a chunk of per-sample Jacobians should be
+        for lo in range(start, start + feats.shape[0], chunk_size):
+            hi = min(lo + chunk_size, start + feats.shape[0])
+            with module_mode(fmodel.module, False):
+                tree = batched(free, x[lo:hi], *(a[lo:hi] for a in args))
+            jac = torch.cat([tree[n].reshape(hi - lo, feats.shape[1], -1) for n in names],
+                            dim=2)  # (n, R, M_rest) in the flat vector's order
+            parts.append(rest.project(jac.detach()))
+        yield start, torch.cat([feats, torch.cat(parts)], dim=2)
+
+
 def _fast_chunk(projector, fmodel, chunk_size: int, rows: int) -> int:
     """Samples per fast-path chunk: as many as fit the memory of a dense chunk of
     ``chunk_size`` samples (``chunk_size * rows * M`` values), the budget's
@@ -137,12 +174,15 @@ def _fast_chunk(projector, fmodel, chunk_size: int, rows: int) -> int:
         # a convolution's working set grows with its positions: keep the asked chunk
         return chunk_size
     widths = sum(layer.in_features + layer.out_features for layer in projector.layers)
+    if projector.rest is not None:
+        # the per-sample Jacobians of the parameters outside the layers come in chunks of
+        # chunk_size and are projected at once: their memory does not grow with the chunk
+        return chunk_size
     return grown_chunk(chunk_size, rows, fmodel.num_params,
                        rows * (widths + projector.dim) + widths)
 
 
 def _kronecker_chunks(fmodel, state, x, fn, args, projector, chunk_size):
-    from torch.func import vmap
 
     inputs: list[torch.Tensor | None] = [None] * len(projector.layers)
     outputs: list[torch.Tensor | None] = [None] * len(projector.layers)
@@ -404,7 +444,7 @@ def stacked_projected_jacobians(
     the layer's output gradients, and its input is returned beside the values, so the B
     copies' features come from B-wide matrix products instead of a loop over copies.
     """
-    from torch.func import vjp, vmap
+    from torch.func import vjp
 
     layers = projector.layers
     modules = [layer.module for layer in layers]

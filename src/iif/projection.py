@@ -195,6 +195,8 @@ class KroneckerProjector:
                 continue
             found.append((w, b if b in offsets else None, module))
             covered.update({w, b})
+        self.layer_params = frozenset(covered & set(offsets))
+        """Names of the parameters inside the layers (weights and biases)."""
         rest = [n for n in fmodel.names if n not in covered]
         rest_index = np.concatenate([
             np.arange(offsets[n], offsets[n] + size)
@@ -236,7 +238,7 @@ class KroneckerProjector:
                     + (self.rest.dim if self.rest is not None else 0))
         # every trainable parameter sits in one of the layers (a Linear or Conv2d): features
         # can be built from layer inputs and output gradients without per-sample gradients
-        # (iif.features)
+        # (iif.features); otherwise the rest need per-sample gradients of their own
         self.all_params_in_layers = self.rest is None
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
