@@ -152,10 +152,18 @@ def source_of(obj: Any) -> str:
         return f"<source of {getattr(obj, '__qualname__', type(obj).__name__)} unavailable>"
 
 
-def model_structure_digest(models: Iterable[nn.Module], loss: Any = None) -> str:
+def model_structure_digest(models: Iterable[nn.Module], loss: Any = None,
+                           measurement: Any = None) -> str:
+    """The models' structure, with the source of a custom loss and of a measurement (its
+    class, its public values and, for a function measurement, the function)."""
     texts = [structure_text(m) for m in models]
     if loss is not None:
         texts.append("loss:\n" + source_of(loss))
+    if measurement is not None:
+        values = {k: v for k, v in vars(measurement).items()
+                  if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
+        texts.append(f"measurement: {values} higher_is_better={measurement.higher_is_better}\n"
+                     + source_of(type(measurement)) + source_of(getattr(measurement, "fn", None)))
     return text_digest("\n\n".join(texts))
 
 
@@ -184,7 +192,8 @@ def method_key(method: Any) -> RunKey:
         "settings": settings_digest(method.settings()),
         "model weights": tensor_digest(weights),
         "model structure": model_structure_digest(
-            [m for member in members for m in member.models], method.task.loss),
+            [m for member in members for m in member.models], method.task.loss,
+            method.task.measurement),
         "training data": data_digest(method.train),
         "software": settings_digest(software_versions()),
         **method.key_parts(),

@@ -15,7 +15,7 @@ For all three, the path from a baseline model theta' to the real targets mixes t
 ``rho_k l(theta; z_i) + (1 - rho_k) lbar(theta; z_i)`` with ``lbar`` the cross-entropy (or
 squared error) to theta''s predictions, which is the loss at the mixed target
 ``rho_k y_i + (1 - rho_k) ybar_i``: for sequences a per-token distillation to theta'
-(docs/method.md derives it).
+(docs/tasks.md derives it).
 
 Both have a parameter gradient that is linear in the target, which lets the engine compute
 target-Jacobian products ``J_i dy`` as exact gradient differences. A custom ``loss`` may be

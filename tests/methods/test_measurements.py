@@ -172,3 +172,21 @@ def test_the_measurement_is_in_the_settings(classifier):
     assert method.settings()["task"]["measurement"] == "margin"
     default = IntegratedInfluence(task, (x, y), progress=False)
     assert default.settings()["task"]["measurement"] == "test loss"
+
+
+def test_the_measurement_is_in_the_run_key(classifier):
+    from iif.runkey import method_key
+
+    task, x, y, *_ = classifier
+
+    def first(out, t):
+        return out[:, 0]
+
+    def second(out, t):
+        return out[:, 1]
+
+    keys = [method_key(IntegratedInfluence(_with(task, m), (x, y), progress=False)).digest
+            for m in (None, Logit(1), Logit(2), Margin(),
+                      FunctionMeasurement(first, "f", True),
+                      FunctionMeasurement(second, "f", True))]
+    assert len(set(keys)) == len(keys)
