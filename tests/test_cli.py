@@ -127,6 +127,28 @@ def test_show_prints_and_draws(tmp_path, capsys):
     assert main(["show", str(tmp_path / "nothing")]) == 1
 
 
+def test_attribute_with_fitted_state_saves_then_reuses_it(tmp_path, capsys):
+    import numpy as np
+
+    from iif import Attribution
+
+    fitted = tmp_path / "fitted"
+    common = ["attribute", "--task", "tiny_job:job", "--method", "trak", "--proj-dim", "16",
+              "--fitted", str(fitted), "--no-progress"]
+    assert main(common + ["--out", str(tmp_path / "a")]) == 0
+    saved = {p.name: p.stat().st_mtime_ns for p in fitted.iterdir()}
+    assert {"fitted.json", "fitted.safetensors"} <= set(saved)
+    assert main(common + ["--out", str(tmp_path / "b")]) == 0  # loads, writes nothing new
+    assert {p.name: p.stat().st_mtime_ns for p in fitted.iterdir()} == saved
+    np.testing.assert_array_equal(Attribution.load(tmp_path / "a").scores,
+                                  Attribution.load(tmp_path / "b").scores)
+    capsys.readouterr()
+    # the state of other settings is refused by name
+    other = [("32" if a == "16" else a) for a in common]
+    assert main(other + ["--out", str(tmp_path / "c")]) == 1
+    assert "projection" in capsys.readouterr().err
+
+
 def test_attribute_rejects_bad_jobs(tmp_path, capsys):
     assert main(["attribute", "--task", "tiny_job", "--out", str(tmp_path)]) == 1
     assert "MODULE:FUNCTION" in capsys.readouterr().err
