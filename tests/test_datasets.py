@@ -3,12 +3,14 @@ as tensors; loaders that reorder or drop samples are refused."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-from iif import InfluenceFunction, IntegratedInfluence
+from iif import TRAK, InfluenceFunction, IntegratedInfluence, ProjectionSettings
 from iif.errors import InputError, UserCodeError
 
 
@@ -102,3 +104,108 @@ def test_scores_from_loaders_equal_scores_from_tensors(classification_task,
                progress=False).attribute(Pairs(x[:2], y[:2]))
     assert np.abs(a.scores).max() > 0
     np.testing.assert_array_equal(a.scores, b.scores)
+
+
+# ---- streamed inputs ------------------------------------------------------------------------
+@pytest.fixture
+def reads(monkeypatch) -> list[int]:
+    """Sizes of every read of streamed inputs."""
+    import iif.datasets
+    from iif.datasets import StreamedInputs
+
+    sizes: list[int] = []
+    original = StreamedInputs._read
+
+    def counting(self, positions):
+        sizes.append(len(positions))
+        return original(self, positions)
+
+    monkeypatch.setattr(StreamedInputs, "_read", counting)
+    # model outputs are read 1024 samples at a time: 16 here, so that 60 samples are parts
+    from iif.functional import FunctionalModel
+
+    monkeypatch.setattr(FunctionalModel.outputs, "__defaults__", (16,))
+    monkeypatch.setattr(iif.datasets, "READ_BATCH", 16)
+    return sizes
+
+
+def _bigger_problem():
+    """60 samples: more than a chunk of 16, so that every method reads in parts."""
+    from conftest import build_mlp
+
+    from iif import Recipe, Task, train
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(60, 3, generator=gen, dtype=torch.float64)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long()
+    task = Task(build_mlp(out_dim=3, seed=6), "classification", Recipe(lr=0.1, epochs=3,
+                                                                        batch_size=8))
+    train(task, (x, y), seed=0)
+    return task, x, y
+
+
+@pytest.mark.parametrize("name, make", [
+    ("iif", lambda t, d: IntegratedInfluence(t, d, chunk_size=16, progress=False)),
+    ("if projected", lambda t, d: InfluenceFunction(t, d, chunk_size=16, progress=False,
+                                                    projection=ProjectionSettings(dim=8))),
+    ("if exact", lambda t, d: InfluenceFunction(t, d, chunk_size=16, progress=False)),
+    ("trak", lambda t, d: TRAK(t, d, chunk_size=16, progress=False,
+                               projection=ProjectionSettings(dim=8))),
+])
+def test_streamed_training_data_give_the_same_scores_in_parts(name, make, reads):
+    from iif.datasets import Streamed
+
+    task, x, y = _bigger_problem()
+    test = (x[:3] + 0.1, y[:3])
+    want = make(task, (x, y)).attribute(test).scores
+    reads.clear()
+    method = make(task, Streamed(Pairs(x, y)))
+    got = method.attribute(test).scores
+    np.testing.assert_array_equal(got, want)
+    assert reads and max(reads) < len(x)  # never the whole training set at once
+    from iif.runkey import method_key
+
+    assert method_key(method).parts["training data"] == \
+        method_key(make(task, (x, y))).parts["training data"]
+
+
+def test_streamed_training_trains_the_same_model(reads):
+    from iif import train
+    from iif.datasets import Streamed
+
+    task, x, y = _bigger_problem()
+    a, b = copy.deepcopy(task), copy.deepcopy(task)
+    train(a, (x, y), seed=1)
+    reads.clear()
+    train(b, Streamed(DataLoader(Pairs(x, y), batch_size=7)), seed=1)
+    for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert reads and max(reads) <= 8
+
+
+def test_a_dataset_that_changes_its_samples_cannot_be_streamed(classification_task,
+                                                              classification_data):
+    from iif.datasets import Streamed
+
+    x, y = classification_data
+
+    class Augmented(Pairs):
+        def __getitem__(self, i):
+            return self.x[i] + 0.01 * torch.randn(self.x.shape[1], dtype=self.x.dtype), self.y[i]
+
+    with pytest.raises(InputError, match="same sample for the same index"):
+        classification_task.validate(Streamed(Augmented(x, y)))
+
+
+def test_large_inputs_are_streamed_without_asking(classification_task, classification_data,
+                                                  monkeypatch):
+    import iif.datasets
+    from iif.datasets import StreamedInputs
+
+    x, y = classification_data
+    monkeypatch.setattr(iif.datasets, "IN_MEMORY_BYTES", 8 * x.shape[1] * 4)
+    data = classification_task.validate(Pairs(x, y))
+    assert isinstance(data.x, StreamedInputs)
+    torch.testing.assert_close(data.x[:], x, rtol=0, atol=0)
+    # test data are always read in
+    assert isinstance(classification_task.validate(Pairs(x, y), stream=False).x, torch.Tensor)

@@ -13,15 +13,20 @@ Each collated batch becomes ``(inputs, labels)`` by the task's ``batch`` functio
 loader that shuffles or drops samples is refused: the same sample must have the same column
 in every run.
 
-The inputs are gathered into one tensor on the task's device, so the inputs of the whole
-training set are held in memory (the features beyond the budget still spill to
-``feature_dir``).
+Inputs that take more than ``IN_MEMORY_BYTES`` (estimated from the first batch), or data
+wrapped in :class:`Streamed`, are not gathered: they become :class:`StreamedInputs`, which
+read the samples an operation needs from the dataset (with the loader's ``collate_fn``) each
+time, so no N x (input size) tensor is ever held; labels and targets are held. A dataset read
+this way must return the same sample for the same index (no random augmentation): the first
+batch is read twice to check. Only the pictures (``iif show``, ``explain``, ``report``) read
+every input in at once.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,8 +37,11 @@ from iif.errors import InputError, UserCodeError
 INPUT_KEYS = ("input_ids", "inputs", "input", "x", "image", "images", "pixel_values")
 LABEL_KEYS = ("labels", "label", "targets", "target", "y")
 READ_BATCH = 256  # samples per read of a Dataset given without a loader
+IN_MEMORY_BYTES = 1 << 30  # inputs beyond this are streamed, not gathered
 
 BatchFn = Callable[[Any], tuple[Any, Any]]
+
+log = logging.getLogger(__name__)
 
 
 def default_batch(batch: Any) -> tuple[Any, Any]:
@@ -55,6 +63,108 @@ def default_batch(batch: Any) -> tuple[Any, Any]:
                      f"(inputs, labels)")
 
 
+class Streamed:
+    """``Streamed(dataset_or_loader)``: read the inputs on demand whatever their size (see
+    the module docstring), e.g. to keep a large image set on disk."""
+
+    def __init__(self, data: Dataset | DataLoader):
+        if not isinstance(data, (Dataset, DataLoader)):
+            raise InputError(f"Streamed wraps a Dataset or a DataLoader, got "
+                             f"{type(data).__name__}")
+        self.data = data
+
+
+class StreamedInputs:
+    """The inputs of a map-style dataset, read when indexed: ``x[rows]`` (a slice, or an
+    index tensor of any shape) loads those samples and returns them as a tensor of shape
+    ``(*rows.shape, *sample_shape)`` on ``device``; ``x.view(block)`` is the lazy part of a
+    row range. Holds the dataset, not its samples."""
+
+    def __init__(self, dataset: Dataset, collate: Callable[[list], Any], unpack: BatchFn,
+                 rows: Sequence[int], sample_shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device | None = None):
+        self.dataset, self.collate, self.unpack = dataset, collate, unpack
+        self.rows, self.sample_shape = rows, tuple(sample_shape)
+        self.dtype, self.device = dtype, device or torch.device("cpu")
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.rows), *self.sample_shape))
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self.sample_shape)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __repr__(self) -> str:
+        return (f"StreamedInputs(n={len(self)}, sample_shape={self.sample_shape}, "
+                f"dtype={self.dtype}, device={self.device})")
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def bound(self, device: torch.device, float_dtype: torch.dtype) -> StreamedInputs:
+        """The same inputs read onto ``device``: floating point as ``float_dtype``, integer
+        token ids as int64 (what embeddings take)."""
+        dtype = float_dtype if self.dtype.is_floating_point else torch.int64
+        return StreamedInputs(self.dataset, self.collate, self.unpack, self.rows,
+                              self.sample_shape, dtype, device)
+
+    def view(self, block: slice | Sequence[int] | torch.Tensor) -> StreamedInputs:
+        """The rows ``block`` (a slice or sample indices), still unread."""
+        if isinstance(block, slice):
+            rows = self.rows[block]
+        else:
+            rows = [self.rows[i] for i in torch.as_tensor(block).reshape(-1).tolist()]
+        return StreamedInputs(self.dataset, self.collate, self.unpack, rows,
+                              self.sample_shape, self.dtype, self.device)
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        if isinstance(index, tuple):
+            raise TypeError("streamed inputs are indexed by samples only (one index)")
+        if isinstance(index, slice):
+            return self._read(list(self.rows[index]))
+        if isinstance(index, int):
+            return self._read([self.rows[index]])[0]
+        idx = torch.as_tensor(index)
+        if idx.dtype == torch.bool:
+            raise TypeError("index streamed inputs with sample indices, not a mask")
+        rows = self._read([self.rows[i] for i in idx.reshape(-1).tolist()])
+        return rows.reshape(*idx.shape, *self.sample_shape)
+
+    def cpu(self) -> torch.Tensor:
+        """Every input read in, on the CPU: what the pictures of ``iif show`` / ``explain`` /
+        ``report`` draw from (the only reads of the whole set)."""
+        log.info("reading all %d streamed inputs to draw them", len(self))
+        return self[:].cpu()
+
+    def chunks(self, size: int | None = None):
+        """The inputs in order, ``size`` (default ``READ_BATCH``) samples at a time."""
+        size = size or READ_BATCH
+        for lo in range(0, len(self), size):
+            yield self[lo : lo + size]
+
+    def _read(self, positions: list[int]) -> torch.Tensor:
+        parts = []
+        for lo in range(0, len(positions), READ_BATCH):
+            batch = self.collate([self.dataset[p] for p in positions[lo : lo + READ_BATCH]])
+            parts.append(_tensor(self.unpack(batch)[0], "streamed inputs"))
+        if not parts:
+            return torch.empty((0, *self.sample_shape), dtype=self.dtype, device=self.device)
+        return torch.cat(parts).to(self.device, self.dtype)
+
+
+def take(x: torch.Tensor | StreamedInputs, block: slice | torch.Tensor
+         ) -> torch.Tensor | StreamedInputs:
+    """Rows ``block`` (a slice or indices) of the inputs: a tensor's rows, or a streamed
+    view left unread."""
+    if isinstance(x, StreamedInputs):
+        return x if block == slice(None) else x.view(block)
+    return x[block]
+
+
 def as_pair(data: Any, name: str = "data", batch: BatchFn | None = None) -> tuple[Any, Any]:
     """``(inputs, labels)`` of ``data`` (see the module docstring); ``batch`` maps a
     collated batch of a Dataset or DataLoader (None: :func:`default_batch`)."""
@@ -68,6 +178,11 @@ def as_pair(data: Any, name: str = "data", batch: BatchFn | None = None) -> tupl
         return data.x, data.labels
     if isinstance(data, (tuple, list)) and len(data) == 2:
         return data[0], data[1]
+    if isinstance(data, Streamed):
+        inner = data.data
+        loader = inner if isinstance(inner, DataLoader) else \
+            DataLoader(inner, batch_size=READ_BATCH, shuffle=False)
+        return _gather(loader, name, batch, stream=True)
     if isinstance(data, DataLoader):
         return _gather(data, name, batch)
     if isinstance(data, IterableDataset):
@@ -79,17 +194,47 @@ def as_pair(data: Any, name: str = "data", batch: BatchFn | None = None) -> tupl
                      f"a DataLoader; got {type(data).__name__}")
 
 
-def _gather(loader: DataLoader, name: str, batch: BatchFn | None) -> tuple[Any, Any]:
-    """Every batch of ``loader`` in order, mapped to (inputs, labels) and concatenated."""
+def _gather(loader: DataLoader, name: str, batch: BatchFn | None,
+            stream: bool = False) -> tuple[Any, Any]:
+    """Every batch of ``loader`` in order, mapped to (inputs, labels): the inputs
+    concatenated, or :class:`StreamedInputs` when ``stream`` or too large to hold; the
+    labels concatenated."""
     _check_order(loader, name)
     unpack = default_batch if batch is None else batch
-    xs, ys = [], []
+    xs, ys, first = [], [], None
+    for i, x, y in _batches(loader, name, unpack):
+        if first is None:
+            first = x
+            stream = stream or x[:1].nelement() * x.element_size() * len(loader.dataset) \
+                > IN_MEMORY_BYTES
+        if stream:
+            _check_streamed_batch(x, first, f"{name} (batch {i})")
+        else:
+            xs.append(x)
+        ys.append(y)
+    if first is None:
+        raise InputError(f"{name} is empty: the loader yields no batch")
+    y = _joined(ys, name)
+    if not stream:
+        return _joined(xs, name), y
+    log.info("%s: %d samples are read from the dataset when needed, not held", name, len(y))
+    inputs = StreamedInputs(loader.dataset, loader.collate_fn, unpack,
+                            range(len(loader.dataset)), tuple(first.shape[1:]), first.dtype)
+    if len(inputs) != len(y) or not torch.equal(inputs[: len(first)], first.to(inputs.dtype)):
+        raise InputError(f"{name}: reading the first samples again gave other inputs; a "
+                         f"streamed dataset must return the same sample for the same index "
+                         f"(no random augmentation)")
+    return inputs, y
+
+
+def _batches(loader: DataLoader, name: str, unpack: BatchFn):
+    """``(i, inputs, labels)`` of every batch, errors of the user's code named."""
     batches = iter(loader)
     for i in itertools.count():
         try:
             item = next(batches)
         except StopIteration:
-            break
+            return
         except Exception as exc:  # the user's Dataset or collate_fn
             raise UserCodeError(f"reading batch {i} of {name}", exc) from exc
         try:
@@ -99,15 +244,25 @@ def _gather(loader: DataLoader, name: str, batch: BatchFn | None) -> tuple[Any, 
         except Exception as exc:  # the user's batch function
             raise UserCodeError(f"the task's batch function on batch {i} of {name}",
                                 exc) from exc
-        xs.append(_tensor(x, f"{name} inputs (batch {i})"))
-        ys.append(_tensor(y, f"{name} labels (batch {i})"))
-    if not xs:
-        raise InputError(f"{name} is empty: the loader yields no batch")
+        yield i, _tensor(x, f"{name} inputs (batch {i})"), _tensor(y, f"{name} labels (batch {i})")
+
+
+def _joined(parts: list[torch.Tensor], name: str) -> torch.Tensor:
     try:
-        return torch.cat(xs), torch.cat(ys)
+        return torch.cat(parts)
     except RuntimeError as exc:
         raise InputError(f"{name}: batches of different per-sample shapes cannot be joined "
                          f"(pad every sample to one length, e.g. in collate_fn): {exc}") from exc
+
+
+def _check_streamed_batch(x: torch.Tensor, first: torch.Tensor, what: str) -> None:
+    """What the task checks on gathered inputs, for one batch of streamed ones."""
+    if x.shape[1:] != first.shape[1:] or x.dtype != first.dtype:
+        raise InputError(f"{what}: inputs of per-sample shape {tuple(x.shape[1:])} ({x.dtype}) "
+                         f"after {tuple(first.shape[1:])} ({first.dtype}); pad every sample "
+                         f"to one length, e.g. in collate_fn")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise InputError(f"{what}: inputs contain NaN or inf")
 
 
 def _check_order(loader: DataLoader, name: str) -> None:

@@ -69,6 +69,12 @@ def tensor_digest(tensors: Iterable[torch.Tensor | np.ndarray], digest=None) -> 
     """SHA-256 over the shapes, dtypes and bytes of ``tensors``, in order."""
     digest = digest or hashlib.sha256()
     for t in tensors:
+        if hasattr(t, "chunks"):  # streamed inputs: the same bytes, read a chunk at a time
+            kind = torch.empty((), dtype=t.dtype).numpy().dtype.str
+            digest.update(f"{kind}{tuple(t.shape)}".encode())
+            for part in t.chunks():
+                digest.update(part.detach().cpu().contiguous().numpy().tobytes())
+            continue
         a = t.detach().cpu().contiguous().numpy() if isinstance(t, torch.Tensor) else \
             np.ascontiguousarray(t)
         digest.update(f"{a.dtype.str}{a.shape}".encode())

@@ -87,7 +87,7 @@ def _job_data(folder: Path, task: str | None, result: Attribution):
     if job is None:
         return None, None, None
     train = job.task.validate(job.train, "training data")
-    test = job.task.validate(job.test, "test data")
+    test = job.task.validate(job.test, "test data", stream=False)
     if len(train) != result.n_train or len(test) != result.n_test:
         raise InputError(f"{task} gives {len(test)} test x {len(train)} training samples, "
                          f"the folder {result.n_test} x {result.n_train}")

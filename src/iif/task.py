@@ -259,13 +259,19 @@ class Task:
         return output
 
     # ---- validation ---------------------------------------------------------------------
-    def validate(self, data: Any, name: str = "data", like: Data | None = None) -> Data:
-        """Check ``(x, y)`` (tensors, arrays or a TensorDataset) and move it to the device;
-        ``like``: data whose per-sample input shape ``data`` must have (the training data)."""
-        from iif.datasets import as_pair
+    def validate(self, data: Any, name: str = "data", like: Data | None = None,
+                 stream: bool = True) -> Data:
+        """Check ``(x, y)`` (tensors, arrays, a Dataset or DataLoader: see
+        :mod:`iif.datasets`) and move it to the device; ``like``: data whose per-sample input
+        shape ``data`` must have (the training data); ``stream``: large inputs may stay in
+        their dataset (:class:`iif.datasets.StreamedInputs`), else they are read in."""
+        from iif.datasets import StreamedInputs, as_pair
 
         x, y = as_pair(data, name, self.batch)
-        x = _as_tensor(x, f"{name} inputs")
+        if isinstance(x, StreamedInputs) and not stream:
+            x = x[:]
+        if not isinstance(x, StreamedInputs):
+            x = _as_tensor(x, f"{name} inputs")
         y = _as_tensor(y, f"{name} labels")
         _check_sizes(x, y, name, like)
         x, out_shape = self._device_inputs(x, name)
@@ -284,14 +290,19 @@ class Task:
         the shape of the model's output for one of them."""
         # integer inputs are token ids (an nn.Embedding) or codes the model converts itself:
         # they stay integers (int64, what embeddings take) when the model runs on them
-        integer = not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+        from iif.datasets import StreamedInputs
+
+        integer = not (x.is_floating_point() or x.dtype.is_complex or x.dtype == torch.bool)
         if not (x.is_floating_point() or integer):
             raise InputError(f"{name} inputs must be floating point (or integer token ids for "
                              f"a model that takes them), got {x.dtype}")
-        if not integer and not torch.isfinite(x).all():
-            bad = int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).sum())
-            raise InputError(f"{name} inputs contain NaN or inf ({bad} samples)")
-        x = x.to(self.device, torch.int64 if integer else self.dtype)
+        if isinstance(x, StreamedInputs):  # checked batch by batch as they were read
+            x = x.bound(self.device, self.dtype)
+        else:
+            if not integer and not torch.isfinite(x).all():
+                bad = int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).sum())
+                raise InputError(f"{name} inputs contain NaN or inf ({bad} samples)")
+            x = x.to(self.device, torch.int64 if integer else self.dtype)
         try:
             out_shape = self._output_shape(x[:1], name)
         except InputError as exc:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from iif.datasets import take
 from iif.errors import InputError
 from iif.functional import FunctionalModel, ModelState, lone_samples_use_running_stats, module_mode
 from iif.io import atomic_write
@@ -30,7 +31,7 @@ from iif.runkey import (
     tensor_digest,
     text_digest,
 )
-from iif.task import Task
+from iif.task import Data, Task
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +283,8 @@ def train_ensemble(
         part = d
         if subset == "half":
             gen = torch.Generator().manual_seed(seed + k)
-            part = d.subset(torch.randperm(len(d), generator=gen)[: len(d) // 2].to(d.x.device))
+            half = torch.randperm(len(d), generator=gen)[: len(d) // 2].to(d.x.device)
+            part = Data(take(d.x, half), d.labels[half], d.targets[half])  # streamed stays so
         train(member, (part.x, part.labels), seed=seed + k, progress=progress)
         models.append(model)
     return models

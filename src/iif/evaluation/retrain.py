@@ -254,7 +254,7 @@ def cache_key(task: Task, train_data: Any, test_data: Any, settings: RetrainSett
     classes, as in :mod:`iif.runkey`) and tensors, the recipe (a custom optimizer or loss by
     its source), the settings, the task kind, class count and dtype, and the versions."""
     train_d = task.validate(train_data, "training data")
-    test_d = task.validate(test_data, "test data")
+    test_d = task.validate(test_data, "test data", stream=False)
     return _key(task, train_d, test_d, settings)
 
 
@@ -318,7 +318,7 @@ def ground_truth(
         raise InputError(f"settings must be RetrainSettings, got {type(settings).__name__}")
     start_time = time.perf_counter()
     train_d = task.validate(train_data, "training data")
-    test_d = task.validate(test_data, "test data")
+    test_d = task.validate(test_data, "test data", stream=False)
     epochs = _resolve_epochs(task, settings.epochs)
     key = _key(task, train_d, test_d, settings)
     m_subsets, repeats, n_train = settings.n_subsets, settings.repeats, len(train_d)

@@ -165,7 +165,7 @@ class AttributionMethod:
 
     def validate_test(self, test_data: Any) -> Data:
         """``test_data`` checked and on the device, with the training inputs' sample shape."""
-        return self.task.validate(test_data, "test data", like=self.train)
+        return self.task.validate(test_data, "test data", like=self.train, stream=False)
 
     def settings(self) -> dict[str, Any]:
         """Everything that determines the scores, as recorded with them; checked first, so

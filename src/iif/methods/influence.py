@@ -34,6 +34,7 @@ from iif.curvature import (
     cg_solver,
     rank_bound,
 )
+from iif.datasets import take
 from iif.errors import InputError
 from iif.factored import FactoredInfluence
 from iif.fitted import FittedState, factored_state, load_factored, load_solver, merged, solver_state
@@ -214,7 +215,8 @@ class InfluenceFunction(AttributionMethod):
             else:
                 block = self.engine.train_block()
                 grads = self._train_grads()
-                solver = self.engine.fit_curvature(self.curvature, self.state, train.x[block],
+                solver = self.engine.fit_curvature(self.curvature, self.state,
+                                                   take(train.x, block),
                                                    train.targets[block], grads,
                                                    reduce=self.engine.reduce)
             self._fitted = (self._estimator(solver, grads),
@@ -270,7 +272,7 @@ class InfluenceFunction(AttributionMethod):
         and every damping of :meth:`attribute_dampings` share them."""
         if self._grads is None:
             block = self.engine.train_block()
-            self._grads = self._features(self.train.x[block], self.train.targets[block])
+            self._grads = self._features(take(self.train.x, block), self.train.targets[block])
         return self._grads
 
     def _trace(self, product) -> float:

@@ -25,6 +25,7 @@ from iif.attribution import Attribution
 from iif.baseline import Baseline, BaselineSettings
 from iif.budget import MAX_COPIES
 from iif.curvature import CurvatureSettings
+from iif.datasets import take
 from iif.diagnostics import log_flags, trust_flags
 from iif.errors import InputError
 from iif.functional import FunctionalModel, ModelState
@@ -466,7 +467,7 @@ class IntegratedInfluence(AttributionMethod):
         x = self.train.x
         reduce = None
         if part is not None:
-            x, rho, rho_prev = x[part], rho[part], rho_prev[part]
+            x, rho, rho_prev = take(x, part), rho[part], rho_prev[part]
             reduce = self.engine.reduce
         u, psi = self.engine.step_features(state, x, rho, rho_prev, progress=self.progress,
                                            desc=f"features k={k}")

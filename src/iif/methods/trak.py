@@ -63,6 +63,7 @@ import torch
 
 from iif.attribution import Attribution
 from iif.curvature import CurvatureSettings, gram_solver
+from iif.datasets import take
 from iif.errors import InputError
 from iif.fitted import FittedState, load_solver, merged, solver_state
 from iif.functional import FunctionalModel
@@ -241,7 +242,7 @@ class TRAK(AttributionMethod):
             solve_bytes = solve_values * torch.empty((), dtype=SOLVE_DTYPE).element_size()
             self.engine.check_features(n, "TRAK training features", solve_bytes)
             block = self.engine.train_block()
-            x, targets = train.x[block], train.targets[block]
+            x, targets = take(train.x, block), train.targets[block]
             phi = self._features(x, targets, "train", progress=self.progress)
             outputs = self.engine.outputs(self.state, x, chunked=True)
             weights = _finite(self.model_output.weight(outputs, targets))
