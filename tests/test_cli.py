@@ -199,7 +199,7 @@ def test_help_and_version_import_no_torch():
 
 def test_experiments_are_listed_without_importing_them():
     assert list(EXPERIMENTS) == ["table1", "table4", "fig1", "table2", "table3", "fig2",
-                                 "contrast"]
+                                 "contrast", "lm"]
     assert EXPERIMENTS["fig1"].NAME == "fig1"
     with pytest.raises(KeyError):
         EXPERIMENTS["nope"]

@@ -37,7 +37,7 @@ class _Registry(Mapping[str, ModuleType]):
 
 
 EXPERIMENTS: Mapping[str, ModuleType] = _Registry(
-    ("table1", "table4", "fig1", "table2", "table3", "fig2", "contrast"))
+    ("table1", "table4", "fig1", "table2", "table3", "fig2", "contrast", "lm"))
 
 __all__ = ["EXPERIMENTS", "SCALES", "ExperimentResult", "get_experiment", "run_experiment"]
 
