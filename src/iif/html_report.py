@@ -449,7 +449,7 @@ def _settings_table(settings: Mapping[str, Any]) -> str:
         return '<p class="meta">settings: none recorded</p>'
     rows = "".join(f"<tr><td>{_esc(k)}</td><td><code>{_esc(_json_text(v))}</code></td></tr>"
                    for k, v in flat.items())
-    return ('<details open><summary>settings</summary>'
+    return ('<details><summary>settings</summary>'
             f'<table class="settings">{rows}</table></details>')
 
 
