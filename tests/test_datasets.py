@@ -209,3 +209,27 @@ def test_large_inputs_are_streamed_without_asking(classification_task, classific
     torch.testing.assert_close(data.x[:], x, rtol=0, atol=0)
     # test data are always read in
     assert isinstance(classification_task.validate(Pairs(x, y), stream=False).x, torch.Tensor)
+
+
+def test_checkpoints_tracin_and_retraining_stream_too(reads):
+    from iif import TracIn
+    from iif.checkpoints import train_with_checkpoints
+    from iif.datasets import Streamed
+    from iif.evaluation.retrain import train_batch
+
+    task, x, y = _bigger_problem()
+    streamed = Streamed(Pairs(x, y))
+    checkpoints = train_with_checkpoints(copy.deepcopy(task), streamed, every=1, seed=0)
+    test = (x[:2], y[:2])
+    a = TracIn(task, (x, y), checkpoints=checkpoints, progress=False).attribute(test).scores
+    b = TracIn(task, streamed, checkpoints=checkpoints, progress=False).attribute(test).scores
+    np.testing.assert_array_equal(a, b)
+    masks = np.zeros((3, len(x)), bool)
+    for row, order in zip(masks, np.random.default_rng(0).permuted(
+            np.tile(np.arange(len(x)), (3, 1)), axis=1), strict=True):
+        row[order[:30]] = True
+    want, got = train_batch(task, (x, y), masks, [0, 1, 2]), train_batch(task, streamed, masks,
+                                                                         [0, 1, 2])
+    for name in want.params:
+        torch.testing.assert_close(got.params[name], want.params[name], rtol=0, atol=0)
+    assert max(reads) < len(x)
