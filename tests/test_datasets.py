@@ -221,8 +221,10 @@ def test_checkpoints_tracin_and_retraining_stream_too(reads):
     streamed = Streamed(Pairs(x, y))
     checkpoints = train_with_checkpoints(copy.deepcopy(task), streamed, every=1, seed=0)
     test = (x[:2], y[:2])
-    a = TracIn(task, (x, y), checkpoints=checkpoints, progress=False).attribute(test).scores
-    b = TracIn(task, streamed, checkpoints=checkpoints, progress=False).attribute(test).scores
+    a = TracIn(task, (x, y), checkpoints=checkpoints, chunk_size=16,
+               progress=False).attribute(test).scores
+    b = TracIn(task, streamed, checkpoints=checkpoints, chunk_size=16,
+               progress=False).attribute(test).scores
     np.testing.assert_array_equal(a, b)
     masks = np.zeros((3, len(x)), bool)
     for row, order in zip(masks, np.random.default_rng(0).permuted(
