@@ -215,7 +215,7 @@ def test_checkpoints_tracin_and_retraining_stream_too(reads):
     from iif import TracIn
     from iif.checkpoints import train_with_checkpoints
     from iif.datasets import Streamed
-    from iif.evaluation.retrain import train_batch
+    from iif.evaluation.retrain import train_batch, train_one
 
     task, x, y = _bigger_problem()
     streamed = Streamed(Pairs(x, y))
@@ -234,4 +234,7 @@ def test_checkpoints_tracin_and_retraining_stream_too(reads):
                                                                          [0, 1, 2])
     for name in want.params:
         torch.testing.assert_close(got.params[name], want.params[name], rtol=0, atol=0)
+    one, other = train_one(task, (x, y), masks[0], 0), train_one(task, streamed, masks[0], 0)
+    for p, q in zip(one.parameters(), other.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
     assert max(reads) < len(x)

@@ -41,6 +41,7 @@ from torch import nn
 from torch.func import stack_module_state
 
 from iif.chunks import ChunkFolder, FolderLock
+from iif.datasets import take
 from iif.errors import InputError
 from iif.evaluation.metrics import LDSResult, lds, random_subsets
 from iif.functional import FunctionalModel
@@ -163,7 +164,8 @@ def _train_one(task: Task, data: Any, subset_mask: Any, seed: int,
     """``train_one`` and whether every epoch finished (False: training broke down)."""
     d = task.validate(data, "training data")
     mask = _mask(subset_mask, len(d))
-    part = d.subset(np.flatnonzero(mask))
+    rows = torch.as_tensor(np.flatnonzero(mask), device=d.labels.device)
+    part = Data(take(d.x, rows), d.labels[rows], d.targets[rows])  # streamed inputs stay so
     model = reinitialised(task.model, seed)
     member = dataclasses.replace(task, model=model)
     epochs = _resolve_epochs(task, epochs)
