@@ -127,6 +127,19 @@ def test_cli_report_writes_the_page(tmp_path, capsys):
     assert len(_entries(out.read_text(encoding="utf-8"))) == N_TEST
 
 
+def test_cli_report_shows_the_chosen_test_samples_in_order(tmp_path, capsys):
+    _result().save(tmp_path / "res")
+    out = tmp_path / "two.html"
+    assert main(["report", str(tmp_path / "res"), "--out", str(out), "--test-index", "2",
+                 "0"]) == 0
+    page = out.read_text(encoding="utf-8")
+    assert [e.split('data-test-index="', 1)[1].split('"', 1)[0]
+            for e in page.split('class="entry"')[1:]] == ["2", "0"]
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "res"), "--test-index", str(N_TEST)]) == 1
+    assert f"outside 0..{N_TEST - 1}" in capsys.readouterr().err
+
+
 def test_cli_report_with_a_task_shows_its_samples(tmp_path, capsys):
     import tiny_job
 

@@ -4,7 +4,7 @@
     iif reproduce NAME --out DIR [--scale smoke|full] [--seed S]
     iif attribute --task MODULE:FUNCTION --out DIR [--method M] [--settings FILE.toml] ...
     iif show DIR [--task MODULE:FUNCTION] [--test-index I ...] [--top K]
-    iif report DIR --html [--out FILE] [--top K] [--task MODULE:FUNCTION]
+    iif report DIR --html [--out FILE] [--top K] [--task MODULE:FUNCTION] [--test-index I ...]
     iif explain --task MODULE:FUNCTION --test-index I [--contrast B|runner-up] [--out DIR]
                 [--settings FILE.toml] [--proj-dim P] [--kronecker]
     iif --version
@@ -253,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the task function, for the samples, labels and predictions")
     report.add_argument("--image-shape", type=int, nargs="+", default=None, metavar="D",
                         help="shape of one input image, e.g. 28 28 (default: from the data)")
+    report.add_argument("--test-index", type=int, nargs="+", default=None, metavar="I",
+                        help="the test samples to show (default: all)")
     report.set_defaults(handler=_cmd_report)
     return parser
 
@@ -389,7 +391,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from iif.html_report import report_folder
 
     path = report_folder(args.folder, args.out, top=args.top, task=args.task,
-                         image_shape=args.image_shape)
+                         image_shape=args.image_shape, tests=args.test_index)
     print(f"wrote {path}")
     return EXIT_OK
 

@@ -16,6 +16,7 @@ is inline and HTML-escaped: one ``<style>`` block, no scripts, fonts or network 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -50,6 +51,7 @@ class PageData:
     decode: ``decode(x) -> str`` for one input (say a 1-D tensor of byte or token ids): the
         samples are printed as its text.
     image_shape: the shape to draw one input as, e.g. ``(28, 28)`` (default: guessed).
+    tests: the test samples to show, by index, in this order (default: all).
     """
 
     train_x: Any = None
@@ -59,6 +61,7 @@ class PageData:
     predictions: Any = None
     decode: Decode | None = None
     image_shape: Sequence[int] | None = None
+    tests: Sequence[int] | None = None
 
 
 def write_html(  # noqa: PLR0913 (notebook API: keywords kept flat, as in iif.report)
@@ -73,6 +76,7 @@ def write_html(  # noqa: PLR0913 (notebook API: keywords kept flat, as in iif.re
     predictions: Any = None,
     decode: Decode | None = None,
     image_shape: Sequence[int] | None = None,
+    tests: Sequence[int] | None = None,
 ) -> Path:
     """Write the HTML page of ``source`` (an :class:`~iif.Attribution`, or a folder written
     by ``iif attribute --out`` or ``Attribution.save``) to ``path`` atomically; return the
@@ -83,14 +87,15 @@ def write_html(  # noqa: PLR0913 (notebook API: keywords kept flat, as in iif.re
     the other keywords are the fields of :class:`PageData`.
     """
     data = PageData(train_x, test_x, train_labels, test_labels, predictions, decode,
-                    image_shape)
+                    image_shape, tests)
     result, folder, run_key = load_result(source)
     return _write(result, folder, run_key, path, data, top)
 
 
 def report_folder(folder: str | os.PathLike, path: str | os.PathLike | None = None, *,
                   top: int = 5, task: str | None = None,
-                  image_shape: Sequence[int] | None = None) -> Path:
+                  image_shape: Sequence[int] | None = None,
+                  tests: Sequence[int] | None = None) -> Path:
     """``iif report DIR --html``: write the page of the result folder ``folder`` to ``path``
     (default ``folder/report.html``); return the path. With ``task`` (``MODULE:FUNCTION``,
     as for ``iif attribute``) the page shows the task's samples, labels and the model's
@@ -101,7 +106,7 @@ def report_folder(folder: str | os.PathLike, path: str | os.PathLike | None = No
     data = PageData(image_shape=image_shape)
     if task is not None:
         data = task_data(where, task, result, image_shape)
-    return _write(result, where, run_key, path, data, top)
+    return _write(result, where, run_key, path, dataclasses.replace(data, tests=tests), top)
 
 
 def task_data(folder: Path, task: str, result: Attribution,
@@ -194,6 +199,19 @@ def load_result(source: Attribution | str | os.PathLike
     return result, folder, _text_or_none(key)
 
 
+def _shown(result: Attribution, tests: Sequence[int] | None) -> list[int]:
+    """The test indices to show: all, or ``tests`` checked against the result."""
+    if tests is None:
+        return list(range(result.n_test))
+    shown = [int(i) for i in tests]
+    if not shown:
+        raise InputError("no test index given")
+    for i in shown:
+        if not 0 <= i < result.n_test:
+            raise InputError(f"test index {i} is outside 0..{result.n_test - 1}")
+    return shown
+
+
 def render_html(result: Attribution, data: PageData | None = None, *, top: int = 5,
                 run_key: str | None = None, source: str | None = None) -> str:
     """The page of ``result`` as one HTML string (see :func:`write_html`; sign convention:
@@ -203,7 +221,7 @@ def render_html(result: Attribution, data: PageData | None = None, *, top: int =
     samples = _Samples.of(result, data)
     flags = _page_flags(result)
     parts = [_head(result.method), _header(result, run_key, source, flags), "<main>"]
-    parts += [_entry(result, i, k, samples, flags) for i in range(result.n_test)]
+    parts += [_entry(result, i, k, samples, flags) for i in _shown(result, data.tests)]
     parts.append("</main>\n<footer>" + _esc(_footer()) + "</footer>\n</body>\n</html>\n")
     return "\n".join(parts)
 
