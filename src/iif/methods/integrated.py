@@ -66,10 +66,12 @@ class IntegratedInfluence(AttributionMethod):
 
     Args:
         task: the model (in its trained state: theta*), target kind and training recipe.
-        train_data: ``(inputs, labels)`` the model was trained on.
-        baseline, path, projection, curvature: settings of each stage (defaults: per-test
-            unlearning baseline with lam=0.5 and 5 epochs, K=5 one-epoch path models with
-            sparse classification targets, no projection, damped empirical Fisher).
+        train_data: the data the model was trained on: ``(inputs, labels)``, a Dataset or a
+            DataLoader (:mod:`iif.datasets`).
+        baseline, path, projection, curvature: settings of each stage (defaults: a per-test
+            unlearning baseline, one epoch with lam = 1; K = 3 one-epoch path models with
+            sparse targets (per token for sequences); no projection; a damped empirical
+            Fisher).
         test_batch: per-test baselines for this many test samples are trained together as
             stacked model copies sharing the minibatch order (``iif.stacked``); the scores
             equal those of one test sample at a time. ``"auto"``: up to 32, as memory allows.
