@@ -70,24 +70,28 @@ SIZES: dict[str, dict[str, Any]] = {
     "full": {"folder": str(DEFAULT_FOLDER), "max_bytes": 62, "n_train": 2000,
              "n_queries": 20, "epochs": 20, "lr": 3e-3, "batch_size": 32,
              "model": {"hidden": 64, "layers": 2, "heads": 4, "intermediate": 128},
-             "steps": 3, "dim": 256, "test_batch": 1, "trak_dim": 2048, "checkpoint_every": 5,
+             "steps": 3, "dim": 256, "iif_dim": 1024, "iif_sparse": False, "test_batch": 1,
+             "trak_dim": 2048, "checkpoint_every": 5,
              "prompt_bytes": 10, "gen_bytes": 30, "lds_subsets": 32, "threads": 2},
     "smoke": {"folder": str(TINY), "max_bytes": 62, "n_train": None, "n_queries": 4,
               "epochs": 4, "lr": 3e-3, "batch_size": 16,
               "model": {"hidden": 32, "layers": 1, "heads": 2, "intermediate": 64},
-              "steps": 2, "dim": 32, "test_batch": "auto", "trak_dim": 64, "checkpoint_every": 2,
+              "steps": 2, "dim": 32, "iif_dim": 32, "iif_sparse": False, "test_batch": "auto",
+              "trak_dim": 64, "checkpoint_every": 2,
               "prompt_bytes": 10, "gen_bytes": 12, "lds_subsets": 3, "threads": None},
 }
 
 
 SETTINGS_NOTE = (
-    "IIF's settings were chosen for time alone, before any recall was computed: the exact "
-    "default (no projection) would hold (N x M) = (2,060 x 115,520) features per path step, so "
-    "the Kronecker projection at P = 256 of the MNIST experiments is used; the default K = 3 "
-    "and baseline are kept. On 8 tuning documents (unseen fortunes, not the queries) one test "
-    "sample at a time took 19.6 s per query and 8 stacked copies 18.2 s per query (2 threads); "
-    "stacking gains little and each stacked copy holds dense (N, T x V) path targets (about "
-    "0.4 GB), so the full scale runs one test sample at a time.")
+    "IIF's settings: the exact default (no projection) would hold (N x M) = (2,060 x 115,520) "
+    "features per path step, so a Kronecker projection is used; the default K = 3 and "
+    "baseline are kept. The projection (P = 1024) and dense path targets were chosen on a "
+    "tuning split, seed 1 (other queries, training set, model and LDS ground truth; 10 "
+    "queries), against the first settings P = 256 with sparse targets and six baseline and "
+    "path variants: `python benchmarks/tune_lm_iif.py --seed 1 --queries 10` (docs/RESULTS.md, "
+    "'Choosing IIF's settings for sequences'). One test sample at a time: 8 stacked copies "
+    "gained little on 8 unseen fortunes (18.2 against 19.6 s per query) and each copy holds "
+    "dense (N, T x V) path targets (about 0.4 GB).")
 
 
 # ---- corpus and planting -----------------------------------------------------------------
@@ -225,10 +229,11 @@ class Setup:
 def _builders(s: Setup) -> dict[str, Callable[[Task], Any]]:
     """Method name -> a function building the method on a task."""
     proj = ProjectionSettings(dim=s.size["dim"], seed=s.seed, structure="kronecker")
+    iif_proj = ProjectionSettings(dim=s.size["iif_dim"], seed=s.seed, structure="kronecker")
+    path = PathSettings(steps=s.size["steps"], sparse=s.size["iif_sparse"])
     common = {"seed": s.seed, "progress": s.progress}
     return {
-        "IIF": lambda t: IntegratedInfluence(t, s.train, projection=proj,
-                                             path=PathSettings(steps=s.size["steps"]),
+        "IIF": lambda t: IntegratedInfluence(t, s.train, projection=iif_proj, path=path,
                                              test_batch=s.size["test_batch"], **common),
         "IF": lambda t: InfluenceFunction(t, s.train, solver="projected", projection=proj,
                                           **common),
@@ -254,10 +259,11 @@ def attribute_all(s: Setup, queries: tuple[torch.Tensor, torch.Tensor],
     return out
 
 
-def subset_lds(s: Setup, queries: tuple[torch.Tensor, torch.Tensor],
-               scores: dict[str, np.ndarray]) -> dict[str, LDSResult]:
-    """LDS of each method's query scores: ``lds_subsets`` random halves of the training set,
-    one model retrained on each (the recipe, the run's seed), the queries' summed losses."""
+def subset_losses(s: Setup, queries: tuple[torch.Tensor, torch.Tensor]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The LDS ground truth: ``lds_subsets`` random halves of the training set (M, N) and the
+    queries' summed losses (M, n_queries) of one model retrained on each (the recipe, the
+    run's seed)."""
     subsets = random_subsets(s.size["lds_subsets"], len(s.train[0]), 0.5, s.seed)
     losses = []
     for mask in subsets:
@@ -267,7 +273,14 @@ def subset_lds(s: Setup, queries: tuple[torch.Tensor, torch.Tensor],
         train(dataclasses.replace(s.task, model=model),
               (s.train[0][keep], s.train[1][keep]), seed=s.seed, progress=False)
         losses.append(-sequence_log_prob(model, *queries).numpy())
-    return {name: lds(value, subsets, np.stack(losses)) for name, value in scores.items()}
+    return subsets, np.stack(losses)
+
+
+def subset_lds(s: Setup, queries: tuple[torch.Tensor, torch.Tensor],
+               scores: dict[str, np.ndarray]) -> dict[str, LDSResult]:
+    """LDS of each method's query scores against :func:`subset_losses`."""
+    subsets, losses = subset_losses(s, queries)
+    return {name: lds(value, subsets, losses) for name, value in scores.items()}
 
 
 # ---- the run -----------------------------------------------------------------------------
@@ -423,8 +436,9 @@ def _protocol(size: dict[str, Any], info: dict[str, Any], n_train: int, threads:
         f"token loss: training {info['train_token_loss']:.3f}, queries "
         f"{info['query_token_loss']:.3f}"
         + (f", unseen documents {held:.3f}" if held is not None else "")
-        + f" nats. IIF: default baseline, K = {size['steps']} path steps, Kronecker "
-        f"projection P = {size['dim']}, test batch {size['test_batch']}; IF: projected, "
-        f"same P; TRAK: Kronecker P = "
-        f"{size['trak_dim']}; TracIn: checkpoints after epochs "
-        f"{info['checkpoint_epochs']}, same P. {threads} torch threads.")
+        + f" nats. IIF: default baseline, K = {size['steps']} path steps, "
+        f"{'sparse' if size['iif_sparse'] else 'dense'} path targets, Kronecker projection "
+        f"P = {size['iif_dim']}, test batch {size['test_batch']}; IF: projected, Kronecker "
+        f"P = {size['dim']}; TRAK: Kronecker P = {size['trak_dim']}; TracIn: checkpoints "
+        f"after epochs {info['checkpoint_epochs']}, P = {size['dim']}. {threads} torch "
+        f"threads.")
