@@ -71,6 +71,23 @@ class TestLoss(Measurement):
         return self.task.sample_loss(outputs, targets)
 
 
+def margin(output: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    """The correct-class margin ``log p_y - log(1 - p_y)``, computed stably from logits as
+    ``z_y - logsumexp_{c != y} z_c``. Shapes (..., C) -> (...)."""
+    true = (output * onehot).sum(-1)
+    others = output.masked_fill(onehot > 0.5, float("-inf"))
+    return true - torch.logsumexp(others, dim=-1)
+
+
+def labelled_margins(logits: torch.Tensor, onehot: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`margin` at every position (..., C) -> (...), zero where the target row is zero
+    (a position without a label); and the mask of labelled positions."""
+    keep = onehot.sum(-1) > 0
+    zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+    return torch.where(keep, margin(logits, onehot), zero), keep
+
+
 def _log_probs(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Log-softmax over the last axis and the targets in its shape."""
     logp = torch.log_softmax(outputs, dim=-1)
@@ -100,12 +117,8 @@ class Margin(Measurement):
     name = "margin"
 
     def value(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        t = targets.reshape(outputs.shape)
-        true = (outputs * t).sum(-1)
-        others = torch.logsumexp(outputs.masked_fill(t > 0.5, float("-inf")), dim=-1)
-        keep = t.sum(-1) > 0
-        return torch.where(keep, true - others, torch.zeros_like(true)).reshape(
-            outputs.shape[0], -1).sum(1)
+        margins, _ = labelled_margins(outputs, targets.reshape(outputs.shape))
+        return margins.reshape(outputs.shape[0], -1).sum(1)
 
     def applies(self, task: Task) -> str | None:
         return None if task.kind != "regression" else "Margin needs class or token outputs"

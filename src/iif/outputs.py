@@ -26,6 +26,7 @@ from torch.func import grad, vmap
 
 from iif.errors import InputError
 from iif.grads import output_hessian_factor, sample_loss_fn
+from iif.measurements import labelled_margins, margin
 from iif.task import Task
 
 
@@ -49,14 +50,6 @@ class ModelOutput:
     def test_weight(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         """The test orientation ``c_s`` (n,), or None for 1."""
         return None
-
-
-def margin(output: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-    """TRAK's classification output ``log p_y - log(1 - p_y)``, computed stably from logits as
-    ``z_y - logsumexp_{c != y} z_c``. Shapes (..., C) -> (...)."""
-    true = (output * onehot).sum(-1)
-    others = output.masked_fill(onehot > 0.5, float("-inf"))
-    return true - torch.logsumexp(others, dim=-1)
 
 
 class Margin(ModelOutput):
@@ -107,10 +100,7 @@ class SequenceMargin(ModelOutput):
     def _margins(self, outputs: torch.Tensor, targets: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = outputs.reshape(outputs.shape[0], -1, self.vocab)
-        onehot = targets.reshape(logits.shape)
-        keep = onehot.sum(-1) > 0
-        zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
-        return torch.where(keep, margin(logits, onehot), zero), keep
+        return labelled_margins(logits, targets.reshape(logits.shape))
 
     def value(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self._margins(outputs, targets)[0].sum(-1)
