@@ -29,6 +29,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
 
@@ -150,7 +151,7 @@ class StreamedInputs:
         parts = []
         for lo in range(0, len(positions), READ_BATCH):
             batch = self.collate([self.dataset[p] for p in positions[lo : lo + READ_BATCH]])
-            parts.append(_tensor(self.unpack(batch)[0], "streamed inputs"))
+            parts.append(to_tensor(self.unpack(batch)[0], "streamed inputs"))
         if not parts:
             return torch.empty((0, *self.sample_shape), dtype=self.dtype, device=self.device)
         return torch.cat(parts).to(self.device, self.dtype)
@@ -244,7 +245,8 @@ def _batches(loader: DataLoader, name: str, unpack: BatchFn):
         except Exception as exc:  # the user's batch function
             raise UserCodeError(f"the task's batch function on batch {i} of {name}",
                                 exc) from exc
-        yield i, _tensor(x, f"{name} inputs (batch {i})"), _tensor(y, f"{name} labels (batch {i})")
+        yield (i, to_tensor(x, f"{name} inputs (batch {i})"),
+               to_tensor(y, f"{name} labels (batch {i})"))
 
 
 def _joined(parts: list[torch.Tensor], name: str) -> torch.Tensor:
@@ -278,10 +280,15 @@ def _check_order(loader: DataLoader, name: str) -> None:
                          f"(drop_last=True); every sample must be read")
 
 
-def _tensor(value: Any, what: str) -> torch.Tensor:
+def to_tensor(value: Any, what: str) -> torch.Tensor:
+    """``value`` (a tensor, an array or nested numbers) as a tensor, or an InputError naming
+    ``what`` when it is not numeric."""
     if isinstance(value, torch.Tensor):
         return value.detach()
     try:
-        return torch.as_tensor(value)
+        arr = np.asarray(value)
     except Exception as exc:
-        raise InputError(f"{what} cannot be converted to a tensor: {exc}") from exc
+        raise InputError(f"{what} cannot be converted to an array: {exc}") from exc
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise InputError(f"{what} must be numeric, got an array of dtype {arr.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(arr))

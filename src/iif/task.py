@@ -39,7 +39,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from iif.datasets import StreamedInputs, as_pair, to_tensor
 from iif.errors import InputError
+from iif.measurements import check_measurement
 from iif.validation import Settings, setting
 
 Kind = Literal["regression", "classification", "sequence"]
@@ -197,8 +199,6 @@ class Task:
                 f"kind must be 'regression', 'classification' or 'sequence', got {self.kind!r}"
             )
         if self.measurement is not None:
-            from iif.measurements import check_measurement
-
             self.measurement = check_measurement(self.measurement, self)
         if self.batch is not None and not callable(self.batch):
             raise InputError(f"batch must be a function of one collated batch returning "
@@ -265,14 +265,12 @@ class Task:
         :mod:`iif.datasets`) and move it to the device; ``like``: data whose per-sample input
         shape ``data`` must have (the training data); ``stream``: large inputs may stay in
         their dataset (:class:`iif.datasets.StreamedInputs`), else they are read in."""
-        from iif.datasets import StreamedInputs, as_pair
-
         x, y = as_pair(data, name, self.batch)
         if isinstance(x, StreamedInputs) and not stream:
             x = x[:]
         if not isinstance(x, StreamedInputs):
-            x = _as_tensor(x, f"{name} inputs")
-        y = _as_tensor(y, f"{name} labels")
+            x = to_tensor(x, f"{name} inputs")
+        y = to_tensor(y, f"{name} labels")
         _check_sizes(x, y, name, like)
         x, out_shape = self._device_inputs(x, name)
         out_dim = math.prod(out_shape)
@@ -290,8 +288,6 @@ class Task:
         the shape of the model's output for one of them."""
         # integer inputs are token ids (an nn.Embedding) or codes the model converts itself:
         # they stay integers (int64, what embeddings take) when the model runs on them
-        from iif.datasets import StreamedInputs
-
         integer = not (x.is_floating_point() or x.dtype.is_complex or x.dtype == torch.bool)
         if not (x.is_floating_point() or integer):
             raise InputError(f"{name} inputs must be floating point (or integer token ids for "
@@ -439,15 +435,3 @@ def _check_sizes(x: torch.Tensor, y: torch.Tensor, name: str, like: Data | None)
         raise InputError(
             f"{name}: {x.shape[0]} inputs but labels of shape {tuple(y.shape)}"
         )
-
-
-def _as_tensor(value: Any, what: str) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    try:
-        arr = np.asarray(value)
-    except Exception as exc:
-        raise InputError(f"{what} cannot be converted to an array: {exc}") from exc
-    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
-        raise InputError(f"{what} must be numeric, got an array of dtype {arr.dtype}")
-    return torch.from_numpy(np.ascontiguousarray(arr))
