@@ -186,23 +186,21 @@ class Engine:
 
     # ---- features ------------------------------------------------------------------------
     def loss_features(self, state: State, x: torch.Tensor, targets: torch.Tensor,
-                      what: str = "per-sample gradients") -> torch.Tensor:
-        """Projected per-sample loss gradients: (n, P) at a ModelState; for a StackedState
-        of B copies, copy b's gradients of its own samples ``x[b]``, ``targets[b]`` ((B, n,
-        ...), (B, n, d)) -> (B, n, P)."""
+                      what: str = "per-sample gradients", measure: bool = False
+                      ) -> torch.Tensor:
+        """Projected per-sample loss gradients (``measure``: of the task's measurement):
+        (n, P) at a ModelState; for a StackedState of B copies, copy b's gradients of its own
+        samples ``x[b]``, ``targets[b]`` ((B, n, ...), (B, n, d)) -> (B, n, P)."""
         b = self.budget
         with b.spill():
             return loss_features(self.fmodel, state, x, targets, self.task, self.projector,
-                                 b.chunk_size, b.max_feature_bytes, what)
+                                 b.chunk_size, b.max_feature_bytes, what, measure)
 
     def test_features(self, state: State, x: torch.Tensor, targets: torch.Tensor,
                       what: str = "test gradients") -> torch.Tensor:
         """Projected per-sample gradients of the task's measurement (the test loss by
         default; :meth:`iif.task.Task.measure`), shaped as :meth:`loss_features`."""
-        b = self.budget
-        with b.spill():
-            return loss_features(self.fmodel, state, x, targets, self.task, self.projector,
-                                 b.chunk_size, b.max_feature_bytes, what, measure=True)
+        return self.loss_features(state, x, targets, what, measure=True)
 
     def step_features(self, state: State, x: torch.Tensor, rho: torch.Tensor,
                       rho_prev: torch.Tensor, progress: bool | None = None,
