@@ -23,9 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_tasks as qtasks  # noqa: E402
 
 from iif import BaselineSettings  # noqa: E402
-from iif.diagnostics import MOVE_THRESHOLD  # noqa: E402
-from iif.engine import Budget, Engine  # noqa: E402
-from iif.functional import FunctionalModel  # noqa: E402
+from iif.engine.engine import Budget, Engine  # noqa: E402
+from iif.engine.functional import FunctionalModel  # noqa: E402
+from iif.methods.integrated.baseline import unlearned_baselines  # noqa: E402
+from iif.results.diagnostics import MOVE_THRESHOLD  # noqa: E402
 
 SETTINGS = {
     "loss objective, lam 0.5, 5 epochs, chance stop (old default)": BaselineSettings(
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, settings in SETTINGS.items():
         start = time.perf_counter()
-        bases = engine.unlearn([test.subset([j]) for j in range(len(test))], settings,
+        bases = unlearned_baselines(engine, [test.subset([j]) for j in range(len(test))], settings,
                                torch.Generator().manual_seed(0))
         after = np.array([losses(b.state)[j] for j, b in enumerate(bases)])
         unmoved = int(np.sum(np.abs(after - before) < MOVE_THRESHOLD))

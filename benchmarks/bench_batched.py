@@ -52,9 +52,9 @@ def training_epoch_per_copy(task: Task, x: torch.Tensor, y: torch.Tensor,
                             batches: list[int]) -> dict[int, float]:
     """Seconds per model copy of one training epoch: ``fit`` for one model, ``fit_stacked``
     for B copies sharing the minibatches (median of 3 after a warm-up)."""
-    from iif.functional import FunctionalModel
-    from iif.stacked import StackedState, fit_stacked
-    from iif.training import fit
+    from iif.engine.functional import FunctionalModel
+    from iif.engine.stacked import StackedState, fit_stacked
+    from iif.engine.training import fit
 
     data = task.validate((x, y), "training data")
     fmodel = FunctionalModel(task.model)

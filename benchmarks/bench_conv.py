@@ -17,10 +17,10 @@ import statistics
 import torch
 from bench_engine import timed
 
-from iif.features import step_features
-from iif.functional import FunctionalModel
-from iif.projection import ProjectionSettings, make_projector
-from iif.task import Recipe, Task
+from iif.engine.features import step_features
+from iif.engine.functional import FunctionalModel
+from iif.engine.projection import ProjectionSettings, make_projector
+from iif.task.task import Recipe, Task
 from iif_paper.experiments.table3 import cnn
 
 

@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import iif
 from iif import CGSettings, CurvatureSettings, ProjectionSettings
-from iif.checkpoints import train_with_checkpoints
 from iif.evaluation import spearman_columns
+from iif.methods.tracin.checkpoints import train_with_checkpoints
 from iif_paper.data import load_mnist
 
 SEED = 0

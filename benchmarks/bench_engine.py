@@ -1,8 +1,8 @@
 """Engine benchmark: per-sample-gradient throughput and Integrated Influence cost on MNIST.
 
 Part A measures the gradient engine on an MLP 784-128-64-10 (float32) over MNIST images:
-``iif.grads.per_sample_grads`` (one loss gradient per sample) and
-``iif.features.step_features`` (the IIF featurisation: two gradients per sample, u and psi,
+``iif.engine.grads.per_sample_grads`` (one loss gradient per sample) and
+``iif.engine.features.step_features`` (the IIF featurisation: two gradients per sample, u and psi,
 from one shared forward, projected to P dimensions), split into its Jacobian and projection
 parts. A hand-written per-sample gradient of the same MLP (einsum outer products) is timed as
 a reference for what the materialised (n, M) output costs without ``vmap``.
@@ -42,14 +42,14 @@ import torch
 from torch import nn
 
 import iif
-import iif.engine
-import iif.features
+import iif.engine.engine
+import iif.engine.features
 from iif import IntegratedInfluence, PathSettings, ProjectionSettings, Recipe, Task
-from iif.engine import Engine
-from iif.features import step_features
-from iif.functional import FunctionalModel
-from iif.grads import path_step_fn, per_sample_grads, per_sample_jacobians
-from iif.projection import RandomProjector, make_projector
+from iif.engine.engine import Engine
+from iif.engine.features import step_features
+from iif.engine.functional import FunctionalModel
+from iif.engine.grads import path_step_fn, per_sample_grads, per_sample_jacobians
+from iif.engine.projection import RandomProjector, make_projector
 from iif_paper.data import load_mnist
 
 SEED = 0
@@ -363,11 +363,11 @@ def instrumented(timer: StageTimer, method: IntegratedInfluence) -> Iterator[Non
     """Wrap the stages IIF calls, restoring the originals afterwards."""
     patches = [
         (Engine, "unlearn", "unlearning", False),
-        (iif.engine, "path_models", "path epochs", True),
+        (iif.engine.engine, "path_models", "path epochs", True),
         (Engine, "step_features", "features u, psi", False),
         (Engine, "fit_curvature", "curvature", False),
         (Engine, "loss_features", "test gradients", False),
-        (iif.features, "per_sample_jacobians", "per-sample Jacobians", True),
+        (iif.engine.features, "per_sample_jacobians", "per-sample Jacobians", True),
         (method.projector, "project", "projection", False),
         (method.projector, "block", "block regeneration", False),
     ]

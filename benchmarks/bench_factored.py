@@ -1,5 +1,5 @@
 """Micro-benchmark: one exact (unprojected) Integrated Influence path step, dense per-sample
-gradients against layer factors (``iif.factored``).
+gradients against layer factors (``iif.engine.factored``).
 
 Dense, as ``IntegratedInfluence._copy_step`` does it without projection:
 ``features.step_features`` with an ``IdentityProjector`` (u, psi: N x M), ``loss_features``
@@ -23,20 +23,20 @@ import time
 import torch
 from torch import nn
 
-from iif.curvature import CurvatureSettings, gram_solver
-from iif.factored import (
+from iif.engine.curvature import CurvatureSettings, gram_solver
+from iif.engine.factored import (
     FactoredFisher,
     factored_step_scores,
     grams,
     linear_factors,
     supports_factored,
 )
-from iif.features import loss_features, step_features
-from iif.functional import FunctionalModel
-from iif.grads import path_step_fn, sample_loss_fn
-from iif.linalg import rows_times
-from iif.projection import IdentityProjector
-from iif.task import Recipe, Task
+from iif.engine.features import loss_features, step_features
+from iif.engine.functional import FunctionalModel
+from iif.engine.grads import path_step_fn, sample_loss_fn
+from iif.engine.linalg import rows_times
+from iif.engine.projection import IdentityProjector
+from iif.task.task import Recipe, Task
 
 CHUNK = 128
 MAX_BYTES = 16 << 30  # the dense features of the large case (2 x 2.2 GB) exceed the default

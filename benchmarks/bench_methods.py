@@ -92,7 +92,7 @@ def build(name: str, task, train, workdir: Path, args: argparse.Namespace):
                                      cg=iif.CGSettings(max_iter=args.cg_iters, tol=args.cg_tol),
                                      **common)
     if name == "tracin":
-        from iif.checkpoints import load_checkpoints
+        from iif.methods.tracin.checkpoints import load_checkpoints
 
         return iif.TracIn(task, train, checkpoints=load_checkpoints(workdir / "checkpoints"),
                           projection=ProjectionSettings(dim=args.proj_dim), **common)
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     import iif
-    from iif.checkpoints import train_with_checkpoints
+    from iif.methods.tracin.checkpoints import train_with_checkpoints
 
     names = ALL if args.only is None else args.only.split(",")
     print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, "

@@ -114,7 +114,7 @@ def run_trak(models: int = 10, **options: Any) -> Runner:
 
 def run_tracin(checkpoints: int = 10, **options: Any) -> Runner:
     def run(qt, test_idx):
-        from iif.checkpoints import train_with_checkpoints
+        from iif.methods.tracin.checkpoints import train_with_checkpoints
 
         model = qt.make_model(qtasks.SEED)
         task = qtasks.Task(model, "classification", qt.task.recipe)

@@ -201,7 +201,7 @@ def loader(x: np.ndarray, y: np.ndarray, batch: int) -> DataLoader:
 
 def checkpoint_dicts(work: Path) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
     """TracIn's checkpoints as flat state dicts (what dattri loads) and their learning rates."""
-    from iif.checkpoints import load_checkpoints
+    from iif.methods.tracin.checkpoints import load_checkpoints
 
     ckpts = load_checkpoints(work / "checkpoints")
     states = []
@@ -392,7 +392,7 @@ def agreement(reference: np.ndarray, scores: np.ndarray, flip: bool) -> float:
 def prepare_models(setting: Setting, work: Path, args: argparse.Namespace) -> float:
     """Train model 0 with checkpoints and models 1.. for TRAK; returns the seconds taken."""
     import iif
-    from iif.checkpoints import train_with_checkpoints
+    from iif.methods.tracin.checkpoints import train_with_checkpoints
 
     train, test = load_data(setting, args.mnist_dir)
     save_data(work, train, test)

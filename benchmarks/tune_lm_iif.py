@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from iif import BaselineSettings, IntegratedInfluence
+from iif.engine.projection import ProjectionSettings
 from iif.evaluation.metrics import lds, random_subsets
-from iif.projection import ProjectionSettings
-from iif.target_path import PathSettings
+from iif.methods.integrated.target_path import PathSettings
 from iif_paper.experiments import lm
 from iif_paper.lm.tokenizer import encode
 

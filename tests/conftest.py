@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from iif.task import Recipe, Task
+from iif.task.task import Recipe, Task
 
 IN_DIM = 3
 HIDDEN = 4

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from iif.attribution import META_FILE, SCORES_FILE, Attribution
+from iif.results.attribution import META_FILE, SCORES_FILE, Attribution
 
 
 def _attribution():

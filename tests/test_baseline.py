@@ -7,11 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from iif.baseline import BaselineSettings, mean_loss, trivial_loss
-from iif.engine import Budget, Engine
-from iif.functional import FunctionalModel
-from iif.task import Recipe, Task
-from iif.training import fit
+from iif.engine.engine import Budget, Engine
+from iif.engine.functional import FunctionalModel
+from iif.engine.training import fit
+from iif.methods.integrated.baseline import (
+    BaselineSettings,
+    mean_loss,
+    trivial_loss,
+    unlearned_baselines,
+)
+from iif.task.task import Recipe, Task
 
 
 def _least_squares():
@@ -34,7 +39,7 @@ def _unlearn(settings):
     task, fmodel, train, test = _least_squares()
     state = fmodel.state()
     engine = Engine.bind(task, train, fmodel.module, Budget())
-    (base,) = engine.unlearn([test], settings, torch.Generator().manual_seed(0))
+    (base,) = unlearned_baselines(engine, [test], settings, torch.Generator().manual_seed(0))
     return task, fmodel, state, train, test, base
 
 

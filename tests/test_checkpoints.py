@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 import iif
-from iif.checkpoints import (
+from iif.engine.functional import FunctionalModel
+from iif.errors import InputError
+from iif.methods.tracin.checkpoints import (
     INDEX_FILE,
     Checkpoint,
     checkpoint_file,
@@ -19,9 +21,7 @@ from iif.checkpoints import (
     save_checkpoint,
     train_with_checkpoints,
 )
-from iif.errors import InputError
-from iif.functional import FunctionalModel
-from iif.task import Recipe, Task
+from iif.task.task import Recipe, Task
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from iif.cli import main
+from iif.runs.cli import main
 from iif_paper.experiments import EXPERIMENTS
 
 REQUIRED = {"name", "scale", "settings", "results", "paper"}
@@ -185,7 +185,7 @@ def test_help_and_version_import_no_torch():
     import sys
 
     code = ("import sys, contextlib, io\n"
-            "from iif.cli import main\n"
+            "from iif.runs.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
             "    assert main(['--help']) == 0 and main(['reproduce', '--help']) == 0\n"
             "assert 'table1, table4' in out.getvalue()\n"
@@ -251,7 +251,7 @@ def test_a_projection_dim_picks_the_projected_solver_for_if(tmp_path, capsys):
 
 
 def test_progress_flags():
-    from iif.cli import build_parser
+    from iif.runs.cli import build_parser
 
     parser = build_parser()
     base = ["attribute", "--task", "t:f", "--out", "o"]

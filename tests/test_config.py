@@ -8,8 +8,9 @@ import pytest
 import tiny_job
 
 from iif import TRAK, InfluenceFunction, IntegratedInfluence
-from iif.config import Job, build_method, load_job, load_settings, merge
 from iif.errors import InputError
+from iif.runs.config import build_method, load_settings, merge
+from iif.task.job import Job, load_job
 
 JOB_FILE = Path(tiny_job.__file__)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.func import functional_call, jacrev
 
-from iif.curvature import (
+from iif.engine.curvature import (
     CurvatureSettings,
     Share,
     dense_solver,
@@ -17,10 +17,10 @@ from iif.curvature import (
     gram_solver,
     rank_bound,
 )
+from iif.engine.functional import FunctionalModel
+from iif.engine.projection import IdentityProjector, ProjectionSettings, RandomProjector
 from iif.errors import CurvatureError, InputError
-from iif.functional import FunctionalModel
-from iif.projection import IdentityProjector, ProjectionSettings, RandomProjector
-from iif.task import Task
+from iif.task.task import Task
 
 # the Gauss-Newton matrix with every direction of the output Hessian
 GGN_FULL = {"kind": "ggn", "ggn_rank": None}
@@ -136,7 +136,7 @@ def _indefinite(dim=6, min_eig=-0.5, seed=3):
 def test_indefinite_matrix_retries_with_larger_damping(caplog):
     m = _indefinite(min_eig=-0.5)
     settings = CurvatureSettings(damping=1e-3, retry_factor=10.0)
-    with caplog.at_level(logging.WARNING, logger="iif.linalg"):
+    with caplog.at_level(logging.WARNING, logger="iif.engine.linalg"):
         solver = dense_solver(m, settings, "hessian")
     # The first damping 1e-3 * 10^k with -0.5 + damping > 0 is 1.0 (k = 3).
     assert solver.retries == 3

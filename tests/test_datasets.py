@@ -110,8 +110,8 @@ def test_scores_from_loaders_equal_scores_from_tensors(classification_task,
 @pytest.fixture
 def reads(monkeypatch) -> list[int]:
     """Sizes of every read of streamed inputs."""
-    import iif.datasets
-    from iif.datasets import StreamedInputs
+    import iif.task.data
+    from iif.task.data import StreamedInputs
 
     sizes: list[int] = []
     original = StreamedInputs._read
@@ -122,10 +122,10 @@ def reads(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(StreamedInputs, "_read", counting)
     # model outputs are read 1024 samples at a time: 16 here, so that 60 samples are parts
-    from iif.functional import FunctionalModel
+    from iif.engine.functional import FunctionalModel
 
     monkeypatch.setattr(FunctionalModel.outputs, "__defaults__", (16,))
-    monkeypatch.setattr(iif.datasets, "READ_BATCH", 16)
+    monkeypatch.setattr(iif.task.data, "READ_BATCH", 16)
     return sizes
 
 
@@ -153,7 +153,7 @@ def _bigger_problem():
                                projection=ProjectionSettings(dim=8))),
 ])
 def test_streamed_training_data_give_the_same_scores_in_parts(name, make, reads):
-    from iif.datasets import Streamed
+    from iif.task.data import Streamed
 
     task, x, y = _bigger_problem()
     test = (x[:3] + 0.1, y[:3])
@@ -163,7 +163,7 @@ def test_streamed_training_data_give_the_same_scores_in_parts(name, make, reads)
     got = method.attribute(test).scores
     np.testing.assert_array_equal(got, want)
     assert reads and max(reads) < len(x)  # never the whole training set at once
-    from iif.runkey import method_key
+    from iif.results.runkey import method_key
 
     assert method_key(method).parts["training data"] == \
         method_key(make(task, (x, y))).parts["training data"]
@@ -171,7 +171,7 @@ def test_streamed_training_data_give_the_same_scores_in_parts(name, make, reads)
 
 def test_streamed_training_trains_the_same_model(reads):
     from iif import train
-    from iif.datasets import Streamed
+    from iif.task.data import Streamed
 
     task, x, y = _bigger_problem()
     a, b = copy.deepcopy(task), copy.deepcopy(task)
@@ -185,7 +185,7 @@ def test_streamed_training_trains_the_same_model(reads):
 
 def test_a_dataset_that_changes_its_samples_cannot_be_streamed(classification_task,
                                                               classification_data):
-    from iif.datasets import Streamed
+    from iif.task.data import Streamed
 
     x, y = classification_data
 
@@ -199,11 +199,11 @@ def test_a_dataset_that_changes_its_samples_cannot_be_streamed(classification_ta
 
 def test_large_inputs_are_streamed_without_asking(classification_task, classification_data,
                                                   monkeypatch):
-    import iif.datasets
-    from iif.datasets import StreamedInputs
+    import iif.task.data
+    from iif.task.data import StreamedInputs
 
     x, y = classification_data
-    monkeypatch.setattr(iif.datasets, "IN_MEMORY_BYTES", 8 * x.shape[1] * 4)
+    monkeypatch.setattr(iif.task.data, "IN_MEMORY_BYTES", 8 * x.shape[1] * 4)
     data = classification_task.validate(Pairs(x, y))
     assert isinstance(data.x, StreamedInputs)
     torch.testing.assert_close(data.x[:], x, rtol=0, atol=0)
@@ -213,9 +213,9 @@ def test_large_inputs_are_streamed_without_asking(classification_task, classific
 
 def test_checkpoints_tracin_and_retraining_stream_too(reads):
     from iif import TracIn
-    from iif.checkpoints import train_with_checkpoints
-    from iif.datasets import Streamed
     from iif.evaluation.retrain import train_batch, train_one
+    from iif.methods.tracin.checkpoints import train_with_checkpoints
+    from iif.task.data import Streamed
 
     task, x, y = _bigger_problem()
     streamed = Streamed(Pairs(x, y))

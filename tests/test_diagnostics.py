@@ -13,8 +13,8 @@ import tiny_job
 import torch
 
 from iif import Attribution, BaselineSettings
-from iif.cli import main
-from iif.diagnostics import (
+from iif.methods.base import completeness_gap
+from iif.results.diagnostics import (
     GAP_THRESHOLD,
     KINDS,
     MOVE_THRESHOLD,
@@ -28,10 +28,10 @@ from iif.diagnostics import (
     summarize,
     trust_flags,
 )
-from iif.methods.base import completeness_gap
-from iif.report import plot_proponents_opponents, plot_rankings
-from iif.runkey import RunKey
-from iif.store import ResultStore, attribute_to
+from iif.results.runkey import RunKey
+from iif.results.store import ResultStore, attribute_to
+from iif.runs.cli import main
+from iif.views.report import plot_proponents_opponents, plot_rankings
 
 NOT_MOVED = BaselineSettings(epochs=0)  # theta' = theta*: delta = 0 for every test sample
 SETTINGS_NOT_MOVED = tiny_job.SETTINGS + "\n[baseline]\nepochs = 0\n"
@@ -199,14 +199,14 @@ def test_iif_flags_baselines_that_did_not_move_and_names_them(problem, tmp_path,
     assert flags["large_gap"] == [0, 1, 2, 3, 4, 5]  # gap NaN: delta = 0
     assert flags["fallback"] == [] and flags["truncated"] == []
     warnings = [r.getMessage() for r in iif_logs.records
-                if r.name == "iif.methods.integrated" and r.levelno == logging.WARNING]
+                if r.name == "iif.methods.integrated.integrated" and r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "tests 0 (delta 0), 1 (delta 0)" in warnings[0] and "5 (delta 0)" in warnings[0]
     assert Attribution.load(result.save(tmp_path)).info["flags"] == flags
 
 
 def test_explained_sample_is_flagged_by_its_index(problem, tmp_path, iif_logs):
-    from iif.explain import explain
+    from iif.views.explain import explain
 
     task, train, test = problem
     method = tiny_job.method(task, train, baseline=NOT_MOVED)
@@ -215,7 +215,7 @@ def test_explained_sample_is_flagged_by_its_index(problem, tmp_path, iif_logs):
     assert record["flags"] == ["baseline_not_moved", "large_gap"]
     assert record["warning"].startswith("not a reliable explanation")
     assert (tmp_path / "explain_5.png").stat().st_size > 1000
-    logged = [r.getMessage() for r in iif_logs.records if r.name == "iif.methods.integrated"]
+    logged = [r.getMessage() for r in iif_logs.records if r.name == "iif.methods.integrated.integrated"]
     assert logged and logged[-1].startswith("test 5 (delta 0)")
 
 
@@ -277,13 +277,13 @@ def test_store_run_names_global_indices(problem, tmp_path, iif_logs):
     # a chunk's info names its test samples by global index, as the warnings do
     assert second["rows"] == [4, 6] and second["flags"]["baseline_not_moved"] == [4, 5]
     assert second["test_offset"] == 4
-    logged = [r.getMessage() for r in iif_logs.records if r.name == "iif.methods.integrated"]
+    logged = [r.getMessage() for r in iif_logs.records if r.name == "iif.methods.integrated.integrated"]
     assert len(logged) == 2 and logged[1].startswith("tests 4 (delta 0), 5 (delta 0):")
 
 
 def test_store_run_names_a_later_chunks_fallback_by_global_index(problem, tmp_path, iif_logs,
                                                                  monkeypatch):
-    import iif.baseline as baseline
+    import iif.methods.integrated.baseline as baseline
 
     task, train, test = problem
     target = torch.as_tensor(test[0][4])

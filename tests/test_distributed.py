@@ -22,7 +22,7 @@ DYING = """
 import os, signal, sys
 from pathlib import Path
 import tiny_job
-from iif.distributed import world
+from iif.runs.distributed import world
 
 def job():
     found = tiny_job.job()
@@ -109,7 +109,8 @@ def test_shared_baseline_splits_the_training_set_over_two_ranks(tmp_path):
     ('method = "if"\nsolver = "projected"\n[projection]\ndim = 16\n', "if"),
 ])
 def test_trak_and_projected_if_split_the_training_set(tmp_path, settings_text, name):
-    from iif.config import build_method, load_job, load_settings
+    from iif.runs.config import build_method, load_settings
+    from iif.task.job import load_job
 
     settings = tmp_path / "s.toml"
     settings.write_text(settings_text)

@@ -1,4 +1,4 @@
-"""The engine bound once per trained model (iif.engine): one per ensemble member, the budget
+"""The engine bound once per trained model (iif.engine.engine): one per ensemble member, the budget
 honoured (TRAK's features spill to feature_dir), and one interface for B >= 1 copies."""
 
 from __future__ import annotations
@@ -8,19 +8,19 @@ import pytest
 import torch
 from torch import nn
 
-import iif.engine as engine_module
-import iif.features as features_module
-import iif.training as training
-from iif.baseline import BaselineSettings
-from iif.budget import MAX_COPIES, spill_features_to, spill_folder
-from iif.engine import NOT_KRONECKER, SHARED_LAYERS, Budget, Engine, Stacking
+import iif.engine.engine as engine_module
+import iif.engine.features as features_module
+import iif.engine.training as training
+from iif.engine.budget import MAX_COPIES, spill_features_to, spill_folder
+from iif.engine.engine import NOT_KRONECKER, SHARED_LAYERS, Budget, Engine, Stacking
+from iif.engine.projection import ProjectionSettings, make_projector
+from iif.engine.stacked import StackedState
 from iif.errors import InputError
-from iif.methods.integrated import IntegratedInfluence
-from iif.methods.trak import TRAK
-from iif.projection import ProjectionSettings, make_projector
-from iif.stacked import StackedState
-from iif.target_path import PathSettings
-from iif.task import Recipe, Task
+from iif.methods.integrated.baseline import BaselineSettings, unlearned_baselines
+from iif.methods.integrated.integrated import IntegratedInfluence
+from iif.methods.integrated.target_path import PathSettings
+from iif.methods.trak.trak import TRAK
+from iif.task.task import Recipe, Task
 
 KRONECKER = ProjectionSettings(dim=6, structure="kronecker")
 
@@ -237,9 +237,9 @@ def test_unlearning_three_copies_equals_three_runs_of_one(data):
     engine = _engine(task, x, y)
     tests = [task.validate((xt[j : j + 1], yt[j : j + 1])) for j in range(3)]
     settings = BaselineSettings(epochs=2)
-    many = engine.unlearn(tests, settings, torch.Generator().manual_seed(0))
+    many = unlearned_baselines(engine, tests, settings, torch.Generator().manual_seed(0))
     for test, base in zip(tests, many, strict=True):
-        (alone,) = engine.unlearn([test], settings, torch.Generator().manual_seed(0))
+        (alone,) = unlearned_baselines(engine, [test], settings, torch.Generator().manual_seed(0))
         assert not (alone.fell_back or base.fell_back)
         assert not torch.equal(alone.state.flat(), engine.state.flat())  # it moved
         torch.testing.assert_close(base.state.flat(), alone.state.flat(), rtol=1e-10,

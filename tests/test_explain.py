@@ -10,7 +10,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
-import iif.explain as explain_module
+import iif.views.explain as explain_module
 from iif import IntegratedInfluence, PathSettings, Recipe, Task
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -9,10 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-import iif.factored as factored
-from iif.curvature import CurvatureSettings, gram_solver
-from iif.errors import InputError
-from iif.factored import (
+import iif.engine.factored as factored
+from iif.engine.curvature import CurvatureSettings, gram_solver
+from iif.engine.factored import (
     FactoredFisher,
     apply_rows,
     combine_rows,
@@ -28,9 +27,10 @@ from iif.factored import (
     to_flat,
     woodbury_scores,
 )
-from iif.functional import FunctionalModel
-from iif.grads import path_step_fn, per_sample_grads, per_sample_jacobians, sample_loss_fn
-from iif.task import Recipe, Task
+from iif.engine.functional import FunctionalModel
+from iif.engine.grads import path_step_fn, per_sample_grads, per_sample_jacobians, sample_loss_fn
+from iif.errors import InputError
+from iif.task.task import Recipe, Task
 
 EXACT = {"rtol": 1e-10, "atol": 1e-12}
 SCORES = {"rtol": 1e-9, "atol": 1e-12}

@@ -7,15 +7,15 @@ import torch
 from torch import nn
 
 from iif import ProjectionSettings
-from iif.features import (
+from iif.engine.features import (
     can_stack_features,
     loss_features,
     step_features,
 )
-from iif.functional import FunctionalModel
-from iif.projection import make_projector
-from iif.stacked import StackedState
-from iif.task import Recipe, Task
+from iif.engine.functional import FunctionalModel
+from iif.engine.projection import make_projector
+from iif.engine.stacked import StackedState
+from iif.task.task import Recipe, Task
 
 
 def _copies(model: nn.Module, n: int) -> list:

@@ -44,9 +44,9 @@ CHILD = textwrap.dedent("""
     torch.set_num_threads(1)
     from torch import nn
     from iif import ProjectionSettings, Task
-    from iif.features import step_features
-    from iif.functional import FunctionalModel
-    from iif.projection import make_projector
+    from iif.engine.features import step_features
+    from iif.engine.functional import FunctionalModel
+    from iif.engine.projection import make_projector
 
     def status(key: str) -> int:
         with open("/proc/self/status") as f:

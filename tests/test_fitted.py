@@ -1,4 +1,4 @@
-"""Fitted state (iif.fitted): fit once, attribute many times, save and load bit-equal."""
+"""Fitted state (iif.results.fitted): fit once, attribute many times, save and load bit-equal."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import pytest
 import torch
 from conftest import IN_DIM, N_CLASSES, OUT_REG, build_mlp
 
-import iif.factored
+import iif.engine.factored
 from iif import InfluenceFunction, ProjectionSettings
-from iif.curvature import CurvatureSettings
-from iif.engine import Engine
+from iif.engine.curvature import CurvatureSettings
+from iif.engine.engine import Engine
 from iif.errors import InputError
-from iif.fitted import RECORD, TENSORS
-from iif.methods.trak import TRAK
-from iif.task import Task
+from iif.methods.trak.trak import TRAK
+from iif.results.fitted import RECORD, TENSORS
+from iif.task.task import Task
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -63,7 +63,7 @@ def counted(monkeypatch) -> list[int]:
     wrap(Engine, "test_features", 2)
     wrap(Engine, "output_features", 2)
     wrap(Engine, "per_sample_grads", 2)
-    wrap(iif.factored, "linear_factors", 2)
+    wrap(iif.engine.factored, "linear_factors", 2)
     return rows
 
 

@@ -6,9 +6,8 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from iif.errors import InputError
-from iif.functional import FunctionalModel
-from iif.grads import (
+from iif.engine.functional import FunctionalModel
+from iif.engine.grads import (
     full_hessian,
     loss_and_target_difference,
     loss_and_target_jvp,
@@ -19,7 +18,8 @@ from iif.grads import (
     per_sample_grads,
     per_sample_jacobians,
 )
-from iif.task import Task
+from iif.errors import InputError
+from iif.task.task import Task
 
 TOL = {"rtol": 1e-10, "atol": 1e-12}
 
@@ -337,8 +337,8 @@ def test_target_jacobian_products_of_several_paths_share_one_forward(mlp_factory
 
 def test_output_hessian_factor_of_a_saturated_softmax_is_exact_in_float32():
     # p_y = 1 - 2e-9: float32 cannot hold p_y - p_y^2, so the factor is taken in float64
-    from iif.grads import output_hessian_factor
-    from iif.task import Recipe, Task
+    from iif.engine.grads import output_hessian_factor
+    from iif.task.task import Recipe, Task
 
     task = Task(torch.nn.Linear(2, 3), "classification", Recipe())
     logits = torch.tensor([[20.0, 0.0, 0.0]])

@@ -18,7 +18,7 @@ from torch import nn
 
 import iif
 from iif import Attribution, CurvatureSettings, IntegratedInfluence
-from iif.cli import main
+from iif.runs.cli import main
 
 JOB_HEADER = """
 import numpy as np
@@ -195,9 +195,9 @@ class _Trap:
 
 
 def test_unsafe_checkpoint_is_refused_without_running_its_code(tmp_path):
-    from iif.checkpoints import Checkpoint
+    from iif.engine.functional import FunctionalModel
     from iif.errors import InputError
-    from iif.functional import FunctionalModel
+    from iif.methods.tracin.checkpoints import Checkpoint
 
     task, _, _ = tiny_job.problem()
     fmodel = FunctionalModel(task.model)

@@ -1,4 +1,4 @@
-"""The float64 solvers of iif.linalg against explicit dense solves on small SPD problems, the
+"""The float64 solvers of iif.engine.linalg against explicit dense solves on small SPD problems, the
 Woodbury form against the dense form, the damping retries and the solvers' reports."""
 
 from __future__ import annotations
@@ -8,9 +8,8 @@ import logging
 import pytest
 import torch
 
-from iif import linalg
-from iif.errors import CurvatureError, InputError
-from iif.linalg import (
+from iif.engine import linalg
+from iif.engine.linalg import (
     CGSolver,
     CholeskySolver,
     Retries,
@@ -24,6 +23,7 @@ from iif.linalg import (
     rows_times,
     stacked_rows_solvers,
 )
+from iif.errors import CurvatureError, InputError
 
 TOL = {"rtol": 1e-9, "atol": 1e-11}
 
@@ -131,7 +131,7 @@ def test_cg_solver_matches_dense_solve(retry):
 def test_cg_solver_reports_a_solve_that_did_not_converge(caplog):
     m = _spd(9, seed=8)
     solver = CGSolver(lambda v: m @ v, 9, 1e-3, max_iter=2, tol=1e-12)
-    with caplog.at_level(logging.WARNING, logger="iif.linalg"):
+    with caplog.at_level(logging.WARNING, logger="iif.engine.linalg"):
         solver.solve(torch.ones(9, dtype=torch.float64))
     assert solver.report()["cg_converged"] is False
     assert solver.report()["cg_iterations"] == [2]
@@ -204,7 +204,7 @@ def test_non_finite_rows_are_refused(stacked):
 
 def test_singular_matrix_retries_with_more_damping(caplog):
     m = _singular()
-    with caplog.at_level(logging.INFO, logger="iif.linalg"):
+    with caplog.at_level(logging.INFO, logger="iif.engine.linalg"):
         solver = CholeskySolver(m, 0.0, kind="hessian")
     assert solver.retries > 0
     assert solver.damping > 0.0
@@ -240,7 +240,7 @@ def test_retries_exhausted_raise_curvature_error():
 
 def test_cg_solver_retries_on_non_positive_curvature(caplog):
     m = _indefinite(min_eig=-0.5)
-    with caplog.at_level(logging.WARNING, logger="iif.linalg"):
+    with caplog.at_level(logging.WARNING, logger="iif.engine.linalg"):
         solver = CGSolver(lambda v: m @ v, 6, 1e-3, Retries(8, 10.0), max_iter=200,
                           tol=1e-12, kind="hessian")
         out = solver.solve(_randn(6, 2, seed=14))

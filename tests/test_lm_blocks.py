@@ -11,10 +11,10 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from iif import ProjectionSettings
-from iif.features import loss_features
-from iif.functional import FunctionalModel
-from iif.projection import KroneckerProjector, make_projector
-from iif.task import Task
+from iif.engine.features import loss_features
+from iif.engine.functional import FunctionalModel
+from iif.engine.projection import KroneckerProjector, make_projector
+from iif.task.task import Task
 from iif_paper.lm import (
     BOS,
     EOS,
@@ -164,12 +164,12 @@ def test_kronecker_features_of_a_transformer_with_embeddings_and_norms(monkeypat
     fmodel_names = [n for n, _ in model.named_parameters()]
     assert any("embed" in n for n in fmodel_names) and any("norm" in n for n in fmodel_names)
     # the Linear layers take the fast path: no per-sample Jacobian of all M parameters
-    import iif.features
+    import iif.engine.features
 
     def refuse(*args, **kwargs):
         raise AssertionError("full per-sample Jacobians were formed")
 
-    monkeypatch.setattr(iif.features, "per_sample_jacobians", refuse)
+    monkeypatch.setattr(iif.engine.features, "per_sample_jacobians", refuse)
     feats, expected, projector = _projected(model, ids, targets, dim=200)
     assert not projector.all_params_in_layers and projector.rest is not None
     assert len(projector.layers) == 8  # q, k, v, o, gate, up, down and the output head

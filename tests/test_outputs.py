@@ -1,4 +1,4 @@
-"""TRAK's model-output plug-in (iif.outputs): a user's output function end to end against the
+"""TRAK's model-output plug-in (iif.methods.trak.outputs): a user's output function end to end against the
 TRAK formula with exact features computed here, and the defaults and their checks."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from torch.func import functional_call, grad, vmap
 
 from iif import ProjectionSettings, Recipe, Task
 from iif.errors import InputError
-from iif.methods.trak import TRAK
-from iif.outputs import Margin, ModelOutput, Output, default_output
+from iif.methods.trak.outputs import Margin, ModelOutput, Output, default_output
+from iif.methods.trak.trak import TRAK
 
 DAMPING = 0.05
 

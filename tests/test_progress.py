@@ -13,7 +13,7 @@ import tiny_job
 import iif.progress as progress
 from iif import IntegratedInfluence, PathSettings, ProjectionSettings
 from iif.progress import INTERVAL, Progress, interval, progress_bar, progress_default
-from iif.store import attribute_to
+from iif.results.store import attribute_to
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "iif"
 

@@ -7,13 +7,13 @@ import dataclasses
 import pytest
 import torch
 
-from iif.errors import InputError
-from iif.projection import (
+from iif.engine.projection import (
     IdentityProjector,
     ProjectionSettings,
     RandomProjector,
     make_projector,
 )
+from iif.errors import InputError
 
 M = 300
 
@@ -217,7 +217,7 @@ def test_projection_dim_must_be_a_positive_integer(dim):
 def _kron_model(batchnorm: bool = False):
     from torch import nn
 
-    from iif.functional import FunctionalModel
+    from iif.engine.functional import FunctionalModel
 
     torch.manual_seed(0)
     layers = [nn.Linear(6, 5)] + ([nn.BatchNorm1d(5)] if batchnorm else []) + [
@@ -228,7 +228,7 @@ def _kron_model(batchnorm: bool = False):
 def _kron(fmodel, dim, seed=0, kind="gaussian"):
     """The Kronecker projector itself, also at the model's full size (where make_projector
     would use the exact gradients instead)."""
-    from iif.projection import KroneckerProjector
+    from iif.engine.projection import KroneckerProjector
 
     settings = ProjectionSettings(dim=dim, seed=seed, kind=kind, structure="kronecker")
     return KroneckerProjector(fmodel, settings, device="cpu", dtype=torch.float64)
@@ -320,9 +320,9 @@ def test_kronecker_fast_path_equals_projected_per_sample_gradients(activation):
     output)."""
     from torch import nn
 
-    from iif.features import projected_jacobians
-    from iif.functional import FunctionalModel
-    from iif.grads import per_sample_jacobians
+    from iif.engine.features import projected_jacobians
+    from iif.engine.functional import FunctionalModel
+    from iif.engine.grads import per_sample_jacobians
 
     torch.manual_seed(3)
     act = nn.Tanh() if activation == "tanh" else nn.ReLU(inplace=True)
@@ -350,8 +350,8 @@ def test_kronecker_fast_path_equals_projected_per_sample_gradients(activation):
 def test_kronecker_fast_path_is_skipped_for_shared_layers():
     from torch import nn
 
-    from iif.features import _single_use_layers
-    from iif.functional import FunctionalModel
+    from iif.engine.features import _single_use_layers
+    from iif.engine.functional import FunctionalModel
 
     class Twice(nn.Module):
         def __init__(self):
@@ -373,10 +373,10 @@ def test_kronecker_at_full_size_reconstructs_per_sample_gradients_exactly():
     their inverses, on the fast path that never forms the gradient."""
     from torch import nn
 
-    from iif.features import loss_features
-    from iif.functional import FunctionalModel
-    from iif.grads import per_sample_grads
-    from iif.task import Task
+    from iif.engine.features import loss_features
+    from iif.engine.functional import FunctionalModel
+    from iif.engine.grads import per_sample_grads
+    from iif.task.task import Task
 
     torch.manual_seed(4)
     model = nn.Linear(6, 5).double()
@@ -406,10 +406,10 @@ def test_kronecker_fast_path_for_convolutions_equals_projected_per_sample_gradie
     at a time and for stacked copies."""
     from torch import nn
 
-    from iif.features import projected_jacobians, stacked_projected_jacobians
-    from iif.functional import FunctionalModel
-    from iif.grads import per_sample_jacobians
-    from iif.stacked import StackedState
+    from iif.engine.features import projected_jacobians, stacked_projected_jacobians
+    from iif.engine.functional import FunctionalModel
+    from iif.engine.grads import per_sample_jacobians
+    from iif.engine.stacked import StackedState
 
     torch.manual_seed(5)
     model = nn.Sequential(
@@ -446,8 +446,8 @@ def test_kronecker_layers_name_their_module_shapes_offsets_and_factors():
     shapes of its factors; the projector's dim is the sum of the layers' p_out * p_in."""
     from torch import nn
 
-    from iif.functional import FunctionalModel
-    from iif.projection import KroneckerLayer
+    from iif.engine.functional import FunctionalModel
+    from iif.engine.projection import KroneckerLayer
 
     torch.manual_seed(7)
     model = nn.Sequential(

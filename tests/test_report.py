@@ -8,7 +8,7 @@ import pytest
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
-from iif.report import COMPLETENESS_MEANING, plot_proponents_opponents, plot_rankings
+from iif.views.report import COMPLETENESS_MEANING, plot_proponents_opponents, plot_rankings
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

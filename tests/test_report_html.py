@@ -1,4 +1,4 @@
-"""``iif report DIR --html`` and :func:`iif.html_report.write_html`: one entry per test sample
+"""``iif report DIR --html`` and :func:`iif.views.html_report.write_html`: one entry per test sample
 with its proponents and opponents, samples drawn as inline images or escaped text, and a page
 a real browser renders."""
 
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from iif.attribution import Attribution
-from iif.cli import main
-from iif.html_report import REPORT_FILE, render_html, write_html
+from iif.results.attribution import Attribution
+from iif.runs.cli import main
+from iif.views.html_report import REPORT_FILE, render_html, write_html
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -99,7 +99,7 @@ def test_decode_prints_token_ids_as_text(tmp_path):
 
 
 def _page_data(**kw: object) -> object:
-    from iif.html_report import PageData
+    from iif.views.html_report import PageData
 
     return PageData(**kw)
 

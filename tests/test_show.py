@@ -10,8 +10,8 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
-import iif.show as show_module
-from iif.attribution import Attribution
+import iif.views.show as show_module
+from iif.results.attribution import Attribution
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from iif.engine import why_training_cannot_stack
-from iif.functional import FunctionalModel, ModelState
-from iif.stacked import StackedState, fit_stacked, stacked_losses, stacked_outputs
-from iif.task import Recipe, Task
-from iif.training import FitResult, fit
+from iif.engine.engine import why_training_cannot_stack
+from iif.engine.functional import FunctionalModel, ModelState
+from iif.engine.stacked import StackedState, fit_stacked, stacked_losses, stacked_outputs
+from iif.engine.training import FitResult, fit
+from iif.task.task import Recipe, Task
 
 COPIES = 3
 

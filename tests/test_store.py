@@ -20,8 +20,8 @@ import torch
 import iif
 from iif import BaselineSettings, IntegratedInfluence, PathSettings
 from iif.errors import InputError
-from iif.runkey import RunKey
-from iif.store import CHUNKS, MANIFEST, ResultStore, attribute_to
+from iif.results.runkey import RunKey
+from iif.results.store import CHUNKS, MANIFEST, ResultStore, attribute_to
 
 HERE = Path(__file__).parent
 
@@ -130,7 +130,7 @@ CHILD = textwrap.dedent('''
     torch.set_num_threads(1)
     sys.path.insert(0, sys.argv[2])
     import tiny_job
-    from iif.store import attribute_to
+    from iif.results.store import attribute_to
     task, train, test = tiny_job.problem(n_test=int(sys.argv[3]))
     attribute_to(sys.argv[1], tiny_job.method(task, train, test_batch=1), test, chunk=1)
 ''')

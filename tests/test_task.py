@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from iif.errors import InputError
-from iif.task import Data, Recipe, Task, mse_loss, soft_cross_entropy
+from iif.task.task import Data, Recipe, Task, mse_loss, soft_cross_entropy
 
 
 def test_input_error_is_value_error():
@@ -414,7 +414,7 @@ def test_custom_loss_is_used(mlp_factory):
 
 
 def test_data_subset_takes_indices_masks_and_slices():
-    from iif.task import Data
+    from iif.task.task import Data
 
     d = Data(torch.arange(4.0)[:, None], torch.arange(4), torch.eye(4))
     assert d.subset([2, 0]).labels.tolist() == [2, 0]

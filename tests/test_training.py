@@ -10,9 +10,9 @@ import torch
 from torch.func import functional_call
 
 import iif
-from iif.functional import FunctionalModel
-from iif.task import Recipe, Task
-from iif.training import FitOptions, fit, seeded
+from iif.engine.functional import FunctionalModel
+from iif.engine.training import FitOptions, fit, seeded
+from iif.task.task import Recipe, Task
 
 
 @dataclass(frozen=True)
@@ -340,17 +340,17 @@ def test_train_ensemble_on_halves_sees_half_the_data(mlp_factory, regression_dat
     x, y = regression_data
     task = Task(mlp_factory(seed=1), "regression", Recipe(lr=0.1, epochs=1, batch_size=100))
     seen = []
-    original = iif.training.train
+    original = iif.engine.training.train
 
     def spy(member, data, **kwargs):
         seen.append(len(data[0]))
         return original(member, data, **kwargs)
 
-    iif.training.train = spy
+    iif.engine.training.train = spy
     try:
         iif.train_ensemble(task, (x, y), 2, subset="half")
     finally:
-        iif.training.train = original
+        iif.engine.training.train = original
     assert seen == [len(x) // 2] * 2
 
 

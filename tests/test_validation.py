@@ -22,9 +22,9 @@ from iif import (
     ProjectionSettings,
     Recipe,
 )
-from iif.config import SECTIONS
 from iif.errors import InputError
 from iif.evaluation.retrain import RetrainSettings
+from iif.runs.config import SECTIONS
 from iif.validation import (
     DOC,
     LIMITS,

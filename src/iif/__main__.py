@@ -2,6 +2,6 @@
 
 import sys
 
-from iif.cli import main
+from iif.runs.cli import main
 
 sys.exit(main())

@@ -31,22 +31,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from iif.attribution import Attribution
-from iif.baseline import BaselineSettings
-from iif.diagnostics import index_offset
+from iif.engine.projection import ProjectionSettings
+from iif.engine.training import train
 from iif.errors import InputError
 from iif.io import atomic_write, jsonable
-from iif.methods.integrated import IntegratedInfluence
-from iif.projection import ProjectionSettings
-from iif.report import (
+from iif.methods.integrated.baseline import BaselineSettings
+from iif.methods.integrated.integrated import IntegratedInfluence
+from iif.methods.integrated.target_path import PathSettings
+from iif.results.attribution import Attribution
+from iif.results.diagnostics import index_offset
+from iif.task.task import Recipe, Task
+from iif.views.report import (
     format_test_summary,
     plot_proponents_opponents,
     plot_rankings,
     top_entries,
 )
-from iif.target_path import PathSettings
-from iif.task import Recipe, Task
-from iif.training import train
 from iif_paper.data import load_digits
 
 log = logging.getLogger("iif.demo")  # under the "iif" logger, which the CLI prints
@@ -85,7 +85,7 @@ def choose_test_samples(labels: np.ndarray, predictions: np.ndarray, n: int) -> 
     """``n`` consecutive test samples: the first ``n``, or those ending at the first
     misclassified sample when it lies beyond them (explaining a mistake is the most
     instructive case). Consecutive, so that warnings and records name them by their test
-    index (``iif.diagnostics.index_offset``)."""
+    index (``iif.results.diagnostics.index_offset``)."""
     n = min(int(n), len(labels))
     wrong = np.flatnonzero(predictions != labels)
     end = max(n, int(wrong[0]) + 1) if wrong.size and n >= 2 else n

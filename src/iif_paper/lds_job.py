@@ -4,7 +4,7 @@ A script started by ``torchrun --nproc_per_node=N script.py`` calls :func:`groun
 on every rank; each rank retrains its share of the chunks of models (chunk i goes to rank
 i mod N) into the common cache folder, waits for the others, and every rank returns the whole
 result. Joining the process group and telling a peer's failure from the rank's own error come
-from :mod:`iif.distributed`.
+from :mod:`iif.runs.distributed`.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from iif.distributed import (
+from iif.errors import InputError
+from iif.runs.distributed import (
     PEER_TIMEOUT_S,
     WORK_TIMEOUT_S,
     _collective_failure,
     _join,
     world,
 )
-from iif.errors import InputError
 
 __all__ = ["ground_truth_job"]
 

@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from iif.engine.functional import FunctionalModel
+from iif.engine.stacked import StackedState
 from iif.errors import InputError
 from iif.evaluation import lds, random_subsets
 from iif.evaluation import retrain as rt
@@ -25,9 +27,7 @@ from iif.evaluation.retrain import (
     train_batch,
     train_one,
 )
-from iif.functional import FunctionalModel
-from iif.stacked import StackedState
-from iif.task import Recipe, Task
+from iif.task.task import Recipe, Task
 
 N_TRAIN, N_TEST, N_CLASSES = 16, 5, 3
 

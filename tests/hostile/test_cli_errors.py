@@ -1,4 +1,4 @@
-"""No raw tracebacks from user mistakes: every error through ``iif.cli.main`` is one
+"""No raw tracebacks from user mistakes: every error through ``iif.runs.cli.main`` is one
 ``iif: error: ...`` line on stderr and exit code 1, naming the file (and, for the user's own
 code, the line and the exception); ``--debug`` adds the traceback."""
 
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from iif import Attribution
-from iif.cli import main
+from iif.runs.cli import main
 
 HINT = "; run with --debug for the traceback"
 
@@ -71,9 +71,9 @@ def test_debug_also_traces_a_plain_input_error(tmp_path, capsys):
 def test_an_unexpected_error_inside_iif_is_one_line(monkeypatch, tmp_path, capsys):
     import functools
 
-    import iif.show
+    import iif.views.show
 
-    monkeypatch.setattr(iif.show, "show", functools.partial(len))  # TypeError from C code
+    monkeypatch.setattr(iif.views.show, "show", functools.partial(len))  # TypeError from C code
     err = _fails(capsys, ["show", str(tmp_path)])
     assert err.startswith("iif: error: unexpected TypeError: len() takes no keyword arguments "
                           "(line ")

@@ -28,17 +28,17 @@ from iif import (
     Recipe,
     Task,
 )
-from iif.baseline import complement_loss
-from iif.checkpoints import train_with_checkpoints
-from iif.engine import why_training_cannot_stack
+from iif.engine.engine import why_training_cannot_stack
+from iif.engine.factored import supports_factored
+from iif.engine.functional import FunctionalModel
+from iif.engine.stacked import StackedState, fit_stacked
+from iif.engine.training import fit
 from iif.errors import InputError
-from iif.explain import explain
-from iif.factored import supports_factored
-from iif.functional import FunctionalModel
-from iif.methods.tracin import TracIn
-from iif.methods.trak import TRAK
-from iif.stacked import StackedState, fit_stacked
-from iif.training import fit
+from iif.methods.integrated.baseline import complement_loss
+from iif.methods.tracin.checkpoints import train_with_checkpoints
+from iif.methods.tracin.tracin import TracIn
+from iif.methods.trak.trak import TRAK
+from iif.views.explain import explain
 
 N_TRAIN, N_TEST, CLASSES = 12, 3, 3
 MODELS = ["batchnorm1d", "batchnorm2d", "dropout", "layernorm", "embedding"]

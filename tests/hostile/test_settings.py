@@ -26,14 +26,14 @@ from iif import (
     Recipe,
     Task,
 )
-from iif.checkpoints import Checkpoint
-from iif.cli import main
-from iif.config import build_method
+from iif.engine.functional import FunctionalModel
 from iif.errors import InputError
 from iif.evaluation.retrain import RetrainSettings
-from iif.functional import FunctionalModel
-from iif.methods.tracin import TracIn
-from iif.store import attribute_to
+from iif.methods.tracin.checkpoints import Checkpoint
+from iif.methods.tracin.tracin import TracIn
+from iif.results.store import attribute_to
+from iif.runs.cli import main
+from iif.runs.config import build_method
 
 # The job of every command-line test: an untrained two-layer classifier on 12 samples, so that
 # loading it costs nothing and a valid run finishes in well under a second.
@@ -333,7 +333,7 @@ def test_tracin_keywords_are_checked(problem):
 
 def test_misspelled_key_through_build_method(problem):
     task, train, test = problem
-    from iif.config import Job
+    from iif.task.job import Job
 
     with pytest.raises(InputError) as info:
         build_method(Job(task, train, test), {"test_bach": 4})

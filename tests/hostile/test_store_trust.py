@@ -1,5 +1,5 @@
 """A stored result is exactly what its run key says: hostile sequences against the result store
-(iif.store, iif.runkey) are refused with a message naming what differs, recomputed, or resumed
+(iif.results.store, iif.results.runkey) are refused with a message naming what differs, recomputed, or resumed
 bit-equal; never another run's scores with success."""
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from torch import nn
 
 import iif
 from iif import IntegratedInfluence, PathSettings, ProjectionSettings, TracIn
-from iif.checkpoints import load_checkpoints, train_with_checkpoints
-from iif.chunks import LOCK, FolderLock, record_checksum
 from iif.errors import InputError
-from iif.runkey import RunKey, run_key, structure_text
-from iif.store import CHUNKS, MANIFEST, ResultStore, attribute_to
+from iif.methods.tracin.checkpoints import load_checkpoints, train_with_checkpoints
+from iif.results.chunks import LOCK, FolderLock, record_checksum
+from iif.results.runkey import RunKey, run_key, structure_text
+from iif.results.store import CHUNKS, MANIFEST, ResultStore, attribute_to
 
 TESTS = Path(__file__).parents[1]
 
@@ -170,7 +170,7 @@ def test_tampered_chunks_are_recomputed(problem, tmp_path, monkeypatch):
     # 2. an array of the wrong shape, its SHA-256 and the record checksum forged to match
     npy = second.with_suffix(".npy")
     np.save(npy, np.zeros((1, len(train[1]))), allow_pickle=False)
-    from iif.runkey import file_digest
+    from iif.results.runkey import file_digest
 
     _forge(second, sha256=file_digest(npy))
     # 3. a record that is valid JSON of the wrong shape
@@ -231,7 +231,7 @@ def test_temporary_files_of_a_dead_writer_are_removed(problem, tmp_path):
 HOLD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from iif.chunks import FolderLock
+    from iif.results.chunks import FolderLock
     lock = FolderLock(Path(sys.argv[1]))
     print("locked", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -275,7 +275,7 @@ RACER = textwrap.dedent("""
     import tiny_job
     from iif import IntegratedInfluence, PathSettings, ProjectionSettings
     from iif.errors import InputError
-    from iif.store import attribute_to
+    from iif.results.store import attribute_to
     task, train, test = tiny_job.problem()
     method = IntegratedInfluence(task, train, path=PathSettings(steps=2), progress=False,
                                  projection=ProjectionSettings(dim=16), seed=int(sys.argv[3]))
@@ -323,7 +323,7 @@ def test_run_key_parts_are_stable_and_distinct(problem):
 
 # ---- through the command line ----------------------------------------------------------------
 def _attribute(out: Path, *flags: str) -> int:
-    from iif.cli import main
+    from iif.runs.cli import main
 
     return main(["attribute", "--task", "tiny_job:job", "--out", str(out), "--chunk", "2",
                  "--no-progress", *flags])
@@ -371,7 +371,7 @@ def job():
 
 
 def test_cli_show_refuses_a_task_with_reordered_training_data(tmp_path, capsys, monkeypatch):
-    from iif.cli import main
+    from iif.runs.cli import main
 
     out = tmp_path / "out"
     assert _attribute(out, "--proj-dim", "16") == 0
@@ -414,7 +414,7 @@ def test_malformed_store_files_are_named_or_recomputed(problem, tmp_path, monkey
 
 
 def test_only_process_group_failures_are_reported_as_such():
-    from iif.distributed import _collective_failure
+    from iif.runs.distributed import _collective_failure
 
     try:
         torch.distributed.all_reduce(torch.zeros(1))  # no process group: raised by torch

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 import tiny_job
-from iif.distributed import world
+from iif.runs.distributed import world
 
 def job():
     task, train, test = tiny_job.problem()
@@ -52,8 +52,8 @@ def test_ranks_with_different_models_stop_before_writing(tmp_path):
 MISSING_PEER = textwrap.dedent("""
     import sys
     import tiny_job
-    from iif.config import Job
-    from iif.distributed import attribute_job
+    from iif.task.job import Job
+    from iif.runs.distributed import attribute_job
     from iif.errors import InputError
     task, train, test = tiny_job.problem()
     try:

@@ -12,7 +12,7 @@ from torch import nn
 
 import iif
 from iif import BaselineSettings, InfluenceFunction, IntegratedInfluence, ProjectionSettings
-from iif.distributed import Sharding
+from iif.runs.distributed import Sharding
 
 SRC = Path(iif.__file__).parent
 
@@ -62,7 +62,7 @@ def test_sharding_is_passed_in_and_reaches_every_ensemble_member():
 
 
 def test_store_and_torchrun_code_do_not_switch_on_method_names():
-    for name in ("store.py", "distributed.py"):
+    for name in ("results/store.py", "runs/distributed.py"):
         tree = ast.parse((SRC / name).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and node.attr in ("method", "baseline"):

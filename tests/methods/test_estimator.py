@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from iif import Recipe, Task
-from iif.engine import Budget, Engine
+from iif.engine.engine import Budget, Engine
 from iif.methods.estimator import KernelEstimator, ensemble_scores, identity, weighted_sum
 
 

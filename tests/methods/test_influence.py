@@ -10,7 +10,7 @@ from torch import nn
 
 import iif
 from iif import CurvatureSettings, ProjectionSettings, Recipe, Task
-from iif.curvature import CGSettings
+from iif.engine.curvature import CGSettings
 from iif.methods.influence import InfluenceFunction
 
 from .reference import (
@@ -202,7 +202,7 @@ def test_ensemble_of_one_and_average_over_models(mlp_classifier):
     p = mlp_classifier
     data, test = (p.x, p.y), (p.xt, p.yt)
     settings = CurvatureSettings(damping=1e-2)
-    models = iif.training.train_ensemble(p.task, data, 2, seed=3)
+    models = iif.engine.training.train_ensemble(p.task, data, 2, seed=3)
     singles = [InfluenceFunction(Task(m, "classification", p.task.recipe), data,
                                  curvature=settings).attribute(test).scores for m in models]
     one = InfluenceFunction(p.task, data, curvature=settings, models=models[:1]).attribute(test)
@@ -302,8 +302,8 @@ def test_factored_exact_solves_equal_per_sample_gradient_solves(mlp_classifier, 
 def test_truncated_ggn_keeps_the_top_output_hessian_directions(mlp_classifier):
     # rank d is the full Gauss-Newton matrix; rank r keeps the r largest eigen-directions of
     # each sample's output Hessian, so its trace is the sum of those eigenvalues
-    from iif.functional import FunctionalModel
-    from iif.grads import ggn_factor
+    from iif.engine.functional import FunctionalModel
+    from iif.engine.grads import ggn_factor
 
     p = mlp_classifier
     fmodel = FunctionalModel(p.task.model)

@@ -28,10 +28,10 @@ from iif import (
     Recipe,
     Task,
 )
-from iif.baseline import mean_loss, trivial_loss
-from iif.engine import Budget, Engine
-from iif.functional import FunctionalModel
-from iif.methods.linear import (
+from iif.engine.engine import Budget, Engine
+from iif.engine.functional import FunctionalModel
+from iif.methods.integrated.baseline import mean_loss, trivial_loss, unlearned_baselines
+from iif.methods.integrated.linear import (
     linear_delta,
     linear_fit,
     linear_iif,
@@ -461,7 +461,7 @@ def test_per_test_group_of_one_equals_shared(mlp_classifier):
 def test_a_new_baseline_builder_plugs_into_the_integration_loop(mlp_classifier):
     # a test-only builder: explicit targets, each test sample its own batch of one copy, and
     # theta' = theta_1 (path epochs 0); the loop knows nothing of it, yet reproduces the mode
-    from iif.methods.integrated import BaselineBatch
+    from iif.methods.integrated.integrated import BaselineBatch
 
     p = mlp_classifier
     method = IntegratedInfluence(p.task, (p.x, p.y), path=PathSettings(steps=3, epochs=0),
@@ -525,7 +525,7 @@ def test_overshooting_unlearning_is_pulled_back_to_the_stop_level(mlp_regression
     for j in range(len(p.xt)):
         test = task.validate((p.xt[j : j + 1], p.yt[j : j + 1]))
         engine = Engine.bind(task, train, task.model, Budget())
-        (base,) = engine.unlearn([test], dataclasses.replace(settings, batch_size=len(p.x)),
+        (base,) = unlearned_baselines(engine, [test], dataclasses.replace(settings, batch_size=len(p.x)),
                                  torch.Generator().manual_seed(0))
         assert 0 < base.pulled_back < 1 and not base.fell_back
         after = mean_loss(task, fmodel, base.state, test.x, test.targets)
@@ -663,7 +663,7 @@ def test_ensemble_of_one_and_average_over_models(mlp_classifier):
 def test_ensemble_members_keep_the_kronecker_fast_path(mlp_classifier, monkeypatch, test_batch):
     # every member's projector hooks its own model's layers: no member falls back to
     # per-sample Jacobians, and each member's fast path runs on its own modules
-    import iif.features as features
+    import iif.engine.features as features
 
     p = mlp_classifier
     data, test = (p.x, p.y), (p.xt[:2], p.yt[:2])

@@ -16,10 +16,10 @@ from iif import (
     Task,
     TracIn,
 )
-from iif.checkpoints import Checkpoint
+from iif.engine.functional import FunctionalModel
 from iif.errors import InputError
-from iif.functional import FunctionalModel
-from iif.measurements import FunctionMeasurement, Logit, LogProb, Margin, TestLoss
+from iif.methods.tracin.checkpoints import Checkpoint
+from iif.task.measurements import FunctionMeasurement, Logit, LogProb, Margin, TestLoss
 
 from .reference import flat_model, influence, safe_damping, sample_grads, targets
 
@@ -175,7 +175,7 @@ def test_the_measurement_is_in_the_settings(classifier):
 
 
 def test_the_measurement_is_in_the_run_key(classifier):
-    from iif.runkey import method_key
+    from iif.results.runkey import method_key
 
     task, x, y, *_ = classifier
 

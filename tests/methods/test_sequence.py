@@ -10,7 +10,7 @@ from torch import nn
 
 import iif
 from iif import CurvatureSettings, IntegratedInfluence, PathSettings, Recipe, Task
-from iif.task import IGNORE
+from iif.task.task import IGNORE
 
 from .reference import flat_model, influence, safe_damping
 

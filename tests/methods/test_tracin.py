@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-from iif.checkpoints import load_checkpoints, train_with_checkpoints
+from iif.engine.projection import ProjectionSettings, make_projector
 from iif.errors import InputError
-from iif.methods.tracin import TracIn
-from iif.projection import ProjectionSettings, make_projector
-from iif.task import Recipe, Task
+from iif.methods.tracin.checkpoints import load_checkpoints, train_with_checkpoints
+from iif.methods.tracin.tracin import TracIn
+from iif.task.task import Recipe, Task
 
 from .reference import removal_drops
 

@@ -15,11 +15,11 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 from torch.func import functional_call
 
-import iif.features as features_module
+import iif.engine.features as features_module
 from iif import Attribution, ProjectionSettings, Recipe, Task
-from iif.methods.trak import TRAK
-from iif.projection import make_projector
-from iif.training import train_ensemble
+from iif.engine.projection import make_projector
+from iif.engine.training import train_ensemble
+from iif.methods.trak.trak import TRAK
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -267,7 +267,7 @@ def test_ensemble_is_mean_kernel_times_mean_weights(classification):
 def test_training_features_are_computed_once(classification, monkeypatch, tmp_path):
     x, y, xt, yt = classification
     calls = []
-    # TRAK's features are the engine's (iif.features), dense projection: per-sample Jacobians
+    # TRAK's features are the engine's (iif.engine.features), dense projection: per-sample Jacobians
     original = features_module.per_sample_jacobians
 
     def counting(fmodel, state, xs, *args, **kwargs):

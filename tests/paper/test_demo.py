@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from iif.attribution import Attribution
-from iif.cli import main
 from iif.errors import InputError
+from iif.results.attribution import Attribution
+from iif.runs.cli import main
 from iif_paper.demo import ATTRIBUTION_DIR, SUMMARY_FILE, choose_test_samples, run_demo
 
 

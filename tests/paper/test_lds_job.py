@@ -19,7 +19,7 @@ import numpy as np
 import torch
 torch.set_num_threads(1)
 import tiny_job
-from iif.distributed import world
+from iif.runs.distributed import world
 from iif_paper.lds_job import ground_truth_job
 from iif.evaluation import RetrainSettings
 

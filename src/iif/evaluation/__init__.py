@@ -1,4 +1,13 @@
-"""Evaluation built in: LDS against retrained models, mislabel detection, datamodel ceiling."""
+"""Evaluation built in: LDS against retrained models, mislabel detection, datamodel ceiling.
+
+- ``metrics``: LDS with its standard error, column Spearman, rank AUC, random subsets.
+- ``retrain``: the LDS ground truth, many models retrained at once on the engine, cached.
+- ``datamodel``: the linear datamodel that bounds what an additive attribution can reach.
+- ``mislabel``: label flipping, mislabel AUC and the detection curve.
+
+Imports: the ground floor, ``iif.task``, ``iif.engine`` and ``iif.results``; it sits beside the
+methods and judges any scores, so it imports none of them.
+"""
 
 from iif.evaluation.datamodel import datamodel_lds, fit_datamodel, ridge_grid
 from iif.evaluation.metrics import (

@@ -7,15 +7,15 @@ losses of each model (eval mode) are averaged over the R repeats: ``losses[m, s]
 (``reinitialised``) and its minibatch order, so a model's result never depends on which other
 models it was trained with.
 
-Training is batched: B models at once as an ``iif.stacked.StackedState`` (leading dimension B)
-trained by ``iif.stacked.fit_stacked``, one vmapped step for all of them, each model on its
+Training is batched: B models at once as an ``iif.engine.stacked.StackedState`` (leading dimension B)
+trained by ``iif.engine.stacked.fit_stacked``, one vmapped step for all of them, each model on its
 own subset and in its own minibatch order. One optimizer of the recipe runs over the stacked
 tensors; SGD (momentum, weight decay), Adam and AdamW are
 element-wise, so this equals B separate optimizers. A custom optimizer must be element-wise
 too (no norms or shapes across parameters) for that to hold; otherwise set
 ``batch_models=1``.
 
-Results are cached in ``cache_dir/<key>/``, an :class:`iif.chunks.ChunkFolder` (the layer
+Results are cached in ``cache_dir/<key>/``, an :class:`iif.results.chunks.ChunkFolder` (the layer
 under the result store too): ``subsets`` and one ``losses_XXXX`` chunk per finished chunk of
 ``batch_models`` models (per-model losses, rows in model order ``k = m * R + r``), each an
 ``.npy`` with a checksummed record carrying the key, and ``manifest.json`` describing the
@@ -40,14 +40,15 @@ import torch
 from torch import nn
 from torch.func import stack_module_state
 
-from iif.chunks import ChunkFolder, FolderLock
-from iif.datasets import take
+from iif.engine.functional import FunctionalModel
+from iif.engine.stacked import StackedState, cumulative_batchnorm, fit_stacked, stacked_losses
+from iif.engine.training import reinitialised, seeded, train
 from iif.errors import InputError
 from iif.evaluation.metrics import LDSResult, lds, random_subsets
-from iif.functional import FunctionalModel
 from iif.io import atomic_write, jsonable
 from iif.progress import progress_bar
-from iif.runkey import (
+from iif.results.chunks import ChunkFolder, FolderLock
+from iif.results.runkey import (
     data_digest,
     model_structure_digest,
     settings_digest,
@@ -56,9 +57,8 @@ from iif.runkey import (
     tensor_digest,
     text_digest,
 )
-from iif.stacked import StackedState, cumulative_batchnorm, fit_stacked, stacked_losses
-from iif.task import Data, Task
-from iif.training import reinitialised, seeded, train
+from iif.task.data import take
+from iif.task.task import Data, Task
 from iif.validation import Limits, Settings, check_value, setting
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def _mask(mask: Any, n: int) -> np.ndarray:
 
 def train_one(task: Task, data: Any, subset_mask: Any, seed: int,
               epochs: int | None = None) -> nn.Module:
-    """Train one fresh model on a subset, exactly as ``iif.training.train`` does.
+    """Train one fresh model on a subset, exactly as ``iif.engine.training.train`` does.
 
     The model is ``reinitialised(task.model, seed)`` trained on the samples of ``data`` where
     ``subset_mask`` (N,) is True (in their original order) with minibatch order and dropout
@@ -191,7 +191,7 @@ def train_batch(task: Task, data: Any, subset_masks: Any, seeds: Sequence[int],
 
     ``subset_masks`` (B, N) bool, all rows with the same number of samples. Model b equals
     ``train_one(task, data, subset_masks[b], seeds[b], epochs)`` up to rounding: the same
-    initialisation, minibatch order and optimizer steps (``iif.stacked.fit_stacked`` with the
+    initialisation, minibatch order and optimizer steps (``iif.engine.stacked.fit_stacked`` with the
     subsets and one generator per model). Returns the models' stacked parameters, buffers
     (BatchNorm running statistics, updated per model) and ``frozen`` parameters (re-initialised
     per model too). Random layers (dropout) draw different numbers for every model
@@ -253,7 +253,7 @@ def _stack(models: list[nn.Module]) -> StackedState:
 def cache_key(task: Task, train_data: Any, test_data: Any, settings: RetrainSettings) -> str:
     """SHA-256 (hex) of everything the ground-truth losses depend on: training and test data
     (inputs and targets), the model's structure (module tree and the source of custom module
-    classes, as in :mod:`iif.runkey`) and tensors, the recipe (a custom optimizer or loss by
+    classes, as in :mod:`iif.results.runkey`) and tensors, the recipe (a custom optimizer or loss by
     its source), the settings, the task kind, class count and dtype, and the versions."""
     train_d = task.validate(train_data, "training data")
     test_d = task.validate(test_data, "test data", stream=False)
@@ -304,7 +304,7 @@ def ground_truth(
 
     ``train_data`` (N samples) and ``test_data`` (n_test samples) are (inputs, labels) pairs.
     Returns subsets (M, N) and mean losses (M, n_test). With ``cache_dir``, finished chunks
-    are read from ``cache_dir/<key>/`` (an :class:`iif.chunks.ChunkFolder`: checksummed,
+    are read from ``cache_dir/<key>/`` (an :class:`iif.results.chunks.ChunkFolder`: checksummed,
     keyed records; a damaged or foreign chunk is trained again) and only missing ones are
     trained, holding the folder's lock. A diverged model (NaN/inf loss) raises
     :class:`InputError` naming its subset; nothing of its chunk is cached.

@@ -2,7 +2,7 @@
 to one trained model, and ensembles over several models.
 
 A method subclasses :class:`AttributionMethod` and implements, for the single model it is bound
-to (``self.engine``: an :class:`iif.engine.Engine` of that model at its theta*):
+to (``self.engine``: an :class:`iif.engine.engine.Engine` of that model at its theta*):
 
 - ``_attribute(test) -> Attribution`` with scores (n_test, n_train),
 - ``_self_influence(idx) -> np.ndarray`` of shape (len(idx),),
@@ -24,24 +24,23 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, is_dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from torch import nn
 
-from iif.attribution import Attribution
-from iif.diagnostics import log_flags, trust_flags
-from iif.engine import Budget, Engine
+from iif.engine.engine import Budget, Engine
+from iif.engine.features import DEFAULT_MAX_FEATURE_BYTES
+from iif.engine.functional import FunctionalModel, ModelState
+from iif.engine.projection import IdentityProjector, Projector
 from iif.errors import InputError
-from iif.features import DEFAULT_MAX_FEATURE_BYTES
-from iif.functional import FunctionalModel, ModelState
 from iif.io import jsonable
-from iif.projection import IdentityProjector, Projector
-from iif.task import Data, Task
+from iif.results.attribution import Attribution
+from iif.results.diagnostics import log_flags, trust_flags
+from iif.results.fitted import FittedState, fit_folder
+from iif.results.runkey import method_key
+from iif.task.task import Data, Task
 from iif.validation import Limits, check_value, keyword_hint, without_none
-
-if TYPE_CHECKING:
-    from iif.fitted import FittedState
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +148,7 @@ class AttributionMethod:
         curvature or kernel; see the method's ``_fitted_state``) and keep it, so that later
         ``attribute`` calls featurise only their test samples. With ``folder``, load the
         state from it when it holds this run's (same run key without the test data), else
-        compute it and save it there (``iif.fitted``); another run's state is refused.
+        compute it and save it there (``iif.results.fitted``); another run's state is refused.
         A setting changed afterwards drops the state (it is computed again). Returns self."""
         self._validate_settings()
         if self.sharding is not None:
@@ -158,9 +157,16 @@ class AttributionMethod:
             for member in self.members():
                 member._fitted_state()
         else:
-            from iif.fitted import fit_folder
+            members = self.members()
 
-            fit_folder(self, folder)
+            def load(states: list[FittedState]) -> None:
+                for member, state in zip(members, states, strict=True):
+                    device = member.task.device
+                    state.tensors = {k: t.to(device) for k, t in state.tensors.items()}
+                    member._load_fitted(state)
+
+            fit_folder(folder, method_key(self), self.settings(), self.method, len(members),
+                       lambda: [m._fitted_state() for m in members], load)
         return self
 
     def validate_test(self, test_data: Any) -> Data:
@@ -244,7 +250,7 @@ class AttributionMethod:
 
     # ---- what the infrastructure needs to know -------------------------------------------
     def store_chunk(self, n_test: int) -> int:
-        """Test samples per chunk of the result store (``iif.store``) by default."""
+        """Test samples per chunk of the result store (``iif.results.store``) by default."""
         return 256
 
     def scores_test_set_as_one(self) -> bool:
@@ -254,7 +260,7 @@ class AttributionMethod:
 
     def shards_training_set(self) -> bool:
         """Whether this method's work on the training set serves every test sample, so that
-        processes under torchrun split the training set (``iif.distributed``) rather than
+        processes under torchrun split the training set (``iif.runs.distributed``) rather than
         the test samples."""
         return False
 
@@ -262,7 +268,7 @@ class AttributionMethod:
     def sharded(self, sharding: Any) -> Iterator[None]:
         """Within this block the method (and every ensemble member) featurises only its
         block of the training set, ``sharding.rows(N)``, and sums across processes with
-        ``sharding.all_reduce`` (an :class:`iif.distributed.Sharding`)."""
+        ``sharding.all_reduce`` (an :class:`iif.runs.distributed.Sharding`)."""
         targets = {id(m): m for m in (self, *self.members())}.values()
         for member in targets:
             member.sharding = sharding
@@ -335,7 +341,7 @@ class AttributionMethod:
 
     def _fitted_state(self) -> FittedState:
         """Fit this model's training side (kept in the method's caches, dropped by
-        :meth:`_reset`) and return it as tensors and metadata (:mod:`iif.fitted`)."""
+        :meth:`_reset`) and return it as tensors and metadata (:mod:`iif.results.fitted`)."""
         raise InputError(f"{self.method} has no training-side state to fit")
 
     def _load_fitted(self, state: FittedState) -> None:
@@ -344,7 +350,7 @@ class AttributionMethod:
 
     def key_parts(self) -> dict[str, str]:
         """Digests of inputs beyond the models, data and settings that determine the scores
-        (``iif.runkey``), by part name; e.g. TracIn's checkpoint contents."""
+        (``iif.results.runkey``), by part name; e.g. TracIn's checkpoint contents."""
         return {}
 
     # ---- helpers -------------------------------------------------------------------------

@@ -15,7 +15,7 @@ One :class:`KernelEstimator` per model (and per checkpoint for TracIn) holds the
 set (gathered across processes), :meth:`KernelEstimator.self_products` the diagonal
 ``phi_i^T K phi_i``. The methods weigh them: IF by ``-1/N``, TracIn by ``-lr_c`` summed over
 checkpoints (:func:`weighted_sum`), TRAK by its ensemble means of the kernel part and of the
-weights (:func:`ensemble_scores`). Products run in float64 (``iif.linalg.rows_times``).
+weights (:func:`ensemble_scores`). Products run in float64 (``iif.engine.linalg.rows_times``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from iif.engine import Engine
-from iif.linalg import SOLVE_DTYPE, rows_times
+from iif.engine.engine import Engine
+from iif.engine.linalg import SOLVE_DTYPE, rows_times
 
 Solve = Callable[[torch.Tensor], torch.Tensor]
 Featurise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -27,23 +27,30 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from iif.attribution import Attribution
-from iif.curvature import (
+from iif.engine.curvature import (
     CGSettings,
     CurvatureSettings,
     cg_solver,
     rank_bound,
 )
-from iif.datasets import take
+from iif.engine.factored import FactoredInfluence
+from iif.engine.functional import FunctionalModel
+from iif.engine.linalg import SOLVE_DTYPE, Solver
+from iif.engine.projection import IdentityProjector, ProjectionSettings, Projector, make_projector
 from iif.errors import InputError
-from iif.factored import FactoredInfluence
-from iif.fitted import FittedState, factored_state, load_factored, load_solver, merged, solver_state
-from iif.functional import FunctionalModel
-from iif.linalg import SOLVE_DTYPE, Solver
 from iif.methods.base import AttributionMethod
 from iif.methods.estimator import KernelEstimator
-from iif.projection import IdentityProjector, ProjectionSettings, Projector, make_projector
-from iif.task import Data, Task
+from iif.results.attribution import Attribution
+from iif.results.fitted import (
+    FittedState,
+    factored_state,
+    load_factored,
+    load_solver,
+    merged,
+    solver_state,
+)
+from iif.task.data import take
+from iif.task.task import Data, Task
 from iif.validation import Limits
 
 

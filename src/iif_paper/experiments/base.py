@@ -44,7 +44,7 @@ from typing import Any, Literal
 
 from iif.errors import InputError
 from iif.io import atomic_write, jsonable
-from iif.report import save_png
+from iif.views.report import save_png
 
 Scale = Literal["smoke", "full"]
 SCALES: tuple[str, ...] = ("smoke", "full")
@@ -197,7 +197,7 @@ def ensure_dir(out_dir: str | Path) -> Path:
 
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
-    """Save a matplotlib ``Figure`` as PNG, atomically (:func:`iif.report.save_png`)."""
+    """Save a matplotlib ``Figure`` as PNG, atomically (:func:`iif.views.report.save_png`)."""
     ensure_dir(Path(path).parent)
     return save_png(fig, path, dpi=dpi)
 

@@ -26,13 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from iif.baseline import BaselineSettings
+from iif.engine.functional import FunctionalModel
+from iif.engine.projection import ProjectionSettings
+from iif.engine.stacked import stacked_outputs
 from iif.evaluation.retrain import train_batch
-from iif.functional import FunctionalModel
 from iif.methods import InfluenceFunction, IntegratedInfluence
-from iif.projection import ProjectionSettings
-from iif.stacked import stacked_outputs
-from iif.target_path import PathSettings
+from iif.methods.integrated.baseline import BaselineSettings
+from iif.methods.integrated.target_path import PathSettings
 from iif_paper.experiments import mnist
 from iif_paper.experiments.base import ExperimentResult, Table, begin
 
@@ -165,7 +165,7 @@ def run(
 def _plot(moved: dict[str, dict[int, np.ndarray]], ks: list[int], path: Path) -> Path:
     from matplotlib.figure import Figure
 
-    from iif.report import save_png
+    from iif.views.report import save_png
 
     fig = Figure(figsize=(9, 3.4), dpi=110)
     left, right = fig.subplots(1, 2)

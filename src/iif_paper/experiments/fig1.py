@@ -28,7 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from iif.methods.linear import linear_delta, linear_fit, linear_iif, linear_unlearning_baseline
+from iif.methods.integrated.linear import (
+    linear_delta,
+    linear_fit,
+    linear_iif,
+    linear_unlearning_baseline,
+)
 from iif_paper.experiments.base import ExperimentResult, Table, check_scale, ensure_dir, save_figure
 from iif_paper.experiments.linear_regression import influence_scores, loo_scores
 

@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from iif.baseline import BaselineSettings
-from iif.checkpoints import train_with_checkpoints
+from iif.engine.projection import ProjectionSettings
 from iif.methods import IntegratedInfluence
-from iif.projection import ProjectionSettings
-from iif.report import plot_rankings, top_entries
-from iif.target_path import PathSettings
+from iif.methods.integrated.baseline import BaselineSettings
+from iif.methods.integrated.target_path import PathSettings
+from iif.methods.tracin.checkpoints import train_with_checkpoints
+from iif.views.report import plot_rankings, top_entries
 from iif_paper.experiments import mnist
 from iif_paper.experiments.base import ExperimentResult, Table, begin
 

@@ -13,9 +13,9 @@ error over trials.
 
 Methods, all in closed form (each checked against the library's implementation in the tests):
 
-- **IIF**: :func:`iif.methods.linear.linear_iif`, the exact integral, with one unlearning
+- **IIF**: :func:`iif.methods.integrated.linear.linear_iif`, the exact integral, with one unlearning
   baseline per test sample, the exact minimiser of ``L_train - L_test / lam``
-  (:func:`iif.methods.linear.linear_unlearning_baseline`). With ``L_train`` a mean, the
+  (:func:`iif.methods.integrated.linear.linear_unlearning_baseline`). With ``L_train`` a mean, the
   objective has a minimiser only when ``lam > q = x^T (X^T X / N)^{-1} x`` (N times the test
   sample's leverage), about d = 10 on average here, so the paper's lambda = 1 cannot be meant
   for a mean. Read with ``L_train`` a *sum* (``-L_test + lambda * sum_i l_i``), lambda = 1 is
@@ -28,7 +28,7 @@ Methods, all in closed form (each checked against the library's implementation i
 - **TracIn**: the model trained by full-batch gradient descent from theta = 0 (learning rate
   ``tracin_lr``, ``tracin_epochs`` epochs, a checkpoint after every epoch), scores
   ``-sum_c lr g_test(theta_c)^T g_i(theta_c)``, as :class:`iif.TracIn` computes them on the
-  checkpoints :func:`iif.checkpoints.train_with_checkpoints` records.
+  checkpoints :func:`iif.methods.tracin.checkpoints.train_with_checkpoints` records.
 - **LOO**: exact leave-one-out, ``L_test(theta*) - L_test(theta_{-i})``, through the
   Sherman-Morrison downdate of the fit.
 - **datamodel**: the ceiling (:mod:`iif.evaluation.datamodel`), a ridge regression of each test
@@ -52,7 +52,7 @@ import numpy as np
 
 from iif.evaluation.datamodel import datamodel_lds
 from iif.evaluation.metrics import lds, random_subsets
-from iif.methods.linear import linear_iif, linear_unlearning_baseline
+from iif.methods.integrated.linear import linear_iif, linear_unlearning_baseline
 from iif.progress import progress_bar
 from iif_paper.experiments.base import ExperimentResult, Table, check_scale
 
@@ -433,7 +433,7 @@ test loss with the sum of the subset's scores, averaged over the test samples of
 (`iif.evaluation.lds`), then over **{p.trials} trials**; ± is the standard error over trials.
 All methods are scored on the same trials and subsets.
 
-- **IIF**: closed form (`iif.methods.linear.linear_iif`, exact integral), one unlearning
+- **IIF**: closed form (`iif.methods.integrated.linear.linear_iif`, exact integral), one unlearning
   baseline per test sample: the exact minimiser of L_train − L_test/lam
   (`linear_unlearning_baseline`), lam = {p.lam:g}. Why: with L_train a *mean*, a minimiser
   exists only when lam > q = x̂ᵀ(XᵀX/N)⁻¹x̂ (N times the test sample's leverage, about d on

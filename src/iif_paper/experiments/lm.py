@@ -44,15 +44,15 @@ import numpy as np
 import torch
 
 from iif import InfluenceFunction, IntegratedInfluence, Recipe, Task, train
-from iif.attribution import Attribution
-from iif.checkpoints import Checkpoint, train_with_checkpoints
+from iif.engine.projection import ProjectionSettings
 from iif.errors import InputError
 from iif.evaluation.metrics import LDSResult, lds, random_subsets
 from iif.io import atomic_write
-from iif.measurements import LogProb
 from iif.methods import TRAK, TracIn
-from iif.projection import ProjectionSettings
-from iif.target_path import PathSettings
+from iif.methods.integrated.target_path import PathSettings
+from iif.methods.tracin.checkpoints import Checkpoint, train_with_checkpoints
+from iif.results.attribution import Attribution
+from iif.task.measurements import LogProb
 from iif_paper.experiments.base import ExperimentResult, Table, begin
 from iif_paper.lm.corpus import DEFAULT_FOLDER, read_fortunes
 from iif_paper.lm.model import build_model, sequence_log_prob
@@ -365,7 +365,7 @@ def _save(out: Path, planted: Planted, runs: dict[str, tuple[Attribution, Attrib
     text = json.dumps(docs, indent=1, ensure_ascii=False) + "\n"
     atomic_write(out / f"{NAME}_documents.json", lambda f: f.write(text.encode()))
     files.append(f"{NAME}_documents.json")
-    from iif.html_report import write_html
+    from iif.views.html_report import write_html
 
     folder = out / f"{NAME}_iif"
     runs["IIF"][0].save(folder)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from iif.task import Recipe, Task
+from iif.task.task import Recipe, Task
 from iif_paper.data import load_mnist
 
 EPOCHS = 50
@@ -65,10 +65,10 @@ def methods(task: Task, train, size: dict, checkpoints, seed: int, progress,
     projections of ``size["dim"]`` (TRAK: ``size["trak_dim"]``), TracIn on ``checkpoints``,
     IIF with ``baseline`` (default ``BaselineSettings()``) and ``size["steps"]`` path steps.
     ``common`` goes to every method (e.g. ``chunk_size``)."""
-    from iif.baseline import BaselineSettings
+    from iif.engine.projection import ProjectionSettings
     from iif.methods import TRAK, InfluenceFunction, IntegratedInfluence, TracIn
-    from iif.projection import ProjectionSettings
-    from iif.target_path import PathSettings
+    from iif.methods.integrated.baseline import BaselineSettings
+    from iif.methods.integrated.target_path import PathSettings
 
     proj = ProjectionSettings(dim=size["dim"], seed=seed, structure="kronecker")
     common = {"seed": seed, "progress": progress, **common}

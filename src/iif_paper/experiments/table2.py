@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from iif.baseline import BaselineSettings
-from iif.checkpoints import train_with_checkpoints
 from iif.evaluation import RetrainSettings, ground_truth
 from iif.evaluation.datamodel import datamodel_lds
+from iif.methods.integrated.baseline import BaselineSettings
+from iif.methods.tracin.checkpoints import train_with_checkpoints
 from iif_paper.experiments import mnist
 from iif_paper.experiments.base import ExperimentResult, Table, begin
 

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from iif.checkpoints import train_with_checkpoints
 from iif.evaluation import detection_curve, flip_labels, mislabel_auc
-from iif.task import Recipe, Task
+from iif.methods.tracin.checkpoints import train_with_checkpoints
+from iif.task.task import Recipe, Task
 from iif_paper.data import load_mnist
 from iif_paper.data.cifar import cifar10_dir, load_cifar10
 from iif_paper.experiments import mnist

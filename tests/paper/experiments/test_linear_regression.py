@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from iif import CurvatureSettings, InfluenceFunction, Recipe, Task, TracIn
-from iif.checkpoints import train_with_checkpoints
 from iif.evaluation import random_subsets
-from iif.methods.linear import linear_delta, linear_unlearning_baseline
+from iif.methods.integrated.linear import linear_delta, linear_unlearning_baseline
+from iif.methods.tracin.checkpoints import train_with_checkpoints
 from iif_paper.experiments.linear_regression import (
     LinearProtocol,
     Noise,

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from iif.cli import main
 from iif.errors import InputError
+from iif.runs.cli import main
 from iif_paper.experiments import lm
 
 

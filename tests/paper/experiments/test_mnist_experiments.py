@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from iif.cli import main
+from iif.runs.cli import main
 from iif_paper.data.mnist import ENV_VAR, write_fake_mnist
 
 
