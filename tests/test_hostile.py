@@ -1,8 +1,8 @@
 """Hostile inputs through the user's entry point, ``iif attribute``: each gets a clear error (exit
 code 1, one line naming the problem) or a correct recovery, and no finished chunk is lost.
 
-Elsewhere: corrupt chunks and SIGKILL (tests/test_store.py), a dying torchrun rank
-(tests/test_distributed.py), the validation rules one by one (tests/test_task.py).
+Elsewhere: corrupt chunks and SIGKILL (tests/results/test_store.py), a dying torchrun rank
+(tests/runs/test_distributed.py), the validation rules one by one (tests/task/test_task.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A stored result is exactly what its run key says: hostile sequences against the result store
-(iif.results.store, iif.results.runkey) are refused with a message naming what differs, recomputed, or resumed
-bit-equal; never another run's scores with success."""
+(iif.results.store, iif.results.runkey) are refused with a message naming what differs, recomputed,
+or resumed bit-equal; never another run's scores with success."""
 
 from __future__ import annotations
 

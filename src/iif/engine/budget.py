@@ -1,10 +1,10 @@
 """The engine's memory policy, one place for every "does it fit" decision.
 
 A :class:`Budget` (held by :class:`iif.engine.engine.Engine`, which re-exports it) answers how many
-model copies fit (:meth:`Budget.copies_that_fit`), whether a (rows x dim) feature matrix may
-be held, must spill to ``feature_dir`` or is refused (:meth:`Budget.check_features`,
-:func:`spill_folder`), and how far a fast-path chunk may grow (:func:`grown_chunk`). The
-feature functions of ``iif.engine.features`` and ``iif.engine.factored`` sit below the engine and ask this
+model copies fit (:meth:`Budget.copies_that_fit`), whether a (rows x dim) feature matrix may be
+held, must spill to ``feature_dir`` or is refused (:meth:`Budget.check_features`,
+:func:`spill_folder`), and how far a fast-path chunk may grow (:func:`grown_chunk`). The feature
+functions of ``iif.engine.features`` and ``iif.engine.factored`` sit below the engine and ask this
 module rather than sizing memory themselves.
 """
 

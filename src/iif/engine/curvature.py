@@ -21,9 +21,9 @@ What lives where:
   rule and leave the arithmetic to :mod:`iif.engine.linalg`.
 - :mod:`iif.engine.linalg`: float64 blocks and Gram products, the damped Cholesky with retries and
   the solver classes (Cholesky, Woodbury, stacked, conjugate gradients).
-- :mod:`iif.engine.functional`, :mod:`iif.engine.grads` and :mod:`iif.engine.features`: the model as a function
-  of its state, per-sample gradients, Jacobians, output-Hessian factors and the projected
-  Gauss-Newton rows. They do not import this module; it imports them at its top.
+- :mod:`iif.engine.functional`, :mod:`iif.engine.grads` and :mod:`iif.engine.features`: the
+  model as a function of its state, per-sample gradients, Jacobians, output-Hessian factors
+  and the projected Gauss-Newton rows. They do not import this module; it imports them at its top.
 
 Gram matrices with fewer rows than columns are solved through the Woodbury identity in the
 row space, exactly. All solves run in float64 on a Cholesky factor; a factorisation that fails
@@ -147,7 +147,8 @@ def stacked_gram_solvers(
     effective_dim: int | None = None,
 ) -> list[Solver]:
     """:func:`gram_solver` for B matrices at once, ``rows`` (B, R, D) with R >= D: the B
-    Gram matrices come from batched float64 products (:func:`iif.engine.linalg.stacked_rows_solvers`)."""
+    Gram matrices come from batched float64 products
+    (:func:`iif.engine.linalg.stacked_rows_solvers`)."""
     rule = damping_rule(settings, effective_dim or rows.shape[-1])
     return stacked_rows_solvers(rows, n, rule, settings, kind)
 

@@ -1,16 +1,18 @@
 """The engine bound once per trained model: its task, training data, functional model, theta*,
-projector and memory budget, so that the methods ask for features, solves, baselines and
-path models without passing them along every time.
+projector and memory budget, so that the methods ask for features, solves and trained copies
+without passing them along every time.
 
 An :class:`Engine` wraps the free functions of ``iif.engine.features``, ``iif.engine.curvature``,
-``iif.engine.factored``, ``iif.methods.integrated.baseline``, ``iif.methods.integrated.target_path``, ``iif.engine.training`` and ``iif.engine.stacked``
-(the arithmetic stays there). Features, training (:meth:`Engine.fit`), unlearning baselines
-(:meth:`Engine.unlearn`) and path models take a :class:`~iif.engine.stacked.StackedState` of B >= 1
-copies or a :class:`~iif.engine.functional.ModelState` (one copy) and dispatch on it: one copy, or a
-task that cannot be stacked, runs the plain one-model code copy by copy; more, the vmapped
-code. Every feature matrix honours
-the :class:`Budget`: beyond ``max_feature_bytes`` it is memory-mapped from ``feature_dir`` if
-one is set, else refused.
+``iif.engine.factored``, ``iif.engine.training`` and ``iif.engine.stacked`` (the arithmetic
+stays there). It offers what any method needs and knows no method: :meth:`Engine.fit` trains
+B >= 1 copies toward given targets, with an extra objective term and a stop rule of the
+caller's (Integrated Influence builds its unlearning baselines and path models on it in
+``iif.methods.integrated``); features and curvature take a
+:class:`~iif.engine.stacked.StackedState` of B >= 1 copies or a
+:class:`~iif.engine.functional.ModelState` (one copy) and dispatch on it: one copy, or a task
+that cannot be stacked, runs the plain one-model code copy by copy; more, the vmapped code.
+Every feature matrix honours the :class:`Budget`: beyond ``max_feature_bytes`` it is
+memory-mapped from ``feature_dir`` if one is set, else refused.
 
 The engine owns the policy: :meth:`Engine.stacking` says whether copies of this task train
 and featurise stacked (and why not), the :class:`~iif.engine.budget.Budget` how many copies fit
@@ -105,7 +107,7 @@ def why_training_cannot_stack(task: Task) -> str | None:
 
 
 class Engine:
-    """Gradients, features, solves, baselines and path models of one trained model.
+    """Gradients, features, solves and trained copies of one trained model.
 
     Args:
         task: the task (its model need not be ``fmodel``'s: an ensemble member's engine has
@@ -341,7 +343,9 @@ class Engine:
     def factored_step_scores(self, settings: CurvatureSettings, state: ModelState,
                              rho: torch.Tensor, rho_prev: torch.Tensor, test_x: torch.Tensor,
                              test_targets: torch.Tensor):
-        """One exact IIF path step (n_test, N) on the training set and its solver."""
+        """Exact scores (n_test, N) of the training set's gradient differences at (``rho``,
+        ``rho_prev``) against the test gradients, and the solver (one Integrated Influence path
+        step)."""
         return factored_step_scores(self.fmodel, state, self.train.x, rho, rho_prev, test_x,
                                     test_targets, self.task, settings,
                                     effective_dim=self.rank_bound(),
@@ -410,8 +414,8 @@ def _copy_options(options: dict[str, Any], b: int) -> dict[str, Any]:
 
 
 def _stacked_options(options: dict[str, Any]) -> dict[str, Any]:
-    """``Engine.fit``'s options for ``iif.engine.stacked.fit_stacked`` (which shows no progress bar),
-    ``stop`` vmapped over the copies."""
+    """``Engine.fit``'s options for ``iif.engine.stacked.fit_stacked`` (which shows no progress
+    bar), ``stop`` vmapped over the copies."""
     out = dict(options)
     stop, data = out.get("stop"), tuple(out.get("extra_data", ()))
     if stop is not None:

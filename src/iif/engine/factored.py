@@ -33,11 +33,11 @@ with the rows ``J_i^T L_i[:, r]``: each is the gradient of the scalar ``<f(x_i),
 so it factors like a loss gradient, and ``ggn_rank`` columns of ``L_i`` give N x ggn_rank
 Woodbury rows (:func:`ggn_rows`); psi and gamma stay the loss-gradient factors.
 
-Layers are recorded with forward hooks in eval mode (dropout off, BatchNorm on running
-statistics), ``chunk_size`` samples at a time (grown, as the Kronecker fast path of
-``iif.engine.features`` does, to the memory of a dense chunk). :func:`supports_factored` says whether a
-model qualifies; it also checks the factors against per-sample gradients on two samples, so
-a Linear subclass with its own forward or a weight used outside its layer is refused.
+Layers are recorded with forward hooks in eval mode (dropout off, BatchNorm on running statistics),
+``chunk_size`` samples at a time (grown, as the Kronecker fast path of ``iif.engine.features`` does,
+to the memory of a dense chunk). :func:`supports_factored` says whether a model qualifies; it also
+checks the factors against per-sample gradients on two samples, so a Linear subclass with its own
+forward or a weight used outside its layer is refused.
 """
 
 from __future__ import annotations
@@ -310,9 +310,9 @@ def _augmented(a: torch.Tensor, layer: LinearLayer) -> torch.Tensor:
 
 def supports_factored(fmodel: FunctionalModel, state: ModelState, x: torch.Tensor) -> bool:
     """Whether the factored solves apply to this model: every trainable parameter is the
-    weight or bias of an ``nn.Linear`` layer that one forward calls exactly once on
-    (batch, features) inputs, and the factors of two samples ``x[:2]`` reproduce their
-    per-sample gradients (``iif.engine.grads.per_sample_jacobians``) of a random output direction."""
+    weight or bias of an ``nn.Linear`` layer that one forward calls exactly once on (batch,
+    features) inputs, and the factors of two samples ``x[:2]`` reproduce their per-sample gradients
+    (``iif.engine.grads.per_sample_jacobians``) of a random output direction."""
     layers = linear_layers(fmodel)
     if layers is None or x.shape[0] == 0:
         return False

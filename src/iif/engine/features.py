@@ -6,10 +6,10 @@ For a model state theta_k and the path targets rho_k, rho_{k-1}:
 - ``psi_i = A^T J_i (rho_k - rho_{k-1})``               (target-Jacobian products),
 - ``gamma = A^T grad_theta L_test(theta_k)``            (test gradients).
 
-Features are stored as (N, P) in the model's dtype; for the unprojected case P = M. A matrix
-beyond the memory budget (``max_bytes``) is a clear error, or, inside
-:func:`iif.engine.budget.spill_features_to` (a method's ``feature_dir``), memory-mapped from disk; these
-decisions are the budget's (``iif.engine.budget``, behind the engine).
+Features are stored as (N, P) in the model's dtype; for the unprojected case P = M. A matrix beyond
+the memory budget (``max_bytes``) is a clear error, or, inside
+:func:`iif.engine.budget.spill_features_to` (a method's ``feature_dir``), memory-mapped from disk;
+these decisions are the budget's (``iif.engine.budget``, behind the engine).
 
 One model and B stacked copies: :func:`step_features` and :func:`loss_features` take a
 ``ModelState`` or an ``iif.engine.stacked.StackedState`` of B copies and differ only in where their

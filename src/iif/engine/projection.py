@@ -134,7 +134,7 @@ class KroneckerLayer:
     """
 
     module: torch.nn.Module
-    """The ``nn.Linear`` or ``nn.Conv2d`` module (its forward hooks feed ``iif.engine.features``)."""
+    """The ``nn.Linear`` or ``nn.Conv2d`` module (its forward hooks feed the features)."""
     weight_offset: int
     """Index of the weight's first entry in the flat parameter vector (M,)."""
     out_features: int

@@ -1,9 +1,9 @@
 """B copies of one model trained side by side: stacked parameters under ``torch.func.vmap``.
 
-Per-test IIF trains, for every test sample, its own unlearning run and K path models. The
-copies of a batch of test samples share the training minibatches, so one vmapped step serves
-all of them, and copy b follows exactly the trajectory ``iif.engine.training.fit`` gives it alone with
-the same minibatch order (tested to floating-point tolerance).
+Per-test IIF trains, for every test sample, its own unlearning run and K path models. The copies of
+a batch of test samples share the training minibatches, so one vmapped step serves all of them, and
+copy b follows exactly the trajectory ``iif.engine.training.fit`` gives it alone with the same
+minibatch order (tested to floating-point tolerance).
 
 Copies end independently: a copy whose ``stop`` fires, whose loss turns NaN/inf, or whose
 epoch ``sound`` rejects, is frozen at the state ``fit`` would have returned, and its

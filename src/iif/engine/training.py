@@ -86,12 +86,12 @@ def fit(
     ``on_epoch(epoch, state)`` is called after every completed, sound epoch (epoch counts
     from 1) with a copy of the state, e.g. to record checkpoints.
 
-    Modes and buffers: the minibatch loss runs in train mode (``train_mode``; dropout on,
-    BatchNorm on batch statistics) as the recipe trains, and each train-mode forward updates
-    the run's own copy of the buffers (BatchNorm running statistics) as PyTorch would the
-    module's; the returned state carries them, ``state`` and the module are never modified. A
-    minibatch of one sample is normalised with the running statistics and leaves them as they
-    are (``iif.engine.functional.lone_samples_use_running_stats``). ``extra`` chooses its own mode: the
+    Modes and buffers: the minibatch loss runs in train mode (``train_mode``; dropout on, BatchNorm
+    on batch statistics) as the recipe trains, and each train-mode forward updates the run's own
+    copy of the buffers (BatchNorm running statistics) as PyTorch would the module's; the returned
+    state carries them, ``state`` and the module are never modified. A minibatch of one sample is
+    normalised with the running statistics and leaves them as they are
+    (``iif.engine.functional.lone_samples_use_running_stats``). ``extra`` chooses its own mode: the
     unlearning test term is an eval-mode loss (``iif.methods.integrated.baseline``).
     """
     o = FitOptions.of(options, changes)

@@ -7,13 +7,12 @@ losses of each model (eval mode) are averaged over the R repeats: ``losses[m, s]
 (``reinitialised``) and its minibatch order, so a model's result never depends on which other
 models it was trained with.
 
-Training is batched: B models at once as an ``iif.engine.stacked.StackedState`` (leading dimension B)
-trained by ``iif.engine.stacked.fit_stacked``, one vmapped step for all of them, each model on its
-own subset and in its own minibatch order. One optimizer of the recipe runs over the stacked
-tensors; SGD (momentum, weight decay), Adam and AdamW are
-element-wise, so this equals B separate optimizers. A custom optimizer must be element-wise
-too (no norms or shapes across parameters) for that to hold; otherwise set
-``batch_models=1``.
+Training is batched: B models at once as an ``iif.engine.stacked.StackedState`` (leading dimension
+B) trained by ``iif.engine.stacked.fit_stacked``, one vmapped step for all of them, each model on
+its own subset and in its own minibatch order. One optimizer of the recipe runs over the stacked
+tensors; SGD (momentum, weight decay), Adam and AdamW are element-wise, so this equals B separate
+optimizers. A custom optimizer must be element-wise too (no norms or shapes across parameters) for
+that to hold; otherwise set ``batch_models=1``.
 
 Results are cached in ``cache_dir/<key>/``, an :class:`iif.results.chunks.ChunkFolder` (the layer
 under the result store too): ``subsets`` and one ``losses_XXXX`` chunk per finished chunk of

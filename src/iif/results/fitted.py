@@ -68,11 +68,10 @@ def fit_folder(folder: str | os.PathLike, key: RunKey, settings: dict[str, Any],
                n_members: int, compute: Callable[[], list[FittedState]],
                load: Callable[[list[FittedState]], None]) -> str:
     """Load the fitted states of a method's members from ``folder``, or compute and save them
-    there; the method hands over its run key without test data (``method_key``), its
-    ``settings``, its ``name``, its number of members, ``compute`` (the members' states, computed and kept) and
-    ``load`` (takes the members' states read from the folder, on the CPU). Returns
-    ``"loaded"`` or ``"saved"``; raises :class:`InputError` when the folder holds the state
-    of another run."""
+    there; the method hands over its run key without test data (``method_key``), its ``settings``,
+    its ``name``, its number of members, ``compute`` (the members' states, computed and kept) and
+    ``load`` (takes the members' states read from the folder, on the CPU). Returns ``"loaded"`` or
+    ``"saved"``; raises :class:`InputError` when the folder holds the state of another run."""
     path = Path(folder)
     if path.exists() and not path.is_dir():
         raise InputError(f"{path} is a file, not a folder for the fitted state")
@@ -219,9 +218,10 @@ def merged(*states: FittedState) -> FittedState:
 
 # ---- exact solves from layer factors ---------------------------------------------------------
 def factored_state(fit: FactoredInfluence) -> FittedState:
-    """Exact influence functions from layer factors (:class:`iif.engine.factored.FactoredInfluence`):
-    the training factors per layer, the curvature's factors when they are others (the
-    Gauss-Newton rows), its Gram matrix K (n, n) and the Cholesky factor of K + n delta I."""
+    """Exact influence functions from layer factors
+    (:class:`iif.engine.factored.FactoredInfluence`): the training factors per layer, the
+    curvature's factors when they are others (the Gauss-Newton rows), its Gram matrix K (n, n) and
+    the Cholesky factor of K + n delta I."""
     solver, fisher = fit.solver, fit.solver.fisher
     if solver.cholesky is None:
         raise InputError("only a Cholesky-factored solve has a state to save")

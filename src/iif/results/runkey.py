@@ -14,8 +14,8 @@ A key is made of named parts, each a SHA-256:
 - ``checkpoints`` (TracIn): the contents of every checkpoint, not its path,
 - ``software``: the versions of iif and torch.
 
-The result store (:mod:`iif.results.store`) keeps the key in its manifest and in every chunk record, so
-a chunk is only ever reused by the run that made it, and a refusal names the parts that differ.
+The result store (:mod:`iif.results.store`) keeps the key in its manifest and in every chunk record,
+so a chunk is only ever reused by the run that made it, and a refusal names the parts that differ.
 """
 
 from __future__ import annotations

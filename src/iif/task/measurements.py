@@ -171,8 +171,9 @@ def check_measurement(measurement: object, task: Task) -> Measurement:
     """``measurement`` if it is a :class:`Measurement` that implements ``value`` and applies
     to ``task`` (a :class:`TestLoss` is bound to it)."""
     if not isinstance(measurement, Measurement):
-        raise InputError(f"measurement must be an iif.task.measurements.Measurement (e.g. Margin(), "
-                         f"LogProb(), Logit(3)), got {type(measurement).__name__}")
+        raise InputError(f"measurement must be an iif.task.measurements.Measurement "
+                         f"(e.g. Margin(), LogProb(), Logit(3)), got "
+                         f"{type(measurement).__name__}")
     if type(measurement).value is Measurement.value:
         raise InputError(f"measurement {type(measurement).__name__} does not implement "
                          f"value(outputs, targets)")

@@ -199,7 +199,8 @@ def plot_proponents_opponents(  # noqa: PLR0913 (documented notebook API: keywor
         prediction: the model's prediction for the test sample (optional).
         completeness: ``{"sum", "delta", "gap"}`` of this test sample (optional, shown with
             one sentence saying what it means).
-        warning: why this answer cannot be trusted (``iif.results.diagnostics.describe``), drawn as a
+        warning: why this answer cannot be trusted (``iif.results.diagnostics.describe``), drawn as
+        a
             red note under the heading; None for none.
         cmap: colour map for grey-scale images (``gray_r``: dark ink on white).
     """

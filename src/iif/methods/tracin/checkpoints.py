@@ -1,7 +1,7 @@
 """Training checkpoints: model versions recorded during training, in memory or on disk.
 
-TracIn (:class:`iif.methods.tracin.tracin.TracIn`) sums gradient products over the checkpoints of one
-training run, each weighted by the learning rate in use at that point of training.
+TracIn (:class:`iif.methods.tracin.tracin.TracIn`) sums gradient products over the checkpoints of
+one training run, each weighted by the learning rate in use at that point of training.
 
 On disk a checkpoint is ``epoch_XXXX.pt``, a plain dict of tensors
 ``{"params": {name: tensor}, "buffers": {name: tensor}}`` readable with

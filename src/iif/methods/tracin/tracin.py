@@ -49,8 +49,8 @@ class TracIn(AttributionMethod):
         train_data: ``(inputs, labels)`` the model was trained on.
         checkpoints: the run's checkpoints (non-empty), e.g. from
             :func:`iif.methods.tracin.checkpoints.train_with_checkpoints` or
-            :func:`iif.methods.tracin.checkpoints.load_checkpoints`; or a list of such lists, one per
-            independent training run: an ensemble, whose scores are the mean over the runs.
+            :func:`iif.methods.tracin.checkpoints.load_checkpoints`; or a list of such lists, one
+            per independent training run: an ensemble, whose scores are the mean over the runs.
         projection: optional seeded random projection of the gradients (default: exact).
         chunk_size, seed, progress, max_feature_bytes: see
             :class:`iif.methods.base.AttributionMethod`.

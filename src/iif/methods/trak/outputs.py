@@ -137,8 +137,8 @@ def default_output(task: Task, outputs: int) -> ModelOutput:
 def check_output(model_output: object) -> ModelOutput:
     """``model_output`` if it is a :class:`ModelOutput` implementing ``value`` and ``weight``."""
     if not isinstance(model_output, ModelOutput):
-        raise InputError(f"model_output must be an iif.methods.trak.outputs.ModelOutput (e.g. Margin() or "
-                         f"Output(task)), got {type(model_output).__name__}")
+        raise InputError(f"model_output must be an iif.methods.trak.outputs.ModelOutput "
+                         f"(e.g. Margin() or Output(task)), got {type(model_output).__name__}")
     for part in ("value", "weight"):
         if getattr(type(model_output), part) is getattr(ModelOutput, part):
             raise InputError(f"model_output {type(model_output).__name__} does not implement "

@@ -126,7 +126,8 @@ class TRAK(AttributionMethod):
         if task.measurement is not None:
             raise InputError(f"TRAK explains its model-output function, not the task's "
                              f"measurement ({task.measurement.name!r}): give "
-                             f"model_output=... (iif.methods.trak.outputs) and a task without a measurement")
+                             f"model_output=... (iif.methods.trak.outputs) and a task without a "
+                             f"measurement")
         projection = self._keyword("projection", projection,
                                    default=lambda: ProjectionSettings(dim=DEFAULT_PROJECTION_DIM))
         self.projection = projection

@@ -1,5 +1,5 @@
-"""TRAK's model-output plug-in (iif.methods.trak.outputs): a user's output function end to end against the
-TRAK formula with exact features computed here, and the defaults and their checks."""
+"""TRAK's model-output plug-in (iif.methods.trak.outputs): a user's output function end to end
+against the TRAK formula with exact features computed here, and the defaults and their checks."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 N_TEST, N_TRAIN, TOP = 4, 20, 3
 ENTRY = '<section class="entry"'
 DATA_URI = 'src="data:image/png;base64,'
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 
 
 def _result() -> Attribution:

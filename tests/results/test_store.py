@@ -23,7 +23,7 @@ from iif.errors import InputError
 from iif.results.runkey import RunKey
 from iif.results.store import CHUNKS, MANIFEST, ResultStore, attribute_to
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # tests/, where tiny_job.py is
 
 
 @pytest.fixture(scope="module")

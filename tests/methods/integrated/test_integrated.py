@@ -39,7 +39,7 @@ from iif.methods.integrated.linear import (
     linear_unlearning_baseline,
 )
 
-from .reference import (
+from ..reference import (
     Problem,
     flat_model,
     ggn,
@@ -525,8 +525,9 @@ def test_overshooting_unlearning_is_pulled_back_to_the_stop_level(mlp_regression
     for j in range(len(p.xt)):
         test = task.validate((p.xt[j : j + 1], p.yt[j : j + 1]))
         engine = Engine.bind(task, train, task.model, Budget())
-        (base,) = unlearned_baselines(engine, [test], dataclasses.replace(settings, batch_size=len(p.x)),
-                                 torch.Generator().manual_seed(0))
+        (base,) = unlearned_baselines(
+            engine, [test], dataclasses.replace(settings, batch_size=len(p.x)),
+            torch.Generator().manual_seed(0))
         assert 0 < base.pulled_back < 1 and not base.fell_back
         after = mean_loss(task, fmodel, base.state, test.x, test.targets)
         before = mean_loss(task, fmodel, fmodel.state(), test.x, test.targets)

@@ -16,7 +16,7 @@ import tiny_job
 
 from iif import Attribution, BaselineSettings
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # tests/, where tiny_job.py is
 
 DYING = """
 import os, signal, sys

@@ -215,7 +215,8 @@ def test_explained_sample_is_flagged_by_its_index(problem, tmp_path, iif_logs):
     assert record["flags"] == ["baseline_not_moved", "large_gap"]
     assert record["warning"].startswith("not a reliable explanation")
     assert (tmp_path / "explain_5.png").stat().st_size > 1000
-    logged = [r.getMessage() for r in iif_logs.records if r.name == "iif.methods.integrated.integrated"]
+    logged = [r.getMessage() for r in iif_logs.records
+              if r.name == "iif.methods.integrated.integrated"]
     assert logged and logged[-1].startswith("test 5 (delta 0)")
 
 
@@ -277,7 +278,8 @@ def test_store_run_names_global_indices(problem, tmp_path, iif_logs):
     # a chunk's info names its test samples by global index, as the warnings do
     assert second["rows"] == [4, 6] and second["flags"]["baseline_not_moved"] == [4, 5]
     assert second["test_offset"] == 4
-    logged = [r.getMessage() for r in iif_logs.records if r.name == "iif.methods.integrated.integrated"]
+    logged = [r.getMessage() for r in iif_logs.records
+              if r.name == "iif.methods.integrated.integrated"]
     assert len(logged) == 2 and logged[1].startswith("tests 4 (delta 0), 5 (delta 0):")
 
 

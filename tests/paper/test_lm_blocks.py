@@ -30,7 +30,7 @@ from iif_paper.lm import (
     train_lm,
 )
 
-TINY = Path(__file__).parent / "data" / "tiny_fortunes"
+TINY = Path(__file__).resolve().parents[1] / "data" / "tiny_fortunes"
 T = 8
 
 

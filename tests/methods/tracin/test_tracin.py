@@ -21,7 +21,7 @@ from iif.methods.tracin.checkpoints import load_checkpoints, train_with_checkpoi
 from iif.methods.tracin.tracin import TracIn
 from iif.task.task import Recipe, Task
 
-from .reference import removal_drops
+from ..reference import removal_drops
 
 N_TEST = 5
 
