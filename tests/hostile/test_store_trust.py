@@ -267,6 +267,41 @@ def test_a_lock_is_released_on_error_and_exclusive_within_a_process(tmp_path):
     FolderLock(tmp_path).release()
 
 
+@pytest.mark.parametrize("planted", ["symlink", "dangling", "fifo", "folder"])
+def test_a_planted_lock_is_refused_and_nothing_is_written_through_it(tmp_path, planted):
+    """A ``.iif-lock`` planted as a link made the writer truncate the file it points to and
+    write its pid there; a FIFO would block. Each is refused in one line naming the path."""
+    folder, victim = tmp_path / "out", tmp_path / "victim.txt"
+    folder.mkdir()
+    victim.write_text("precious")
+    lock = folder / LOCK
+    if planted == "symlink":
+        lock.symlink_to(victim)
+    elif planted == "dangling":
+        lock.symlink_to(tmp_path / "created-through-the-link")
+    elif planted == "fifo":
+        os.mkfifo(lock)
+    else:
+        lock.mkdir()
+    with pytest.raises(InputError, match=f"{LOCK}.*(symbolic link|not a regular file|cannot "
+                                         f"open).*remove"):
+        FolderLock(folder)
+    assert victim.read_text() == "precious"
+    assert not (tmp_path / "created-through-the-link").exists()
+    assert lock.is_symlink() or lock.exists()  # refused, not removed behind the user's back
+
+
+def test_cli_refuses_a_lock_planted_as_a_link_and_keeps_its_target(tmp_path, capsys):
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("precious")
+    (out / LOCK).symlink_to(victim)
+    assert _attribute(out) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "symbolic link" in err and str(out / LOCK) in err
+    assert victim.read_text() == "precious"
+
+
 RACER = textwrap.dedent("""
     import sys
     import torch

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ class FolderLock:
         self.path = Path(folder) / LOCK
         self._fd: int | None = None
         while self._fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_lock_file(self.path)
             try:
                 _lock_fd(fd)
             except BlockingIOError:
@@ -90,6 +91,30 @@ class FolderLock:
 
     def __del__(self) -> None:
         self.release()
+
+
+def _open_lock_file(path: Path) -> int:
+    """The lock file at ``path``, opened for reading and writing (created if missing), never
+    through a link: a symbolic link planted at ``path`` would make the pid land in the file it
+    points to, so it is refused, as is anything but a regular file (a FIFO would block)."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    remedy = f"remove {path} (the library writes only a regular file there) and run again"
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if path.is_symlink():
+            raise InputError(f"{path} is a symbolic link; the lock is never written through a "
+                             f"link: {remedy}") from None
+        if path.exists() and not path.is_file():
+            raise InputError(f"{path} is not a regular file: {remedy}") from None
+        raise InputError(f"{path}: the lock file cannot be opened ({exc.strerror}); check the "
+                         f"folder's permissions") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InputError(f"{path} is not a regular file: {remedy}")
+    if hasattr(os, "O_NONBLOCK"):
+        os.set_blocking(fd, True)
+    return fd
 
 
 def _lock_fd(fd: int) -> None:
