@@ -12,7 +12,44 @@ A key is made of named parts, each a SHA-256:
   a custom loss function), where Python can find it,
 - ``training data``, ``test data``: inputs, labels and targets in their order,
 - ``checkpoints`` (TracIn): the contents of every checkpoint, not its path,
+- ``model behaviour``: what every model attributed computes (see below),
+- ``custom functions``: the code and captured values of the task's callables (below),
 - ``software``: the versions of iif and torch.
+
+**Behaviour.** Weights, structure and source do not see a module's plain tensor or list
+attributes, module-level globals a ``forward`` reads, or values captured by closures. So the key
+also holds a behavioural fingerprint: for every ensemble member (at its theta*, as the engine
+calls it: eval mode, no gradients, the CPU generator and the task's CUDA device's generator
+seeded with 0 inside a forked random state), the outputs on a fixed probe (the first
+``PROBE`` training samples and, in :func:`run_key`, the first ``PROBE`` test samples; streamed
+inputs read only those rows), the task's per-sample losses there and, with a measurement, its
+values. Each value is rounded to 40 significant bits (about 12 digits) before it is hashed.
+**Custom functions**: for a custom loss, a :class:`~iif.task.measurements.FunctionMeasurement`'s
+function and a callable recipe optimizer, :func:`callable_digest` hashes the source, the
+closure cells, the defaults and the globals the code names (plain values, tensors and arrays
+by value, Python functions followed three levels deep, torch's and numpy's functions by
+name, anything else by its type's name). A refusal names ``model behaviour`` only when no
+other part differs (other parts explain it: :meth:`RunKey.differences`). Folders written
+before these two parts existed hold keys without them, and their resume is refused.
+
+What the key still does not see:
+
+- state that changes the model's outputs, loss or measurement only on inputs outside the probe
+  (e.g. a hidden attribute consulted only for rare inputs or for batch positions past the
+  probe's), or changes them by less than the rounding (about 1e-12 relative);
+- behaviour in train mode only (a changed dropout implementation; the structure still holds
+  rates), although path training and unlearning epochs run in train mode;
+- randomness inside ``forward`` in eval mode that does not come from torch's CPU or
+  CUDA device's generator (Python's ``random``, numpy, another accelerator), which makes
+  every key differ (a resume is then refused, never mixed);
+- a callable's captured value that is neither plain, a tensor, an array nor a Python function
+  (an object, a dict of objects): only its type's name; and a custom optimizer's effect
+  beyond its code and captured values (e.g. a global that is an optimizer class modified
+  elsewhere);
+- the task's ``batch`` function (its effect on the data is hashed with the data);
+- numerical noise: two machines (or thread counts) whose results differ past the rounding get
+  different keys, and a value on a rounding boundary can flip: a resume is then refused,
+  never mixed.
 
 The result store (:mod:`iif.results.store`) keeps the key in its manifest and in every chunk record,
 so a chunk is only ever reused by the run that made it, and a refusal names the parts that differ.
@@ -20,11 +57,14 @@ so a chunk is only ever reused by the run that made it, and a refusal names the 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import inspect
 import json
 import numbers
-from collections.abc import Iterable, Mapping
+import types
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,10 +74,15 @@ import torch
 from torch import nn
 
 from iif.io import jsonable
+from iif.task.data import take
 from iif.version import __version__
 
-PARTS = ("method", "settings", "model weights", "model structure", "training data",
-         "test data", "checkpoints", "software")
+PARTS = ("method", "settings", "model weights", "model structure", "model behaviour",
+         "custom functions", "training data", "test data", "checkpoints", "software")
+DERIVED = ("model behaviour",)  # named only when nothing else differs (RunKey.differences)
+PROBE = 8  # training (and test) samples of the behavioural fingerprint
+ROUND_BITS = 40  # significant bits of a probed value (about 12 decimal digits)
+CALLABLE_DEPTH = 3  # Python functions followed from a custom callable's globals and cells
 
 
 @dataclass(frozen=True)
@@ -51,10 +96,14 @@ class RunKey:
         return text_digest(json.dumps(self.parts, sort_keys=True))
 
     def differences(self, other: Mapping[str, str] | None) -> list[str]:
-        """Names of the parts whose digests differ from ``other`` (a stored ``parts``)."""
+        """Names of the parts whose digests differ from ``other`` (a stored ``parts``).
+        ``model behaviour`` is named only when no other part differs: it follows from the
+        weights, structure, code and data (new test data give new probe outputs), and alone
+        it names the state that only the behaviour shows."""
         other = other if isinstance(other, Mapping) else {}
         names = sorted(set(self.parts) | set(other), key=_part_order)
-        return [n for n in names if self.parts.get(n) != other.get(n)]
+        differ = [n for n in names if self.parts.get(n) != other.get(n)]
+        return [n for n in differ if n not in DERIVED] or differ
 
 
 def _part_order(name: str) -> int:
@@ -182,25 +231,179 @@ def software_versions() -> dict[str, str]:
 def run_key(method: Any, test: Any) -> RunKey:
     """The key of ``method`` (an :class:`iif.methods.base.AttributionMethod`) attributing the
     validated test data ``test``; the method adds parts of its own (``key_parts``)."""
-    return RunKey({**method_key(method).parts, "test data": data_digest(test)})
+    return RunKey({**_key_parts(method, test), "test data": data_digest(test)})
 
 
 def method_key(method: Any) -> RunKey:
     """The key of everything but the test data: what a method's fitted training-side state
-    (:mod:`iif.results.fitted`) depends on."""
+    (:mod:`iif.results.fitted`) depends on (its behaviour probed on training samples only)."""
+    return RunKey(_key_parts(method, None))
+
+
+def _key_parts(method: Any, test: Any) -> dict[str, str]:
     members = method.members()
     weights = []
     for member in members:
         weights += list(member.state.params.values()) + list(member.state.buffers.values())
-    parts = {
+    return {
         "method": text_digest(method.method),
         "settings": settings_digest(method.settings()),
         "model weights": tensor_digest(weights),
         "model structure": model_structure_digest(
             [m for member in members for m in member.models], method.task.loss,
             method.task.measurement),
+        "model behaviour": behaviour_digest(method, test),
+        "custom functions": functions_digest(method.task),
         "training data": data_digest(method.train),
         "software": settings_digest(software_versions()),
         **method.key_parts(),
     }
-    return RunKey(parts)
+
+
+# ---- behaviour -------------------------------------------------------------------------------
+def behaviour_digest(method: Any, test: Any = None) -> str:
+    """The behavioural fingerprint (module docstring): every member's outputs, per-sample losses
+    and measurement values on the first ``PROBE`` training (and ``test``) samples, rounded.
+    The models are called functionally at theta*, in eval mode: nothing of them changes."""
+    task = method.task
+    probes = [_probe(method.train)] + ([] if test is None else [_probe(test)])
+    digest = hashlib.sha256()
+    seen: set[int] = set()
+    for member in method.members():
+        if id(member.engine) in seen:  # TracIn's runs share one model at theta*
+            continue
+        seen.add(id(member.engine))
+        for x, targets in probes:
+            with _seeded(task.device), torch.no_grad():
+                out = member.fmodel.outputs(member.state, x, chunk_size=member.chunk_size)
+                values = [out, task.sample_loss(out, targets)]
+                if task.measurement is not None:
+                    values.append(task.measure(out, targets))
+            rounded_digest(values, digest)
+    return digest.hexdigest()
+
+
+def _probe(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``PROBE`` inputs (read, when streamed) and targets of validated data."""
+    x = take(data.x, slice(0, PROBE))
+    return (x if isinstance(x, torch.Tensor) else x[:]), data.targets[:PROBE]
+
+
+@contextlib.contextmanager
+def _seeded(device: torch.device) -> Iterator[None]:
+    """torch's CPU generator (and ``device``'s, for CUDA) seeded, the former states restored."""
+    cuda = device.type == "cuda"
+    index = (device.index if device.index is not None else torch.cuda.current_device()) \
+        if cuda else None
+    with torch.random.fork_rng(devices=[index] if cuda else []):
+        torch.random.default_generator.manual_seed(0)
+        if cuda:
+            torch.cuda.default_generators[index].manual_seed(0)
+        yield
+
+
+def rounded_digest(tensors: Iterable[torch.Tensor], digest: Any) -> None:
+    """Add ``tensors`` to ``digest`` as float64 rounded to ``ROUND_BITS`` significant bits
+    (NaN and signed zeros made canonical), a block at a time."""
+    block = 1 << 20
+    for t in tensors:
+        digest.update(f"{tuple(t.shape)}".encode())
+        flat = t.detach().reshape(-1)
+        for lo in range(0, flat.numel(), block):
+            a = flat[lo : lo + block].to("cpu", torch.float64).numpy()
+            mantissa, exponent = np.frexp(a)
+            r = np.ldexp(np.round(mantissa * 2.0**ROUND_BITS), exponent - ROUND_BITS)
+            digest.update((np.where(np.isnan(r), np.nan, r) + 0.0).tobytes())
+
+
+# ---- custom functions ------------------------------------------------------------------------
+def functions_digest(task: Any) -> str:
+    """Digests of the task's custom callables: its loss, a function measurement's function and
+    a callable recipe optimizer (:func:`callable_digest`)."""
+    optimizer = getattr(getattr(task, "recipe", None), "optimizer", None)
+    fns = {"loss": task.loss, "measurement": getattr(task.measurement, "fn", None),
+           "optimizer": optimizer if callable(optimizer) else None}
+    return settings_digest({k: None if f is None else callable_digest(f)
+                            for k, f in fns.items()})
+
+
+def callable_digest(fn: Any) -> str:
+    """SHA-256 of a callable's source (its bytecode when Python cannot find the source), its
+    defaults, closure cell values and the globals its code names: plain values (numbers,
+    strings, None), tensors, arrays and lists, tuples and dicts of those by value, Python
+    functions followed ``CALLABLE_DEPTH`` levels deep, modules by name, anything else by its
+    type's name. A ``functools.partial`` adds its arguments; a bound method its object's
+    type; another callable object its class's source and public plain attributes."""
+    return text_digest(_callable_text(fn, CALLABLE_DEPTH, set()))
+
+
+def _callable_text(fn: Any, depth: int, seen: set[int]) -> str:
+    if isinstance(fn, functools.partial):
+        return (f"partial({_callable_text(fn.func, depth, seen)}, "
+                f"{_value_text(fn.args, depth, seen)}, {_value_text(fn.keywords, depth, seen)})")
+    func = getattr(fn, "__func__", fn)  # a bound method: its function
+    if not _instance(func) and _library(func):  # torch's own functions: by name
+        return f"<{func.__module__}.{getattr(func, '__qualname__', type(func).__name__)}>"
+    if not inspect.isfunction(func):  # a callable object (a loss module): class and values
+        cls = type(fn)
+        values = {k: v for k, v in sorted(vars(fn).items()) if not k.startswith("_")} \
+            if hasattr(fn, "__dict__") else {}
+        code = "" if _library(cls) else source_of(cls)
+        return f"{cls.__module__}.{cls.__qualname__}\n{code}\n{_value_text(values, depth, seen)}"
+    seen = seen | {id(func)}
+    code = func.__code__
+    source = source_of(func)
+    lines = [source if "unavailable>" not in source else code.co_code.hex()]
+    if hasattr(fn, "__self__"):
+        lines.append(f"bound to {type(fn.__self__).__qualname__}")
+    lines.append(f"defaults {_value_text(func.__defaults__, depth, seen)} "
+                 f"{_value_text(func.__kwdefaults__, depth, seen)}")
+    for name, cell in zip(code.co_freevars, func.__closure__ or (), strict=False):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell (a name assigned later)
+            value = "<empty cell>"
+        lines.append(f"cell {name} = {_value_text(value, depth, seen)}")
+    for name in sorted(_code_names(code)):
+        if name in func.__globals__:
+            lines.append(f"global {name} = {_value_text(func.__globals__[name], depth, seen)}")
+    return "\n".join(lines)
+
+
+def _instance(obj: Any) -> bool:
+    """Whether ``obj`` is a callable object, not a function, builtin or class."""
+    return not (inspect.isfunction(obj) or inspect.isbuiltin(obj) or isinstance(obj, type))
+
+
+def _library(obj: Any) -> bool:
+    module = getattr(obj, "__module__", None) or ""
+    return module.split(".")[0] in ("builtins", "torch", "numpy", "functools")
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    """The global (and attribute) names of ``code`` and of the code nested in it."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _value_text(value: Any, depth: int, seen: set[int]) -> str:
+    if isinstance(value, (str, bool, numbers.Number)) or value is None:
+        return repr(value)
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return f"tensor {tensor_digest([value])}"
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__}[" + ", ".join(
+            _value_text(v, depth, seen) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_value_text(v, depth, seen)}"
+                               for k, v in value.items()) + "}"
+    if isinstance(value, types.ModuleType):
+        return f"<module {value.__name__}>"
+    if inspect.isfunction(value) or isinstance(value, functools.partial):
+        if depth > 1 and id(value) not in seen:
+            return f"function {text_digest(_callable_text(value, depth - 1, seen))}"
+        return f"<function {getattr(value, '__qualname__', 'partial')}>"
+    return f"<{type(value).__qualname__}>"
