@@ -1,15 +1,22 @@
-"""Plain, safe files: atomic writes and JSON-safe values (no pickle anywhere)."""
+"""Plain, safe files: atomic writes, JSON-safe values (no pickle anywhere), and the checks
+made before reading a file found in a folder (:func:`regular_file`, :func:`read_file`,
+:func:`read_json_file`, :func:`npy_problem`): a FIFO, a device such as ``/dev/zero``, a folder
+or a socket in place of a file is refused in one line instead of blocking or reading forever."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from iif.errors import InputError
 
 
 def _json_float(v: float) -> float | None:
@@ -56,3 +63,88 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# ---- reading files found in a folder ---------------------------------------------------------
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a plain file")
+
+
+def _check_stat(path: str | os.PathLike, st: os.stat_result, what: str,
+                max_bytes: int | None) -> int:
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{path} is not a regular file ({_kind(st.st_mode)}); {what} must be "
+                         f"a plain file: remove it or use another folder")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise InputError(f"{path} holds {st.st_size} bytes, more than a {what} ever does "
+                         f"({max_bytes}); remove it or use another folder")
+    return st.st_size
+
+
+def regular_file(path: str | os.PathLike, what: str, max_bytes: int | None = None) -> int:
+    """The size of ``path``, which must be a regular file (a link to one is followed).
+
+    Anything else (a FIFO, a device such as ``/dev/zero``, a folder, a socket), or a file
+    larger than ``max_bytes``, raises :class:`InputError` naming the file, what it is and the
+    remedy; ``what`` names the file's role (``"a chunk record"``). A missing file raises
+    :class:`FileNotFoundError`, as reading it would.
+    """
+    return _check_stat(path, os.stat(path), what, max_bytes)
+
+
+def read_file(path: str | os.PathLike, what: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of the regular file ``path``, checked as by :func:`regular_file` before
+    reading and again on the opened file (opened without blocking, so a FIFO swapped in
+    between never blocks)."""
+    regular_file(path, what, max_bytes)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        _check_stat(path, os.fstat(fd), what, max_bytes)
+        return f.read()
+
+
+def read_json_file(path: str | os.PathLike, what: str, max_bytes: int | None = None) -> Any:
+    """The JSON value in the regular file ``path`` (see :func:`read_file`).
+
+    Raises :class:`InputError` for a file that is not regular; :class:`OSError` when it cannot
+    be read; a plain :class:`ValueError` when it is not UTF-8 JSON, also when it is nested
+    too deeply to parse (Python's ``RecursionError``). Callers that catch ``ValueError`` to
+    word a damaged file let :class:`InputError` through first.
+    """
+    data = read_file(path, what, max_bytes)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def npy_problem(path: str | os.PathLike, what: str) -> str | None:
+    """What is wrong with the header of the NumPy file ``path`` (None: it is sound): not a
+    NumPy file, a damaged header, an object dtype (pickle), or a shape that needs more bytes
+    than the file holds, each worded ``a damaged NumPy file (...)``. ``path`` must be a
+    regular file (:class:`InputError` otherwise); only the header is read."""
+    size = regular_file(path, what)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        size = _check_stat(path, os.fstat(fd), what, None)
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
+            return f"a damaged NumPy file ({' '.join(str(exc).split())[:200]})"
+        offset = f.tell()
+    if dtype.hasobject:
+        return "a NumPy file of Python objects (pickle), which iif never reads"
+    needed = math.prod(shape) * dtype.itemsize
+    if offset + needed > size:
+        return (f"a damaged NumPy file (its header claims an array of shape {list(shape)} "
+                f"({dtype}, {needed} bytes) but the file holds {size - offset} bytes of data)")
+    return None

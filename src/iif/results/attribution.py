@@ -9,6 +9,7 @@ same samples in both.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from typing import Any, NamedTuple, NoReturn
 import numpy as np
 
 from iif.errors import InputError
-from iif.io import atomic_write, jsonable
+from iif.io import atomic_write, jsonable, npy_problem, read_json_file, regular_file
 
 SCORES_FILE = "scores.npy"
 META_FILE = "attribution.json"
@@ -269,8 +270,17 @@ def _kind(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+def _regular(path: Path, what: str) -> None:
+    """:func:`iif.io.regular_file` (a FIFO or /dev/zero in its place: InputError, never
+    read); a folder is worded like the other unreadable files."""
+    if path.is_dir():
+        _malformed(path, f"cannot be read ({os.strerror(errno.EISDIR)})")
+    regular_file(path, what)
+
+
 def _load_scores(path: Path) -> np.ndarray:
     try:
+        _regular(path, "the scores file")
         with open(path, "rb") as f:
             magic = f.read(len(_NPY_MAGIC))
     except FileNotFoundError:
@@ -279,6 +289,9 @@ def _load_scores(path: Path) -> np.ndarray:
         _malformed(path, f"cannot be read ({exc.strerror or exc})")
     if magic != _NPY_MAGIC:
         _malformed(path, "not a NumPy array file")
+    header = npy_problem(path, "the scores file")
+    if header:
+        _malformed(path, header)
     try:
         scores = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
@@ -293,9 +306,12 @@ def _load_scores(path: Path) -> np.ndarray:
 
 def _load_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        _regular(path, "the result's record")
+        return read_json_file(path, "the result's record")
     except FileNotFoundError:
         _malformed(path, "missing")
+    except InputError:
+        raise
     except OSError as exc:
         _malformed(path, f"cannot be read ({exc.strerror or exc})")
     except ValueError as exc:  # not JSON, or not UTF-8 text

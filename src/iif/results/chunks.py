@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from iif.errors import InputError
-from iif.io import atomic_write, jsonable
+from iif.io import atomic_write, jsonable, npy_problem, read_json_file, regular_file
 from iif.results.runkey import file_digest, text_digest
 
 try:
@@ -206,12 +206,9 @@ class ChunkFolder:
             return "has a damaged record (checksum mismatch)"
         if record.get("shape") != list(shape) or record.get("dtype") != dtype:
             return f"has the wrong shape or dtype ({record.get('shape')}, not {list(shape)})"
-        try:
-            if record.get("sha256") != file_digest(npy):
-                return "is damaged (checksum mismatch)"
-            array = np.load(npy, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            return f"cannot be read ({exc})"
+        array = _load_chunk(npy, record.get("sha256"))
+        if isinstance(array, str):
+            return array
         if array.shape != tuple(shape) or array.dtype != _dtype(dtype):
             return f"holds an array of shape {list(array.shape)} ({array.dtype}), not " \
                    f"{list(shape)}"
@@ -224,11 +221,32 @@ class ChunkFolder:
     def read(self, name: str) -> tuple[np.ndarray, dict[str, Any]]:
         """The array (memory-mapped) and record of a chunk checked by :meth:`problem`."""
         npy, meta = self.paths(name)
-        return np.load(npy, mmap_mode="r", allow_pickle=False), json.loads(meta.read_text())
+        record = read_json_file(meta, "a chunk record")
+        return np.load(npy, mmap_mode="r", allow_pickle=False), record
 
     def remove_temporary_files(self) -> None:
         """Temporary files of writers that died before renaming them (we hold the lock)."""
         remove_temporary_files(self.folder)
+
+
+def _load_chunk(npy: Path, sha256: object) -> np.ndarray | str:
+    """The array of ``npy`` (memory-mapped) if its SHA-256 is ``sha256``, or what is wrong with
+    it. Something other than a regular file there (a FIFO, a device such as /dev/zero) raises
+    :class:`InputError` before it is hashed or read."""
+    try:
+        regular_file(npy, "a chunk")
+        if sha256 != file_digest(npy):
+            return "is damaged (checksum mismatch)"
+        header = npy_problem(npy, "a chunk")
+        if header:
+            return f"is {header}"
+        return np.load(npy, mmap_mode="r", allow_pickle=False)
+    except InputError:
+        if npy.is_dir():  # removed by discard, which names the folder to remove
+            return "cannot be read (a folder)"
+        raise
+    except (OSError, ValueError) as exc:
+        return f"cannot be read ({exc})"
 
 
 def _dtype(name: str) -> np.dtype:
@@ -253,10 +271,15 @@ def record_checksum(record: dict[str, Any]) -> str:
 
 
 def read_json(path: Path, what: str) -> dict[str, Any] | str:
-    """The JSON object in ``path``, or a sentence saying what is wrong with it."""
+    """The JSON object in ``path``, or a sentence saying what is wrong with it; something
+    other than a regular file there (a FIFO, a device) raises :class:`InputError`."""
     try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
+        value = read_json_file(path, f"a {what}")
+    except InputError:
+        if path.is_dir():  # the caller's remove_file names the folder to remove
+            return f"has an unreadable {what} {path.name} (a folder)"
+        raise
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, not UTF-8, or nested too deep
         return f"has an unreadable {what} {path.name} ({exc})"
     if not isinstance(value, dict):
         return f"has a malformed {what} {path.name} (a JSON {type(value).__name__}, not an " \

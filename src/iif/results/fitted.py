@@ -39,7 +39,7 @@ from safetensors.torch import save as save_tensors
 
 from iif.engine.linalg import CholeskySolver, Solver, WoodburySolver, column_blocks
 from iif.errors import InputError
-from iif.io import atomic_write, jsonable
+from iif.io import atomic_write, jsonable, read_file
 from iif.results.chunks import FolderLock, read_json, remove_temporary_files
 from iif.results.runkey import RunKey, tensor_digest
 
@@ -155,8 +155,10 @@ def read_states(folder: Path, key: RunKey, settings: dict[str, Any], n_members: 
 
 def _tensor_problem(folder: Path, record: dict[str, Any]) -> dict[str, torch.Tensor] | str:
     """The tensors of ``folder`` checked against the record, or what is wrong with them."""
-    try:
-        tensors = load_tensors((folder / TENSORS).read_bytes())
+    try:  # read_file refuses a FIFO or /dev/zero (InputError) instead of reading it
+        tensors = load_tensors(read_file(folder / TENSORS, "the fitted tensors"))
+    except InputError:
+        raise
     except (OSError, SafetensorError, ValueError) as exc:
         return f"has unreadable tensors ({exc})"
     expected = record.get("tensors")

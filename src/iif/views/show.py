@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from iif.errors import InputError
+from iif.io import read_json_file
 from iif.results.attribution import META_FILE, SCORES_FILE, Attribution, _kind
 from iif.results.diagnostics import describe, summarize, trust_flags
 from iif.results.runkey import data_digest
@@ -208,7 +209,11 @@ def _check_data(folder: Path, task: str, train, test) -> None:
 
 def _read_json(path: Path, remedy: str) -> object:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        if path.is_dir():  # worded as before: cannot be read (Is a directory)
+            return json.loads(path.read_text(encoding="utf-8"))
+        return read_json_file(path, "a file of the result")
+    except InputError:
+        raise
     except OSError as exc:
         raise InputError(f"{path}: cannot be read ({exc.strerror or exc}); {remedy}") from None
     except ValueError as exc:  # not JSON, or not UTF-8 text

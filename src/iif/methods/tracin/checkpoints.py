@@ -26,7 +26,7 @@ import torch
 from iif.engine.functional import FunctionalModel, ModelState
 from iif.engine.training import fit, seeded
 from iif.errors import InputError
-from iif.io import atomic_write
+from iif.io import atomic_write, read_json_file, regular_file
 from iif.task.task import Task
 from iif.validation import Limits, check_value
 
@@ -89,8 +89,9 @@ class Checkpoint:
         if self.state is not None:
             raw: Any = {"params": self.state.params, "buffers": self.state.buffers}
         else:
-            if not self.path.is_file():
+            if not self.path.exists():
                 raise InputError(f"{self.describe()}: no such file")
+            regular_file(self.path, "a checkpoint")  # a FIFO or /dev/zero: refused
             try:
                 raw = torch.load(self.path, weights_only=True, map_location=ref.device)
             except Exception as exc:
@@ -235,19 +236,20 @@ def load_checkpoints(directory: str | os.PathLike) -> list[Checkpoint]:
     """
     folder = Path(directory)
     index_path = folder / INDEX_FILE
-    if not index_path.is_file():
+    if not index_path.exists():
         raise InputError(f"{folder} holds no {INDEX_FILE}: not a checkpoint folder written by "
                          f"train_with_checkpoints")
     try:
-        index = json.loads(index_path.read_text())
+        index = read_json_file(index_path, "a checkpoint index")
         entries = index["checkpoints"]
         checkpoints = [Checkpoint(int(e["epoch"]), float(e["lr"]), path=folder / str(e["file"]))
                        for e in entries]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         if isinstance(exc, InputError):
             raise
         raise InputError(f"{index_path} is not a valid checkpoint index: {exc}") from exc
     for c in checkpoints:
-        if not c.path.is_file():
+        if not c.path.exists():
             raise InputError(f"{c.describe()} is listed in {index_path} but missing")
+        regular_file(c.path, "a checkpoint")
     return sorted(checkpoints, key=lambda c: c.epoch)
