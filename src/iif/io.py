@@ -1,16 +1,18 @@
 """Plain, safe files: atomic writes, JSON-safe values (no pickle anywhere), and the checks
-made before reading a file found in a folder (:func:`regular_file`, :func:`read_file`,
-:func:`read_json_file`, :func:`npy_problem`): a FIFO, a device such as ``/dev/zero``, a folder
-or a socket in place of a file is refused in one line instead of blocking or reading forever."""
+made before reading a file found in a folder (:func:`regular_file`, :func:`open_regular`,
+:func:`read_file`, :func:`read_json_file`, :func:`npy_problem`): a FIFO, a device such as
+``/dev/zero``, a folder or a socket in place of a file is refused in one line instead of
+blocking or reading forever."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -97,14 +99,21 @@ def regular_file(path: str | os.PathLike, what: str, max_bytes: int | None = Non
     return _check_stat(path, os.stat(path), what, max_bytes)
 
 
-def read_file(path: str | os.PathLike, what: str, max_bytes: int | None = None) -> bytes:
-    """The bytes of the regular file ``path``, checked as by :func:`regular_file` before
-    reading and again on the opened file (opened without blocking, so a FIFO swapped in
-    between never blocks)."""
+@contextlib.contextmanager
+def open_regular(path: str | os.PathLike, what: str,
+                 max_bytes: int | None = None) -> Iterator[tuple[IO[bytes], int]]:
+    """The regular file ``path`` opened for reading, with its size: checked as by
+    :func:`regular_file` before opening and again on the opened file (opened without
+    blocking, so a FIFO swapped in between never blocks)."""
     regular_file(path, what, max_bytes)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     with os.fdopen(fd, "rb") as f:
-        _check_stat(path, os.fstat(fd), what, max_bytes)
+        yield f, _check_stat(path, os.fstat(fd), what, max_bytes)
+
+
+def read_file(path: str | os.PathLike, what: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of the regular file ``path`` (:func:`open_regular`)."""
+    with open_regular(path, what, max_bytes) as (f, _):
         return f.read()
 
 
@@ -128,10 +137,7 @@ def npy_problem(path: str | os.PathLike, what: str) -> str | None:
     NumPy file, a damaged header, an object dtype (pickle), or a shape that needs more bytes
     than the file holds, each worded ``a damaged NumPy file (...)``. ``path`` must be a
     regular file (:class:`InputError` otherwise); only the header is read."""
-    size = regular_file(path, what)
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as f:
-        size = _check_stat(path, os.fstat(fd), what, None)
+    with open_regular(path, what) as (f, size):
         try:
             version = np.lib.format.read_magic(f)
             if version == (1, 0):

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from iif.errors import InputError
-from iif.io import atomic_write, jsonable, npy_problem, read_json_file, regular_file
+from iif.io import atomic_write, jsonable, npy_problem, read_json_file
 from iif.results.runkey import file_digest, text_digest
 
 try:
@@ -234,8 +234,7 @@ def _load_chunk(npy: Path, sha256: object) -> np.ndarray | str:
     it. Something other than a regular file there (a FIFO, a device such as /dev/zero) raises
     :class:`InputError` before it is hashed or read."""
     try:
-        regular_file(npy, "a chunk")
-        if sha256 != file_digest(npy):
+        if sha256 != file_digest(npy, "a chunk"):
             return "is damaged (checksum mismatch)"
         header = npy_problem(npy, "a chunk")
         if header:

@@ -57,14 +57,13 @@ so a chunk is only ever reused by the run that made it, and a refusal names the 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import inspect
 import json
 import numbers
 import types
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,7 +72,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from iif.io import jsonable
+from iif.engine.training import seeded
+from iif.io import jsonable, open_regular
 from iif.task.data import take
 from iif.version import __version__
 
@@ -136,9 +136,12 @@ def settings_digest(settings: Mapping[str, Any]) -> str:
     return text_digest(json.dumps(jsonable(settings), sort_keys=True, allow_nan=False))
 
 
-def file_digest(path: str | Path) -> str:
+def file_digest(path: str | Path, what: str = "a file") -> str:
+    """SHA-256 of the regular file ``path`` (:func:`iif.io.open_regular`: a FIFO or a device
+    such as /dev/zero raises :class:`~iif.errors.InputError` instead of being hashed forever;
+    ``what`` names its role)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, what) as (f, _):
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -274,7 +277,7 @@ def behaviour_digest(method: Any, test: Any = None) -> str:
             continue
         seen.add(id(member.engine))
         for x, targets in probes:
-            with _seeded(task.device), torch.no_grad():
+            with seeded(0, task.device), torch.no_grad():
                 out = member.fmodel.outputs(member.state, x, chunk_size=member.chunk_size)
                 values = [out, task.sample_loss(out, targets)]
                 if task.measurement is not None:
@@ -287,19 +290,6 @@ def _probe(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``PROBE`` inputs (read, when streamed) and targets of validated data."""
     x = take(data.x, slice(0, PROBE))
     return (x if isinstance(x, torch.Tensor) else x[:]), data.targets[:PROBE]
-
-
-@contextlib.contextmanager
-def _seeded(device: torch.device) -> Iterator[None]:
-    """torch's CPU generator (and ``device``'s, for CUDA) seeded, the former states restored."""
-    cuda = device.type == "cuda"
-    index = (device.index if device.index is not None else torch.cuda.current_device()) \
-        if cuda else None
-    with torch.random.fork_rng(devices=[index] if cuda else []):
-        torch.random.default_generator.manual_seed(0)
-        if cuda:
-            torch.cuda.default_generators[index].manual_seed(0)
-        yield
 
 
 def rounded_digest(tensors: Iterable[torch.Tensor], digest: Any) -> None:

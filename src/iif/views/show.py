@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import errno
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -208,9 +209,9 @@ def _check_data(folder: Path, task: str, train, test) -> None:
 
 
 def _read_json(path: Path, remedy: str) -> object:
+    if path.is_dir():  # worded like the other unreadable files, not as a non-regular one
+        raise InputError(f"{path}: cannot be read ({os.strerror(errno.EISDIR)}); {remedy}")
     try:
-        if path.is_dir():  # worded as before: cannot be read (Is a directory)
-            return json.loads(path.read_text(encoding="utf-8"))
         return read_json_file(path, "a file of the result")
     except InputError:
         raise

@@ -31,7 +31,6 @@ import numpy as np
 from iif.engine.functional import FunctionalModel
 from iif.engine.projection import ProjectionSettings, Projector, make_projector
 from iif.errors import InputError
-from iif.io import regular_file
 from iif.methods.base import AttributionMethod
 from iif.methods.estimator import KernelEstimator, identity, weighted_sum
 from iif.methods.tracin.checkpoints import Checkpoint
@@ -144,8 +143,7 @@ class TracIn(AttributionMethod):
             for c in run:
                 if c.path is not None:
                     try:
-                        regular_file(c.path, "a checkpoint")  # never hash a FIFO, /dev/zero
-                        digests.append(file_digest(c.path))
+                        digests.append(file_digest(c.path, "a checkpoint"))
                     except OSError as exc:
                         raise InputError(f"{c.describe()} cannot be read: {exc}") from None
                 else:
