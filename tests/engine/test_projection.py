@@ -491,3 +491,15 @@ def test_kronecker_layers_name_their_module_shapes_offsets_and_factors():
             for lay in p.layers[:2]] == [(0, 3, 12, 36), (39, 4, 12, None)]
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.layers[0].out_features = 7  # type: ignore[misc]
+
+
+def test_kronecker_says_why_its_dim_differs_from_the_dim_asked_for(caplog):
+    fmodel = _kron_model(batchnorm=True)
+    with caplog.at_level("INFO", logger="iif.engine.projection"):
+        p = _kron(fmodel, 30)
+    assert p.dim != 30  # whole p_out x p_in blocks rarely add up to the dim asked for
+    lines = [r.getMessage() for r in caplog.records if "kronecker projection" in r.getMessage()]
+    assert len(lines) == 1
+    shapes = ", ".join(f"{layer.p_out}x{layer.p_in}" for layer in p.layers)
+    assert f"dim 30 shared by {len(p.layers) + 1} blocks" in lines[0]
+    assert f"({shapes} + {p.rest.dim} other parameters) gives {p.dim} values" in lines[0]

@@ -49,6 +49,47 @@ def test_ranks_with_different_models_stop_before_writing(tmp_path):
     assert not (out / "manifest.json").exists()
 
 
+HIDDEN_PER_RANK = """
+import torch
+from torch import nn
+import tiny_job
+from iif import Task
+from iif.runs.distributed import world
+
+class Scaled(nn.Module):
+    def __init__(self, inner, scale):
+        super().__init__()
+        self.inner = inner
+        self.scale = scale  # a plain tensor attribute: neither a parameter nor a buffer
+
+    def forward(self, x):
+        return self.inner(x) * self.scale
+
+def job():
+    task, train, test = tiny_job.problem()
+    rank, _ = world()
+    scale = torch.tensor(1.0 if rank == 0 else 1.5, dtype=torch.float64)
+    return Task(Scaled(task.model, scale), "classification", task.recipe), train, test
+"""
+
+
+def test_ranks_whose_models_differ_only_in_a_hidden_attribute_stop_before_writing(tmp_path):
+    """Same parameters, buffers and settings on every rank; only the forward's behaviour
+    differs, so only the key's probe of the model's behaviour can see it."""
+    (tmp_path / "hidden_per_rank.py").write_text(HIDDEN_PER_RANK)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "iif", "--no-progress", "attribute", "--task", "hidden_per_rank:job", "--out",
+           str(out), "--proj-dim", "16", "--chunk", "1", "--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_env(),
+                          cwd=tmp_path)
+    assert proc.returncode != 0
+    assert ("the ranks do not attribute the same run: model behaviour (ranks 1 differ from "
+            "rank 0)") in proc.stderr, proc.stderr[-3000:]
+    assert not (out / "chunks").exists() or not list((out / "chunks").iterdir())
+    assert not (out / "manifest.json").exists()
+
+
 MISSING_PEER = textwrap.dedent("""
     import sys
     import tiny_job

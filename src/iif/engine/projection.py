@@ -236,6 +236,14 @@ class KroneckerProjector:
                 block_elements=settings.block_elements), device=device, dtype=dtype)
         self.dim = (sum(layer.dim for layer in self.layers)
                     + (self.rest.dim if self.rest is not None else 0))
+        if self.dim != settings.dim:
+            # each block gets p_out x p_in values, whole numbers that fit its layer, so the
+            # total is rarely the dim asked for; say why the recorded projection_dim differs
+            shapes = ", ".join(f"{layer.p_out}x{layer.p_in}" for layer in self.layers)
+            rest_note = f" + {self.rest.dim} other parameters" if self.rest is not None else ""
+            log.info("kronecker projection: dim %d shared by %d blocks as p_out x p_in per "
+                     "layer (%s%s) gives %d values (projection_dim %d)", settings.dim, n_blocks,
+                     shapes, rest_note, self.dim, self.dim)
         # every trainable parameter sits in one of the layers (a Linear or Conv2d): features
         # can be built from layer inputs and output gradients without per-sample gradients
         # (iif.engine.features); otherwise the rest need per-sample gradients of their own
