@@ -6,6 +6,8 @@ the rows of two models."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -192,3 +194,23 @@ def test_a_resume_with_a_changed_tensor_attribute_is_refused(tmp_path):
     model.scale = torch.tensor(2.0, dtype=torch.float64)  # the same run again: resumed
     again = attribute_to(tmp_path, method(), _data(4, seed=1), chunk=2)
     np.testing.assert_array_equal(again.scores, first.scores)
+
+
+def test_a_folder_whose_key_lacks_new_parts_is_refused_with_the_reason(tmp_path):
+    """A folder written before the key recorded behaviour and custom functions is refused as
+    such, not as if the user had changed them."""
+    task = Task(Hidden(), "classification")
+
+    def method():
+        return IntegratedInfluence(task, _data(), path=PathSettings(steps=2), progress=False)
+
+    attribute_to(tmp_path, method(), _data(4, seed=1), chunk=2)
+    manifest = tmp_path / "manifest.json"
+    old = json.loads(manifest.read_text())
+    for part in ("model behaviour", "custom functions"):
+        del old["parts"][part]
+    manifest.write_text(json.dumps(old))
+    with pytest.raises(InputError) as err:
+        attribute_to(tmp_path, method(), _data(4, seed=1), chunk=2)
+    assert ("custom functions (not recorded: written by an earlier version of iif)"
+            in str(err.value))

@@ -103,7 +103,13 @@ class RunKey:
         other = other if isinstance(other, Mapping) else {}
         names = sorted(set(self.parts) | set(other), key=_part_order)
         differ = [n for n in names if self.parts.get(n) != other.get(n)]
-        return [n for n in differ if n not in DERIVED] or differ
+        differ = [n for n in differ if n not in DERIVED] or differ
+        if not other:
+            return differ
+        # a part the stored key lacks was added to the key after that folder was written: say
+        # so, or the refusal reads as if something the user changed differs
+        return [f"{n} (not recorded: written by an earlier version of iif)"
+                if n in self.parts and n not in other else n for n in differ]
 
 
 def _part_order(name: str) -> int:
