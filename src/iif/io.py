@@ -117,8 +117,15 @@ def read_file(path: str | os.PathLike, what: str, max_bytes: int | None = None) 
         return f.read()
 
 
-def read_json_file(path: str | os.PathLike, what: str, max_bytes: int | None = None) -> Any:
-    """The JSON value in the regular file ``path`` (see :func:`read_file`).
+JSON_MAX_BYTES = 1 << 28
+"""The largest JSON file read (256 MiB): the records, manifests and indexes iif writes hold
+settings, digests and row bounds, kilobytes to a few megabytes even for millions of samples."""
+
+
+def read_json_file(path: str | os.PathLike, what: str,
+                   max_bytes: int | None = JSON_MAX_BYTES) -> Any:
+    """The JSON value in the regular file ``path`` (see :func:`read_file`), at most
+    ``max_bytes`` long (a larger file is refused before it is read).
 
     Raises :class:`InputError` for a file that is not regular; :class:`OSError` when it cannot
     be read; a plain :class:`ValueError` when it is not UTF-8 JSON, also when it is nested

@@ -15,6 +15,7 @@ import tiny_job
 
 import iif
 from iif.errors import InputError
+from iif.io import JSON_MAX_BYTES
 from iif.results.attribution import META_FILE, SCORES_FILE
 from iif.results.store import CHUNKS, MANIFEST, attribute_to
 from iif.views.show import show
@@ -148,3 +149,12 @@ def test_an_npy_header_claiming_more_than_the_file_holds_is_refused(problem, tmp
             as exc:
         iif.Attribution.load(tmp_path)
     _one_line(exc, tmp_path / SCORES_FILE)
+
+
+def test_a_json_record_larger_than_any_iif_writes_is_refused_before_reading(problem, tmp_path):
+    _result(problem, tmp_path)
+    with open(tmp_path / META_FILE, "r+b") as f:  # sparse: no disk used, nothing to read
+        f.truncate(JSON_MAX_BYTES + 1)
+    with pytest.raises(InputError, match=f"holds {JSON_MAX_BYTES + 1} bytes, more than") as exc:
+        iif.Attribution.load(tmp_path)
+    _one_line(exc, tmp_path / META_FILE)
