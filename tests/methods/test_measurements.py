@@ -190,3 +190,112 @@ def test_the_measurement_is_in_the_run_key(classifier):
                       FunctionMeasurement(first, "f", True),
                       FunctionMeasurement(second, "f", True))]
     assert len(set(keys)) == len(keys)
+
+
+# ---- a user's measurement function: checked once, its errors reported as the user's -----------
+def _first_two(out, t):
+    return out[:, :2]
+
+
+@pytest.mark.parametrize("method", [InfluenceFunction, TracIn])
+def test_a_measurement_with_more_than_one_value_per_sample_is_refused(classifier, method):
+    task, x, y, *_ = classifier
+    pair = FunctionMeasurement(_first_two, "first two logits", True)
+    extra = {"checkpoints": [Checkpoint(1, 0.1, state=FunctionalModel(task.model).state())]} \
+        if method is TracIn else {}
+    with pytest.raises(InputError, match=r"measurement 'first two logits' must return one value "
+                                         r"per test sample, shape \(n,\), got \(n, 2\)"):
+        method(_with(task, pair), (x, y), progress=False, **extra)
+
+
+def _no_grad_logit(out, t):
+    with torch.no_grad():
+        return out[:, 0] * 1.0
+
+
+@pytest.mark.parametrize("fn", [
+    lambda out, t: out.detach()[:, 0],
+    _no_grad_logit,
+    lambda out, t: torch.as_tensor(out.detach().numpy()[:, 0]),
+], ids=["detach", "no_grad", "numpy"])
+def test_a_measurement_detached_from_the_outputs_is_refused(classifier, fn):
+    task, x, y, *_ = classifier
+    detached = FunctionMeasurement(fn, "detached logit", True)
+    with pytest.raises(InputError, match="measurement 'detached logit' returned a value that "
+                                         "does not depend differentiably on the model's "
+                                         "outputs"):
+        InfluenceFunction(_with(task, detached), (x, y), progress=False)
+
+
+def test_a_measurement_that_is_not_a_tensor_is_refused(classifier):
+    task, x, y, *_ = classifier
+    floats = FunctionMeasurement(lambda out, t: out.tolist(), "list", True)
+    with pytest.raises(InputError, match="measurement 'list' must return a torch tensor of "
+                                         r"shape \(n,\), got list"):
+        InfluenceFunction(_with(task, floats), (x, y), progress=False)
+
+
+def _column_seven(out, t):
+    return out[:, 7]
+
+
+def _fails_one_at_a_time(out, t):
+    # the engine differentiates one sample at a time: it fails there, not on the probe
+    return out[:, 0] if out.shape[0] > 1 else out[:, 7]
+
+
+@pytest.mark.parametrize("fn", [_column_seven, _fails_one_at_a_time])
+def test_an_error_raised_by_the_measurement_function_is_the_users(classifier, fn):
+    from iif.errors import UserCodeError, error_message
+
+    task, x, y, xt, yt = classifier
+    measurement = FunctionMeasurement(fn, "seventh logit", True)
+    with pytest.raises(UserCodeError) as caught:
+        InfluenceFunction(_with(task, measurement), (x, y), progress=False).attribute((xt, yt))
+    message = error_message(caught.value)
+    assert message.startswith(f"calling the measurement function 'seventh logit' "
+                              f"({fn.__name__}) failed: IndexError: ")
+    assert f"test_measurements.py, in {fn.__name__})" in message
+    assert "bug in iif" not in message
+    assert isinstance(caught.value.exc, IndexError)
+
+
+def test_an_error_raised_by_a_measurement_class_is_the_users(classifier):
+    from iif.errors import UserCodeError
+
+    task, x, y, xt, yt = classifier
+
+    class Broken(LogProb.__mro__[1]):  # a user's Measurement
+        name = "broken"
+
+        def value(self, outputs, targets):
+            return outputs[:, 9]
+
+    with pytest.raises(UserCodeError, match=r"calling value\(\) of the measurement 'broken' "
+                                            r"\(Broken\) failed: IndexError"):
+        InfluenceFunction(_with(task, Broken()), (x, y), progress=False).attribute((xt, yt))
+
+
+def test_sequence_measurements_are_probed_on_the_models_logits():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5)).double()
+    x = torch.randint(0, 5, (6, 3))
+    y = torch.randint(0, 5, (6, 3))
+    for fine in (LogProb(), Margin()):
+        InfluenceFunction(Task(model, "sequence", measurement=fine), (x, y), progress=False)
+    per_position = FunctionMeasurement(lambda out, t: out.logsumexp(-1), "per position", True)
+    with pytest.raises(InputError, match=r"shape \(n,\), got \(n, 3\)"):
+        InfluenceFunction(Task(model, "sequence", measurement=per_position), (x, y),
+                          progress=False)
+
+
+def test_a_measurement_flat_on_the_probed_samples_is_warned_about(classifier, caplog):
+    task, x, y, *_ = classifier
+    rounded = FunctionMeasurement(lambda out, t: torch.round(out[:, 0]), "rounded", True)
+    with caplog.at_level("WARNING", logger="iif.task.measurements"):
+        InfluenceFunction(_with(task, rounded), (x, y), progress=False)
+    assert any("'rounded' has a zero gradient" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="iif.task.measurements"):
+        InfluenceFunction(_with(task, Logit(0)), (x, y), progress=False)
+    assert not caplog.records

@@ -27,6 +27,7 @@ from dataclasses import asdict, is_dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from torch import nn
 
 from iif.engine.engine import Budget, Engine
@@ -39,10 +40,15 @@ from iif.results.attribution import Attribution
 from iif.results.diagnostics import log_flags, trust_flags
 from iif.results.fitted import FittedState, fit_folder
 from iif.results.runkey import method_key
+from iif.task.data import take
+from iif.task.measurements import check_values
 from iif.task.task import Data, Task
 from iif.validation import Limits, check_value, keyword_hint, without_none
 
 log = logging.getLogger(__name__)
+
+# training samples on which the task's measurement is evaluated once, at construction
+MEASUREMENT_PROBE = 2
 
 
 class AttributionMethod:
@@ -93,6 +99,7 @@ class AttributionMethod:
         # the engine of the task's model at theta* (frozen here), exact until the subclass's
         # settings are in place and its __init__ calls _reset
         self.engine = Engine.bind(task, self.train, task.model, self._budget())
+        self._check_measurement()
         _warn_train_mode(task.model)
         self.models = _check_models(task.model, models)
         self._members: list[AttributionMethod] | None = None
@@ -354,6 +361,18 @@ class AttributionMethod:
         return {}
 
     # ---- helpers -------------------------------------------------------------------------
+    def _check_measurement(self) -> None:
+        """The task's measurement evaluated once on the first training samples' outputs at
+        theta* (:func:`iif.task.measurements.check_values`): a wrong shape or a value without
+        a gradient is refused now, not turned into wrong or all-zero scores later."""
+        if self.task.measurement is None:
+            return
+        x = take(self.train.x, slice(0, MEASUREMENT_PROBE))
+        x = x if isinstance(x, torch.Tensor) else x[:]  # streamed inputs: read these few
+        outputs = self.engine.outputs(self.state, x)
+        check_values(self.task.measurement, self.task.shaped(outputs),
+                     self.train.targets[:MEASUREMENT_PROBE])
+
     def _indices(self, indices: Any) -> np.ndarray:
         n = len(self.train)
         idx = np.arange(n) if indices is None else np.asarray(indices)

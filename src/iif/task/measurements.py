@@ -13,17 +13,24 @@ training sample makes the measurement better), a positive score an opponent. IIF
 completeness then compares the scores with the change of ``m`` from theta' to theta*.
 
 ``value`` is differentiated one sample at a time (called with one sample as a batch of one),
-like the loss.
+like the loss. A method evaluates it once on a few samples when it is built
+(:func:`check_values`): a value of another shape, or one without a gradient to the outputs, is
+refused there. An exception raised by a user's measurement (a :class:`FunctionMeasurement`'s
+function, or ``value`` of a class defined outside iif) becomes a
+:class:`~iif.errors.UserCodeError` naming the measurement.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
-from iif.errors import InputError
+from iif.errors import InputError, UserCodeError
+
+log = logging.getLogger(__name__)
 
 
 class Task(Protocol):
@@ -34,7 +41,8 @@ class Task(Protocol):
 
     def sample_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
 
-__all__ = ["LogProb", "Logit", "Margin", "Measurement", "TestLoss", "check_measurement"]
+__all__ = ["FunctionMeasurement", "LogProb", "Logit", "Margin", "Measurement", "TestLoss",
+           "check_measurement", "check_values"]
 
 
 class Measurement:
@@ -48,9 +56,21 @@ class Measurement:
         """The measured value per sample, (n, ...), (n, d) -> (n,)."""
         raise NotImplementedError
 
+    def evaluate(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """:meth:`value`, an exception of the user's code in it raised as a
+        :class:`~iif.errors.UserCodeError` that names this measurement."""
+        if not self._users_code():
+            return self.value(outputs, targets)
+        try:
+            return self.value(outputs, targets)
+        except InputError:
+            raise
+        except Exception as exc:
+            raise UserCodeError(self._call_text(), exc) from exc
+
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The value oriented as a loss (lower is better), (n,)."""
-        v = self.value(outputs, targets)
+        v = self.evaluate(outputs, targets)
         return -v if self.higher_is_better else v
 
     def applies(self, task: Task) -> str | None:
@@ -59,6 +79,13 @@ class Measurement:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+    def _users_code(self) -> bool:
+        """Whether ``value`` is the user's code (a class defined outside iif)."""
+        return not getattr(type(self).value, "__module__", "").startswith("iif.")
+
+    def _call_text(self) -> str:
+        return f"calling value() of the measurement {self.name!r} ({type(self).__name__})"
 
 
 class TestLoss(Measurement):
@@ -166,6 +193,13 @@ class FunctionMeasurement(Measurement):
     def value(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.fn(outputs, targets)
 
+    def _users_code(self) -> bool:
+        return True
+
+    def _call_text(self) -> str:
+        fn = getattr(self.fn, "__name__", type(self.fn).__name__)
+        return f"calling the measurement function {self.name!r} ({fn})"
+
 
 def check_measurement(measurement: object, task: Task) -> Measurement:
     """``measurement`` if it is a :class:`Measurement` that implements ``value`` and applies
@@ -184,3 +218,35 @@ def check_measurement(measurement: object, task: Task) -> Measurement:
     if isinstance(measurement, TestLoss) and measurement.task is None:
         measurement.task = task
     return measurement
+
+
+def check_values(measurement: Measurement, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """Evaluate ``measurement`` once on the model's ``outputs`` (n, ...) for a few samples and
+    their ``targets`` (n, d), and refuse a value that is not a tensor of shape (n,) or that has
+    no gradient to the outputs (every score would be zero: the methods differentiate it through
+    the outputs). A gradient that is zero on these samples only gets a warning: a clamped or
+    piecewise measurement may be flat on some samples and not on others."""
+    leaf = outputs.detach().requires_grad_(True)
+    with torch.enable_grad():
+        value = measurement.evaluate(leaf, targets)
+    what = f"measurement {measurement.name!r}"
+    if not isinstance(value, torch.Tensor):
+        raise InputError(f"{what} must return a torch tensor of shape (n,), got "
+                         f"{type(value).__name__}")
+    n = leaf.shape[0]
+    if tuple(value.shape) != (n,):
+        shape = tuple(value.shape)
+        got = (f"({', '.join(['n', *map(str, shape[1:])])})" if shape and shape[0] == n
+               else f"{shape} for {n} samples")
+        raise InputError(f"{what} must return one value per test sample, shape (n,), got {got}")
+    grad = None
+    if value.requires_grad:
+        (grad,) = torch.autograd.grad(value.sum(), leaf, allow_unused=True)
+    if grad is None:
+        raise InputError(f"{what} returned a value that does not depend differentiably on the "
+                         f"model's outputs (detached, computed under torch.no_grad, through "
+                         f"numpy or with integer operations), so every score would be zero; "
+                         f"compute it from the outputs with differentiable torch operations")
+    if not bool((grad != 0).any()):
+        log.warning("%s has a zero gradient with respect to the model's outputs on all %d "
+                    "sample(s) checked; test samples where it is flat get zero scores", what, n)

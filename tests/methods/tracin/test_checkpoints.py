@@ -168,3 +168,37 @@ def test_bad_inputs_raise_input_errors(data, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="cannot be read"):
         Checkpoint(1, 0.1, path=tmp_path / "junk.pt").load(FunctionalModel(task.model))
+
+
+# ---- the index: each checkpoint once, and only files of its own folder ------------------------
+def _rewrite_index(folder, files: list[str]) -> None:
+    """List ``files`` in the index of ``folder``, as epochs 1, 2, ..."""
+    entries = [{"epoch": i + 1, "lr": 0.05, "file": f} for i, f in enumerate(files)]
+    (folder / INDEX_FILE).write_text(json.dumps({"format": 1, "checkpoints": entries}))
+
+
+def test_an_index_listing_a_checkpoint_twice_is_refused(data, tmp_path):
+    folder = tmp_path / "run"
+    train_with_checkpoints(Task(net(), "regression", recipe(2)), data, directory=folder)
+    (folder / "alias.pt").symlink_to(folder / "epoch_0001.pt")
+    for twice in ("epoch_0001.pt", "./epoch_0001.pt", "alias.pt"):
+        _rewrite_index(folder, ["epoch_0001.pt", "epoch_0002.pt", twice])
+        with pytest.raises(InputError, match=rf"{INDEX_FILE}: entry '{twice}' \(epoch 3\) names "
+                                             rf"the same file as entry 'epoch_0001.pt' "
+                                             rf"\(epoch 1\)"):
+            load_checkpoints(folder)
+    _rewrite_index(folder, ["epoch_0002.pt", "epoch_0001.pt"])
+    assert [c.path.name for c in load_checkpoints(folder)] == ["epoch_0002.pt", "epoch_0001.pt"]
+
+
+def test_an_index_naming_a_file_outside_its_folder_is_refused(data, tmp_path):
+    folder = tmp_path / "run"
+    train_with_checkpoints(Task(net(), "regression", recipe(1)), data, directory=folder)
+    outside = tmp_path / "elsewhere.pt"
+    outside.write_bytes((folder / "epoch_0001.pt").read_bytes())
+    (folder / "link.pt").symlink_to(outside)
+    for entry in ("../elsewhere.pt", str(outside), "link.pt"):
+        _rewrite_index(folder, [entry])
+        with pytest.raises(InputError, match=rf"{INDEX_FILE}: entry '{entry}' is outside the "
+                                             rf"checkpoint folder"):
+            load_checkpoints(folder)

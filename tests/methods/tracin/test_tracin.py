@@ -17,7 +17,7 @@ from torch import nn
 
 from iif.engine.projection import ProjectionSettings, make_projector
 from iif.errors import InputError
-from iif.methods.tracin.checkpoints import load_checkpoints, train_with_checkpoints
+from iif.methods.tracin.checkpoints import Checkpoint, load_checkpoints, train_with_checkpoints
 from iif.methods.tracin.tracin import TracIn
 from iif.task.task import Recipe, Task
 
@@ -244,3 +244,25 @@ def test_checkpoints_on_disk_give_the_same_scores(tmp_path):
     np.testing.assert_array_equal(a.scores, b.scores)
     np.testing.assert_array_equal(a.scores, c.scores)
     assert [e["path"] for e in b.settings["checkpoints"]] == [str(p.path) for p in on_disk]
+
+
+def test_a_checkpoint_listed_twice_is_refused(tmp_path):
+    task, train, _, checkpoints = make_problem("regression", epochs=2)
+    first, second = checkpoints
+    copied = Checkpoint(3, 0.1, state=first.state.clone())
+    for twice in ([first, second, first], [first, second, copied]):
+        with pytest.raises(InputError, match=r"checkpoints\[2\] \(checkpoint at epoch \d\) holds "
+                                             r"the same parameters and buffers as "
+                                             r"checkpoints\[0\] \(checkpoint at epoch 1\)"):
+            TracIn(task, train, checkpoints=twice)
+    with pytest.raises(InputError, match=r"checkpoints\[1\]\[1\] .* as checkpoints\[1\]\[0\]"):
+        TracIn(task, train, checkpoints=[checkpoints, [second, second]])
+    # the same checkpoint in two runs of an ensemble (a shared start) is not a duplicate
+    TracIn(task, train, checkpoints=[checkpoints, [copied]])
+
+    on_disk = train_with_checkpoints(task, train, epochs=1, directory=tmp_path / "run")[0]
+    (tmp_path / "run" / "same.pt").write_bytes(on_disk.path.read_bytes())
+    for path in (tmp_path / "run" / ".." / "run" / on_disk.path.name, tmp_path / "run" / "same.pt"):
+        with pytest.raises(InputError, match=r"checkpoints\[1\] \(checkpoint at epoch 2 .*\) "
+                                             r"(is the same file|holds the same parameters)"):
+            TracIn(task, train, checkpoints=[on_disk, Checkpoint(2, 0.1, path=path)])

@@ -373,3 +373,26 @@ def test_bad_inputs_raise_clear_errors(classification):
     with pytest.raises(ValueError, match="raise max_feature_bytes"):
         TRAK(task, (x, y), projection=ProjectionSettings(dim=None),
              max_feature_bytes=100).attribute((x[:2], y[:2]))
+
+
+# ---- (e) a single model ---------------------------------------------------------------------
+def test_one_model_hints_at_an_ensemble_and_several_do_not(classification, caplog):
+    x, y, xt, yt = classification
+    task = _classifier_task(0)
+    settings = ProjectionSettings(dim=12, seed=5)
+    with caplog.at_level("INFO", logger="iif.methods.trak.trak"):
+        single = TRAK(task, (x, y), projection=settings, damping=0.1)
+        first = single.attribute((xt, yt))
+        single.attribute((xt[:2], yt[:2]))
+    hints = [r for r in caplog.records if "models=[...]" in r.getMessage()]
+    assert len(hints) == 1 and hints[0].levelname == "INFO"  # once per method, not per call
+    assert "5-10 independently trained models" in hints[0].getMessage()
+    assert "models=[...]" in first.info["note"]
+
+    caplog.clear()
+    models = train_ensemble(task, (x, y), 2, subset="half", seed=10)
+    with caplog.at_level("INFO", logger="iif.methods.trak.trak"):
+        result = TRAK(task, (x, y), projection=settings, damping=0.1,
+                      models=models).attribute((xt, yt))
+    assert not [r for r in caplog.records if "models=[...]" in r.getMessage()]
+    assert "note" not in result.info

@@ -6,8 +6,9 @@ one training run, each weighted by the learning rate in use at that point of tra
 On disk a checkpoint is ``epoch_XXXX.pt``, a plain dict of tensors
 ``{"params": {name: tensor}, "buffers": {name: tensor}}`` readable with
 ``torch.load(path, weights_only=True)``; the folder's ``checkpoints.json`` lists the epochs,
-learning rates and file names (no pickle). Files are written atomically (a temporary file in the
-same folder, then ``os.replace``), so an interrupted run never leaves a truncated checkpoint.
+learning rates and file names (no pickle): files of that folder, each listed once. Files are
+written atomically (a temporary file in the same folder, then ``os.replace``), so an interrupted
+run never leaves a truncated checkpoint.
 """
 
 from __future__ import annotations
@@ -241,15 +242,42 @@ def load_checkpoints(directory: str | os.PathLike) -> list[Checkpoint]:
                          f"train_with_checkpoints")
     try:
         index = read_json_file(index_path, "a checkpoint index")
-        entries = index["checkpoints"]
-        checkpoints = [Checkpoint(int(e["epoch"]), float(e["lr"]), path=folder / str(e["file"]))
-                       for e in entries]
+        entries = [(str(e["file"]), int(e["epoch"]), float(e["lr"]))
+                   for e in index["checkpoints"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         if isinstance(exc, InputError):
             raise
         raise InputError(f"{index_path} is not a valid checkpoint index: {exc}") from exc
-    for c in checkpoints:
-        if not c.path.exists():
+    checkpoints = []
+    seen: dict[Path, tuple[str, int]] = {}
+    for name, epoch, lr in entries:
+        path = _indexed_file(folder, index_path, name)
+        c = Checkpoint(epoch, lr, path=path)
+        if not path.exists():
             raise InputError(f"{c.describe()} is listed in {index_path} but missing")
-        regular_file(c.path, "a checkpoint")
+        regular_file(path, "a checkpoint")
+        # a file listed twice would count twice in TracIn's sum over checkpoints
+        resolved = path.resolve()
+        if resolved in seen:
+            first, first_epoch = seen[resolved]
+            raise InputError(f"{index_path}: entry {name!r} (epoch {epoch}) names the same file "
+                             f"as entry {first!r} (epoch {first_epoch}); list each checkpoint "
+                             f"once")
+        seen[resolved] = (name, epoch)
+        checkpoints.append(c)
     return sorted(checkpoints, key=lambda c: c.epoch)
+
+
+def _indexed_file(folder: Path, index_path: Path, name: str) -> Path:
+    """``folder / name`` for an index entry ``name``; refused when it leads out of ``folder``
+    (an absolute path, ``..`` or a symbolic link pointing elsewhere): an index describes the
+    files of its own folder, and a copied or downloaded folder must not read others."""
+    path = folder / name
+    try:
+        inside = path.resolve().is_relative_to(folder.resolve())
+    except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a symbolic link loop
+        raise InputError(f"{index_path}: entry {name!r} cannot be resolved: {exc}") from exc
+    if Path(name).is_absolute() or not inside:
+        raise InputError(f"{index_path}: entry {name!r} is outside the checkpoint folder "
+                         f"{folder}; an index may only name files in its own folder")
+    return path

@@ -24,6 +24,7 @@ import copy
 import time
 from collections.abc import Iterator, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,8 @@ class TracIn(AttributionMethod):
             :func:`iif.methods.tracin.checkpoints.train_with_checkpoints` or
             :func:`iif.methods.tracin.checkpoints.load_checkpoints`; or a list of such lists, one
             per independent training run: an ensemble, whose scores are the mean over the runs.
+            Each checkpoint counts once in a run: one listed twice (the same file, or the same
+            parameters and buffers) is refused.
         projection: optional seeded random projection of the gradients (default: exact).
         chunk_size, seed, progress, max_feature_bytes: see
             :class:`iif.methods.base.AttributionMethod`.
@@ -88,9 +91,9 @@ class TracIn(AttributionMethod):
         else:
             self.runs = [_check_checkpoints(checkpoints)]
         self.checkpoints = self.runs[0]
-        for run in self.runs:
-            for c in run:
-                c.load(self.fmodel)  # fail now, not halfway through, on a misfit checkpoint
+        nested = len(self.runs) > 1
+        for r, run in enumerate(self.runs):
+            _refuse_duplicates(run, self.fmodel, f"checkpoints[{r}]" if nested else "checkpoints")
         self.projection = self._keyword("projection", projection, default=ProjectionSettings)
         self._reset()
         self._mark_built()
@@ -173,6 +176,30 @@ class TracIn(AttributionMethod):
             yield c, KernelEstimator(self.engine, partial(self.engine.loss_features, state),
                                      identity,
                                      test_featurise=partial(self.engine.test_features, state))
+
+
+def _refuse_duplicates(run: list[Checkpoint], fmodel: FunctionalModel, name: str) -> None:
+    """Load every checkpoint of one run (a misfit one fails now, not halfway through) and
+    refuse one listed twice: the same file (after resolving the path) or the same parameters
+    and buffers, which would count twice in the sum. Runs of an ensemble may share one (a
+    common start)."""
+    files: dict[Path, int] = {}
+    contents: dict[str, int] = {}
+    for i, c in enumerate(run):
+        state = c.load(fmodel)
+        if c.path is not None:
+            resolved = c.path.resolve()
+            if resolved in files:
+                j = files[resolved]
+                raise InputError(f"{name}[{i}] ({c.describe()}) is the same file as {name}[{j}] "
+                                 f"({run[j].describe()}); list each checkpoint once")
+            files[resolved] = i
+        digest = tensor_digest([*state.params.values(), *state.buffers.values()])
+        if digest in contents:
+            j = contents[digest]
+            raise InputError(f"{name}[{i}] ({c.describe()}) holds the same parameters and buffers "
+                             f"as {name}[{j}] ({run[j].describe()}); list each checkpoint once")
+        contents[digest] = i
 
 
 def _check_checkpoints(checkpoints: Sequence[Checkpoint] | None) -> list[Checkpoint]:
