@@ -3,14 +3,17 @@ it, documents each field and keeps its labels, checks and records."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import inspect
+import pickle
 import pkgutil
 import re
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import pytest
 
 import iif
@@ -147,3 +150,38 @@ def test_a_new_settings_class_gets_checks_records_and_docs_from_the_base():
                                       SettingDoc("kind", "one of 'a', 'b'", "a", "which one")]
     with pytest.raises(TypeError, match="doc"):
         setting(1, ge=0)  # type: ignore[call-arg]  # a field without its doc is refused
+
+
+@pytest.mark.parametrize("cls", list(ALL), ids=lambda c: c.__name__)
+def test_assigning_a_setting_is_checked_as_construction_checks_it(cls):
+    first, bad = dataclasses.fields(cls)[0].name, object()
+    with pytest.raises(InputError) as made:
+        cls(**{first: bad})
+    settings = cls()
+    with pytest.raises(InputError) as assigned:
+        setattr(settings, first, bad)
+    assert str(assigned.value) == str(made.value)
+    assert settings == cls()  # a refused value is not kept
+
+
+def test_assigned_values_are_recorded_as_constructed_ones():
+    recipe = Recipe()
+    recipe.epochs = np.int64(3)
+    recipe.lr = 1
+    assert type(recipe.epochs) is int and type(recipe.lr) is float
+    assert recipe.to_dict() == Recipe(epochs=3, lr=1.0).to_dict()
+    with pytest.raises(InputError, match=r"^recipe optimizer must be 'sgd', 'adam', 'adamw' "
+                                         r"or a callable, got 'lbfgs'$"):
+        recipe.optimizer = "lbfgs"
+    assert recipe.optimizer == "sgd"
+    recipe.other = "not a setting"  # attributes that are not fields are left alone
+    assert recipe.other == "not a setting"
+
+
+@pytest.mark.parametrize("cls", list(ALL), ids=lambda c: c.__name__)
+def test_copies_and_records_still_make_settings(cls):
+    settings = cls()
+    assert dataclasses.replace(settings) == settings
+    assert copy.deepcopy(settings) == settings and copy.copy(settings) == settings
+    assert pickle.loads(pickle.dumps(settings)) == settings
+    assert cls(**settings.to_dict()) == settings

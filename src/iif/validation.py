@@ -19,10 +19,11 @@ Accepted numpy scalars come back as Python numbers, and ints in ``float`` fields
 that the same setting is recorded the same way whether it came from Python or from TOML.
 
 Every settings dataclass (``PathSettings``, ``Recipe``, ...) derives from :class:`Settings`:
-its ``section`` names its keys in messages, its ``__post_init__`` runs these checks and
-``to_dict()`` is its record (part of the run key). Each field is declared with
-:func:`setting`, whose ``doc=`` is the field's one-line description, kept in the field's
-metadata under :data:`DOC`; :func:`describe_settings` lists them.
+its ``section`` names its keys in messages, its ``__post_init__`` runs these checks (and
+assigning a field later runs the field's) and ``to_dict()`` is its record (part of the run
+key). Each field is declared with :func:`setting`, whose ``doc=`` is the field's one-line
+description, kept in the field's metadata under :data:`DOC`; :func:`describe_settings` lists
+them.
 """
 
 from __future__ import annotations
@@ -99,6 +100,10 @@ class Settings:
     - ``__post_init__``: every field checked against its type hint and the range of its
       :func:`setting` (:func:`check_settings`); a subclass with further checks calls
       ``super().__post_init__()`` first.
+    - assignment: ``settings.lr = 0.0`` is checked as construction checks the field (same
+      message; the refused value is not kept), so a setting changed after construction is
+      never used unchecked. A rule on one field belongs in its hint and range, so that it
+      holds for both.
     - ``to_dict()``: the fields as a dict (``dataclasses.asdict``), the form recorded in
       results and digested by the run key.
     - :meth:`describe`: each field's name, accepted values, default and description.
@@ -110,6 +115,13 @@ class Settings:
 
     def __post_init__(self) -> None:
         check_settings(self, self.section)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        field = _declared(type(self)).get(name)
+        if field is not None:  # the dataclass's __init__ assigns through here too
+            value = check_value(value, _field_hints(type(self))[name],
+                                f"{self.section} {name}", field.metadata.get(LIMITS))
+        object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -309,6 +321,12 @@ def _describe_one(hint: Any, limits: Limits) -> str:
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+@functools.cache
+def _declared(cls: type) -> dict[str, dataclasses.Field]:
+    """The dataclass fields of ``cls`` by name (none before the dataclass is made)."""
+    return {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
 
 
 @functools.cache

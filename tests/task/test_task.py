@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from iif.errors import InputError
+from iif.errors import InputError, UserCodeError
 from iif.task.task import Data, Recipe, Task, mse_loss, soft_cross_entropy
 
 
@@ -293,6 +293,23 @@ def test_recipe_bad_batch_size_and_epochs():
         Recipe(epochs=-1)
 
 
+def test_recipe_changed_on_a_task_is_checked(regression_task):
+    with pytest.raises(InputError) as made:
+        Recipe(lr=0.0)
+    with pytest.raises(InputError) as assigned:
+        regression_task.recipe.lr = 0.0
+    assert str(assigned.value) == str(made.value) == \
+        "recipe lr must be a finite number > 0, got 0.0"
+    assert regression_task.recipe.lr == 0.05  # the refused value is not kept
+    with pytest.raises(InputError, match=r"^recipe batch_size must be an integer >= 1, got 0$"):
+        regression_task.recipe.batch_size = 0
+
+
+def test_a_task_recipe_must_be_a_recipe(mlp_factory):
+    with pytest.raises(InputError, match=r"^recipe must be a Recipe, got dict"):
+        Task(mlp_factory(), "regression", {"lr": 0.1})  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("name", "cls"),
     [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)],
@@ -452,3 +469,18 @@ def test_integer_regression_targets_are_questioned(caplog):
     with caplog.at_level("WARNING", logger="iif"):
         task.validate((x, torch.rand(12, 1, dtype=torch.float64)), "training data")
     assert caplog.text == ""
+
+
+def _loss_that_fails(output, target):
+    return output[:, 7].sum(dim=0)  # index 7 of 3 outputs
+
+
+def test_a_custom_loss_that_raises_is_reported_as_the_users_code(classification_task):
+    task = Task(classification_task.model, "classification", loss=_loss_that_fails)
+    x = torch.zeros(4, 3, dtype=torch.float64)
+    with pytest.raises(UserCodeError) as info:
+        task.sample_loss(task.model(x), torch.zeros(4, 3, dtype=torch.float64))
+    text = str(info.value)
+    assert text.startswith("calling the task's loss function (_loss_that_fails) failed: "
+                           "IndexError")
+    assert "test_task.py" in text and "bug in iif" not in text

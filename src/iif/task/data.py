@@ -9,30 +9,43 @@
   batches).
 
 Each collated batch becomes ``(inputs, labels)`` by the task's ``batch`` function, or by
-:func:`default_batch`. Scores index training samples by their position in the data, so a
-loader that shuffles or drops samples is refused: the same sample must have the same column
-in every run.
+:func:`default_batch`. Scores index training samples by their position in the data: column j
+is sample j of the dataset, so a loader must yield samples 0..N-1 in order, each once. Its
+index stream (its ``batch_sampler``, or its ``sampler`` when it does not batch) is read first,
+indices only, and a loader that shuffles, skips, repeats or drops samples is refused; where
+the indices say nothing about what is yielded (keys that are not positions, a loader with its
+own ``__iter__``), its first and last batches are compared with the dataset's own samples at
+those positions.
 
 Inputs that take more than ``IN_MEMORY_BYTES`` (estimated from the first batch), or data
 wrapped in :class:`Streamed`, are not gathered: they become :class:`StreamedInputs`, which
 read the samples an operation needs from the dataset (with the loader's ``collate_fn``) each
 time, so no N x (input size) tensor is ever held; labels and targets are held. A dataset read
-this way must return the same sample for the same index (no random augmentation): the first
-batch is read twice to check. Only the pictures (``iif show``, ``explain``, ``report``) read
-every input in at once.
+this way must return the same sample for the same index (no random augmentation): a CRC-32 of
+every sample is kept from the first read (4 bytes a sample) and every later read is compared
+with it, and the first batch and the last sample are read again at once. Only the pictures
+(``iif show``, ``explain``, ``report``) read every input in at once.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    SequentialSampler,
+    default_collate,
+)
 
 from iif.errors import InputError, UserCodeError
 
@@ -42,6 +55,10 @@ READ_BATCH = 256  # samples per read of a Dataset given without a loader
 IN_MEMORY_BYTES = 1 << 30  # inputs beyond this are streamed, not gathered
 
 BatchFn = Callable[[Any], tuple[Any, Any]]
+IN_ORDER = ("scores index samples by position, so each sample must be read once, in order: use "
+            "shuffle=False and no sampler, or pass the Dataset itself")
+CHANGED = ("a dataset read by streaming must return the same sample for the same index (no "
+           "random augmentation)")
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +125,18 @@ class StreamedInputs:
     """The inputs of a map-style dataset, read when indexed: ``x[rows]`` (a slice, or an
     index tensor of any shape) loads those samples and returns them as a tensor of shape
     ``(*rows.shape, *sample_shape)`` on ``device``; ``x.view(block)`` is the lazy part of a
-    row range. Holds the dataset, not its samples."""
+    row range. Holds the dataset, not its samples; ``digests`` (:func:`sample_digests` of
+    every sample, by dataset position) make each read refuse a sample that changed since, in a
+    message naming ``name``."""
 
     def __init__(self, dataset: Dataset, collate: Callable[[list], Any], unpack: BatchFn,
                  rows: Sequence[int], sample_shape: tuple[int, ...], dtype: torch.dtype,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, digests: np.ndarray | None = None,
+                 name: str = "streamed inputs"):
         self.dataset, self.collate, self.unpack = dataset, collate, unpack
         self.rows, self.sample_shape = rows, tuple(sample_shape)
         self.dtype, self.device = dtype, device or torch.device("cpu")
+        self.digests, self.name = digests, name
 
     @property
     def shape(self) -> torch.Size:
@@ -140,7 +161,7 @@ class StreamedInputs:
         token ids as int64 (what embeddings take)."""
         dtype = float_dtype if self.dtype.is_floating_point else torch.int64
         return StreamedInputs(self.dataset, self.collate, self.unpack, self.rows,
-                              self.sample_shape, dtype, device)
+                              self.sample_shape, dtype, device, self.digests, self.name)
 
     def view(self, block: slice | Sequence[int] | torch.Tensor) -> StreamedInputs:
         """The rows ``block`` (a slice or sample indices), still unread."""
@@ -149,7 +170,8 @@ class StreamedInputs:
         else:
             rows = [self.rows[i] for i in torch.as_tensor(block).reshape(-1).tolist()]
         return StreamedInputs(self.dataset, self.collate, self.unpack, rows,
-                              self.sample_shape, self.dtype, self.device)
+                              self.sample_shape, self.dtype, self.device, self.digests,
+                              self.name)
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         if isinstance(index, tuple):
@@ -179,11 +201,41 @@ class StreamedInputs:
     def _read(self, positions: list[int]) -> torch.Tensor:
         parts = []
         for lo in range(0, len(positions), READ_BATCH):
-            batch = self.collate([self.dataset[p] for p in positions[lo : lo + READ_BATCH]])
-            parts.append(to_tensor(self.unpack(batch)[0], "streamed inputs"))
+            some = positions[lo : lo + READ_BATCH]
+            batch = self.collate([self.dataset[p] for p in some])
+            part = to_tensor(self.unpack(batch)[0], f"{self.name} inputs")
+            self._check_unchanged(some, part)
+            parts.append(part)
         if not parts:
             return torch.empty((0, *self.sample_shape), dtype=self.dtype, device=self.device)
         return torch.cat(parts).to(self.device, self.dtype)
+
+    def check_again(self, positions: Sequence[int]) -> None:
+        """Read the samples at dataset ``positions`` again and refuse any that changed since
+        their first read."""
+        self._read(list(positions))
+
+    def _check_unchanged(self, positions: list[int], x: torch.Tensor) -> None:
+        """Refuse inputs ``x`` read for ``positions`` that differ from their first read."""
+        if self.digests is None:
+            return
+        if x.ndim == 0 or len(x) != len(positions) or tuple(x.shape[1:]) != self.sample_shape:
+            raise InputError(f"{self.name}: samples {positions[0]}..{positions[-1]} read again "
+                             f"gave inputs of shape {tuple(x.shape)}, first read "
+                             f"{(len(positions), *self.sample_shape)}; {CHANGED} and of one "
+                             f"shape (pad every sample to one length, e.g. in collate_fn)")
+        changed = np.flatnonzero(sample_digests(x) != self.digests[positions])
+        if changed.size:
+            raise InputError(f"{self.name}: sample {positions[changed[0]]} changed between two "
+                             f"reads; {CHANGED}")
+
+
+def sample_digests(x: torch.Tensor) -> np.ndarray:
+    """A CRC-32 of the bytes of each sample (row) of ``x``: what a streamed sample read again
+    is compared by (exact, whatever the batch it is read in)."""
+    rows = x.detach().cpu().contiguous().reshape(len(x), -1)
+    raw = rows.view(torch.uint8).numpy() if rows.shape[1] else np.zeros((len(x), 0), np.uint8)
+    return np.fromiter((zlib.crc32(row) for row in raw), dtype=np.uint32, count=len(raw))
 
 
 def take(x: torch.Tensor | StreamedInputs, block: slice | torch.Tensor
@@ -227,31 +279,39 @@ def _gather(loader: DataLoader, name: str, batch: BatchFn | None,
     """Every batch of ``loader`` in order, mapped to (inputs, labels): the inputs
     concatenated, or :class:`StreamedInputs` when ``stream`` or too large to hold; the
     labels concatenated."""
-    _check_order(loader, name)
+    known = _check_order(loader, name)
     unpack = default_batch if batch is None else batch
-    xs, ys, first = [], [], None
+    xs, ys, digests, first, last = [], [], [], None, None
     for i, x, y in _batches(loader, name, unpack):
         if first is None:
-            first = x
+            first = (x, y)
             stream = stream or x[:1].nelement() * x.element_size() * len(loader.dataset) \
                 > IN_MEMORY_BYTES
+        last = (x, y)
         if stream:
-            _check_streamed_batch(x, first, f"{name} (batch {i})")
+            _check_streamed_batch(x, first[0], f"{name} (batch {i})")
+            digests.append(sample_digests(x))
         else:
             xs.append(x)
         ys.append(y)
     if first is None:
         raise InputError(f"{name} is empty: the loader yields no batch")
     y = _joined(ys, name)
+    if not known:
+        _check_yielded(loader, name, unpack, first, last, len(y))
     if not stream:
         return _joined(xs, name), y
     log.info("%s: %d samples are read from the dataset when needed, not held", name, len(y))
+    x0 = first[0]
     inputs = StreamedInputs(loader.dataset, loader.collate_fn, unpack,
-                            range(len(loader.dataset)), tuple(first.shape[1:]), first.dtype)
-    if len(inputs) != len(y) or not torch.equal(inputs[: len(first)], first.to(inputs.dtype)):
-        raise InputError(f"{name}: reading the first samples again gave other inputs; a "
-                         f"streamed dataset must return the same sample for the same index "
-                         f"(no random augmentation)")
+                            range(len(loader.dataset)), tuple(x0.shape[1:]), x0.dtype,
+                            digests=np.concatenate(digests), name=name)
+    if len(inputs) != len(y):
+        raise InputError(f"{name}: the loader yields {len(y)} samples of the "
+                         f"{len(inputs)} in its dataset; {IN_ORDER}")
+    # read again at once, not only when first used: the first batch and the last sample
+    inputs.check_again(range(len(x0)))
+    inputs.check_again([len(inputs) - 1])
     return inputs, y
 
 
@@ -294,17 +354,133 @@ def _check_streamed_batch(x: torch.Tensor, first: torch.Tensor, what: str) -> No
         raise InputError(f"{what}: inputs contain NaN or inf")
 
 
-def _check_order(loader: DataLoader, name: str) -> None:
+def _check_order(loader: DataLoader, name: str) -> bool:
+    """Refuse a loader that does not read samples 0..N-1 in order, each once, as far as its
+    indices tell (no sample read). False when they do not tell what it yields (keys that are
+    not positions, a one-shot sampler, a loader with its own ``__iter__``):
+    :func:`_check_yielded` then looks at the batches."""
     if isinstance(loader.dataset, IterableDataset):
         raise InputError(f"{name} reads an IterableDataset: scores index samples by position, "
                          f"so give a map-style Dataset")
-    if loader.batch_sampler is not None and not isinstance(loader.sampler, SequentialSampler):
-        raise InputError(f"{name}: the DataLoader's sampler is {type(loader.sampler).__name__}; "
-                         f"scores index samples by position, so read them in order "
-                         f"(shuffle=False, no sampler)")
-    if loader.drop_last and len(loader.dataset) % (loader.batch_size or 1):
+    n = len(loader.dataset)
+    if loader.drop_last and n % (loader.batch_size or 1):
         raise InputError(f"{name}: the DataLoader drops its last incomplete batch "
-                         f"(drop_last=True); every sample must be read")
+                         f"(drop_last=True); every sample must be read: use drop_last=False")
+    # a loader with its own __iter__ may yield other than its sampler says
+    own_iter = type(loader).__iter__ is not DataLoader.__iter__
+    if not (_plainly_in_order(loader, n) or _indices_in_order(loader, name, n)):
+        return False
+    return not own_iter
+
+
+def _indices_in_order(loader: DataLoader, name: str, n: int) -> bool:
+    """Read the loader's index stream (its batch_sampler, or its sampler when it does not
+    batch) and refuse it unless it is 0..n-1 in order; False when it holds keys that are not
+    positions, or is a one-shot iterator that reading here would use up."""
+    stream = loader.sampler if loader.batch_sampler is None else loader.batch_sampler
+    named = ("batch_sampler", stream) if loader.batch_sampler is not None and not (
+        type(stream) is BatchSampler and stream.sampler is loader.sampler) else \
+        ("sampler", loader.sampler)  # the sampler the user gave, or shuffle=True made
+    what = f"{name}: the DataLoader's {named[0]} {_sampler_name(named[1])}"
+    if _one_shot(stream):
+        return False
+    expected = 0
+    try:
+        for item in stream:
+            keys = _positions(item)
+            if keys is None:
+                return False
+            for key in keys:
+                if expected == n:
+                    raise InputError(f"{what} reads more than the {n} samples of its dataset; "
+                                     f"{IN_ORDER}")
+                if key != expected:
+                    raise InputError(f"{what} reads sample {key} where sample {expected} "
+                                     f"belongs; {IN_ORDER}")
+                expected += 1
+    except InputError:
+        raise
+    except Exception as exc:  # the user's sampler
+        raise UserCodeError(f"reading the sample order of {name}", exc) from exc
+    if expected != n:
+        raise InputError(f"{what} reads {expected} of the {n} samples; {IN_ORDER}")
+    return True
+
+
+def _plainly_in_order(loader: DataLoader, n: int) -> bool:
+    """Whether torch's own samplers read 0..n-1 in order: known without reading the stream
+    (exact types only: a subclass may reorder)."""
+    sampler = loader.sampler if loader.batch_sampler is None else loader.batch_sampler
+    if type(sampler) is BatchSampler:
+        if sampler.drop_last and n % sampler.batch_size:
+            return False
+        sampler = sampler.sampler
+        if loader.batch_sampler is None:  # index lists to a dataset that takes them
+            return False
+    return type(sampler) is SequentialSampler and len(sampler) == n
+
+
+def _one_shot(sampler: Any) -> bool:
+    """Whether ``sampler`` (or the sampler a BatchSampler batches) is an iterator that can be
+    read only once."""
+    if isinstance(sampler, BatchSampler):
+        return _one_shot(sampler.sampler)
+    return isinstance(sampler, Iterator)
+
+
+def _sampler_name(sampler: Any) -> str:
+    """``"RandomSampler"``; ``"BatchSampler(RandomSampler)"`` for a batch sampler."""
+    if isinstance(sampler, BatchSampler):
+        return f"BatchSampler({_sampler_name(sampler.sampler)})"
+    return type(sampler).__name__
+
+
+def _positions(item: Any) -> list[int] | None:
+    """The sample positions of one item of an index stream (an index or a list of them), or
+    None when they are not integers."""
+    if isinstance(item, torch.Tensor):
+        item = item.numpy() if item.device.type == "cpu" else item.cpu().numpy()
+    if isinstance(item, np.ndarray):
+        return item.reshape(-1).tolist() if np.issubdtype(item.dtype, np.integer) else None
+    if isinstance(item, (bool, np.bool_)):
+        return None
+    if isinstance(item, (int, np.integer)):
+        return [int(item)]
+    if isinstance(item, (list, tuple)):
+        keys = [_positions(k) for k in item]
+        if any(k is None or len(k) != 1 for k in keys):
+            return None
+        return [k[0] for k in keys]
+    return None
+
+
+def _check_yielded(loader: DataLoader, name: str, unpack: BatchFn,
+                   first: tuple[torch.Tensor, torch.Tensor],
+                   last: tuple[torch.Tensor, torch.Tensor], count: int) -> None:
+    """For a loader whose indices do not tell its order: refuse unless it yields as many
+    samples as its dataset holds and its first and last batches are the dataset's own
+    samples at those positions."""
+    n = len(loader.dataset)
+    if count != n:
+        raise InputError(f"{name}: the DataLoader yields {count} samples, its dataset holds "
+                         f"{n}; {IN_ORDER}")
+    collate = loader.collate_fn if loader.batch_sampler is not None else default_collate
+    for where, (x, y), lo in (("first", first, 0), ("last", last, n - len(last[1]))):
+        positions = range(lo, lo + len(y))
+        try:
+            want_x, want_y = unpack(collate([loader.dataset[p] for p in positions]))
+            same = all(_same(a, b) for a, b in ((x, want_x), (y, want_y)))
+        except Exception:  # a dataset that cannot be read by position at all
+            same = False
+        if not same:
+            raise InputError(f"{name}: the DataLoader's {where} batch is not samples "
+                             f"{positions[0]}..{positions[-1]} of its dataset read by position "
+                             f"(or the dataset changes its samples between reads); {IN_ORDER}")
+
+
+def _same(got: torch.Tensor, want: Any) -> bool:
+    want = torch.as_tensor(want)
+    return got.shape == want.shape and torch.equal(got, want.to(got.dtype))
 
 
 def to_tensor(value: Any, what: str) -> torch.Tensor:

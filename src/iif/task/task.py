@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from iif.errors import InputError
+from iif.errors import InputError, UserCodeError
 from iif.task.data import Data, StreamedInputs, as_pair, to_tensor
 from iif.task.measurements import check_measurement
 from iif.validation import Settings, setting
@@ -65,20 +65,13 @@ class Recipe(Settings):
     lr: float = setting(0.01, gt=0, doc="learning rate")
     epochs: int = setting(10, ge=0, doc="training epochs")
     batch_size: int = setting(64, ge=1, doc="minibatch size")
-    optimizer: str | Callable[[list[torch.Tensor]], torch.optim.Optimizer] = setting(
+    optimizer: Literal["sgd", "adam", "adamw"] | Callable[
+        [list[torch.Tensor]], torch.optim.Optimizer] = setting(
         "sgd", doc="'sgd', 'adam', 'adamw' or a callable making the optimizer from a list of "
         "tensors")
     # torch's optimizers refuse negative values
     momentum: float = setting(0.0, ge=0, doc="momentum of 'sgd'")
     weight_decay: float = setting(0.0, ge=0, doc="weight decay of the built-in optimizers")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.optimizer, str) and self.optimizer not in ("sgd", "adam", "adamw"):
-            raise InputError(
-                f"recipe optimizer must be 'sgd', 'adam', 'adamw' or a callable, "
-                f"got {self.optimizer!r}"
-            )
 
     def make_optimizer(
         self, tensors: list[torch.Tensor], lr: float | None = None
@@ -170,6 +163,9 @@ class Task:
             raise InputError(
                 f"kind must be 'regression', 'classification' or 'sequence', got {self.kind!r}"
             )
+        if not isinstance(self.recipe, Recipe):
+            raise InputError(f"recipe must be a Recipe, got {type(self.recipe).__name__}: give "
+                             f"Recipe(lr=..., epochs=..., batch_size=...)")
         if self.measurement is not None:
             self.measurement = check_measurement(self.measurement, self)
         if self.batch is not None and not callable(self.batch):
@@ -193,7 +189,13 @@ class Task:
     def sample_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-sample loss l(f, rho), shape (n,), for outputs and targets of shape (n, d)."""
         if self.loss is not None:
-            return self.loss(output, target)
+            try:
+                return self.loss(output, target)
+            except InputError:
+                raise
+            except Exception as exc:  # the user's code: name it, never "a bug in iif"
+                name = getattr(self.loss, "__qualname__", type(self.loss).__name__)
+                raise UserCodeError(f"calling the task's loss function ({name})", exc) from exc
         if self.kind == "regression":
             return mse_loss(output, target)
         if self.kind == "sequence":
