@@ -4,6 +4,7 @@ percent and ETA anywhere else, nothing with progress=False."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import logging
 from pathlib import Path
 
@@ -70,13 +71,15 @@ def test_not_a_terminal_logs_count_total_percent_and_eta_every_interval(lines, c
 
 def test_default_interval_and_its_environment_variable(monkeypatch, caplog):
     monkeypatch.delenv("IIF_PROGRESS_INTERVAL", raising=False)
-    assert interval() == INTERVAL == 30.0
+    assert interval() == INTERVAL == 10.0
     monkeypatch.setenv("IIF_PROGRESS_INTERVAL", "0")
     assert interval() == 0.0
-    for bad in ("soon", "-1", "nan"):
+    monkeypatch.setattr(progress, "_warned", set())
+    for bad in ("soon", "-1", "nan", "soon"):
         monkeypatch.setenv("IIF_PROGRESS_INTERVAL", bad)
         assert interval() == INTERVAL
-    assert "IIF_PROGRESS_INTERVAL" in caplog.text
+    warned = [r.getMessage() for r in caplog.records if "IIF_PROGRESS_INTERVAL" in r.getMessage()]
+    assert len(warned) == 3  # once for each value, not at every loop
 
 
 def test_nested_loops_share_one_line_and_only_the_outermost_logs_its_end(lines, clock,
@@ -140,7 +143,8 @@ def test_a_terminal_gets_a_tqdm_bar_with_its_total_and_no_log_lines(lines, monke
 def test_auto_is_silent_where_logging_shows_nothing_and_true_writes_to_stderr(
         monkeypatch, capsys, clock):
     monkeypatch.setenv("IIF_PROGRESS_INTERVAL", "0")
-    monkeypatch.setattr(progress, "_shown", lambda: False)  # no handler would show INFO
+    monkeypatch.setattr(progress, "_shown", lambda: False)  # logging set up, showing no INFO
+    monkeypatch.setattr(progress, "_unconfigured", lambda: False)
     monkeypatch.setattr(progress, "interactive", lambda: False)
     list(progress_bar(range(2), total=2, desc="auto"))
     assert capsys.readouterr().err == ""
@@ -227,6 +231,109 @@ def test_a_store_run_logs_its_loops_with_totals(problem, tmp_path, lines, monkey
     method.progress = False
     attribute_to(tmp_path / "quiet", method, test, chunk=3, progress=False)
     assert lines() == got
+
+
+@contextlib.contextmanager
+def _no_logging_configured():
+    """As in a script that set up no logging: no handler on the ``iif`` loggers or the root
+    (pytest's own, added for each test, are put back after), no level set on ``iif``."""
+    loggers = [logging.getLogger(name) for name in ("iif.progress", "iif")] + [logging.root]
+    saved = [(lg, lg.handlers[:], lg.propagate, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.handlers.clear()  # in place: pytest takes its handlers out of this same list
+        lg.propagate = True
+    for lg in loggers[:2]:
+        lg.setLevel(logging.NOTSET)
+    try:
+        yield
+    finally:
+        for lg, handlers, propagate, level in saved:
+            lg.handlers[:] = handlers
+            lg.propagate = propagate
+            lg.setLevel(level)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname} {record.name}: {record.getMessage()}")
+
+
+@pytest.fixture
+def script(monkeypatch, clock, capsys):
+    """Run a loop as a script whose stderr goes to a file: ``script(steps, seconds per step,
+    handler=, root_level=, iif_level=, **progress_bar keywords)`` -> the lines it wrote to
+    stderr; ``handler`` is added to the root logger, as ``logging.basicConfig`` would."""
+    monkeypatch.delenv("IIF_PROGRESS_INTERVAL", raising=False)
+    monkeypatch.delenv("IIF_PROGRESS", raising=False)
+    monkeypatch.setattr(progress, "tqdm", _no_tqdm)
+    monkeypatch.setattr(progress, "_warned", set())
+    capsys.readouterr()
+
+    def run(steps: int, seconds: float, handler: logging.Handler | None = None,
+            root_level: int = logging.WARNING, iif_level: int = logging.NOTSET,
+            **kwargs) -> list[str]:
+        with _no_logging_configured():
+            if handler is not None:
+                logging.root.addHandler(handler)
+            logging.root.setLevel(root_level)
+            logging.getLogger("iif").setLevel(iif_level)
+            for _ in progress_bar(range(steps), total=steps, desc="IIF path steps", **kwargs):
+                clock[0] += seconds
+        return capsys.readouterr().err.splitlines()
+
+    return run
+
+
+def test_a_script_without_logging_reports_count_percent_and_eta_on_stderr(script):
+    assert not progress.interactive()  # stderr captured: not a terminal
+    err = script(20, 4.0)  # 80 s, a line every INTERVAL (10 s), never one per step
+    assert err == [
+        "iif.progress: IIF path steps 3/20 (15%, ETA 1m 08s)",
+        "iif.progress: IIF path steps 6/20 (30%, ETA 56s)",
+        "iif.progress: IIF path steps 9/20 (45%, ETA 44s)",
+        "iif.progress: IIF path steps 12/20 (60%, ETA 32s)",
+        "iif.progress: IIF path steps 15/20 (75%, ETA 20s)",
+        "iif.progress: IIF path steps 18/20 (90%, ETA 8s)",
+        "iif.progress: IIF path steps 20/20 (100%) done in 1m 20s",
+    ]
+    assert script(3, 1.0) == []  # shorter than an interval: not worth a line
+
+
+def test_a_script_silences_progress_with_false_or_its_environment_variable(script,
+                                                                           monkeypatch):
+    assert script(20, 4.0, enable=False) == []
+    with progress_default(False):  # what the command line's --no-progress sets
+        assert script(20, 4.0) == []
+    for off in ("0", "false", "off", "NO"):
+        monkeypatch.setenv("IIF_PROGRESS", off)
+        assert script(20, 4.0) == []
+    monkeypatch.setenv("IIF_PROGRESS", "1")
+    assert len(script(20, 4.0)) == 7
+    monkeypatch.setenv("IIF_PROGRESS", "maybe")  # not a switch: said so once, and auto
+    err = script(20, 4.0)
+    assert "IIF_PROGRESS='maybe'" in err[0] and len(err) == 8
+    assert len(script(20, 4.0)) == 7
+
+
+def test_a_script_silences_progress_with_a_level_on_the_iif_logger(script):
+    assert script(20, 4.0, iif_level=logging.WARNING) == []
+    assert len(script(20, 4.0, iif_level=logging.INFO)) == 7
+
+
+def test_with_logging_configured_the_lines_are_info_records_not_stderr(script):
+    records = _Records()
+    assert script(20, 4.0, handler=records, root_level=logging.INFO) == []
+    assert records.lines[0] == "INFO iif.progress: IIF path steps 3/20 (15%, ETA 1m 08s)"
+    assert records.lines[-1] == "INFO iif.progress: IIF path steps 20/20 (100%) done in 1m 20s"
+    assert len(records.lines) == 7
+    # logging set up to show warnings only (logging.basicConfig's default): nothing, as asked
+    quiet = _Records()
+    assert script(20, 4.0, handler=quiet) == []
+    assert quiet.lines == []
 
 
 def _no_tqdm(**kwargs):

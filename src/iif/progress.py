@@ -1,19 +1,25 @@
-"""Progress of long loops: a tqdm bar on a terminal, periodic log lines anywhere else.
+"""Progress of long loops: a tqdm bar on a terminal, periodic lines anywhere else.
 
 The ``progress`` argument taken throughout the package (methods, training, the result store,
 retraining) means:
 
-``None`` (the default: auto, unless :func:`progress_default` set another)
+``None`` (the default: auto, unless :func:`progress_default` or ``$IIF_PROGRESS`` set another)
     a tqdm bar with its total where one can be drawn (stderr is a terminal, or a Jupyter
-    notebook); anywhere else (batch jobs, CI logs, output redirected to a file) one INFO line
-    on the logger ``iif.progress`` at most every :func:`interval` seconds, e.g.
-    ``chunks 3/8 (38%, ETA 4m 10s)``, and one when a loop that ran for an interval or more
-    ends (``chunks 8/8 (100%) done in 11m 02s``); a shorter loop logs nothing. The lines
-    appear wherever logging shows INFO records of ``iif``: the ``iif`` command line does; a
-    script that configured no logging stays silent.
+    notebook); anywhere else (batch jobs, CI logs, output redirected to a file) one line at
+    most every :func:`interval` seconds, e.g. ``chunks 3/8 (38%, ETA 4m 10s)``, and one when
+    a loop that ran for an interval or more ends (``chunks 8/8 (100%) done in 11m 02s``); a
+    shorter loop reports nothing. Where the lines go follows the logging set up:
+
+    - none (no handler on the ``iif`` loggers or the root; ``logging.lastResort`` shows
+      warnings only): written to stderr as ``iif.progress: chunks 3/8 ...``, so that a script
+      run with its output redirected does not look hung. A level above INFO set on the
+      logger ``iif`` or ``iif.progress`` silences them.
+    - some: an INFO record of the logger ``iif.progress``, shown wherever that logging shows
+      INFO records of ``iif`` (the ``iif`` command line does), and nowhere if it shows only
+      warnings.
 ``True``
-    always report: as None, and the lines are written to stderr when no logging handler would
-    show them (logging not configured, or ``iif.progress`` set above INFO).
+    always report: as None, and the lines are written to stderr when the logging set up
+    would not show them.
 ``False``
     nothing.
 
@@ -23,9 +29,11 @@ first (``chunks 1/4 (25%, ETA 6m 00s) > IIF path steps 2/3 (67%, ETA 20s)``), an
 outermost loop logs its end. The interval is :data:`INTERVAL` seconds unless the environment
 variable ``IIF_PROGRESS_INTERVAL`` gives another (0: a line at every step).
 
-``with progress_default(False):`` makes ``None`` mean False (or True) within a block, for the
-loops of code that does not pass ``progress`` on, e.g. the training in a task function the
-command line calls under ``--no-progress``.
+Switches for ``None``: ``with progress_default(False):`` makes it mean False (or True) within
+a block, for the loops of code that does not pass ``progress`` on, e.g. the training in a
+task function the command line calls under ``--no-progress``; outside such a block the
+environment variable ``IIF_PROGRESS`` (``0``/``false``/``no``/``off``, or
+``1``/``true``/``yes``/``on``) does the same for a whole run.
 """
 
 from __future__ import annotations
@@ -47,13 +55,21 @@ T = TypeVar("T")
 
 log = logging.getLogger("iif.progress")
 
-INTERVAL = 30.0
+INTERVAL = 10.0
 """Seconds between two progress lines of a run that is not on a terminal."""
 
 INTERVAL_ENV = "IIF_PROGRESS_INTERVAL"
 """The environment variable that overrides :data:`INTERVAL` (seconds, >= 0)."""
 
+SWITCH_ENV = "IIF_PROGRESS"
+"""The environment variable that turns progress off (``0``) or on (``1``) where ``progress``
+is None (auto) and no :func:`progress_default` block says otherwise."""
+
+_SWITCH = {"0": False, "false": False, "no": False, "off": False,
+           "1": True, "true": True, "yes": True, "on": True, "": None, "auto": None}
+
 _clock: Callable[[], float] = time.monotonic  # replaced by a fake clock in the tests
+_warned: set[str] = set()  # the warnings about settings already given
 _local = threading.local()  # the loops open in this thread, and when the last line was logged
 _DEFAULT: contextvars.ContextVar[bool | None] = contextvars.ContextVar("iif_progress",
                                                                       default=None)
@@ -80,10 +96,31 @@ def interval() -> float:
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value >= 0):
-        log.warning("%s=%r is not a number of seconds >= 0; using %g", INTERVAL_ENV, text,
-                    INTERVAL)
+        _warn_once(f"{INTERVAL_ENV}={text!r} is not a number of seconds >= 0; using "
+                   f"{INTERVAL:g}")
         return INTERVAL
     return value
+
+
+def _warn_once(message: str) -> None:
+    """A warning about a setting, once per run, not at every loop."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
+
+
+def _switch() -> bool | None:
+    """What ``progress=None`` means here: the innermost :func:`progress_default` block's
+    value, else ``$IIF_PROGRESS``'s (None: auto)."""
+    enable = _DEFAULT.get()
+    if enable is not None:
+        return enable
+    text = os.environ.get(SWITCH_ENV, "").strip().lower()
+    if text in _SWITCH:
+        return _SWITCH[text]
+    _warn_once(f"{SWITCH_ENV}={os.environ[SWITCH_ENV]!r} is neither 0 (no progress) nor 1 "
+               f"(always); reporting progress as by default")
+    return None
 
 
 def interactive() -> bool:
@@ -103,6 +140,23 @@ def _shown() -> bool:
     return log.isEnabledFor(logging.INFO) and log.hasHandlers()
 
 
+def _unconfigured() -> bool:
+    """Whether no logging is set up that could show ``iif.progress`` (no handler up to the
+    root; ``logging.lastResort`` shows warnings only), nor a level above INFO set on the
+    ``iif`` loggers to quiet it."""
+    if log.hasHandlers():
+        return False
+    for logger in (log, logging.getLogger("iif")):
+        if logger.level != logging.NOTSET:
+            return logger.level <= logging.INFO
+    return True
+
+
+def _stderr_line(line: str) -> None:
+    if sys.stderr is not None:  # None under pythonw: print would write to stdout instead
+        print(f"{log.name}: {line}", file=sys.stderr, flush=True)
+
+
 class Progress:
     """The progress of one loop of ``total`` units (see the module docstring for ``enable``,
     the ``progress`` argument): ``update(n)`` after each step, ``close()`` at the end, or use
@@ -115,12 +169,12 @@ class Progress:
         self._bar: Any = None
         self._logging = False
         if enable is None:
-            enable = _DEFAULT.get()
+            enable = _switch()
         if enable is False:
             return
         if interactive():
             self._bar = tqdm(total=self.total, desc=desc, unit=unit, leave=False)
-        elif enable or _shown():
+        elif enable or _shown() or _unconfigured():
             self._logging, self._force = True, bool(enable)
             self._interval = interval()
             self._start = _clock()
@@ -182,8 +236,8 @@ class Progress:
     def _emit(self, line: str) -> None:
         if _shown():
             log.info("%s", line)
-        elif any(p._force for p in _open()) or self._force:
-            print(f"{log.name}: {line}", file=sys.stderr, flush=True)
+        elif self._force or any(p._force for p in _open()) or _unconfigured():
+            _stderr_line(line)
 
 
 def progress_bar(

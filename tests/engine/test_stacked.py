@@ -238,7 +238,9 @@ def test_frozen_parameters_of_each_copy(regression_data):
         want = fit(task, one, states[b], x, y, epochs=2,
                    generator=torch.Generator().manual_seed(4))
         _assert_same(got[b], want)
-        torch.testing.assert_close(outs[b], one.outputs(want.state, x), rtol=0, atol=0)
+        # a batched matmul under vmap may round differently from a plain one on some CPUs
+        # (AVX-512 kernels): the outputs agree to round-off, the training above bit for bit
+        torch.testing.assert_close(outs[b], one.outputs(want.state, x), rtol=1e-13, atol=1e-15)
         torch.testing.assert_close(losses[b], task.sample_loss(outs[b], y), rtol=0, atol=0)
 
 

@@ -3,7 +3,8 @@
 tensors; :class:`ModelState` holds the trainable parameters and buffers of one model version
 (theta*, theta', theta_k ...). Also the modes a module runs in: :func:`module_mode` (train or
 eval for a block of calls) and :func:`lone_samples_use_running_stats` (BatchNorm on a
-minibatch of one sample).
+minibatch of one sample), and :func:`quiet_attention_fallback` (torch's note on attention
+under ``vmap``, which the engine does not pass on).
 
 Flat vectors follow the order of ``FunctionalModel.names`` (the trainable parameters in
 ``named_parameters()`` order). Gradients of the model are in :mod:`iif.engine.grads`.
@@ -12,6 +13,8 @@ Flat vectors follow the order of ``FunctionalModel.names`` (the trainable parame
 from __future__ import annotations
 
 import contextlib
+import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -40,6 +43,35 @@ class ModelState:
 
     def is_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.params.values())
+
+
+# torch's note, at every call under vmap, that its attention kernels run sample by sample there
+# (no batching rule): the results are exact, and on small transformers the fallback ran faster
+# than attention written out in plain operations, so the note leaves the user nothing to do
+_ATTENTION_FALLBACK = re.compile(
+    r"There is a performance drop because we have not yet implemented the batching rule for "
+    r"aten::_?scaled_dot_product_", re.I)
+
+
+@contextlib.contextmanager
+def quiet_attention_fallback() -> Iterator[None]:
+    """Within this block, drop torch's UserWarning that ``scaled_dot_product_attention`` has
+    no batching rule under ``vmap``; every other warning is untouched.
+
+    The filter is put in front of ``warnings.filters`` and taken out again without
+    ``warnings.catch_warnings``: that would mark the filters changed on every call, so a
+    warning the user's filters show once (Python's default) would come back at every chunk.
+    """
+    item = ("ignore", _ATTENTION_FALLBACK, UserWarning, None, 0)
+    filters = warnings.filters  # the list in force now, even if another block replaces it
+    filters.insert(0, item)
+    try:
+        yield
+    finally:
+        for i, f in enumerate(filters):
+            if f is item:
+                del filters[i]
+                break
 
 
 @contextlib.contextmanager
@@ -127,7 +159,10 @@ class FunctionalModel:
     def __call__(
         self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor
     ) -> torch.Tensor:
-        out = functional_call(self.module, {**params, **self.frozen, **buffers}, (x,))
+        # the forward's note rises here; the backward's rises in autograd, outside this call,
+        # so the vmapped calls that differentiate the model are wrapped as well
+        with quiet_attention_fallback():
+            out = functional_call(self.module, {**params, **self.frozen, **buffers}, (x,))
         return out.reshape(out.shape[0], -1)
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -14,7 +14,12 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.func import grad, hessian, jacrev, jvp, vmap
 
-from iif.engine.functional import FunctionalModel, ModelState, module_mode
+from iif.engine.functional import (
+    FunctionalModel,
+    ModelState,
+    module_mode,
+    quiet_attention_fallback,
+)
 from iif.errors import InputError
 from iif.task.task import Task
 
@@ -45,7 +50,8 @@ def per_sample_jacobians(
         for start in range(0, x.shape[0], chunk_size):
             stop = start + chunk_size
             chunk_args = (a[start:stop] for a in args)
-            tree = batched(state.params, state.buffers, x[start:stop], *chunk_args)
+            with quiet_attention_fallback():  # never across the yield: the caller runs there
+                tree = batched(state.params, state.buffers, x[start:stop], *chunk_args)
             yield start, fmodel.flatten_batched(tree, lead=2).detach()
 
 
@@ -188,7 +194,7 @@ def full_hessian(
         return task.sample_loss(out, tc).sum() / n
 
     h = torch.zeros(flat0.numel(), flat0.numel(), dtype=flat0.dtype, device=flat0.device)
-    with module_mode(fmodel.module, False):
+    with module_mode(fmodel.module, False), quiet_attention_fallback():
         for start in range(0, n, chunk_size):
             h += hessian(chunk_loss)(flat0, x[start : start + chunk_size],
                                      targets[start : start + chunk_size]).detach()
