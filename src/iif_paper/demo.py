@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,7 +43,9 @@ from iif.results.attribution import Attribution
 from iif.results.diagnostics import index_offset
 from iif.task.task import Recipe, Task
 from iif.views.report import (
+    contrast_caption,
     format_test_summary,
+    gap_text,
     plot_proponents_opponents,
     plot_rankings,
     top_entries,
@@ -305,7 +308,8 @@ def _contrast_entry(contrast: Attribution, s: int, y_train: np.ndarray, k: int
 def _contrast_text(entry: dict[str, Any]) -> str:
     c = entry["contrast"]
     lines = [f"  why {c['A']} and not {c['B']} (the label)? margin log p_{c['A']} - "
-             f"log p_{c['B']}, score > 0 pushes towards {c['A']}"]
+             f"log p_{c['B']}, score > 0 pushes towards {c['A']}",
+             f"    {contrast_caption(c['A'], c['B'])}"]
     for name, entries in ((f"towards {c['A']}", c["towards_prediction"]),
                           (f"towards {c['B']}", c["towards_label"])):
         lines.append(f"    {name}: " + ", ".join(
@@ -313,7 +317,8 @@ def _contrast_text(entry: dict[str, Any]) -> str:
     comp = c["completeness"]
     if comp:
         lines.append(f"    completeness: sum of scores {comp['sum']:+.4g}, margin(theta*) - "
-                     f"margin(theta') = {comp['delta']:+.4g}, gap {comp['gap']:.3g}")
+                     f"margin(theta') = {comp['delta']:+.4g}, gap "
+                     f"{gap_text(comp['gap'], comp['delta'], c.get('fell_back', False))}")
     return "\n".join(lines)
 
 
@@ -325,10 +330,12 @@ def _plot_contrast(entry: dict[str, Any], x: np.ndarray, x_train: np.ndarray, pa
                f"(p = {entry['confidence']:.2f}). Why {a} and not {b}?")
     comp = c["completeness"]
     note = [f"Scores attribute the margin log p_{a} \u2212 log p_{b}: > 0 pushes towards "
-            f"{a} (the prediction), < 0 towards {b} (the label)."]
+            f"{a} (the prediction), < 0 towards {b} (the label).",
+            *textwrap.wrap(_sentence(contrast_caption(a, b, unicode=True)), 150)]
     if comp:
         note.append(f"completeness: sum of scores {comp['sum']:+.4g}, margin(\u03b8*) \u2212 "
-                    f"margin(\u03b8') = {comp['delta']:+.4g}, gap {comp['gap']:.2g}")
+                    f"margin(\u03b8') = {comp['delta']:+.4g}, gap "
+                    f"{gap_text(comp['gap'], comp['delta'], c.get('fell_back', False), 2)}")
         note.append(f"Completeness check: summed over all training samples, the scores should "
                     f"equal how much the margin grew from the baseline model \u03b8' "
                     f"(trained towards {b}) to the trained model \u03b8*.")
@@ -336,6 +343,10 @@ def _plot_contrast(entry: dict[str, Any], x: np.ndarray, x_train: np.ndarray, pa
             (f"towards {b}\n(label)", c["towards_label"])]
     plot_rankings(x, heading, rows, x_train, path, image_shape=IMAGE_SHAPE,
                   note="\n".join(note))
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
 
 
 def _text_title(entry: dict[str, Any]) -> str:

@@ -58,6 +58,9 @@ def test_demo_names_pictures_by_test_index_and_explains_the_mistake(demo_run):
         assert c["image"] == f"test_{e['index']}_contrast.png"
         assert (out / c["image"]).stat().st_size > 1000
         assert f"why {c['A']} and not {c['B']} (the label)?" in text
+        # how a sample of label A can push towards B: the caption says what the row means
+        assert (f"samples that push towards {c['B']}: training on them lowered the margin of "
+                f"{c['A']} over {c['B']}") in text
     assert summary["files"]["contrast_images"] == [e["contrast"]["image"] for e in wrong]
     assert "contrast" in summary["timings"]
 
