@@ -59,3 +59,31 @@ def test_explain_regression_shows_the_output(tmp_path, drawn):
         output = float(model(torch.as_tensor(x[:1]))[0, 0])
     assert record["predicted"] == pytest.approx(output)
     assert f"predicted {output:.4g}" in _words(drawn[0])
+
+
+def _fallen_back(method, index: int, a: int, b: int):
+    """``method.attribute`` answering a contrast whose baseline fell back (theta' = theta*)."""
+    from iif.results.attribution import Attribution
+
+    scores = np.random.default_rng(index).normal(size=(1, len(method.train)))
+    comp = {"sum": scores.sum(axis=1), "delta": np.zeros(1), "gap": np.full(1, np.nan)}
+    info = {"contrast": {"A": [a], "B": [b]}, "fallback_tests": [0]}
+    return lambda *args, **kw: Attribution(scores, "iif", {}, comp, info)
+
+
+def test_contrast_caption_and_fallback_gap(tmp_path, drawn, monkeypatch):
+    task, train, test = tiny_job.problem()
+    method = tiny_job.method(task, train)
+    a = int(task.model(torch.as_tensor(test[0][1:2])).argmax(1)[0])
+    b = (a + 1) % 3
+    monkeypatch.setattr(method, "attribute", _fallen_back(method, 1, a, b))
+    text, _ = explain_module.explain(method, test, 1, tmp_path, contrast=b, k=2,
+                                     image_shape=(2, 2))
+    caption = (f"samples that push towards {b}: training on them lowered the margin of {a} "
+               f"over {b} (log p_{a} {{}} log p_{b}) of this test input, whatever their own "
+               f"label")
+    assert caption.format("-") in text
+    assert "gap no baseline (fallback)" in text and "nan" not in text
+    words = _words(drawn[0])
+    assert caption.format("\u2212") in words
+    assert "no baseline (fallback)" in words and "nan" not in words

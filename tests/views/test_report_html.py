@@ -215,3 +215,25 @@ def test_browser_renders_the_page(tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert len(re.findall(r'<section class="entry"', dom.stdout)) == N_TEST
     assert dom.stdout.count("data:image/png;base64,") == N_TEST * (1 + 2 * TOP)
+
+
+def test_a_fallback_test_shows_no_baseline_instead_of_nan(tmp_path):
+    result = _result()
+    result.completeness["delta"][1] = 0.0
+    result.completeness["gap"][1] = np.nan
+    result.info["fallback_tests"] = [1]
+    page = render_html(result, top=TOP)
+    entries = _entries(page)
+    assert "no baseline (fallback)" in entries[1]
+    assert not re.search(r"\bnan\b", page, re.IGNORECASE)
+    assert "no baseline" not in entries[0]
+
+
+def test_a_contrast_page_says_what_its_rows_mean(tmp_path):
+    result = _result()
+    result.info["contrast"] = {"A": [2, 2, 0, 1], "B": [3, 1, 1, 0]}
+    entries = _entries(render_html(result, top=TOP))
+    for entry, a, b in zip(entries, result.info["contrast"]["A"], result.info["contrast"]["B"],
+                           strict=True):
+        assert (f"training on them lowered the margin of {a} over {b} (log p_{a} \u2212 "
+                f"log p_{b}) of this test input, whatever their own label") in entry

@@ -15,7 +15,14 @@ from typing import Any
 from iif.errors import InputError
 from iif.io import atomic_write, jsonable
 from iif.results.diagnostics import describe, index_offset, kinds_of, summarize, trust_flags
-from iif.views.report import COMPLETENESS_MEANING, format_completeness, plot_rankings, top_entries
+from iif.views.report import (
+    COMPLETENESS_MEANING,
+    contrast_caption,
+    format_completeness,
+    gap_text,
+    plot_rankings,
+    top_entries,
+)
 from iif.views.report import image_shape as guess_shape
 
 
@@ -66,16 +73,20 @@ def explain(
         heading = f"Test sample {index} (label {true}, predicted {shown})"
         rows = [("proponents", low), ("opponents", high)]
         what = "positive = including the sample raises the test loss"
+    fell_back = index in flags.get("fallback", [])  # its gap is NaN: no loss change
+    captions = []  # what the rows mean, in text and in the picture
     if contrast is not None:
+        gap = gap_text(comp["gap"], comp["delta"], fell_back, digits=2)
         check = (f"completeness: sum of scores {comp['sum']:+.4g}, margin(theta*) - "
-                 f"margin(theta') = {comp['delta']:+.4g}, gap {comp['gap']:.2g}")
+                 f"margin(theta') = {comp['delta']:+.4g}, gap {gap}")
         meaning = (f"Completeness check: summed over all training samples, the scores should "
                    f"equal how much the margin grew from the baseline model \u03b8' (trained "
                    f"towards {b}) to the trained model \u03b8*.")
+        captions = [contrast_caption(a, b), contrast_caption(a, b, unicode=True)]
     else:
-        check = format_completeness(comp)
+        check = format_completeness({**comp, "fell_back": fell_back})
         meaning = COMPLETENESS_MEANING
-    lines = [heading, f"  {what}", f"  {check}"]
+    lines = [heading, f"  {what}", *[f"  {c}" for c in captions[:1]], f"  {check}"]
     if warning:
         lines.append(f"warning: {warning}")
     for title, entries in rows:
@@ -95,7 +106,8 @@ def explain(
     if shape is not None:
         path = folder / f"explain_{index}.png"
         plot_rankings(one.x[0].cpu().numpy(), heading, rows, images, path, image_shape=shape,
-                      note=f"{what}\n{_symbols(check)}\n{meaning}", warning=note)
+                      note="\n".join([what, *captions[1:], _symbols(check), meaning]),
+                      warning=note)
         lines.append(f"  wrote {path}")
     else:
         lines.append("  (inputs are not square images: give --image-shape for a picture)")

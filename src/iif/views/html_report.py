@@ -20,6 +20,7 @@ import dataclasses
 import html
 import io
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,8 +32,10 @@ import numpy as np
 from iif.errors import InputError
 from iif.io import atomic_write
 from iif.results.attribution import META_FILE, SCORES_FILE, Attribution
-from iif.views.report import _as_image, _check_k, _plain
+from iif.views.report import _as_image, _check_k, _plain, contrast_caption, gap_text
 from iif.views.report import image_shape as guess_shape
+
+log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
 MAX_TEXT = 2000  # characters of one text sample shown; longer ones are cut with an ellipsis
@@ -52,6 +55,8 @@ class PageData:
         samples are printed as its text.
     image_shape: the shape to draw one input as, e.g. ``(28, 28)`` (default: guessed).
     tests: the test samples to show, by index, in this order (default: all).
+    warning: a line on the whole page, e.g. that the samples could not be checked against
+        the run the scores come from.
     """
 
     train_x: Any = None
@@ -62,6 +67,7 @@ class PageData:
     decode: Decode | None = None
     image_shape: Sequence[int] | None = None
     tests: Sequence[int] | None = None
+    warning: str | None = None
 
 
 def write_html(  # noqa: PLR0913 (notebook API: keywords kept flat, as in iif.views.report)
@@ -99,30 +105,36 @@ def report_folder(folder: str | os.PathLike, path: str | os.PathLike | None = No
     """``iif report DIR --html``: write the page of the result folder ``folder`` to ``path``
     (default ``folder/report.html``); return the path. With ``task`` (``MODULE:FUNCTION``,
     as for ``iif attribute``) the page shows the task's samples, labels and the model's
-    predictions, after checking they are the data the scores were computed on; a
-    ``decode(x) -> str`` function in the task's module prints the inputs as text.
-    Sign convention: score < 0 = proponent, > 0 = opponent."""
+    predictions, after checking they are the model and data the scores were computed with
+    (a folder recording nothing to check them against is reported in a warning, logged and
+    on the page); a ``decode(x) -> str`` function in the task's module prints the inputs as
+    text. Sign convention: score < 0 = proponent, > 0 = opponent."""
     result, where, run_key = load_result(folder)
     data = PageData(image_shape=image_shape)
     if task is not None:
         data = task_data(where, task, result, image_shape)
+        if data.warning:
+            log.warning("%s", data.warning)
     return _write(result, where, run_key, path, dataclasses.replace(data, tests=tests), top)
 
 
 def task_data(folder: Path, task: str, result: Attribution,
               image_shape: Sequence[int] | None = None) -> PageData:
     """The :class:`PageData` of the task function ``task`` for the result in ``folder``:
-    inputs, labels, the model's predictions and the module's ``decode`` if it has one."""
+    inputs, labels, the model's predictions and the module's ``decode`` if it has one. A task
+    whose model or data are not the ones the scores were computed with is refused; the
+    warning of a folder recording nothing to check them against is the page's."""
     from iif.task.job import task_module
-    from iif.views.show import _job_data
+    from iif.views.show import _job_data, _predictions
 
-    job, train, test = _job_data(folder, task, result)
+    job, train, test, warning = _job_data(folder, task, result)
     if job is None:
         return PageData(image_shape=image_shape)
     decode = getattr(task_module(task), "decode", None)
     return PageData(train.x.cpu(), test.x.cpu(), train.labels.cpu().numpy(),
                     test.labels.cpu().numpy(), _predictions(job.task, test.x),
-                    _guarded(decode, task) if callable(decode) else None, image_shape)
+                    _guarded(decode, task) if callable(decode) else None, image_shape,
+                    warning=warning)
 
 
 def _guarded(decode: Decode, task: str) -> Decode:
@@ -137,24 +149,6 @@ def _guarded(decode: Decode, task: str) -> Decode:
             raise UserCodeError(f"calling decode() of {task.rsplit(':', 1)[0]}", exc) from exc
 
     return call
-
-
-def _predictions(task: Any, x: Any, batch: int = 256) -> list[Any]:
-    """The model's prediction for every input in ``x``, in eval mode: the class for
-    classification, the output for regression."""
-    import torch
-
-    from iif.engine.functional import module_mode
-
-    out = []
-    with torch.no_grad(), module_mode(task.model, False):
-        for lo in range(0, len(x), batch):
-            y = task.model(x[lo : lo + batch]).reshape(min(batch, len(x) - lo), -1)
-            if task.kind == "classification":
-                out += y.argmax(dim=1).cpu().tolist()
-            else:
-                out += [row if len(row) > 1 else row[0] for row in y.double().cpu().tolist()]
-    return out
 
 
 def _write(result: Attribution, folder: Path | None, run_key: str | None,
@@ -220,7 +214,8 @@ def render_html(result: Attribution, data: PageData | None = None, *, top: int =
     k = _check_k(top, result.n_train)
     samples = _Samples.of(result, data)
     flags = _page_flags(result)
-    parts = [_head(result.method), _header(result, run_key, source, flags), "<main>"]
+    parts = [_head(result.method), _header(result, run_key, source, flags, data.warning),
+             "<main>"]
     parts += [_entry(result, i, k, samples, flags) for i in _shown(result, data.tests)]
     parts.append("</main>\n<footer>" + _esc(_footer()) + "</footer>\n</body>\n</html>\n")
     return "\n".join(parts)
@@ -398,6 +393,7 @@ img.image { display: block; margin: 0 auto .2em; border: 1px solid #999;
 pre.text { white-space: pre-wrap; word-break: break-word; max-height: 12em; overflow: auto;
            margin: 0 0 .2em; padding: .3em; background: #fafafa; border: 1px solid #ddd;
            text-align: left; font-size: .95em; }
+.caption { color: #444; font-size: .9em; margin: 0 0 .4em; }
 .score { font-variant-numeric: tabular-nums; font-weight: bold; }
 .label, .meta { color: #444; }
 footer { color: #777; font-size: .85em; margin-top: 2em; }
@@ -412,8 +408,9 @@ def _head(method: str) -> str:
 
 
 def _header(result: Attribution, run_key: str | None, source: str | None,
-            flags: Mapping[str, Any] | None) -> str:
-    """The method, the sign convention, the facts of the run and its settings."""
+            flags: Mapping[str, Any] | None, warning: str | None = None) -> str:
+    """The method, the sign convention, the facts of the run, its settings and any warning
+    on the whole page (``warning``, and the flagged test samples)."""
     from iif.results.diagnostics import summarize
 
     facts = [("method", result.method),
@@ -430,8 +427,9 @@ def _header(result: Attribution, run_key: str | None, source: str | None,
            f'<p class="sign">{_esc(_sign_line(result))}</p>',
            f'<table class="facts">{rows}</table>']
     summary = summarize(flags, result.completeness) if flags is not None else ""
-    if summary:
-        out.append(f'<p class="warning">warning: {_esc(summary)}</p>')
+    for line in (warning, summary):
+        if line:
+            out.append(f'<p class="warning">warning: {_esc(line)}</p>')
     out.append(_settings_table(result.settings))
     out.append("</header>")
     return "\n".join(out)
@@ -481,12 +479,16 @@ def _entry(result: Attribution, i: int, k: int, samples: _Samples,
     meta = _test_meta(result, i, samples)
     if meta:
         out.append(f'<p class="meta">{_esc(meta)}</p>')
-    out.append(_completeness(result.completeness, i))
+    fell_back = flags is not None and i in flags.get("fallback", [])
+    out.append(_completeness(result.completeness, i, fell_back, "contrast" in result.info))
     note = describe(flags, i, result.completeness) if flags is not None else None
     if note:
         out.append(f'<p class="warning">warning: {_esc(note)}</p>')
     out.append('</div>\n<div class="rankings">')
-    for cls, heading, ranked in _rankings(result, i, k):
+    classes = _contrast(result, i)
+    if classes is not None:
+        out.append(f'<p class="caption">{_esc(contrast_caption(*classes, unicode=True))}</p>')
+    for cls, heading, ranked in _rankings(result, i, k, classes):
         out.append(f'<h3 class="{cls}">{_esc(heading)}</h3>')
         out.append(f'<ol class="ranking {cls}">'
                    + "".join(_train_item(j, score, samples) for j, score in ranked) + "</ol>")
@@ -501,37 +503,53 @@ def _test_meta(result: Attribution, i: int, samples: _Samples) -> str:
     if predicted is not None:
         parts.append(f"predicted {predicted}"
                      + (" (misclassified)" if label is not None and label != predicted else ""))
-    contrast = result.info.get("contrast")
-    if isinstance(contrast, dict):
-        try:
-            parts.append(f"A = {contrast['A'][i]}, B = {contrast['B'][i]}")
-        except (KeyError, IndexError, TypeError):  # a result of another form: not shown
-            pass
+    classes = _contrast(result, i)
+    if classes is not None:
+        parts.append(f"A = {classes[0]}, B = {classes[1]}")
     return " \u00b7 ".join(parts)
 
 
-def _completeness(completeness: Mapping[str, Any] | None, i: int) -> str:
-    """Sum of scores, change of the test loss and gap of test ``i``, or "" without them."""
+def _contrast(result: Attribution, i: int) -> tuple[Any, Any] | None:
+    """The classes A and B of test ``i`` of a contrast result; None for another result, or
+    one of another form (nothing is then said of them)."""
+    contrast = result.info.get("contrast")
+    if not isinstance(contrast, dict):
+        return None
+    try:
+        return contrast["A"][i], contrast["B"][i]
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+def _completeness(completeness: Mapping[str, Any] | None, i: int,
+                  fell_back: bool = False, margin: bool = False) -> str:
+    """Sum of scores, change of the test loss (``margin``: of a contrast's margin) and gap of
+    test ``i`` (``fell_back``: its baseline fell back, so there is no gap to show), or ""
+    without them."""
     if not completeness:
         return ""
-    names = (("sum", "sum of scores"), ("delta", "change L(\u03b8*) \u2212 L(\u03b8\u2032)"),
-             ("gap", "gap"))
+    f = "margin" if margin else "L"
+    names = (("sum", "sum of scores"),
+             ("delta", f"change {f}(\u03b8*) \u2212 {f}(\u03b8\u2032)"), ("gap", "gap"))
     rows = []
     for key, name in names:
         if key in completeness:
             value = float(np.asarray(completeness[key], dtype=float)[i])
-            text = f"{value:+.4g}" if key != "gap" else f"{value:.3g}"
+            text = f"{value:+.4g}" if key != "gap" else gap_text(value, None, fell_back)
             rows.append(f"<dt>{_esc(name)}</dt><dd>{_esc(text)}</dd>")
     return f'<dl class="completeness">{"".join(rows)}</dl>' if rows else ""
 
 
-def _rankings(result: Attribution, i: int, k: int) -> list[tuple[str, str, list]]:
-    """The rows of test ``i``: class, heading and (index, score) pairs, proponents first."""
+def _rankings(result: Attribution, i: int, k: int, classes: tuple[Any, Any] | None = None
+              ) -> list[tuple[str, str, list]]:
+    """The rows of test ``i``: class, heading and (index, score) pairs, proponents first;
+    ``classes``: its A and B, for a contrast result."""
     pro = result.proponents(i, k, with_scores=True)
     opp = result.opponents(i, k, with_scores=True)
     if "contrast" in result.info:
-        return [("opponents", "Towards B (score < 0)", pro),
-                ("proponents", "Towards A (score > 0)", opp)]
+        a, b = ("A", "B") if classes is None else (f"A = {classes[0]}", f"B = {classes[1]}")
+        return [("opponents", f"Towards {b} (score < 0)", pro),
+                ("proponents", f"Towards {a} (score > 0)", opp)]
     if result.orientation == "helpful":
         return [("proponents", "Proponents: lower the test loss (score > 0)", pro),
                 ("opponents", "Opponents: raise the test loss (score < 0)", opp)]

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 PROPONENTS_HEADING = "Proponents (lower the test loss)"
 OPPONENTS_HEADING = "Opponents (raise the test loss)"
+NO_BASELINE = "no baseline (fallback)"  # the gap of a test sample whose unlearning fell back
 COMPLETENESS_MEANING = (
     "Completeness check: summed over all training samples, the scores should equal the change "
     "of this test loss from the baseline model \u03b8' (which unlearned the test sample) to "
@@ -82,26 +83,51 @@ def top_entries(
 
 
 # ---- terminal --------------------------------------------------------------------------------
-def format_completeness(completeness: Mapping[str, Any] | None, unicode: bool = False) -> str:
+def format_completeness(completeness: Mapping[str, Any] | None, unicode: bool = False,
+                        margin: bool = False) -> str:
     """One line: sum of scores against the loss change it should match, and the gap.
 
     ``unicode`` writes theta and the minus sign as symbols (for pictures); the default is
-    plain ASCII, safe on any terminal.
+    plain ASCII, safe on any terminal. ``completeness`` holds ``sum``, ``delta`` and ``gap``,
+    and ``fell_back: True`` for a test sample whose baseline fell back (:func:`gap_text`).
+    ``margin``: the scores of a contrast, whose delta is the change of the margin.
     """
     if not completeness:
         return "completeness: not available for this method"
     total = _num(completeness.get("sum"))
     delta = _num(completeness.get("delta"))
-    gap = _num(completeness.get("gap"))
-    if math.isfinite(gap):
-        gap_text = f"{gap:.3g}"
-    else:
-        gap_text = "n/a (delta = 0)" if delta == 0 else "n/a"
+    gap = gap_text(completeness.get("gap"), delta, bool(completeness.get("fell_back")))
     theta, minus = ("\u03b8", "\u2212") if unicode else ("theta", "-")
+    what = "margin" if margin else "L_test"
     return (
         f"completeness: sum of scores {total:+.4g}, "
-        f"L_test({theta}*) {minus} L_test({theta}') = {delta:+.4g}, gap {gap_text}"
+        f"{what}({theta}*) {minus} {what}({theta}') = {delta:+.4g}, gap {gap}"
     )
+
+
+def gap_text(gap: Any, delta: Any = None, fell_back: bool = False, digits: int = 3) -> str:
+    """One completeness gap as text: the number, :data:`NO_BASELINE` for a test sample whose
+    baseline fell back to theta* (its gap is NaN: there is no loss change to explain), else
+    ``n/a``."""
+    value = _num(gap)
+    if math.isfinite(value):
+        return f"{value:.{digits}g}"
+    if fell_back:
+        return NO_BASELINE
+    return "n/a (delta = 0)" if _num(delta) == 0 else "n/a"
+
+
+def contrast_caption(a: Any, b: Any, unicode: bool = False) -> str:
+    """What the two rows of "why ``a`` and not ``b``?" mean. The scores attribute the margin
+    ``log p_a - log p_b`` as a loss (its change from the baseline trained towards ``b`` to
+    theta*), so a negative score means fitting the training sample lowered that margin: the
+    sample pushes towards ``b`` whatever its own label, and a positive one pushes towards
+    ``a``."""
+    minus = "\u2212" if unicode else "-"
+    a, b = _plain(a), _plain(b)
+    return (f"samples that push towards {b}: training on them lowered the margin of {a} over "
+            f"{b} (log p_{a} {minus} log p_{b}) of this test input, whatever their own label; "
+            f"towards {a}: training on them raised it")
 
 
 def format_test_summary(entry: Mapping[str, Any], title: str | None = None) -> str:
@@ -135,7 +161,10 @@ def format_test_summary(entry: Mapping[str, Any], title: str | None = None) -> s
         left = pro[r] if r < len(pro) else None
         right = opp[r] if r < len(opp) else None
         lines.append(f"  {r + 1:>4}{gap}{cells(left)}{gap}{cells(right)}".rstrip())
-    lines.append("  " + format_completeness(entry.get("completeness")))
+    completeness = entry.get("completeness")
+    if completeness and entry.get("fell_back"):
+        completeness = {**completeness, "fell_back": True}
+    lines.append("  " + format_completeness(completeness))
     if entry.get("fell_back"):
         lines.append("  note: unlearning diverged; the baseline fell back to f(x; theta*)")
     return "\n".join(lines)
@@ -198,7 +227,8 @@ def plot_proponents_opponents(  # noqa: PLR0913 (documented notebook API: keywor
         title: heading; default "Test label L, predicted P" from the arguments.
         prediction: the model's prediction for the test sample (optional).
         completeness: ``{"sum", "delta", "gap"}`` of this test sample (optional, shown with
-            one sentence saying what it means).
+            one sentence saying what it means); ``"fell_back": True`` when its baseline fell
+            back to theta* (the gap is then shown as "no baseline (fallback)").
         warning: why this answer cannot be trusted (``iif.results.diagnostics.describe``), drawn as
         a
             red note under the heading; None for none.

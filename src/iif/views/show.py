@@ -6,62 +6,86 @@ import errno
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from iif.engine.functional import FunctionalModel
 from iif.errors import InputError
 from iif.io import read_json_file
 from iif.results.attribution import META_FILE, SCORES_FILE, Attribution, _kind
+from iif.results.chunks import read_json
 from iif.results.diagnostics import describe, summarize, trust_flags
-from iif.results.runkey import data_digest
+from iif.results.runkey import PROBE, RunKey, behaviour_digest, data_digest, tensor_digest
 from iif.results.store import CHUNKS, MANIFEST
-from iif.views.report import format_completeness, plot_proponents_opponents, top_entries
+from iif.views.report import (
+    contrast_caption,
+    format_completeness,
+    gap_text,
+    plot_proponents_opponents,
+    plot_rankings,
+    top_entries,
+)
 from iif.views.report import image_shape as guess_shape
+
+DEFAULT_SHOWN = 3  # test samples detailed and drawn when none are chosen
 
 
 def show(
     folder: str | Path,
     *,
     task: str | None = None,
-    test_indices: Sequence[int] = (0,),
+    test_indices: Sequence[int] | None = None,
     k: int = 8,
     image_shape: Sequence[int] | None = None,
 ) -> str:
-    """A text summary of ``folder``; with ``task`` (the job's task function) also writes
-    ``show_<i>.png`` there for each test index: the test input with the model's prediction
-    beside its top-k proponents and opponents (training index, label and score)."""
+    """A text summary of ``folder``: the run, one line per test sample (its top proponent and
+    opponent, and with ``task`` its label and the model's prediction), then the top-k
+    proponents and opponents of ``test_indices`` (default: the first three). With ``task``
+    (the job's task function, checked to be the model and data the scores were computed
+    with) also writes ``show_<i>.png`` there for each of them: the test input with the
+    model's prediction beside its proponents and opponents (training index, label, score)."""
     folder = Path(folder)
     _check_folder(folder)
     if not (folder / SCORES_FILE).exists() or not (folder / META_FILE).exists():
         return _in_progress(folder)
     result = Attribution.load(folder)
+    chosen = _chosen(result, test_indices)
     lines = _summary_lines(folder, result)
     flags = _flags(folder, result)
     summary = summarize(flags, result.completeness)
     if summary:
         lines.append(f"warning: {summary}")
-    job, train, test = _job_data(folder, task, result)
-    labels = images = None
-    if train is not None:
-        labels = train.labels.cpu().numpy()
-        images = train.x.cpu().numpy()
-    for i in test_indices:
+    loaded = _job_data(folder, task, result)
+    if loaded.warning:
+        lines.append(f"warning: {loaded.warning}")
+    view = _View(folder, result, flags, loaded, k, image_shape)
+    lines += [view.overview(i) for i in range(result.n_test)]
+    for i in chosen:
+        lines += view.details(i)
+        if loaded.job is not None:
+            lines += view.draw(i)
+    return "\n".join(lines)
+
+
+def _chosen(result: Attribution, test_indices: Sequence[int] | None) -> list[int]:
+    """The test samples to detail and draw: ``test_indices`` checked, or the first three."""
+    if test_indices is None:
+        return list(range(min(DEFAULT_SHOWN, result.n_test)))
+    chosen = [int(i) for i in test_indices]
+    for i in chosen:
         if not 0 <= i < result.n_test:
             raise InputError(f"test index {i} is outside 0..{result.n_test - 1}")
-        comp = None if result.completeness is None else {
-            key: v[i] for key, v in result.completeness.items()}
-        note = describe(flags, i, result.completeness)
-        lines += _test_lines(i, result.scores[i], labels, k, comp, note)
-        if job is not None:
-            lines += _draw_test(folder, job.task, (images, labels), test, i, result.scores[i],
-                                k=k, image_shape=image_shape, completeness=comp, warning=note)
-    return "\n".join(lines)
+    return chosen
 
 
 def _summary_lines(folder: Path, result: Attribution) -> list[str]:
     """The lines on the whole result: method and sizes, what a score means, the settings
     and the completeness gap."""
     meaning = "score > 0: the training sample raises the test loss"
+    if result.orientation == "helpful":
+        meaning = "score > 0: the training sample lowers the test loss (helpful view)"
     if "contrast" in result.info:
         meaning = "scores of the margin log p_A - log p_B; score > 0: pushes towards A"
     lines = [f"{folder}: {result.method}, {result.n_test} test x {result.n_train} training "
@@ -78,66 +102,163 @@ def _summary_lines(folder: Path, result: Attribution) -> list[str]:
     return lines
 
 
-def _job_data(folder: Path, task: str | None, result: Attribution):
+class _Loaded(NamedTuple):
+    """The task function's job with its validated data (all None without a task), and the
+    warning line when the folder records nothing to check them against."""
+
+    job: Any = None
+    train: Any = None
+    test: Any = None
+    warning: str | None = None
+
+
+def _job_data(folder: Path, task: str | None, result: Attribution) -> _Loaded:
     """The job of ``task`` with its validated training and test data, checked to be the
-    data the scores in ``folder`` were computed on; ``(None, None, None)`` without a task."""
+    model and data the scores in ``folder`` were computed with (:func:`_check_run`)."""
     if task is None:
-        return None, None, None
+        return _Loaded()
     from iif.task.job import load_job
 
     job = load_job(task)
     if job is None:
-        return None, None, None
+        return _Loaded()
     train = job.task.validate(job.train, "training data")
-    test = job.task.validate(job.test, "test data", stream=False)
+    test = job.task.validate(job.test, "test data", like=train, stream=False)
     if len(train) != result.n_train or len(test) != result.n_test:
         raise InputError(f"{task} gives {len(test)} test x {len(train)} training samples, "
                          f"the folder {result.n_test} x {result.n_train}")
-    _check_data(folder, task, train, test)
-    return job, train, test
+    warning = _check_run(folder, task, _Run(job, train, test, result))
+    return _Loaded(job, train, test, warning)
 
 
-def _test_lines(i: int, scores, labels, k: int, comp, note: str | None) -> list[str]:
-    """The lines on test sample ``i``: its completeness, any warning, and its top-``k``
-    proponents and opponents."""
-    pro, opp = top_entries(scores, labels, k)
-    lines = [f"test sample {i}: {format_completeness(comp)}"]
-    if note:
-        lines.append(f"  warning: test {i}: {note}")
-    for title, entries in (("proponents", pro), ("opponents", opp)):
-        lines.append(f"  {title}: " + ", ".join(
-            f"#{e['index']}" + (f" (label {e['label']})" if "label" in e else "")
-            + f" {e['score']:+.3g}" for e in entries))
-    return lines
+class _View:
+    """The lines and pictures of one result's test samples."""
+
+    def __init__(self, folder: Path, result: Attribution, flags: dict[str, list[int]],
+                 loaded: _Loaded, k: int, image_shape: Sequence[int] | None):
+        self.folder, self.result, self.flags, self.loaded = folder, result, flags, loaded
+        self.k, self.image_shape = k, image_shape
+        self.contrast = _contrast_classes(result)
+        self.labels = self.images = self.test_labels = self.predicted = None
+        if loaded.job is not None:
+            self.labels = loaded.train.labels.cpu().numpy()
+            self.images = loaded.train.x.cpu().numpy()
+            self.test_labels = [_label_text(v) for v in loaded.test.labels.cpu().numpy().tolist()]
+            self.predicted = [_label_text(v) for v in _predictions(loaded.job.task,
+                                                                   loaded.test.x)]
+
+    def completeness(self, i: int) -> dict[str, Any] | None:
+        """Test ``i``'s sum, delta and gap, with ``fell_back`` when its baseline fell back."""
+        comp = self.result.completeness
+        if comp is None:
+            return None
+        out: dict[str, Any] = {key: v[i] for key, v in comp.items()}
+        if i in self.flags.get("fallback", []):
+            out["fell_back"] = True
+        return out
+
+    def rows(self, i: int, k: int) -> list[tuple[str, list[dict[str, Any]]]]:
+        """Test ``i``'s two rankings, titled: proponents and opponents, or for a contrast the
+        samples pushing towards A and towards B."""
+        low, high = top_entries(self.result.scores[i], self.labels, k)
+        if self.contrast is not None:
+            a, b = self.contrast[0][i], self.contrast[1][i]
+            return [(f"towards {a}", high), (f"towards {b}", low)]
+        if self.result.orientation == "helpful":  # scores > 0 lower the loss
+            return [("proponents", high), ("opponents", low)]
+        return [("proponents", low), ("opponents", high)]
+
+    def overview(self, i: int) -> str:
+        """One line on test ``i``: label and prediction when known, the strongest sample of
+        each ranking and the completeness gap."""
+        head = []
+        if self.test_labels is not None:
+            head.append(f"label {self.test_labels[i]}, predicted {self.predicted[i]}")
+        if self.contrast is not None:
+            head.append(f"why {self.contrast[0][i]} and not {self.contrast[1][i]}")
+        tops = []
+        for title, entries in self.rows(i, 1):
+            name = title if self.contrast is not None else "top " + title[:-1]
+            tops.append(f"{name} {_entry_text(entries[0])}")
+        parts = [*head, ", ".join(tops)]
+        comp = self.completeness(i)
+        if comp is not None and "gap" in comp:
+            parts.append("gap " + gap_text(comp["gap"], comp.get("delta"),
+                                           bool(comp.get("fell_back"))))
+        return f"  test {i}: " + "; ".join(parts)
+
+    def details(self, i: int) -> list[str]:
+        """The lines on test sample ``i``: its completeness, any warning, what its rows mean
+        (a contrast) and its top-``k`` samples of each ranking."""
+        comp = self.completeness(i)
+        lines = [f"test sample {i}: "
+                 + format_completeness(comp, margin=self.contrast is not None)]
+        note = describe(self.flags, i, self.result.completeness)
+        if note:
+            lines.append(f"  warning: test {i}: {note}")
+        if self.contrast is not None:
+            lines.append("  " + contrast_caption(self.contrast[0][i], self.contrast[1][i]))
+        for title, entries in self.rows(i, self.k):
+            lines.append(f"  {title}: " + ", ".join(_entry_text(e) for e in entries))
+        return lines
+
+    def draw(self, i: int) -> list[str]:
+        """Write ``show_<i>.png`` in the folder (test sample ``i`` with the model's prediction
+        beside its rankings); the lines saying so."""
+        shape = guess_shape(self.images.shape[1:], self.image_shape)
+        if shape is None:
+            raise InputError("inputs are not square images: give --image-shape")
+        test, task = self.loaded.test, self.loaded.job.task
+        x_test = test.x[i].cpu().numpy()
+        label = self.test_labels[i]
+        predicted, confidence = _predict(task, test.x[i : i + 1])
+        lines = [f"  label {label}, predicted {predicted}"
+                 + (f" (p={confidence:.2f})" if confidence is not None else "")]
+        heading = f"Test sample #{i}: label {label}, predicted {predicted}"
+        if confidence is not None:
+            heading += f" (p = {confidence:.2f})"
+            if predicted != label:
+                heading += ", misclassified"
+        path = self.folder / f"show_{i}.png"
+        comp, note = self.completeness(i), describe(self.flags, i, self.result.completeness)
+        if self.contrast is not None:
+            a, b = self.contrast[0][i], self.contrast[1][i]
+            text = [f"scores attribute the margin log p_{a} \u2212 log p_{b}; positive = "
+                    f"pushes towards {a}", contrast_caption(a, b, unicode=True)]
+            if comp is not None:
+                text.append(format_completeness(comp, unicode=True, margin=True))
+            plot_rankings(x_test, f"{heading}: why {a} and not {b}?", self.rows(i, self.k),
+                          self.images, path, image_shape=shape, note="\n".join(text),
+                          warning=note)
+        else:
+            row = self.result.scores[i]  # drawn in the loss orientation the picture states
+            plot_proponents_opponents(
+                x_test, label, self.images, self.labels,
+                row if self.result.orientation == "loss" else -row, path,
+                k=self.k, image_shape=shape, title=heading, prediction=predicted,
+                completeness=comp, warning=note)
+        lines.append(f"  wrote {path}")
+        return lines
 
 
-def _draw_test(folder: Path, task, train_arrays: tuple[np.ndarray, np.ndarray], test, i: int,
-               scores, *, k: int, image_shape: Sequence[int] | None, completeness,
-               warning) -> list[str]:
-    """Write ``show_<i>.png`` in ``folder`` (test sample ``i`` with the model's prediction
-    beside its proponents and opponents, ``train_arrays`` the training images and labels);
-    the lines saying so."""
-    images, labels = train_arrays
-    shape = guess_shape(images.shape[1:], image_shape)
-    if shape is None:
-        raise InputError("inputs are not square images: give --image-shape")
-    x_test = test.x[i].cpu().numpy()
-    label = _label_text(test.labels[i].cpu().numpy().tolist())
-    predicted, confidence = _predict(task, test.x[i : i + 1])
-    lines = [f"  label {label}, predicted {predicted}"
-             + (f" (p={confidence:.2f})" if confidence is not None else "")]
-    heading = f"Test sample #{i}: label {label}, predicted {predicted}"
-    if confidence is not None:
-        heading += f" (p = {confidence:.2f})"
-        if predicted != label:
-            heading += ", misclassified"
-    path = folder / f"show_{i}.png"
-    plot_proponents_opponents(
-        x_test, label, images, labels, scores, path, k=k,
-        image_shape=shape, title=heading, prediction=predicted, completeness=completeness,
-        warning=warning)
-    lines.append(f"  wrote {path}")
-    return lines
+def _entry_text(e: dict[str, Any]) -> str:
+    """``#12 (label 3) -0.0412``: one ranked training sample."""
+    label = f" (label {e['label']})" if "label" in e else ""
+    return f"#{e['index']}{label} {e['score']:+.3g}"
+
+
+def _contrast_classes(result: Attribution) -> tuple[list[Any], list[Any]] | None:
+    """A and B per test sample of a contrast result; None for any other result."""
+    contrast = result.info.get("contrast")
+    if not isinstance(contrast, dict):
+        return None
+    a, b = contrast.get("A"), contrast.get("B")
+    if not (isinstance(a, list) and isinstance(b, list)
+            and len(a) == len(b) == result.n_test):
+        raise InputError(f"{META_FILE}: 'info.contrast' does not hold the classes A and B of "
+                         f"every test sample; remove {SCORES_FILE} and {META_FILE} and run the "
+                         f"same iif attribute command again")
+    return a, b
 
 
 def _predict(task, x1) -> tuple[object, float | None]:
@@ -157,12 +278,135 @@ def _predict(task, x1) -> tuple[object, float | None]:
     return (values[0] if len(values) == 1 else values), None
 
 
+def _predictions(task: Any, x: Any, batch: int = 256) -> list[Any]:
+    """The model's prediction for every input in ``x``, in eval mode: the class for
+    classification, the output for regression."""
+    import torch
+
+    from iif.engine.functional import module_mode
+
+    out = []
+    with torch.no_grad(), module_mode(task.model, False):
+        for lo in range(0, len(x), batch):
+            y = task.model(x[lo : lo + batch]).reshape(min(batch, len(x) - lo), -1)
+            if task.kind == "classification":
+                out += y.argmax(dim=1).cpu().tolist()
+            else:
+                out += [row if len(row) > 1 else row[0] for row in y.double().cpu().tolist()]
+    return out
+
+
 def _label_text(label: object) -> object:
-    """A label as drawn: a class, or a regression target rounded like the prediction."""
+    """A label or output as shown: a class, or a regression value rounded for reading."""
     if isinstance(label, list):
         values = [float(f"{v:.4g}") for v in label]
         return values[0] if len(values) == 1 else values
+    if isinstance(label, float):
+        return float(f"{label:.4g}")
     return label
+
+
+# ---- the task checked against the run key the folder records -----------------------------
+class _Run(NamedTuple):
+    """What a task function gives, against the result it is to be shown with."""
+
+    job: Any
+    train: Any
+    test: Any
+    result: Attribution
+
+
+# the run key's parts a task function determines, and what a difference means
+_COMPARED = {
+    "model weights": "with another model (parameters differ)",
+    "model behaviour": (f"with another model (the same parameters, but other outputs on the "
+                        f"first {PROBE} training and test samples: other code, or state "
+                        f"outside the parameters)"),
+    "training data": "on other training data (other samples, or the same in another order)",
+    "test data": "on other test data (other samples, or the same in another order)",
+}
+
+
+def _check_run(folder: Path, task: str, run: _Run) -> str | None:
+    """Refuse a task function whose model or data are not the ones the scores in ``folder``
+    were computed with: the pictures would show another model's predictions, or label and
+    draw the wrong samples. The run key parts the folder records (:func:`_recorded_parts`)
+    say; returns the warning line for a folder that records none."""
+    recorded = _recorded_parts(folder, run.result)
+    names = [n for n in _COMPARED if recorded is not None and n in recorded]
+    if not names:
+        return (f"{folder} records no run key of its scores to check {task} against (a result of "
+                f"Attribution.save, or of an older iif): its labels, predictions and pictures "
+                f"are the task's, trusted to be the model and data the scores were computed "
+                f"with")
+    given = RunKey({n: _task_part(n, run) for n in names})
+    differ = given.differences({n: recorded[n] for n in names})
+    if differ:
+        what = " and ".join(_COMPARED.get(n, f"with another {n}") for n in differ)
+        raise InputError(f"{folder} was scored {what} than the task in {task}; pass the task "
+                         f"the result was computed with")
+    return None
+
+
+def _recorded_parts(folder: Path, result: Attribution) -> dict[str, str] | None:
+    """The run key parts of the scores in ``folder``: its manifest's, or without one a chunk
+    record's of the run that assembled them (``info["run_key"]``); None when it records
+    none (a result of ``Attribution.save``, or a folder of an older iif)."""
+    key = result.info.get("run_key")
+    if (folder / MANIFEST).exists():
+        records = [_read_json(folder / MANIFEST, _REDO)]
+    elif isinstance(key, str):
+        records = (read_json(path, "chunk record")
+                   for path in sorted((folder / CHUNKS).glob("rows-*.json")))
+    else:
+        return None
+    for record in records:
+        parts = record.get("parts") if isinstance(record, dict) else None
+        if not (isinstance(parts, dict) and all(isinstance(v, str) for v in parts.values())):
+            continue
+        if isinstance(key, str) and record.get("key") != key:
+            continue  # another run's: it says nothing of these scores
+        return parts
+    return None
+
+
+def _task_part(name: str, run: _Run) -> str:
+    """The digest of the run key part ``name`` for what the task function gives, made as
+    :func:`iif.results.runkey.run_key` makes it."""
+    if name == "training data":
+        return data_digest(run.train)
+    if name == "test data":
+        return data_digest(run.test)
+    models = _models(run)
+    if name == "model weights":
+        weights = []
+        for model in models:
+            state = FunctionalModel(model).state()
+            weights += list(state.params.values()) + list(state.buffers.values())
+        return tensor_digest(weights)
+    # model behaviour: every distinct model probed as the method's members are
+    if run.result.method == "tracin":
+        models = models[:1]  # its runs share the task's model at theta*
+    chunk = run.result.settings.get("chunk_size", 128)
+    members = []
+    for model in models:
+        fmodel = FunctionalModel(model)
+        member = SimpleNamespace(fmodel=fmodel, state=fmodel.state(),
+                                 chunk_size=chunk if isinstance(chunk, int) else 128)
+        member.engine = member
+        members.append(member)
+    method = SimpleNamespace(task=run.job.task, train=run.train, members=lambda: members)
+    return behaviour_digest(method, run.test)
+
+
+def _models(run: _Run) -> list[Any]:
+    """The models whose weights the run key holds, in its order: the job's ensemble, or the
+    task's model; TracIn's runs each at the task's model (theta*), one per run."""
+    task_model = run.job.task.model
+    if run.result.method == "tracin":
+        runs = run.result.settings.get("ensemble_size", 1)
+        return [task_model] * (runs if isinstance(runs, int) and runs > 0 else 1)
+    return list(run.job.models) if run.job.models is not None else [task_model]
 
 
 # ---- the folder and its files, every malformation named --------------------------------------
@@ -188,24 +432,6 @@ def _check_folder(folder: Path) -> None:
         missing = META_FILE if present == [SCORES_FILE] else SCORES_FILE
         raise InputError(f"{folder}: {present[0]} without {missing}; remove the folder and "
                          f"write the result again (iif attribute or Attribution.save)")
-
-
-def _check_data(folder: Path, task: str, train, test) -> None:
-    """Refuse a task function whose data are not the ones the scores were computed on (other
-    samples, or the same in another order): the pictures would show the wrong samples. The
-    run key's data digests in the manifest say; a folder without them cannot be checked."""
-    manifest = folder / MANIFEST
-    if not manifest.exists():
-        return
-    parts = _read_json(manifest, _REDO)
-    parts = parts.get("parts") if isinstance(parts, dict) else None
-    if not isinstance(parts, dict):
-        return
-    for name, data in (("training data", train), ("test data", test)):
-        if name in parts and parts[name] != data_digest(data):
-            raise InputError(f"{task} gives other {name} than the scores in {folder} were "
-                             f"computed on (other samples, or the same in another order); the "
-                             f"pictures would label and draw the wrong samples")
 
 
 def _read_json(path: Path, remedy: str) -> object:
