@@ -392,3 +392,31 @@ def test_missing_settings_file(marking_task, tmp_path, capsys):
                           "--settings", str(tmp_path / "none.toml")])
     assert err == f"iif: error: --settings {tmp_path / 'none.toml'}: no such file\n"
     assert not marker.exists()
+
+
+def test_fitted_through_a_file_is_refused_before_the_task_runs(marking_task, tmp_path, capsys,
+                                                                monkeypatch):
+    spec, marker = marking_task
+    monkeypatch.chdir(tmp_path)
+    Path("afile.txt").write_text("x")
+    err = _fails(capsys, ["attribute", "--task", spec, "--out", "out", "--method", "if",
+                          "--fitted", "afile.txt/state"])
+    assert err == (f"iif: error: --fitted afile.txt/state: {tmp_path / 'afile.txt'} is a file, "
+                   f"not a folder, so the folder cannot be created there\n")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(("rank", "size", "said"), [
+    ("3", "2", "RANK=3 with WORLD_SIZE=2: RANK must be in 0..WORLD_SIZE-1"),
+    ("-1", "2", "RANK=-1 with WORLD_SIZE=2: RANK must be in 0..WORLD_SIZE-1"),
+    ("0", "0", "WORLD_SIZE=0: it must be at least 1"),
+])
+def test_impossible_ranks_are_refused_before_the_task_runs(rank, size, said, marking_task,
+                                                            tmp_path, capsys, monkeypatch):
+    spec, marker = marking_task
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", size)
+    err = _fails(capsys, ["attribute", "--task", spec, "--out", str(tmp_path / "out"),
+                          "--peer-timeout", "30"])
+    assert err.startswith(f"iif: error: {said}") and "torchrun" in err and err.count("\n") == 1
+    assert not marker.exists()

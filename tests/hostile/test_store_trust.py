@@ -415,7 +415,7 @@ def test_cli_show_refuses_a_task_with_reordered_training_data(tmp_path, capsys, 
     capsys.readouterr()
     assert main(["show", str(out), "--task", "reordered:job", "--image-shape", "2", "2"]) == 1
     err = capsys.readouterr().err
-    assert "reordered:job gives other training data than the scores in" in err
+    assert "reordered:job" in err and "other training data" in err
     assert not list(out.glob("show_*.png"))
     assert main(["show", str(out), "--task", "tiny_job:job", "--image-shape", "2", "2"]) == 0
 

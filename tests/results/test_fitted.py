@@ -197,3 +197,57 @@ def test_a_file_in_place_of_the_folder_is_refused(tmp_path: Path, classification
     with pytest.raises(InputError, match="is a file"):
         InfluenceFunction(classification_task, classification_data, progress=False).fit(
             tmp_path / "f")
+
+
+def test_a_file_in_the_path_of_the_folder_is_named(tmp_path: Path, classification_task,
+                                                   classification_data):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(InputError, match=rf"^{tmp_path / 'f' / 'sub'}: {tmp_path / 'f'} is a "
+                                         rf"file, not a folder, so the folder cannot be"):
+        InfluenceFunction(classification_task, classification_data, progress=False).fit(
+            tmp_path / "f" / "sub")
+
+
+@pytest.mark.parametrize(("content", "said"), [
+    (b"", "has an empty fitted-state record fitted.json (0 bytes, as an interrupted copy"),
+    (b'{\n  "format": 1,\n  "meth', "has a damaged fitted-state record fitted.json (cut short"),
+    (b"{}", "has a damaged fitted-state record fitted.json (no format field"),
+])
+def test_an_empty_or_damaged_record_is_fitted_again(content, said, tmp_path, classification_task,
+                                                    classification_data, counted, monkeypatch):
+    import logging
+
+    make = _make("if", classification_task, classification_data, IF_MODES["projected cholesky"])
+    make().fit(tmp_path)
+    (tmp_path / RECORD).write_bytes(content)
+    warned: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warned.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("iif.results.fitted")
+    monkeypatch.setattr(logger, "handlers", [*logger.handlers, handler])
+    counted.clear()
+    make().fit(tmp_path)  # never refused as another version's state
+    assert 12 in counted  # fitted again
+    assert len(warned) == 1 and said in warned[0] and "fitting again" in warned[0], warned
+    counted.clear()
+    make().fit(tmp_path)  # rewritten: the next fit loads
+    assert counted == []
+
+
+def test_a_full_disk_writing_the_state_is_one_line(tmp_path, classification_task,
+                                                   classification_data, monkeypatch):
+    import errno
+    import os
+
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    make = _make("if", classification_task, classification_data, IF_MODES["projected cholesky"])
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(InputError, match=rf"^{tmp_path / TENSORS}: the disk is full \(\d+.*"
+                                         rf"needed, .* free\); free some space"):
+        make().fit(tmp_path)
+    assert not list(tmp_path.iterdir())  # no tensors, no record, no temporary file, no lock
+    monkeypatch.undo()
+    make().fit(tmp_path)
+    assert (tmp_path / RECORD).exists()

@@ -119,7 +119,7 @@ def test_store_rejects_bad_bounds_and_shapes(tmp_path):
         with pytest.raises(InputError, match="not finished"):
             store.assemble()
     (tmp_path / MANIFEST).write_text("{not json")
-    with pytest.raises(InputError, match="unreadable manifest"):
+    with pytest.raises(InputError, match=r"damaged manifest manifest.json \(not valid JSON"):
         ResultStore(tmp_path, method="x", settings={}, key=key, n_test=4, n_train=3,
                     bounds=[0, 2, 4])
 

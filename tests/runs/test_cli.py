@@ -258,3 +258,19 @@ def test_progress_flags():
     assert parser.parse_args(["--progress", *base]).progress is True
     assert parser.parse_args([*base, "--no-progress"]).progress is False
     assert not hasattr(parser.parse_args(base), "progress")  # auto: decided by the library
+
+
+def test_attribute_says_a_gap_warning_once(tmp_path, capsys):
+    """One chunk: the method's warning is the whole summary, so the command does not repeat
+    it; a resumed run computed nothing, so the command says it."""
+    out = tmp_path / "run"
+    args = ["attribute", "--task", "tiny_job:job", "--out", str(out), "--proj-dim", "16",
+            "--no-progress"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    said = captured.out + captured.err
+    assert said.count("not a reliable explanation") == 1, said
+    assert main(args) == 0  # resumed: nothing computed, nothing logged
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).count("not a reliable explanation") == 1
+    assert "warning: tests 0 (gap" in captured.out

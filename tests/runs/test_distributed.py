@@ -15,6 +15,7 @@ import pytest
 import tiny_job
 
 from iif import Attribution, BaselineSettings
+from iif.runs.distributed import world
 
 HERE = Path(__file__).resolve().parents[1]  # tests/, where tiny_job.py is
 
@@ -125,3 +126,54 @@ def test_trak_and_projected_if_split_the_training_set(tmp_path, settings_text, n
     assert "rank 1 of 2: training samples 100..199" in log
     np.testing.assert_allclose(got.scores, expected.scores, rtol=1e-8,
                                atol=1e-11 * np.abs(expected.scores).max())
+
+
+@pytest.mark.parametrize(("rank", "size", "said"), [
+    ("3", "2", "RANK=3 with WORLD_SIZE=2: RANK must be in 0..WORLD_SIZE-1; launch with "
+               "torchrun, which sets both"),
+    ("2", "2", "RANK=2 with WORLD_SIZE=2: RANK must be in 0..WORLD_SIZE-1"),
+    ("-1", "2", "RANK=-1 with WORLD_SIZE=2: RANK must be in 0..WORLD_SIZE-1"),
+    ("0", "0", "WORLD_SIZE=0: it must be at least 1"),
+    ("0", "-2", "WORLD_SIZE=-2: it must be at least 1"),
+    ("one", "2", "RANK='one' and WORLD_SIZE='2' must be integers"),
+])
+def test_impossible_ranks_are_refused_at_once(rank, size, said, monkeypatch, tmp_path):
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    from iif.errors import InputError
+    from iif.runs.distributed import attribute_job
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", size)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")  # nothing listens: joining would only time out
+    with pytest.raises(InputError) as caught:
+        world()
+    assert str(caught.value).startswith(said)
+    method = SimpleNamespace(task=SimpleNamespace(device=torch.device("cpu")))
+    start = time.monotonic()
+    with pytest.raises(InputError) as caught:
+        attribute_job(tmp_path, method, None, peer_timeout_s=20)
+    assert str(caught.value).startswith(said) and "did not join" not in str(caught.value)
+    assert time.monotonic() - start < 5
+
+
+def test_ranks_in_range_are_taken(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert world() == (1, 2)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert world() == (0, 1)
+
+
+def test_a_rank_without_a_world_size_is_refused(monkeypatch):
+    from iif.errors import InputError
+
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(InputError, match=r"^RANK=2 with WORLD_SIZE unset \(1\): RANK must be"):
+        world()

@@ -11,22 +11,30 @@ temporary name and renamed into place, so a crash leaves finished chunks intact.
 :class:`FolderLock` keeps one writer at a time: ``fcntl.flock`` on ``.iif-lock``, which holds
 the writer's pid. The kernel releases the lock of a process that dies, so a stale lock never
 blocks; the next writer removes the temporary files (``.*.tmp``) the dead one left.
+
+A full disk while writing is one line naming the file, the space needed and the space free
+(:func:`write_file`); a JSON file that is empty or cut short (an interrupted copy, a full disk)
+is named as damaged (:func:`read_json`); a file or a broken link in the way of a folder to
+create is named (:func:`make_folder`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import shutil
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from iif.errors import InputError
-from iif.io import atomic_write, jsonable, npy_problem, read_json_file
+from iif.io import atomic_write, jsonable, npy_problem, read_file, read_json_file
 from iif.results.runkey import file_digest, text_digest
 
 try:
@@ -37,6 +45,12 @@ except ImportError:  # pragma: no cover - not on POSIX: an exclusive lock file i
 log = logging.getLogger(__name__)
 
 LOCK = ".iif-lock"
+# what a failed write leaves, and how to go on: atomic writes keep the finished files
+RESUME = ("free some space or use a folder on another disk, then run the same command again "
+          "(finished chunks are kept)")
+DAMAGED = "as an interrupted copy or a full disk can leave it"
+_FULL = {errno.ENOSPC: "the disk is full",
+         getattr(errno, "EDQUOT", -1): "the disk quota is used up"}
 
 
 # ---- the lock --------------------------------------------------------------------------------
@@ -155,7 +169,7 @@ class ChunkFolder:
         self.key = key
         if self.folder.exists() and not self.folder.is_dir():
             raise InputError(f"{self.folder} is a file, not a folder")
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_folder(self.folder)
         self._lock = FolderLock(self.folder) if lock else None
         if lock:
             self.remove_temporary_files()
@@ -180,12 +194,16 @@ class ChunkFolder:
         ``fields``, atomically."""
         array = np.ascontiguousarray(array, dtype=_dtype(dtype))
         npy, meta = self.paths(name)
-        atomic_write(npy, lambda f: np.save(f, array, allow_pickle=False))
+        write_file(npy, lambda f: np.save(f, array, allow_pickle=False), array.nbytes + 128)
         record = jsonable({"key": self.key, "shape": list(array.shape), "dtype": dtype,
                            "sha256": file_digest(npy), **fields})
         record["record_sha256"] = record_checksum(record)
-        text = json.dumps(record, allow_nan=False)
-        atomic_write(meta, lambda f: f.write(text.encode()))
+        text = json.dumps(record, allow_nan=False).encode()
+        try:
+            write_file(meta, lambda f: f.write(text), len(text))
+        except BaseException:
+            remove_file(npy)  # an array without its record is never used: do not keep it
+            raise
 
     def problem(self, name: str, shape: tuple[int, ...], dtype: str = "float64") -> str | None:
         """What is wrong with chunk ``name`` for this run, ``shape`` and ``dtype`` (None: it
@@ -270,16 +288,33 @@ def record_checksum(record: dict[str, Any]) -> str:
 
 
 def read_json(path: Path, what: str) -> dict[str, Any] | str:
-    """The JSON object in ``path``, or a sentence saying what is wrong with it; something
-    other than a regular file there (a FIFO, a device) raises :class:`InputError`."""
+    """The JSON object in ``path``, or a sentence saying what is wrong with it (an empty file
+    or one cut short is named as damaged); something other than a regular file there (a FIFO,
+    a device) raises :class:`InputError`."""
     try:
-        value = read_json_file(path, f"a {what}")
+        data = read_file(path, f"a {what}")
     except InputError:
         if path.is_dir():  # the caller's remove_file names the folder to remove
             return f"has an unreadable {what} {path.name} (a folder)"
         raise
-    except (OSError, ValueError) as exc:  # ValueError: not JSON, not UTF-8, or nested too deep
-        return f"has an unreadable {what} {path.name} ({exc})"
+    except OSError as exc:
+        return f"has an unreadable {what} {path.name} ({exc.strerror or exc})"
+    if not data:
+        return f"has an empty {what} {path.name} (0 bytes, {DAMAGED})"
+    if not data.strip(b"\0"):  # what some file systems leave of a file cut off by a crash
+        return f"has a damaged {what} {path.name} (only zero bytes, {DAMAGED})"
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        return f"has an unreadable {what} {path.name} (JSON nested too deeply)"
+    except UnicodeDecodeError:
+        return f"has a damaged {what} {path.name} (not UTF-8 text)"
+    except json.JSONDecodeError as exc:
+        # the text ended before the JSON did (inside a string, or between values)
+        cut = exc.msg.startswith("Unterminated string") or exc.pos >= len(exc.doc.rstrip())
+        detail = f"cut short after {len(data)} bytes, {DAMAGED}" if cut else \
+            f"not valid JSON: {exc}"
+        return f"has a damaged {what} {path.name} ({detail})"
     if not isinstance(value, dict):
         return f"has a malformed {what} {path.name} (a JSON {type(value).__name__}, not an " \
                f"object)"
@@ -291,3 +326,61 @@ def remove_file(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         raise InputError(f"{path} is a folder where iif keeps a file; remove it")
     path.unlink(missing_ok=True)
+
+
+def make_folder(path: Path) -> None:
+    """Create the folder ``path`` and its parents; a file or a broken link in the way, or a
+    folder that cannot be created, raises :class:`InputError` naming it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(_mkdir_problem(path, exc)) from None
+
+
+def _mkdir_problem(path: Path, exc: OSError) -> str:
+    remedy = "so the folder cannot be created there; remove it or choose another folder"
+    for part in (path, *path.parents):
+        if part.is_symlink() and not part.exists():
+            return f"{path}: {part} is a broken symbolic link, not a folder, {remedy}"
+        if part.exists():
+            if not part.is_dir():
+                return f"{path}: {part} is a file, not a folder, {remedy}"
+            break
+    return (f"{path}: the folder cannot be created ({exc.strerror or exc}); check the "
+            f"permissions of the folder above it or choose another folder")
+
+
+def write_file(path: Path, write: Callable[[IO[bytes]], Any], needed: int | None,
+               remedy: str = RESUME) -> None:
+    """:func:`iif.io.atomic_write`, with a full disk (or quota) reported in one line naming
+    ``path``, the ``needed`` bytes and the space free: :class:`InputError`. Nothing is left
+    half-written: the temporary file is removed and ``path`` keeps its old content."""
+    try:
+        atomic_write(path, write)
+    except OSError as exc:
+        if not disk_full(exc):
+            raise
+        raise InputError(disk_full_message(path, exc, needed, remedy)) from None
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk (or the user's quota) is full."""
+    return isinstance(exc, OSError) and exc.errno in _FULL
+
+
+def disk_full_message(path: Path, exc: OSError, needed: int | None,
+                      remedy: str = RESUME) -> str:
+    """``PATH: the disk is full (N needed, M free); REMEDY`` for the failed write ``exc``."""
+    try:
+        free = _size(shutil.disk_usage(path.parent).free) + " free"
+    except OSError:
+        free = "free space unknown"
+    space = free if needed is None else f"{_size(needed)} needed, {free}"
+    return f"{path}: {_FULL[exc.errno]} ({space}); {remedy}"
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= 10 * scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"

@@ -18,8 +18,10 @@ store refuses (:mod:`iif.results.store`). A state whose files do not match their
 byte, a truncated file, an unreadable record) is computed again and rewritten: the record
 names the run it belongs to and the state is a deterministic function of that run, so
 recomputing gives exactly what was lost, where a refusal would only ask the user to delete
-it. Both files are written to temporary names and renamed into place, the record last, so a
-crash leaves the old state or none. Loading reads JSON and safetensors only.
+it; an empty record, or one cut short or without its format (an interrupted copy, a full disk),
+is such a damaged state, not another version's. Both files are written to temporary names and
+renamed into place, the record last, so a crash leaves the old state or none; a full disk is
+one line naming the file. Loading reads JSON and safetensors only.
 """
 
 from __future__ import annotations
@@ -39,8 +41,14 @@ from safetensors.torch import save as save_tensors
 
 from iif.engine.linalg import CholeskySolver, Solver, WoodburySolver, column_blocks
 from iif.errors import InputError
-from iif.io import atomic_write, jsonable, read_file
-from iif.results.chunks import FolderLock, read_json, remove_temporary_files
+from iif.io import jsonable, read_file
+from iif.results.chunks import (
+    FolderLock,
+    make_folder,
+    read_json,
+    remove_temporary_files,
+    write_file,
+)
 from iif.results.runkey import RunKey, tensor_digest
 
 if TYPE_CHECKING:
@@ -53,6 +61,7 @@ log = logging.getLogger(__name__)
 RECORD = "fitted.json"
 TENSORS = "fitted.safetensors"
 FORMAT = 1
+REFIT = "free some space or use a folder on another disk, then fit again"
 
 
 @dataclass
@@ -75,7 +84,7 @@ def fit_folder(folder: str | os.PathLike, key: RunKey, settings: dict[str, Any],
     path = Path(folder)
     if path.exists() and not path.is_dir():
         raise InputError(f"{path} is a file, not a folder for the fitted state")
-    path.mkdir(parents=True, exist_ok=True)
+    make_folder(path)
     lock = FolderLock(path)
     try:
         remove_temporary_files(path)
@@ -113,8 +122,9 @@ def write_states(folder: Path, key: RunKey, settings: dict[str, Any],
     text = json.dumps(record, indent=2, allow_nan=False)
     # the record last: a record on disk always describes the tensors beside it
     (folder / RECORD).unlink(missing_ok=True)
-    atomic_write(folder / TENSORS, lambda f: f.write(blob))
-    atomic_write(folder / RECORD, lambda f: f.write(text.encode()))
+    write_file(folder / TENSORS, lambda f: f.write(blob), len(blob), REFIT)
+    data = text.encode()
+    write_file(folder / RECORD, lambda f: f.write(data), len(data), REFIT)
 
 
 def read_states(folder: Path, key: RunKey, settings: dict[str, Any], n_members: int,
@@ -127,7 +137,11 @@ def read_states(folder: Path, key: RunKey, settings: dict[str, Any], n_members: 
     if isinstance(record, str):
         log.warning("%s %s; fitting again", folder, record)
         return None
-    if record.get("format") != FORMAT:
+    if not isinstance(record.get("format"), int):  # every version of iif writes one
+        log.warning("%s has a damaged fitted-state record %s (no format field, which every "
+                    "record has); fitting again", folder, RECORD)
+        return None
+    if record["format"] != FORMAT:
         raise InputError(f"{folder} holds a fitted state of another version of iif (format "
                          f"{record.get('format')!r}, this one reads {FORMAT}); use a fresh "
                          f"folder")

@@ -18,7 +18,11 @@ software versions. A chunk counts as finished only when its record carries the r
 other chunk is computed again. A folder whose manifest holds another key is refused, naming the
 parts that differ, and so is a folder of finished chunks of another run without a manifest, or
 one holding a result saved by ``Attribution.save``: ``force=True`` (``iif attribute --force``)
-clears the folder's results and starts over.
+removes the files the store writes (the manifest, the chunk files ``rows-*.npy``/``rows-*.json``,
+``scores.npy`` and ``attribution.json``) and starts over; any other file in ``chunks/`` is left
+in place (and logged), a link is removed as a link, never followed, and a ``chunks/`` that is
+a link is refused. A manifest that is empty or cut short is named as damaged, not as another
+run's.
 
 **One writer at a time**: the folder is locked (:class:`iif.results.chunks.FolderLock`) while a run
 writes it; a second writer is refused with the pid of the first, and the temporary files of a
@@ -26,7 +30,8 @@ writer that died are removed by the next. The chunks themselves are an
 :class:`iif.results.chunks.ChunkFolder`, the layer the LDS ground-truth cache uses too.
 
 Every file is written to a temporary name and renamed into place, so a crash leaves finished
-chunks intact. Re-running the same command skips finished chunks.
+chunks intact; a full disk is one line naming the file (:func:`iif.results.chunks.write_file`).
+Re-running the same command skips finished chunks.
 """
 
 from __future__ import annotations
@@ -34,21 +39,25 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from iif.errors import InputError
-from iif.io import atomic_write, jsonable
+from iif.io import jsonable
 from iif.results.attribution import META_FILE, SCORES_FILE, Attribution
 from iif.results.chunks import (
     ChunkFolder,
     FolderLock,
+    disk_full,
+    disk_full_message,
+    make_folder,
     read_json,
     remove_file,
     remove_temporary_files,
+    write_file,
 )
 from iif.results.diagnostics import globalized, index_offset, trust_flags
 from iif.results.runkey import RunKey, run_key
@@ -60,6 +69,8 @@ MANIFEST = "manifest.json"
 CHUNKS = "chunks"
 FORMAT = 2
 FORCE_HINT = "use a fresh folder, or --force (force=True) to replace its results"
+# the files a store writes in chunks/ (ResultStore._name), and their temporary names
+CHUNK_FILE = re.compile(r"\.?rows-\d{7,}-\d{7,}\.(npy|json)(\.\w+\.tmp)?")
 
 
 # ---- the store -------------------------------------------------------------------------------
@@ -97,7 +108,7 @@ class ResultStore:
             "bounds": [int(b) for b in bounds],
             "settings": jsonable(settings),
         }
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_folder(self.folder)
         self._lock = FolderLock(self.folder) if lock else None
         try:
             chunks = self.folder / CHUNKS
@@ -138,28 +149,37 @@ class ResultStore:
             self._clear()
         elif path.exists():
             return  # the same run: resume
-        text = json.dumps(self.manifest, indent=2, allow_nan=False)
-        atomic_write(path, lambda f: f.write(text.encode()))
+        text = json.dumps(self.manifest, indent=2, allow_nan=False).encode()
+        write_file(path, lambda f: f.write(text), len(text))
 
     def _conflict(self, path: Path) -> str | None:
         """What in the folder belongs to another run (None: nothing, or this run's own)."""
-        if path.exists():
-            old = read_json(path, "manifest")
-            if isinstance(old, str):
-                return old
-            if old.get("format") != FORMAT:
-                return (f"was written by another version of iif (manifest format "
-                        f"{old.get('format')!r}, this one reads {FORMAT})")
-            differs = self.key.differences(old.get("parts"))
-            if differs:
-                return "holds results of another run: " + self._describe(differs, old)
-            for name, what in (("method", "method"), ("n_test", "number of test samples"),
-                               ("n_train", "number of training samples"),
-                               ("bounds", "chunking (--chunk)")):
-                if old.get(name) != self.manifest[name]:
-                    return (f"holds results made with another {what}: "
-                            f"{old.get(name)!r}, now {self.manifest[name]!r}")
-            return None
+        return self._manifest_conflict(path) if path.exists() else self._foreign_files()
+
+    def _manifest_conflict(self, path: Path) -> str | None:
+        """What in the manifest ``path`` differs from this run (None: nothing)."""
+        old = read_json(path, "manifest")
+        if isinstance(old, str):
+            return old
+        if not isinstance(old.get("format"), int):  # every version of iif writes one
+            return (f"has a damaged manifest {MANIFEST} (no format field, which every "
+                    f"manifest has)")
+        if old["format"] != FORMAT:
+            return (f"was written by another version of iif (manifest format "
+                    f"{old['format']!r}, this one reads {FORMAT})")
+        differs = self.key.differences(old.get("parts"))
+        if differs:
+            return "holds results of another run: " + self._describe(differs, old)
+        for name, what in (("method", "method"), ("n_test", "number of test samples"),
+                           ("n_train", "number of training samples"),
+                           ("bounds", "chunking (--chunk)")):
+            if old.get(name) != self.manifest[name]:
+                return (f"holds results made with another {what}: "
+                        f"{old.get(name)!r}, now {self.manifest[name]!r}")
+        return None
+
+    def _foreign_files(self) -> str | None:
+        """What, in a folder without a manifest, belongs to another run (None: nothing)."""
         # no manifest: chunks of another run, or a saved Attribution, are not ours to replace
         foreign = 0
         for meta in sorted((self.folder / CHUNKS).glob("rows-*.json")):
@@ -181,9 +201,26 @@ class ResultStore:
         return describe_differences(differs, old.get("settings"), self.manifest["settings"])
 
     def _clear(self) -> None:
+        """Remove the files the store writes; any other file is the user's and stays."""
+        chunks = self.folder / CHUNKS
+        if chunks.is_symlink():  # its files may be anyone's: nothing is removed through it
+            raise InputError(f"{chunks} is a symbolic link; --force removes chunks only from a "
+                             f"folder of the store's own, never through a link: replace the "
+                             f"link by a folder, or use a fresh folder")
         for name in (MANIFEST, SCORES_FILE, META_FILE):
-            remove_file(self.folder / name)
-        shutil.rmtree(self.folder / CHUNKS, ignore_errors=True)
+            remove_file(self.folder / name)  # a link is removed, not what it points to
+        if not chunks.is_dir():
+            return
+        left = []
+        for path in sorted(chunks.iterdir()):
+            if CHUNK_FILE.fullmatch(path.name):
+                remove_file(path)
+            else:
+                left.append(path.name + ("/" if path.is_dir() and not path.is_symlink() else ""))
+        if left:
+            shown = ", ".join(left[:10]) + (f" and {len(left) - 10} more" if len(left) > 10
+                                            else "")
+            log.info("%s: left %d file(s) that iif did not write: %s", chunks, len(left), shown)
 
     @property
     def chunks(self) -> list[tuple[int, int]]:
@@ -274,8 +311,33 @@ class ResultStore:
         # per-test flags of the whole, by global test index like the chunks' records
         info["flags"] = trust_flags(whole, info)
         result = Attribution(scores, m["method"], m["settings"], whole, info)
-        result.save(self.folder)
+        self._save(result)
         return result
+
+    def _save(self, result: Attribution) -> None:
+        """``result.save`` into the folder; a full disk is one line naming the file, and
+        leaves no result file that looks complete."""
+        scores = self.folder / SCORES_FILE
+        before = _identity(scores)
+        try:
+            result.save(self.folder)
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+            # save() writes the scores first: a new scores.npy in place means the record failed
+            failed = META_FILE if _identity(scores) not in (None, before) else SCORES_FILE
+            for name in (SCORES_FILE, META_FILE):
+                remove_file(self.folder / name)
+            needed = result.scores.nbytes + 128 if failed == SCORES_FILE else None
+            raise InputError(disk_full_message(self.folder / failed, exc, needed)) from None
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def describe_differences(differs: list[str], old_settings: Any, new_settings: dict[str, Any]

@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     attribute.add_argument("--force", action="store_true",
                            help="replace the results in --out when they belong to another run "
                                 "(other settings, model, data or checkpoints) or were written "
-                                "by Attribution.save(); without it such a folder is refused")
+                                "by Attribution.save(); without it such a folder is refused. "
+                                "Only the files iif writes there are removed")
     attribute.add_argument("--fitted", default=None, metavar="DIR",
                            help="folder of the method's fitted training-side state (IF, TRAK): "
                                 "loaded when it holds this run's, else computed and saved "
@@ -197,8 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("folder", metavar="DIR", help="folder written by iif attribute")
     show.add_argument("--task", default=None, metavar="MODULE:FUNCTION",
                       help="the task function, for the pictures")
-    show.add_argument("--test-index", type=int, nargs="+", default=[0], metavar="I",
-                      help="test samples to show (default: 0)")
+    show.add_argument("--test-index", type=int, nargs="+", default=None, metavar="I",
+                      help="test samples to detail and draw (default: the first 3; every "
+                           "test is listed in one line)")
     show.add_argument("--top", type=_positive_int, default=8, metavar="K",
                       help="proponents and opponents per test sample (default: 8)")
     show.add_argument("--image-shape", type=int, nargs="+", default=None, metavar="D",
@@ -325,7 +327,7 @@ def _run_settings(args: argparse.Namespace, **flags) -> dict:
 def _cmd_attribute(args: argparse.Namespace) -> int:
     from iif.results.diagnostics import summarize
     from iif.runs.config import build_method, check_settings
-    from iif.runs.distributed import attribute_job
+    from iif.runs.distributed import attribute_job, world
     from iif.task.job import load_job
 
     settings = _run_settings(args, method=args.method, seed=args.seed, chunk=args.chunk,
@@ -333,27 +335,51 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     if args.solver is not None and settings.get("method", "iif") != "if":
         raise InputError(f"--solver applies to influence functions (--method if), not to "
                          f"{settings.get('method', 'iif')!r}")
-    # settings and --out are checked before the task function, which may train a model
+    # settings, --out, --fitted and torchrun's RANK and WORLD_SIZE are checked before the
+    # task function, which may train a model
     check_settings(settings)
     _check_out(args.out)
+    ranks = world()
+    if args.fitted is not None:
+        if ranks[1] > 1:  # ranks featurise their own block of the training set
+            raise InputError("--fitted runs in one process, not under torchrun")
+        _check_out(args.fitted, "--fitted")
     job = load_job(args.task)
     method = build_method(job, settings)
     if args.fitted is not None:
-        from iif.runs.distributed import world
-
-        if world()[1] > 1:  # ranks featurise their own block of the training set
-            raise InputError("--fitted runs in one process, not under torchrun")
         method.fit(args.fitted)
     timeouts = {} if args.peer_timeout is None else {"peer_timeout_s": args.peer_timeout}
-    result = attribute_job(args.out, method, job, chunk=settings.get("chunk"), force=args.force,
-                           **timeouts)
+    with _WarningsSeen() as seen:
+        result = attribute_job(args.out, method, job, chunk=settings.get("chunk"),
+                               force=args.force, **timeouts)
     if result is not None:
         print(f"wrote {args.out}: {result.method} scores {result.scores.shape[0]} test x "
               f"{result.scores.shape[1]} training samples in {result.info['seconds']:.1f} s")
         summary = summarize(result.info.get("flags"), result.completeness)
-        if summary:  # test samples by global index (iif.results.diagnostics)
+        # test samples by global index (iif.results.diagnostics); a run of one chunk has just
+        # logged the same line, a resumed or chunked one has not said it for every test
+        if summary and summary not in seen.messages:
             print(f"warning: {summary}")
     return EXIT_OK
+
+
+class _WarningsSeen(logging.Handler):
+    """The warnings iif logs during a block (``messages``), so that the command's closing
+    summary does not repeat one word for word."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> _WarningsSeen:
+        logging.getLogger("iif").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("iif").removeHandler(self)
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -439,25 +465,25 @@ def _silence_stdout() -> None:
         pass
 
 
-def _check_out(out: str) -> None:
-    """Refuse the output folder ``--out`` before any work: an existing file, or a folder that
-    cannot be created or written."""
+def _check_out(out: str, flag: str = "--out") -> None:
+    """Refuse the output folder ``out`` (given as ``flag``) before any work: an existing file,
+    or a folder that cannot be created or written."""
     path = Path(out)
     if path.is_symlink() and not path.exists():
-        raise InputError(f"--out {out} is a broken symbolic link; remove it or give another "
+        raise InputError(f"{flag} {out} is a broken symbolic link; remove it or give another "
                          f"folder")
     if path.exists() and not path.is_dir():
-        raise InputError(f"--out {out} is a file, not a folder; give a new or existing folder")
+        raise InputError(f"{flag} {out} is a file, not a folder; give a new or existing folder")
     existing = path.absolute()
     while not existing.exists() and not existing.is_symlink():
         existing = existing.parent
     if not existing.is_dir():
         what = "a broken symbolic link" if not existing.exists() else "a file, not a folder"
-        raise InputError(f"--out {out}: {existing} is {what}, so the folder cannot be "
+        raise InputError(f"{flag} {out}: {existing} is {what}, so the folder cannot be "
                          f"created there")
     if not os.access(existing, os.W_OK | os.X_OK):
         what = "write into" if existing == path.absolute() else "create folders in"
-        raise InputError(f"--out {out}: no permission to {what} {existing}")
+        raise InputError(f"{flag} {out}: no permission to {what} {existing}")
 
 
 def _positive_int(text: str) -> int:

@@ -49,11 +49,24 @@ WORK_TIMEOUT_S = 6 * 3600.0  # collectives: ranks may finish their shares hours 
 
 
 def world() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment, (0, 1) outside it."""
+    """(rank, world size) from torchrun's environment, (0, 1) outside it. Values no launcher
+    sets (WORLD_SIZE below 1, RANK outside 0..WORLD_SIZE-1) raise :class:`InputError` at
+    once: no peer could ever join such a rank, so waiting for them would only time out."""
+    launch = "launch with torchrun, which sets both, or unset both to run in one process"
+    rank_text, size_text = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
     try:
-        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        rank, size = int(rank_text), int(size_text)
     except ValueError:
-        raise InputError("RANK and WORLD_SIZE must be integers") from None
+        raise InputError(f"RANK={rank_text!r} and WORLD_SIZE={size_text!r} must be integers; "
+                         f"{launch}") from None
+    if size < 1:
+        raise InputError(f"WORLD_SIZE={size}: it must be at least 1 (the number of processes); "
+                         f"{launch}")
+    if not 0 <= rank < size:
+        given = f"WORLD_SIZE={size}" if "WORLD_SIZE" in os.environ else "WORLD_SIZE unset (1)"
+        raise InputError(f"RANK={rank} with {given}: RANK must be in 0..WORLD_SIZE-1; "
+                         f"{launch}")
+    return rank, size
 
 
 def _join(device: torch.device, peer_timeout_s: float, timeout_s: float) -> Any:
