@@ -18,6 +18,7 @@ from iif.errors import InputError
 from iif.io import JSON_MAX_BYTES
 from iif.results.attribution import META_FILE, SCORES_FILE
 from iif.results.store import CHUNKS, MANIFEST, attribute_to
+from iif.runs.cli import main
 from iif.views.show import show
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo") or not os.path.exists("/dev/zero"),
@@ -158,3 +159,18 @@ def test_a_json_record_larger_than_any_iif_writes_is_refused_before_reading(prob
     with pytest.raises(InputError, match=f"holds {JSON_MAX_BYTES + 1} bytes, more than") as exc:
         iif.Attribution.load(tmp_path)
     _one_line(exc, tmp_path / META_FILE)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", [SCORES_FILE, META_FILE, MANIFEST])
+def test_iif_report_refuses_a_result_file_that_is_not_regular(problem, tmp_path, kind, name,
+                                                              capsys):
+    folder = tmp_path / "run"
+    _result(problem, folder)
+    _plant(folder / name, kind)
+    capsys.readouterr()
+    assert main(["report", str(folder), "--out", str(tmp_path / "page.html")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(folder / name) in err, err
+    assert "is not a regular file" in err
+    assert not (tmp_path / "page.html").exists()
