@@ -8,6 +8,8 @@ STAMP  := $(VENV)/.installed
 # the package itself accepts torch>=2.3.
 TORCH_PIN ?= torch==2.13.0
 OUT ?= demo-out
+# test processes (pytest-xdist); each runs torch on one thread, so 2 fill 2 cores
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test lint bench clean
 
@@ -24,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/iif demo --out $(OUT)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

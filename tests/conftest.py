@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -9,6 +10,10 @@ import torch
 from torch import nn
 
 from iif.task.task import Recipe, Task
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one test process per core: more torch threads would only contend
+    torch.set_num_threads(1)
 
 IN_DIM = 3
 HIDDEN = 4

@@ -10,6 +10,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from ranks import run_ranks
+
 TESTS = Path(__file__).parents[1]
 
 PER_RANK = """
@@ -78,14 +80,13 @@ def test_ranks_whose_models_differ_only_in_a_hidden_attribute_stop_before_writin
     differs, so only the key's probe of the model's behaviour can see it."""
     (tmp_path / "hidden_per_rank.py").write_text(HIDDEN_PER_RANK)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "iif", "--no-progress", "attribute", "--task", "hidden_per_rank:job", "--out",
-           str(out), "--proj-dim", "16", "--chunk", "1", "--threads", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_env(),
-                          cwd=tmp_path)
+    proc = run_ranks(["-m", "iif", "--no-progress", "attribute", "--task", "hidden_per_rank:job",
+                      "--out", str(out), "--proj-dim", "16", "--chunk", "1", "--threads", "1"],
+                     cwd=tmp_path)
+    err = proc.stderr.decode()
     assert proc.returncode != 0
     assert ("the ranks do not attribute the same run: model behaviour (ranks 1 differ from "
-            "rank 0)") in proc.stderr, proc.stderr[-3000:]
+            "rank 0)") in err, err[-3000:]
     assert not (out / "chunks").exists() or not list((out / "chunks").iterdir())
     assert not (out / "manifest.json").exists()
 

@@ -1,15 +1,13 @@
-"""Under torchrun, two gloo processes on loopback retrain the LDS ground truth's chunks of
+"""As under torchrun, two gloo processes on loopback retrain the LDS ground truth's chunks of
 models between them (``iif_paper.lds_job``) and give the single-process result."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import tiny_job
+from ranks import run_ranks
 
 TESTS = Path(__file__).resolve().parents[1]  # tiny_job.py
 
@@ -36,11 +34,8 @@ def test_lds_ground_truth_over_two_ranks_equals_one_process(tmp_path):
 
     script = tmp_path / "lds.py"
     script.write_text(LDS_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(script), str(tmp_path / "cache"), str(tmp_path / "losses.npy")]
-    run = subprocess.run(cmd, capture_output=True, timeout=240, env=env, cwd=TESTS)
+    run = run_ranks([str(script), str(tmp_path / "cache"), str(tmp_path / "losses.npy")],
+                    cwd=TESTS)
     assert run.returncode == 0, run.stderr.decode()[-3000:]
     task, train, test = tiny_job.problem()
     alone = ground_truth(task, train, test, RetrainSettings(n_subsets=6, batch_models=2,

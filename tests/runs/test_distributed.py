@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny_job
+from ranks import run_ranks
 
 from iif import Attribution, BaselineSettings
 from iif.runs.distributed import world
@@ -48,6 +49,13 @@ def _torchrun(task: str, out: Path, settings: Path, timeout: float = 240, chunk:
            "--settings", str(settings), "--threads", "1"]
     cmd += [] if chunk is None else ["--chunk", str(chunk)]
     return subprocess.run(cmd, capture_output=True, timeout=timeout, env=env, cwd=HERE)
+
+
+def _ranks(task: str, out: Path, settings: Path, chunk: int | None = 1):
+    """The ranks of :func:`_torchrun`'s command without the launcher (tests/ranks.py)."""
+    args = ["-m", "iif", "--no-progress", "attribute", "--task", task, "--out", str(out),
+            "--settings", str(settings), "--threads", "1"]
+    return run_ranks(args + ([] if chunk is None else ["--chunk", str(chunk)]), cwd=HERE)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +100,7 @@ mode = "shared"
 def test_shared_baseline_splits_the_training_set_over_two_ranks(tmp_path):
     settings = tmp_path / "s.toml"
     settings.write_text(SHARED_SETTINGS)
-    run = _torchrun("tiny_job:job", tmp_path / "out", settings, chunk=None)
+    run = _ranks("tiny_job:job", tmp_path / "out", settings, chunk=None)
     assert run.returncode == 0, run.stderr.decode()[-3000:]
     assert "rank 1 of 2: training samples 100..199" in run.stderr.decode()
     task, train, test = tiny_job.problem()
@@ -115,7 +123,7 @@ def test_trak_and_projected_if_split_the_training_set(tmp_path, settings_text, n
 
     settings = tmp_path / "s.toml"
     settings.write_text(settings_text)
-    run = _torchrun("tiny_job:job", tmp_path / "out", settings, chunk=4)
+    run = _ranks("tiny_job:job", tmp_path / "out", settings, chunk=4)
     assert run.returncode == 0, run.stderr.decode()[-3000:]
     job = load_job("tiny_job:job")
     expected = build_method(job, load_settings(settings)).attribute(job.test)
