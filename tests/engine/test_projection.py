@@ -503,3 +503,41 @@ def test_kronecker_says_why_its_dim_differs_from_the_dim_asked_for(caplog):
     shapes = ", ".join(f"{layer.p_out}x{layer.p_in}" for layer in p.layers)
     assert f"dim 30 shared by {len(p.layers) + 1} blocks" in lines[0]
     assert f"({shapes} + {p.rest.dim} other parameters) gives {p.dim} values" in lines[0]
+
+
+def test_kronecker_projects_gpt2_conv1d_layers_as_their_transposed_weights():
+    """GPT-2's blocks are ``transformers`` ``Conv1D`` layers (weight stored (in, out)) and its
+    only Linear, the head, is tied to the token embedding: the Conv1D layers are projected as
+    Kronecker layers, the fast path (hooks) equals projecting the per-sample Jacobians, and the
+    tied head's weight is projected once, with the other parameters."""
+    pytest.importorskip("transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from iif.engine.features import projected_jacobians
+    from iif.engine.functional import FunctionalModel
+    from iif.engine.grads import per_sample_jacobians
+    from iif.task.task import Task
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=13,
+                                       n_positions=8, attn_implementation="eager"))
+    model = model.double().eval()
+    task = Task(model, "sequence")
+    fmodel = FunctionalModel(model, task.output)
+    state = fmodel.state()
+    p = _kron(fmodel, 64, seed=1)
+    assert [layer.transposed for layer in p.layers] == [True] * 4  # c_attn, c_proj, c_fc, ...
+    assert "lm_head.weight" not in fmodel.names and p.rest is not None
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 13, (5, 6), generator=gen)
+    t = torch.randn(5, 6 * 13, generator=gen, dtype=torch.float64)
+
+    def fn(out, ti):
+        return torch.stack([(out * ti).sum(), (out ** 2).sum()])
+
+    fast = torch.cat([f for _, f in projected_jacobians(fmodel, state, x, fn, t, projector=p,
+                                                        chunk_size=2)])
+    slow = torch.cat([p.project(j) for _, j in per_sample_jacobians(fmodel, state, x, fn, t,
+                                                                   chunk_size=2)])
+    assert fast.shape == (5, 2, p.dim)
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from iif.engine.functional import FunctionalModel
 from iif.errors import InputError, UserCodeError
 from iif.task.task import Data, Recipe, Task, mse_loss, soft_cross_entropy
 
@@ -228,17 +231,64 @@ def test_model_cannot_run_on_input_shape(regression_task):
     assert "(7,)" in str(info.value)
 
 
-def test_model_returning_non_tensor(regression_data):
-    class Pair(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(3, 2).double()
+class _Returns(nn.Module):
+    """A Linear whose forward returns its output wrapped as ``wrap`` says."""
 
-        def forward(self, x):
-            return (self.lin(x), self.lin(x))
+    def __init__(self, wrap):
+        super().__init__()
+        self.lin = nn.Linear(3, 2).double()
+        self.wrap = wrap
 
-    with pytest.raises(ValueError, match="must return a tensor"):
-        Task(Pair(), "regression").validate(regression_data)
+    def forward(self, x):
+        return self.wrap(self.lin(x))
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda out: (out, out * 2),  # a tuple: its first element
+    lambda out: [out],
+    lambda out: {"logits": out, "hidden": out * 2},  # a dictionary's logits
+], ids=["tuple", "list", "dict"])
+def test_tuple_and_dict_outputs_are_read_as_their_logits(regression_data, wrap):
+    model = _Returns(wrap)
+    task = Task(model, "regression")
+    task.validate(regression_data)
+    fmodel = FunctionalModel(model, task.output)
+    x = torch.as_tensor(regression_data[0])
+    torch.testing.assert_close(fmodel.outputs(fmodel.state(), x), model.lin(x).detach())
+
+
+def test_a_model_output_is_read_as_its_logits(regression_data):
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    model = _Returns(lambda out: SequenceClassifierOutput(logits=out))
+    Task(model, "regression").validate(regression_data)
+
+
+@pytest.mark.parametrize(("wrap", "said"), [
+    (lambda out: {"scores": out}, "the model returned a dict (keys: scores) with no tensor "
+                                  "'logits'; give Task(..., output=lambda out: out[KEY])"),
+    (lambda out: "text", "the model returned a str; iif reads a tensor, a ModelOutput's "
+                         "logits, a dictionary's 'logits' or a tuple's first element: give "
+                         "Task(..., output=fn)"),
+    (lambda out: (None, out), "the model returned a tuple of 2 (first: NoneType)"),
+], ids=["dict", "str", "tuple"])
+def test_an_output_iif_cannot_read_is_named_with_the_remedy(regression_data, wrap, said):
+    with pytest.raises(InputError, match=re.escape(said)):
+        Task(_Returns(wrap), "regression").validate(regression_data)
+
+
+def test_an_output_function_reads_any_output(regression_data):
+    model = _Returns(lambda out: {"scores": out})
+    task = Task(model, "regression", output=lambda out: out["scores"])
+    task.validate(regression_data)
+    x = torch.as_tensor(regression_data[0])
+    fmodel = FunctionalModel(model, task.output)
+    torch.testing.assert_close(fmodel.outputs(fmodel.state(), x), model.lin(x).detach())
+    with pytest.raises(InputError, match="output must be a function"):
+        Task(model, "regression", output="scores")
+    broken = Task(model, "regression", output=lambda out: out["missing"])
+    with pytest.raises(UserCodeError, match=r"calling the task's output function .* KeyError"):
+        broken.validate(regression_data)
 
 
 def test_validation_restores_training_flag(mlp_factory, regression_data):

@@ -135,7 +135,7 @@ class Engine:
              sharding: Any = None) -> Engine:
         """The engine of ``model`` at its current parameters (theta*, frozen here);
         ``projector`` builds the projector from the model's FunctionalModel (None: exact)."""
-        fmodel = FunctionalModel(model)
+        fmodel = FunctionalModel(model, task.output)
         made = IdentityProjector(fmodel.num_params) if projector is None else projector(fmodel)
         return cls(task, train, fmodel, fmodel.state(), made, budget, sharding)
 

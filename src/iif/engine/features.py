@@ -37,7 +37,12 @@ from iif.engine.budget import (
     grown_chunk,
     spill_folder,
 )
-from iif.engine.functional import FunctionalModel, ModelState, module_mode
+from iif.engine.functional import (
+    FunctionalModel,
+    ModelState,
+    module_mode,
+    quiet_attention_fallback,
+)
 from iif.engine.grads import (
     ggn_factor,
     loss_and_target_jvps,
@@ -124,6 +129,8 @@ def projected_jacobians(
 def _single_use_layers(fmodel, state, x, projector) -> bool:
     """True when one forward calls each projected Linear or Conv2d module exactly once (no
     weight sharing), so that its hook sees the whole per-sample gradient."""
+    if not projector.layers:  # nothing to hook (e.g. only a tied head): dense Jacobians
+        return False
     calls = [0] * len(projector.layers)
     handles = [layer.module.register_forward_hook(
                    lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
@@ -158,7 +165,7 @@ def _with_rest(chunks, fmodel: FunctionalModel, state: ModelState, x: torch.Tens
         # the layers' chunk may be larger than a chunk of per-sample Jacobians should be
         for lo in range(start, start + feats.shape[0], chunk_size):
             hi = min(lo + chunk_size, start + feats.shape[0])
-            with module_mode(fmodel.module, False):
+            with module_mode(fmodel.module, False), quiet_attention_fallback():
                 tree = batched(free, x[lo:hi], *(a[lo:hi] for a in args))
             jac = torch.cat([tree[n].reshape(hi - lo, feats.shape[1], -1) for n in names],
                             dim=2)  # (n, R, M_rest) in the flat vector's order
@@ -510,6 +517,7 @@ def stacked_projected_jacobians(
         for start in range(0, n_total, step):
             stop = start + step
             xc = x[:, start:stop] if x_per_copy else x[start:stop]
-            feats = batched(params, buffers, xc, *(a[:, start:stop] for a in args))
+            with quiet_attention_fallback():
+                feats = batched(params, buffers, xc, *(a[:, start:stop] for a in args))
             _check_finite(feats, "per-sample gradients")
             yield start, feats.detach()

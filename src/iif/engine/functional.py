@@ -23,6 +23,7 @@ from torch import nn
 from torch.func import functional_call
 
 from iif.errors import InputError
+from iif.task.outputs import OutputFn, model_output
 
 
 @dataclass
@@ -129,8 +130,9 @@ def lone_samples_use_running_stats(module: nn.Module) -> Iterator[None]:
 class FunctionalModel:
     """A module called as ``f(state, x)``; the module's own tensors are never modified."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, output: OutputFn | None = None):
         self.module = module
+        self.output = output  # what the forward returns -> its output tensor (model_output)
         named = dict(module.named_parameters())
         self.names = [n for n, p in named.items() if p.requires_grad]
         if not self.names:
@@ -163,6 +165,7 @@ class FunctionalModel:
         # so the vmapped calls that differentiate the model are wrapped as well
         with quiet_attention_fallback():
             out = functional_call(self.module, {**params, **self.frozen, **buffers}, (x,))
+        out = model_output(out, self.output)
         return out.reshape(out.shape[0], -1)
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ different (equally valid) matrices.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -152,6 +153,9 @@ class KroneckerLayer:
     """For a Conv2d: the ``torch.nn.functional.unfold`` arguments (``kernel_size``,
     ``dilation``, ``padding``, ``stride``) that turn its input into patches, one per output
     position; None for a Linear."""
+    transposed: bool = False
+    """Whether the weight is stored (in, out), as in ``transformers``' ``Conv1D`` (GPT-2's
+    layers, ``y = x W + b``): G is then the transpose of the stored gradient."""
 
     @property
     def p_out(self) -> int:
@@ -170,9 +174,9 @@ class KroneckerLayer:
 
 
 class KroneckerProjector:
-    """``A_out^T G A_in`` per ``nn.Linear`` or ``nn.Conv2d`` layer (see the module docstring
-    and :class:`KroneckerLayer`), a dense seeded projection for every other parameter;
-    (n, M) -> (n, P) with P = ``self.dim``."""
+    """``A_out^T G A_in`` per ``nn.Linear``, ``nn.Conv2d`` or ``transformers`` ``Conv1D`` layer
+    (see the module docstring and :class:`KroneckerLayer`), a dense seeded projection for
+    every other parameter; (n, M) -> (n, P) with P = ``self.dim``."""
 
     def __init__(self, fmodel, settings: ProjectionSettings,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
@@ -186,7 +190,8 @@ class KroneckerProjector:
         self.layers: list[KroneckerLayer] = []
         covered: set[str] = set()
         candidates = [(name, m) for name, m in fmodel.module.named_modules()
-                      if isinstance(m, torch.nn.Linear) or _factorable_conv(m)]
+                      if isinstance(m, torch.nn.Linear) or _factorable_conv(m)
+                      or is_hf_conv1d(m)]
         found = []
         for name, module in candidates:
             w = f"{name}.weight" if name else "weight"
@@ -212,6 +217,9 @@ class KroneckerProjector:
             if isinstance(module, torch.nn.Linear):
                 out, inp = module.out_features, module.in_features
                 patches = None
+            elif is_hf_conv1d(module):  # weight (in, out)
+                inp, out = module.weight.shape
+                patches = None
             else:  # a Conv2d weight (out, in, kh, kw) is an out x (in kh kw) matrix
                 out = module.out_channels
                 inp = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
@@ -226,7 +234,7 @@ class KroneckerProjector:
                 bias_offset=None if b is None else offsets[b],
                 a_out=_random_matrix((out, p_out), settings.kind, seed, device, dtype),
                 a_in=_random_matrix((cols, p_in), settings.kind, seed + 1, device, dtype),
-                patches=patches))
+                patches=patches, transposed=is_hf_conv1d(module)))
         self.rest_index = torch.as_tensor(rest_index, device=device, dtype=torch.long)
         self.rest = None
         if rest:
@@ -261,7 +269,9 @@ class KroneckerProjector:
         for layer in self.layers:
             w_off, out, inp = layer.weight_offset, layer.out_features, layer.in_features
             a_out, a_in = layer.a_out.to(g.dtype), layer.a_in.to(g.dtype)
-            weight = g[:, w_off : w_off + out * inp].reshape(-1, out, inp)
+            weight = g[:, w_off : w_off + out * inp]
+            weight = (weight.reshape(-1, inp, out).transpose(1, 2) if layer.transposed
+                      else weight.reshape(-1, out, inp))
             t = weight @ a_in[:inp]  # (n, out, p_in)
             if layer.bias_offset is not None:
                 b_off = layer.bias_offset
@@ -270,6 +280,13 @@ class KroneckerProjector:
         if self.rest is not None:
             parts.append(self.rest.project(g.index_select(1, self.rest_index)))
         return torch.cat(parts, dim=1).reshape(*lead, self.dim)
+
+
+def is_hf_conv1d(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is ``transformers``' ``Conv1D`` (looked up only if transformers is
+    already imported: a model holding one has imported it)."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
 
 
 def _factorable_conv(module: torch.nn.Module) -> bool:

@@ -171,7 +171,7 @@ def train(
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise InputError(f"epochs must be an integer >= 0, got {epochs!r}")
     d = task.validate(data, "training data")
-    fmodel = FunctionalModel(task.model)
+    fmodel = FunctionalModel(task.model, task.output)
     gen = torch.Generator().manual_seed(seed)
     with seeded(seed, task.device):
         res = fit(task, fmodel, fmodel.state(), d.x, d.targets, epochs=epochs,

@@ -227,7 +227,7 @@ def train_batch(task: Task, data: Any, subset_masks: Any, seeds: Sequence[int],
     index = torch.as_tensor(np.stack([np.flatnonzero(row) for row in rows]))  # (B, S)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     with seeded(seeds[0], task.device):
-        results = fit_stacked(task, FunctionalModel(models[0]), start, d.x, d.targets,
+        results = fit_stacked(task, FunctionalModel(models[0], task.output), start, d.x, d.targets,
                               epochs=epochs, generator=gens, subsets=index.to(d.x.device))
     for b, res in enumerate(results):
         if not res.finite:
@@ -443,7 +443,7 @@ def _train_chunk(task: Task, train_d: Data, test_d: Data, subsets: np.ndarray,
     masks = np.stack([subsets[m] for m, _ in pairs])
     try:
         models = train_batch(task, train_d, masks, seeds, epochs)
-        losses = stacked_losses(task, FunctionalModel(task.model), models, test_d.x,
+        losses = stacked_losses(task, FunctionalModel(task.model, task.output), models, test_d.x,
                                 test_d.targets).detach().cpu().numpy()
     except RetrainDiverged as exc:
         m, r = pairs[exc.index]

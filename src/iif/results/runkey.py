@@ -314,11 +314,13 @@ def rounded_digest(tensors: Iterable[torch.Tensor], digest: Any) -> None:
 
 # ---- custom functions ------------------------------------------------------------------------
 def functions_digest(task: Any) -> str:
-    """Digests of the task's custom callables: its loss, a function measurement's function and
-    a callable recipe optimizer (:func:`callable_digest`)."""
+    """Digests of the task's custom callables: its loss, a function measurement's function, a
+    callable recipe optimizer and an output function (:func:`callable_digest`)."""
     optimizer = getattr(getattr(task, "recipe", None), "optimizer", None)
     fns = {"loss": task.loss, "measurement": getattr(task.measurement, "fn", None),
            "optimizer": optimizer if callable(optimizer) else None}
+    if getattr(task, "output", None) is not None:  # only then: earlier keys stay as they were
+        fns["output"] = task.output
     return settings_digest({k: None if f is None else callable_digest(f)
                             for k, f in fns.items()})
 

@@ -41,6 +41,7 @@ from torch import nn
 from iif.errors import InputError, UserCodeError
 from iif.task.data import Data, StreamedInputs, as_pair, to_tensor
 from iif.task.measurements import check_measurement
+from iif.task.outputs import OutputFn, model_output
 from iif.validation import Settings, setting
 
 Kind = Literal["regression", "classification", "sequence"]
@@ -144,6 +145,9 @@ class Task:
         batch: for data given as a ``Dataset`` or ``DataLoader``, the function mapping one
             collated batch to ``(inputs, labels)``; None: ``(x, y)`` pairs or dictionaries
             with an input key and a label key (see :func:`iif.task.data.default_batch`).
+        output: a function from what the model returns to its output tensor; None: a
+            tensor, a Hugging Face ``ModelOutput``'s ``logits``, a dictionary's ``logits`` or
+            a tuple's first element (:func:`iif.task.outputs.model_output`).
     """
 
     model: nn.Module
@@ -155,6 +159,7 @@ class Task:
     device: torch.device | str | None = None
     measurement: Any = None
     batch: Callable[[Any], tuple[Any, Any]] | None = None
+    output: OutputFn | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
@@ -168,6 +173,9 @@ class Task:
                              f"Recipe(lr=..., epochs=..., batch_size=...)")
         if self.measurement is not None:
             self.measurement = check_measurement(self.measurement, self)
+        if self.output is not None and not callable(self.output):
+            raise InputError(f"output must be a function from what the model returns to its "
+                             f"output tensor, got {type(self.output).__name__}")
         if self.batch is not None and not callable(self.batch):
             raise InputError(f"batch must be a function of one collated batch returning "
                              f"(inputs, labels), got {type(self.batch).__name__}")
@@ -363,7 +371,7 @@ class Task:
         self.model.eval()
         try:
             with torch.enable_grad():
-                out = self.model(x1)
+                returned = self.model(x1)
         except Exception as exc:  # the model rejects the input: say so at the boundary
             raise InputError(
                 f"the model cannot run on {name} inputs of shape {tuple(x1.shape[1:])}: {exc}"
@@ -371,8 +379,10 @@ class Task:
         finally:
             for m, flag in flags:
                 m.training = flag
-        if not isinstance(out, torch.Tensor) or out.ndim == 0 or out.shape[0] != 1:
-            raise InputError("the model must return a tensor of shape (batch, outputs)"
+        out = model_output(returned, self.output)
+        if out.ndim == 0 or out.shape[0] != 1:
+            raise InputError(f"the model's output has shape {tuple(out.shape)} for one sample; "
+                             f"it must be (batch, outputs)"
                              + (" or (batch, positions, vocab)" if self.kind == "sequence"
                                 else ""))
         if not out.requires_grad:

@@ -19,6 +19,7 @@ from iif.results.chunks import read_json
 from iif.results.diagnostics import describe, summarize, trust_flags
 from iif.results.runkey import PROBE, RunKey, behaviour_digest, data_digest, tensor_digest
 from iif.results.store import CHUNKS, MANIFEST
+from iif.task.outputs import model_output
 from iif.views.report import (
     contrast_caption,
     format_completeness,
@@ -270,7 +271,7 @@ def _predict(task, x1) -> tuple[object, float | None]:
     from iif.engine.functional import module_mode
 
     with torch.no_grad(), module_mode(task.model, False):
-        out = task.model(x1).reshape(1, -1)[0].double()
+        out = model_output(task.model(x1), task.output).reshape(1, -1)[0].double()
     if task.kind == "classification":
         prob = torch.softmax(out, dim=0)
         return int(prob.argmax()), float(prob.max())
@@ -288,7 +289,8 @@ def _predictions(task: Any, x: Any, batch: int = 256) -> list[Any]:
     out = []
     with torch.no_grad(), module_mode(task.model, False):
         for lo in range(0, len(x), batch):
-            y = task.model(x[lo : lo + batch]).reshape(min(batch, len(x) - lo), -1)
+            y = model_output(task.model(x[lo : lo + batch]), task.output)
+            y = y.reshape(min(batch, len(x) - lo), -1)
             if task.kind == "classification":
                 out += y.argmax(dim=1).cpu().tolist()
             else:
@@ -390,7 +392,7 @@ def _task_part(name: str, run: _Run) -> str:
     chunk = run.result.settings.get("chunk_size", 128)
     members = []
     for model in models:
-        fmodel = FunctionalModel(model)
+        fmodel = FunctionalModel(model, run.job.task.output)
         member = SimpleNamespace(fmodel=fmodel, state=fmodel.state(),
                                  chunk_size=chunk if isinstance(chunk, int) else 128)
         member.engine = member

@@ -216,7 +216,7 @@ def train_with_checkpoints(
         if epoch % every == 0:
             record(epoch, state)
 
-    fmodel = FunctionalModel(task.model)
+    fmodel = FunctionalModel(task.model, task.output)
     gen = torch.Generator().manual_seed(seed)  # as in iif.engine.training.train
     with seeded(seed, task.device):
         res = fit(task, fmodel, fmodel.state(), d.x, d.targets, epochs=epochs, generator=gen,
