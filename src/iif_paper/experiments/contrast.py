@@ -116,7 +116,7 @@ def run(
             for r, (name, s) in enumerate(part):
                 masks[r, rankings[name][s, :k]] = False
             models = train_batch(task, (x, y), masks, [seed] * len(part))
-            outs = stacked_outputs(FunctionalModel(task.model), models,
+            outs = stacked_outputs(FunctionalModel(task.model, task.output), models,
                                    torch.as_tensor(xt))  # (B, n, 10), eval mode
             for r, (name, s) in enumerate(part):
                 m = margins(outs[r, s : s + 1], a[s : s + 1], b[s : s + 1])[0]
