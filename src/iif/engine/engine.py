@@ -58,7 +58,7 @@ from iif.engine.features import (
     step_features,
 )
 from iif.engine.functional import FunctionalModel, ModelState
-from iif.engine.grads import per_sample_grads
+from iif.engine.grads import HOOKS, gradient_route, per_sample_grads, sample_loss_fn
 from iif.engine.linalg import Solver
 from iif.engine.projection import IdentityProjector, Projector
 from iif.engine.stacked import StackedState, cumulative_batchnorm, fit_stacked
@@ -253,8 +253,27 @@ class Engine:
                 features = SHARED_LAYERS
             else:
                 features = None
-            self._stacking = Stacking(why_training_cannot_stack(self.task), features)
+            training = self._why_training_cannot_stack()
+            if features is None and self.fmodel.route == HOOKS:
+                features = training
+            self._stacking = Stacking(training, features)
         return self._stacking
+
+    def _why_training_cannot_stack(self) -> str | None:
+        """Why copies cannot train stacked: the task's optimizer or BatchNorm
+        (:func:`~iif.engine.stacked.why_training_cannot_stack`), or a forward that cannot run
+        under ``vmap`` (the gradient route's probe, :func:`~iif.engine.grads.gradient_route`)."""
+        why = why_training_cannot_stack(self.task)
+        if why is None and self.gradient_route() == HOOKS:
+            why = self.fmodel.route_note
+        return why
+
+    def gradient_route(self) -> str:
+        """``"vmap"`` or ``"hooks"`` (:func:`~iif.engine.grads.gradient_route`), probed once
+        on two training samples with the task's loss."""
+        x = self.train.x[:2]
+        return gradient_route(self.fmodel, self.state, x, sample_loss_fn(self.task),
+                              self.train.targets[:2])
 
     def stacks_features(self) -> bool:
         """Whether B copies' features come from B-wide products (:meth:`stacking`)."""
@@ -382,7 +401,7 @@ class Engine:
         stacked (:meth:`stacking`), trains copy by copy with
         ``iif.engine.training.fit``; more run as stacked copies under vmap (``iif.engine.stacked``).
         """
-        stacks = why_training_cannot_stack(self.task) is None  # no features probe here
+        stacks = self._why_training_cannot_stack() is None  # no features probe here
         if isinstance(state, StackedState) and len(state) > 1 and stacks:
             return fit_stacked(self.task, self.fmodel, state, x, targets,
                                **_stacked_options(options))

@@ -44,7 +44,9 @@ from iif.engine.functional import (
     quiet_attention_fallback,
 )
 from iif.engine.grads import (
+    HOOKS,
     ggn_factor,
+    gradient_route,
     loss_and_target_jvps,
     measurement_fn,
     path_step_fn,
@@ -113,8 +115,12 @@ def projected_jacobians(
     (:func:`_rest_chunks`). Otherwise per-sample Jacobians
     (``iif.engine.grads.per_sample_jacobians``) of all parameters are projected.
     """
-    if isinstance(projector, KroneckerProjector) and _single_use_layers(
-            fmodel, state, x, projector):
+    fast = isinstance(projector, KroneckerProjector) and _single_use_layers(
+        fmodel, state, x, projector)
+    if fast and projector.rest is not None and gradient_route(
+            fmodel, state, x, fn, *args) == HOOKS:
+        fast = False  # the rest's per-sample Jacobians run under vmap: the hooks take all
+    if fast:
         chunks = _kronecker_chunks(fmodel, state, x, fn, args, projector, chunk_size)
         if projector.rest is not None:
             chunks = _with_rest(chunks, fmodel, state, x, fn, args, projector, chunk_size)

@@ -17,6 +17,7 @@ import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -133,6 +134,11 @@ class FunctionalModel:
     def __init__(self, module: nn.Module, output: OutputFn | None = None):
         self.module = module
         self.output = output  # what the forward returns -> its output tensor (model_output)
+        # how per-sample gradients are taken (iif.engine.grads.gradient_route): None until a
+        # probe decides "vmap" or "hooks"; the note says why not vmap; the hooks' layer plan
+        self.route: str | None = None
+        self.route_note: str | None = None
+        self.hook_plan: Any = None
         named = dict(module.named_parameters())
         self.names = [n for n, p in named.items() if p.requires_grad]
         if not self.names:

@@ -9,6 +9,7 @@ memory is bounded by ``chunk_size * rows * M`` values, never by ``N * M``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 
 import torch
@@ -20,8 +21,12 @@ from iif.engine.functional import (
     module_mode,
     quiet_attention_fallback,
 )
-from iif.errors import InputError
+from iif.engine.hooks import HookPlan, hook_plan, hooked_jacobians
+from iif.errors import InputError, exception_text
+from iif.task.outputs import model_output
 from iif.task.task import Task
+
+log = logging.getLogger(__name__)
 
 SampleFn = Callable[..., torch.Tensor]
 
@@ -37,15 +42,15 @@ def per_sample_jacobians(
     """Yield ``(start, J)`` with J (n_chunk, R, M): the parameter gradients of each of the R
     scalars ``fn(output_i, *args_i)`` returns for sample i (R=1 when fn returns a scalar).
 
-    One forward per sample is shared by its R backward passes (``jacrev``). Runs in eval mode
-    (dropout off, BatchNorm on running statistics).
+    Runs in eval mode (dropout off, BatchNorm on running statistics), by the route
+    :func:`gradient_route` chose for the model: under ``vmap`` (one forward per sample shared
+    by its R backward passes, ``jacrev``), or, for a forward that cannot run there, from module
+    hooks in batched forwards (:mod:`iif.engine.hooks`). Both give the same gradients.
     """
-
-    def single(params, buffers, xi, *ai):
-        out = fmodel(params, buffers, xi.unsqueeze(0)).squeeze(0)
-        return fn(out, *ai).reshape(-1)
-
-    batched = vmap(jacrev(single), in_dims=(None, None, 0) + (0,) * len(args))
+    if gradient_route(fmodel, state, x, fn, *args) == HOOKS:
+        yield from _hooked(fmodel, state, x, fn, args, chunk_size)
+        return
+    batched = _vmapped(fmodel, fn, len(args))
     with module_mode(fmodel.module, False):
         for start in range(0, x.shape[0], chunk_size):
             stop = start + chunk_size
@@ -53,6 +58,76 @@ def per_sample_jacobians(
             with quiet_attention_fallback():  # never across the yield: the caller runs there
                 tree = batched(state.params, state.buffers, x[start:stop], *chunk_args)
             yield start, fmodel.flatten_batched(tree, lead=2).detach()
+
+
+VMAP, HOOKS = "vmap", "hooks"
+
+
+def _vmapped(fmodel: FunctionalModel, fn: SampleFn, n_args: int) -> Callable:
+    def single(params, buffers, xi, *ai):
+        out = fmodel(params, buffers, xi.unsqueeze(0)).squeeze(0)
+        return fn(out, *ai).reshape(-1)
+
+    return vmap(jacrev(single), in_dims=(None, None, 0) + (0,) * n_args)
+
+
+def gradient_route(fmodel: FunctionalModel, state: ModelState, x: torch.Tensor,
+                   fn: SampleFn | None = None, *args: torch.Tensor) -> str:
+    """``"vmap"`` or ``"hooks"``: how this model's per-sample gradients are taken, decided
+    once per :class:`FunctionalModel` (``fmodel.route``; set it to choose) by running the
+    ``vmap`` route on two samples. A forward that cannot run under ``vmap`` (data-dependent
+    control flow such as a padding mask, recurrent layers) takes module hooks instead; the
+    choice is said in one INFO line, never by showing torch's error."""
+    if fmodel.route is None:
+        k = min(2, x.shape[0])
+        if fn is None:
+            fn, args = _output_sum, ()
+        try:
+            with module_mode(fmodel.module, False), quiet_attention_fallback():
+                _vmapped(fmodel, fn, len(args))(state.params, state.buffers, x[:k],
+                                                 *(a[:k] for a in args))
+            fmodel.route = VMAP
+        except Exception as exc:  # noqa: BLE001 (any failure under vmap: the hooks need none)
+            # a forward that fails without vmap too is the model's own failure: say that one
+            with torch.no_grad(), module_mode(fmodel.module, False):
+                fmodel(state.params, state.buffers, x[:k])
+            fmodel.route = HOOKS
+            fmodel.route_note = (f"the model's forward cannot run under torch.func.vmap "
+                                 f"({type(exc).__name__})")
+            log.debug("vmap probe: %s", exception_text(exc))
+            plan = _plan(fmodel)
+            log.info("per-sample gradients from module hooks in batched forwards: %s; %s",
+                     fmodel.route_note, plan.summary())
+    return fmodel.route
+
+
+def _output_sum(out: torch.Tensor) -> torch.Tensor:
+    return out.sum()
+
+
+def _plan(fmodel: FunctionalModel) -> HookPlan:
+    if fmodel.hook_plan is None:
+        fmodel.hook_plan = hook_plan(fmodel.module, fmodel.names)
+    return fmodel.hook_plan
+
+
+def _hooked(fmodel: FunctionalModel, state: ModelState, x: torch.Tensor, fn: SampleFn,
+            args: tuple, chunk_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """:func:`per_sample_jacobians` by :func:`iif.engine.hooks.hooked_jacobians`, chunk by
+    chunk (streamed inputs are read one chunk at a time)."""
+    def batched_fn(out, *a):
+        o = model_output(out, fmodel.output)
+        o = o.reshape(o.shape[0], -1)
+        return vmap(lambda oi, *ai: fn(oi, *ai).reshape(-1))(o, *a)  # (n, R)
+
+    buffers = {**fmodel.frozen, **state.buffers}
+    for start in range(0, x.shape[0], chunk_size):
+        stop = start + chunk_size
+        xc = x[start:stop]
+        for _, jac in hooked_jacobians(fmodel.module, fmodel.names, state.params, buffers, xc,
+                                       batched_fn, *(a[start:stop] for a in args),
+                                       chunk_size=xc.shape[0], plan=_plan(fmodel)):
+            yield start, jac
 
 
 def per_sample_grads(

@@ -134,7 +134,7 @@ class HookPlan:
         hooked, rest = self.hooked, self.rest
         counts = Counter("+".join(sorted(set(k))) for k in hooked.values())
         kinds = ", ".join(f"{k} {c}" for k, c in sorted(counts.items()))
-        line = f"per-sample gradients: hooks for {len(hooked)} of {len(self.names)} parameters"
+        line = f"hooks for {len(hooked)} of {len(self.names)} parameters"
         line += f" ({kinds})" if kinds else ""
         if rest:
             shown = ", ".join(rest[:3]) + (f" and {len(rest) - 3} more" if len(rest) > 3 else "")

@@ -139,7 +139,18 @@ class AttributionMethod:
         result = parts[0] if len(parts) == 1 else self._combine(parts)
         result.info.setdefault("seconds", time.perf_counter() - start)
         result.info["ensemble_size"] = len(parts)
+        self._say_route(result.info)
         return result
+
+    def _say_route(self, info: dict[str, Any]) -> None:
+        """How per-sample gradients are taken (``iif.engine.grads.gradient_route``): ``vmap``,
+        or ``hooks`` with why and which layers."""
+        fmodel = self.fmodel
+        info["gradient_route"] = self.engine.gradient_route()  # probed once if not yet
+        if fmodel.route_note is not None:
+            plan = fmodel.hook_plan
+            info["gradient_route_note"] = fmodel.route_note + (
+                f"; {plan.summary()}" if plan is not None else "")
 
     def self_influence(self, indices: Any = None) -> np.ndarray:
         """Self-influence of training samples (default all), shape (n,), averaged over the

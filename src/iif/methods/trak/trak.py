@@ -159,6 +159,7 @@ class TRAK(AttributionMethod):
         scores = ensemble_scores([m._parts(test) for m in members])
         info = self._info(members)
         info["seconds"] = time.perf_counter() - start
+        self._say_route(info)
         if len(members) == 1:
             info["note"] = ENSEMBLE_HINT
             self._hint_ensemble()
