@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # the names below are imported on first use (PEP 562), not wi
     from iif.results.trained import train_cached
     from iif.task.data import Streamed
     from iif.task.measurements import FunctionMeasurement, Logit, LogProb, Margin, TestLoss
+    from iif.task.sequences import causal_lm_labels, completions
     from iif.task.task import Recipe, Task
 
 # public name -> the module that defines it; ``import iif`` stays light (no torch), so the
@@ -63,6 +64,8 @@ _EXPORTS = {
     "train_cached": "iif.results.trained",
     "train_ensemble": "iif.engine.training",
     "train_with_checkpoints": "iif.methods.tracin.checkpoints",
+    "causal_lm_labels": "iif.task.sequences",
+    "completions": "iif.task.sequences",
 }
 
 
