@@ -84,6 +84,8 @@ def __dir__() -> list[str]:
 __all__ = [
     "Attribution",
     "BaselineSettings",
+    "causal_lm_labels",
+    "completions",
     "CGSettings",
     "CurvatureError",
     "CurvatureSettings",

@@ -99,3 +99,152 @@ def test_a_masked_hugging_face_classifier_is_attributed_without_a_wrapper_of_its
         assert result.scores.shape == (2, 12) and np.isfinite(result.scores).all()
         assert result.info["gradient_route"] == "hooks"
         assert np.abs(result.scores).max() > 0
+
+
+# ---- samples with several inputs -------------------------------------------------------------
+class Texts(torch.utils.data.Dataset):
+    """Tokenised texts padded to one length, as a tokenizer's dictionaries."""
+
+    def __init__(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):
+        self.ids, self.mask, self.labels = ids, mask, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i],
+                "labels": self.labels[i]}
+
+
+def _bert_and_texts():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=16,
+                                  max_position_embeddings=8, num_labels=2)
+    torch.manual_seed(0)
+    bert = transformers.BertForSequenceClassification(cfg).double().eval()
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 20, (12, 6), generator=gen)
+    ids[::3, 4:] = 0  # padding
+    mask = (ids != 0).long()
+    return bert, ids, mask, (ids[:, 0] > 10).long()
+
+
+def test_a_hugging_face_classifier_takes_dictionary_batches_with_their_attention_mask():
+    from iif.results.runkey import run_key
+
+    bert, ids, mask, labels = _bert_and_texts()
+    task = Task(bert, "classification")
+    train = torch.utils.data.DataLoader(Texts(ids, mask, labels), batch_size=5)
+    test = torch.utils.data.DataLoader(Texts(ids[:3], mask[:3], labels[:3]), batch_size=2)
+    methods = [IntegratedInfluence(task, train, progress=False, path=PathSettings(steps=2)),
+               InfluenceFunction(task, train, progress=False),
+               iif.TRAK(task, train, progress=False)]
+    for method in methods:
+        result = method.attribute(test)
+        assert result.scores.shape == (3, 12) and np.isfinite(result.scores).all()
+        assert np.abs(result.scores).max() > 0
+    # the engine's per-sample gradients are those of the model called with both keywords
+    method = methods[1]
+    got = method.engine.per_sample_grads(method.state, method.train.x, method.train.targets)
+    params = [p for p in bert.parameters() if p.requires_grad]
+    for i in range(len(labels)):
+        logits = bert(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1]).logits
+        loss = -torch.log_softmax(logits, -1)[0, labels[i]]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        want = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                          for p, g in zip(params, grads, strict=True)])
+        torch.testing.assert_close(got[i], want, rtol=1e-9, atol=1e-12)
+    assert method.engine.gradient_route() == "hooks"
+    # one training sample's mask changes its gradients, the scores and the run key
+    unmasked = mask.clone()
+    unmasked[0] = 1
+    other = InfluenceFunction(task, torch.utils.data.DataLoader(
+        Texts(ids, unmasked, labels), batch_size=5), progress=False)
+    before, after = method.attribute(test).scores, other.attribute(test).scores
+    assert np.abs(before[:, 0] - after[:, 0]).min() > 1e-8
+    keys = [run_key(m, m.validate_test(test)) for m in (method, other)]
+    assert keys[0].differences(keys[1].parts) == ["training data"]
+
+
+class Halves(nn.Module):
+    """:class:`Plain` on the concatenation of two inputs."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, a, b):
+        return self.net(torch.cat([a, b], dim=-1))
+
+
+class Pieces(torch.utils.data.Dataset):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, keywords: bool):
+        self.x, self.y, self.keywords = x, y, keywords
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        a, b = self.x[i, :1], self.x[i, 1:]
+        return {"a": a, "b": b, "label": self.y[i]} if self.keywords else (a, b, self.y[i])
+
+
+# and the Kronecker fast path, whose B copies' features are stacked under vmap
+SEVERAL = {**METHODS, "iif-kronecker": lambda task, train: IntegratedInfluence(
+    task, train, progress=False, path=PathSettings(steps=2),
+    projection=ProjectionSettings(dim=12, structure="kronecker"))}
+
+
+@pytest.mark.parametrize("form", ["tuple", "dict"])
+@pytest.mark.parametrize("name", list(SEVERAL))
+def test_two_inputs_give_the_scores_of_one_model_on_their_concatenation(name, form):
+    import copy
+
+    (x, y), (xt, yt) = _data(), _data(4, seed=1)
+    keywords = form == "dict"
+    whole = SEVERAL[name](Task(Plain(), "classification"), (x, y)).attribute((xt, yt))
+    loader = torch.utils.data.DataLoader(Pieces(x, y, keywords), batch_size=5)
+    task = Task(Halves(copy.deepcopy(Plain())), "classification")
+    halves = SEVERAL[name](task, loader).attribute(
+        torch.utils.data.DataLoader(Pieces(xt, yt, keywords), batch_size=3))
+    assert halves.info["gradient_route"] == "vmap"
+    assert np.abs(whole.scores).max() > 0
+    np.testing.assert_allclose(halves.scores, whole.scores, rtol=1e-9,
+                               atol=1e-12 * np.abs(whole.scores).max())
+
+
+class Masked(nn.Module):
+    """Embedded tokens summed under a mask; ``packed`` takes ids and mask as one tensor."""
+
+    def __init__(self, packed: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head, self.packed = nn.Embedding(9, 3).double(), \
+            nn.Linear(3, 2).double(), packed
+
+    def forward(self, input_ids, attention_mask=None):
+        if self.packed:
+            input_ids, attention_mask = input_ids[:, 0], input_ids[:, 1]
+        return self.head((self.emb(input_ids) * attention_mask[..., None]).sum(1))
+
+
+@pytest.mark.parametrize("name", ["trak-kronecker", "iif-kronecker", "if"])
+def test_keyword_inputs_reach_the_parameters_outside_the_projected_layers(name):
+    make = {"trak-kronecker": lambda task, train: iif.TRAK(
+                task, train, progress=False,
+                projection=ProjectionSettings(dim=8, structure="kronecker")),
+            "iif-kronecker": SEVERAL["iif-kronecker"], "if": METHODS["if"]}[name]
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 9, (10, 4), generator=gen)
+    mask = (torch.rand(10, 4, generator=gen) > 0.3).long()
+    labels = torch.arange(10) % 2
+    packed = make(Task(Masked(packed=True), "classification"),
+                  (torch.stack([ids, mask], 1), labels)).attribute(
+                      (torch.stack([ids[:3], mask[:3]], 1), labels[:3]))
+    texts = torch.utils.data.DataLoader(Texts(ids, mask, labels), batch_size=4)
+    keywords = make(Task(Masked(), "classification"), texts).attribute(
+        torch.utils.data.DataLoader(Texts(ids[:3], mask[:3], labels[:3]), batch_size=2))
+    assert np.abs(packed.scores).max() > 0
+    np.testing.assert_allclose(keywords.scores, packed.scores, rtol=1e-9,
+                               atol=1e-12 * np.abs(packed.scores).max())

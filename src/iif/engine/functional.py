@@ -24,6 +24,7 @@ from torch import nn
 from torch.func import functional_call
 
 from iif.errors import InputError
+from iif.task.inputs import Inputs
 from iif.task.outputs import OutputFn, model_output
 
 
@@ -165,12 +166,19 @@ class FunctionalModel:
                     b.copy_(state.buffers[n])
 
     def __call__(
-        self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor
+        self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+        x: torch.Tensor | Inputs,
     ) -> torch.Tensor:
+        """Outputs (n, d) for inputs ``x`` (n, ...): a tensor, the model's one argument, or
+        :class:`~iif.task.inputs.Inputs`, its positional and keyword arguments."""
+        state = {**params, **self.frozen, **buffers}
         # the forward's note rises here; the backward's rises in autograd, outside this call,
         # so the vmapped calls that differentiate the model are wrapped as well
         with quiet_attention_fallback():
-            out = functional_call(self.module, {**params, **self.frozen, **buffers}, (x,))
+            if isinstance(x, Inputs):
+                out = functional_call(self.module, state, *x.call())
+            else:
+                out = functional_call(self.module, state, (x,))
         out = model_output(out, self.output)
         return out.reshape(out.shape[0], -1)
 

@@ -65,12 +65,14 @@ from torch.func import functional_call
 
 from iif.engine.functional import module_mode
 from iif.errors import InputError
+from iif.task.inputs import Inputs as SampleInputs
 
 log = logging.getLogger(__name__)
 
-# a batched tensor (one positional argument), a tuple of them (positional arguments) or a dict
-# of them (keyword arguments); values that are not tensors are passed to every chunk unchanged
-Inputs = torch.Tensor | Sequence[Any] | Mapping[str, Any]
+# a batched tensor (one positional argument), a tuple of them (positional arguments), a dict
+# of them (keyword arguments) or both (iif.task.inputs.Inputs); values that are not tensors
+# are passed to every chunk unchanged
+Inputs = torch.Tensor | SampleInputs | Sequence[Any] | Mapping[str, Any]
 BatchFn = Callable[..., torch.Tensor]
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -586,9 +588,10 @@ def hooked_jacobians(
     ``fn`` gets the model's BATCHED outputs for a chunk (whatever the model returns, e.g. a
     Hugging Face output with ``.logits``) and the chunk's rows of ``args``, and returns (n,)
     (R = 1) or (n, R); value i must depend on sample i only. ``inputs`` is a batched tensor,
-    a tuple of them (positional arguments) or a dict of them (keyword arguments, e.g.
-    ``input_ids`` and ``attention_mask``); every tensor among them and in ``args`` is
-    sliced along dim 0, other values are passed as they are.
+    a tuple of them (positional arguments), a dict of them (keyword arguments, e.g.
+    ``input_ids`` and ``attention_mask``) or an :class:`iif.task.inputs.Inputs` of both;
+    every tensor among them and in ``args`` is sliced along dim 0, other values are passed
+    as they are.
 
     The model runs at ``params`` and ``buffers`` through ``torch.func.functional_call`` (its
     own tensors are never modified), in eval mode (each module's flag restored after each
@@ -629,6 +632,8 @@ def hooked_jacobians(
 def _as_call(inputs: Inputs) -> tuple[tuple, dict]:
     if isinstance(inputs, torch.Tensor):
         return (inputs,), {}
+    if isinstance(inputs, SampleInputs):
+        return inputs.call()
     if isinstance(inputs, Mapping):
         return (), dict(inputs)
     if isinstance(inputs, Sequence) and not isinstance(inputs, str):

@@ -10,7 +10,8 @@ A key is made of named parts, each a SHA-256:
   scalar attributes such as ``p`` or ``eps``, train/eval mode, parameter names, shapes and
   whether they train) and the source code of every module class not from ``torch`` (and of
   a custom loss function), where Python can find it,
-- ``training data``, ``test data``: inputs, labels and targets in their order,
+- ``training data``, ``test data``: inputs (each of several with its key), labels and
+  targets in their order,
 - ``checkpoints`` (TracIn): the contents of every checkpoint, not its path,
 - ``model behaviour``: what every model attributed computes (see below),
 - ``custom functions``: the code and captured values of the task's callables (below),
@@ -75,6 +76,7 @@ from torch import nn
 from iif.engine.training import seeded
 from iif.io import jsonable, open_regular
 from iif.task.data import take
+from iif.task.inputs import Inputs
 from iif.version import __version__
 
 PARTS = ("method", "settings", "model weights", "model structure", "model behaviour",
@@ -121,10 +123,16 @@ def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def tensor_digest(tensors: Iterable[torch.Tensor | np.ndarray], digest=None) -> str:
-    """SHA-256 over the shapes, dtypes and bytes of ``tensors``, in order."""
+def tensor_digest(tensors: Iterable[torch.Tensor | np.ndarray | Inputs], digest=None) -> str:
+    """SHA-256 over the shapes, dtypes and bytes of ``tensors``, in order; several inputs
+    (:class:`~iif.task.inputs.Inputs`) add each of their tensors after its key."""
     digest = digest or hashlib.sha256()
     for t in tensors:
+        if isinstance(t, Inputs):
+            for key, tensor in t.named():
+                digest.update(f"input {key!r}".encode())
+                tensor_digest([tensor], digest)
+            continue
         if hasattr(t, "chunks"):  # streamed inputs: the same bytes, read a chunk at a time
             kind = torch.empty((), dtype=t.dtype).numpy().dtype.str
             digest.update(f"{kind}{tuple(t.shape)}".encode())
@@ -295,7 +303,7 @@ def behaviour_digest(method: Any, test: Any = None) -> str:
 def _probe(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``PROBE`` inputs (read, when streamed) and targets of validated data."""
     x = take(data.x, slice(0, PROBE))
-    return (x if isinstance(x, torch.Tensor) else x[:]), data.targets[:PROBE]
+    return (x if isinstance(x, (torch.Tensor, Inputs)) else x[:]), data.targets[:PROBE]
 
 
 def rounded_digest(tensors: Iterable[torch.Tensor], digest: Any) -> None:

@@ -2,19 +2,27 @@
 
 :func:`as_pair` turns any of them into ``(inputs, labels)`` for :meth:`iif.task.task.Task.validate`:
 
-- ``(x, y)`` tensors or arrays, a ``TensorDataset`` of two tensors, or validated ``Data``;
+- ``(x, y)`` tensors or arrays (``x`` may be a tuple of positional inputs or a dictionary of
+  keyword inputs), a ``TensorDataset`` ``(x1, ..., y)``, or validated ``Data``;
 - a map-style ``torch.utils.data.Dataset`` (read in order, in batches, with the default
   collate);
 - a ``DataLoader`` (its own ``batch_size`` and ``collate_fn``; tensor, tuple or dictionary
   batches).
 
 Each collated batch becomes ``(inputs, labels)`` by the task's ``batch`` function, or by
-:func:`default_batch`. Scores index training samples by their position in the data: column j
-is sample j of the dataset, so a loader must yield samples 0..N-1 in order, each once. Its
-index stream (its ``batch_sampler``, or its ``sampler`` when it does not batch) is read first,
-indices only, and a loader that shuffles, skips, repeats or drops samples is refused; where
-the indices say nothing about what is yielded (keys that are not positions, a loader with its
-own ``__iter__``), its first and last batches are compared with the dataset's own samples at
+:func:`default_batch`: a pair, a tuple ``(x1, x2, ..., y)`` of positional inputs, or a
+dictionary whose entries besides the labels (the task's ``label_key``, else the first of
+``LABEL_KEYS``) are keyword inputs, such as a tokenizer's ``input_ids`` and
+``attention_mask``. Entries that are not arrays (strings) are named in one warning and not
+passed to the model. A sample with several inputs is an :class:`~iif.task.inputs.Inputs`,
+with one a plain tensor.
+
+Scores index training samples by their position in the data: column j is sample j of the
+dataset, so a loader must yield samples 0..N-1 in order, each once. Its index stream (its
+``batch_sampler``, or its ``sampler`` when it does not batch) is read first, indices only, and
+a loader that shuffles, skips, repeats or drops samples is refused; where the indices say
+nothing about what is yielded (keys that are not positions, a loader with its own
+``__iter__``), its first and last batches are compared with the dataset's own samples at
 those positions.
 
 Inputs that take more than ``IN_MEMORY_BYTES`` (estimated from the first batch), or data
@@ -24,11 +32,14 @@ time, so no N x (input size) tensor is ever held; labels and targets are held. A
 this way must return the same sample for the same index (no random augmentation): a CRC-32 of
 every sample is kept from the first read (4 bytes a sample) and every later read is compared
 with it, and the first batch and the last sample are read again at once. Only the pictures
-(``iif show``, ``explain``, ``report``) read every input in at once.
+(``iif show``, ``explain``, ``report``) read every input in at once. Samples with several
+inputs are always held in memory: ``Streamed`` refuses them, and beyond ``IN_MEMORY_BYTES``
+a warning says they are held.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import zlib
@@ -48,8 +59,8 @@ from torch.utils.data import (
 )
 
 from iif.errors import InputError, UserCodeError
+from iif.task.inputs import INPUT_KEYS, Inputs, joined_inputs
 
-INPUT_KEYS = ("input_ids", "inputs", "input", "x", "image", "images", "pixel_values")
 LABEL_KEYS = ("labels", "label", "targets", "target", "y")
 READ_BATCH = 256  # samples per read of a Dataset given without a loader
 IN_MEMORY_BYTES = 1 << 30  # inputs beyond this are streamed, not gathered
@@ -67,7 +78,7 @@ log = logging.getLogger(__name__)
 class Data:
     """Validated data on the task's device: inputs, raw labels and continuous targets."""
 
-    x: torch.Tensor
+    x: torch.Tensor | Inputs | StreamedInputs  # (n, ...); Inputs: several per sample
     labels: torch.Tensor  # (n,) int64 for classification, (n, d) float for regression
     targets: torch.Tensor  # (n, d) float: one-hot or regression values
 
@@ -91,23 +102,88 @@ class Data:
 
 
 
-def default_batch(batch: Any) -> tuple[Any, Any]:
-    """``(inputs, labels)`` of one collated batch: a pair ``(x, y)`` (a tuple or list of
-    two), or a dictionary with one of the keys ``INPUT_KEYS`` and one of ``LABEL_KEYS``."""
+def default_batch(batch: Any, label_key: str | None = None,
+                  dropped: dict[str, str] | None = None) -> tuple[Any, Any]:
+    """``(inputs, labels)`` of one collated batch:
+
+    - a pair ``(x, y)`` (a tuple or list of two; ``x`` may itself be a tuple, list or
+      dictionary of tensors: see :func:`model_inputs`);
+    - a tuple or list ``(x1, x2, ..., y)`` of more: the positional inputs ``(x1, x2, ...)``;
+    - a dictionary: its labels under ``label_key`` (None: the first of ``LABEL_KEYS``
+      present), every other array entry a keyword input (``input_ids``,
+      ``attention_mask``...; a single one is passed positionally, as before). Entries that
+      are not arrays (strings) are not passed to the model: ``dropped`` gets their names
+      and types, for one warning per data set."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
+    if isinstance(batch, (tuple, list)) and len(batch) > 2:
+        return tuple(batch[:-1]), batch[-1]
     if isinstance(batch, Mapping):
-        x = next((batch[k] for k in INPUT_KEYS if k in batch), None)
-        y = next((batch[k] for k in LABEL_KEYS if k in batch), None)
-        if x is not None and y is not None:
-            return x, y
-        raise InputError(f"a dictionary batch needs an input key (one of {list(INPUT_KEYS)}) "
-                         f"and a label key (one of {list(LABEL_KEYS)}); got keys "
-                         f"{sorted(map(str, batch))}: give Task(..., batch=fn) mapping a "
-                         f"batch to (inputs, labels)")
-    raise InputError(f"a batch must be a pair (inputs, labels) or a dictionary, got "
-                     f"{type(batch).__name__}: give Task(..., batch=fn) mapping a batch to "
-                     f"(inputs, labels)")
+        key = _label_key(batch, label_key)
+        rest = {k: v for k, v in batch.items() if k != key}
+        return _dict_inputs(rest, "a dictionary batch", dropped), batch[key]
+    raise InputError(f"a batch must be a pair (inputs, labels), a tuple (inputs..., labels) "
+                     f"or a dictionary, got {type(batch).__name__}: give Task(..., batch=fn) "
+                     f"mapping a batch to (inputs, labels)")
+
+
+def _label_key(batch: Mapping, label_key: str | None) -> Any:
+    """The key of a dictionary batch's labels: ``label_key``, or the first of
+    ``LABEL_KEYS`` present."""
+    keys = sorted(map(str, batch))
+    if label_key is not None:
+        if label_key in batch:
+            return label_key
+        raise InputError(f"a dictionary batch has no label key {label_key!r}; got keys {keys}: "
+                         f"give Task(..., label_key=...) naming the labels' key")
+    key = next((k for k in LABEL_KEYS if k in batch), None)
+    if key is None:
+        raise InputError(f"a dictionary batch needs a label key (one of {list(LABEL_KEYS)}) "
+                         f"beside its input keys; got keys {keys}: give Task(..., "
+                         f"label_key=...), or Task(..., batch=fn) mapping a batch to "
+                         f"(inputs, labels)")
+    return key
+
+
+def model_inputs(x: Any, what: str, dropped: dict[str, str] | None = None
+                 ) -> torch.Tensor | Inputs | StreamedInputs:
+    """The inputs ``x`` of a pair as the model takes them: a dictionary's array entries as
+    keyword inputs, a tuple or list of tensors as positional inputs (an
+    :class:`~iif.task.inputs.Inputs` for two or more, the tensor itself for one), anything
+    else as one tensor (:func:`to_tensor`); streamed inputs stay so. ``dropped``: see
+    :func:`default_batch`."""
+    if isinstance(x, StreamedInputs):
+        return x
+    if isinstance(x, Inputs):
+        return x.detach()
+    if isinstance(x, Mapping):
+        return _dict_inputs(x, what, dropped)
+    if isinstance(x, (tuple, list)) and x and all(isinstance(v, torch.Tensor) for v in x):
+        return joined_inputs([v.detach() for v in x])
+    return to_tensor(x, what)
+
+
+def _dict_inputs(entries: Mapping, what: str, dropped: dict[str, str] | None
+                 ) -> torch.Tensor | Inputs:
+    """The array entries of a dictionary as keyword inputs (a key of ``INPUT_KEYS`` is one
+    whatever it holds); the names and types of the others go to ``dropped``."""
+    kept = {}
+    for key, value in entries.items():
+        if _numeric_array(value) or key in INPUT_KEYS:
+            kept[str(key)] = to_tensor(value, f"{what} entry {key!r}")
+        elif dropped is not None:
+            dropped.setdefault(str(key), type(value).__name__)
+    if not kept:
+        raise InputError(f"{what} holds no input tensor (keys {sorted(map(str, entries))}): "
+                         f"give Task(..., batch=fn) mapping a batch to (inputs, labels)")
+    return joined_inputs(kwargs=kept)
+
+
+def _numeric_array(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    return isinstance(value, np.ndarray) and (np.issubdtype(value.dtype, np.number)
+                                              or value.dtype == np.bool_)
 
 
 class Streamed:
@@ -203,7 +279,7 @@ class StreamedInputs:
         for lo in range(0, len(positions), READ_BATCH):
             some = positions[lo : lo + READ_BATCH]
             batch = self.collate([self.dataset[p] for p in some])
-            part = to_tensor(self.unpack(batch)[0], f"{self.name} inputs")
+            part = model_inputs(self.unpack(batch)[0], f"{self.name} inputs")
             self._check_unchanged(some, part)
             parts.append(part)
         if not parts:
@@ -247,46 +323,72 @@ def take(x: torch.Tensor | StreamedInputs, block: slice | torch.Tensor
     return x[block]
 
 
-def as_pair(data: Any, name: str = "data", batch: BatchFn | None = None) -> tuple[Any, Any]:
+def as_pair(data: Any, name: str = "data", batch: BatchFn | None = None,
+            label_key: str | None = None) -> tuple[Any, Any]:
     """``(inputs, labels)`` of ``data`` (see the module docstring); ``batch`` maps a
-    collated batch of a Dataset or DataLoader (None: :func:`default_batch`)."""
+    collated batch of a Dataset or DataLoader (None: :func:`default_batch`, with
+    ``label_key``). The inputs are a tensor, an :class:`~iif.task.inputs.Inputs` of several
+    per sample, or :class:`StreamedInputs`."""
     if isinstance(data, torch.utils.data.TensorDataset):
-        if len(data.tensors) != 2:
-            raise InputError(f"{name}: a TensorDataset must hold exactly (inputs, labels)")
-        return data.tensors
+        if len(data.tensors) < 2:
+            raise InputError(f"{name}: a TensorDataset must hold a pair (inputs, labels), or "
+                             f"(inputs..., labels) for several inputs")
+        return joined_inputs(data.tensors[:-1]), data.tensors[-1]
     if isinstance(data, Data):
         return data.x, data.labels
     if isinstance(data, (tuple, list)) and len(data) == 2:
-        return data[0], data[1]
+        dropped: dict[str, str] = {}
+        x = model_inputs(data[0], f"{name} inputs", dropped)
+        _warn_dropped(dropped, name)
+        return x, data[1]
     if isinstance(data, Streamed):
         inner = data.data
         loader = inner if isinstance(inner, DataLoader) else \
             DataLoader(inner, batch_size=READ_BATCH, shuffle=False)
-        return _gather(loader, name, batch, stream=True)
+        return _gather(loader, name, _unpacker(batch, label_key), stream=True)
     if isinstance(data, DataLoader):
-        return _gather(data, name, batch)
+        return _gather(data, name, _unpacker(batch, label_key))
     if isinstance(data, IterableDataset):
         raise InputError(f"{name} is an IterableDataset: scores index samples by position, "
                          f"so give a map-style Dataset (with __getitem__ and __len__)")
     if isinstance(data, Dataset):
-        return _gather(DataLoader(data, batch_size=READ_BATCH, shuffle=False), name, batch)
+        return _gather(DataLoader(data, batch_size=READ_BATCH, shuffle=False), name,
+                       _unpacker(batch, label_key))
     raise InputError(f"{name} must be a pair (inputs, labels), a TensorDataset, a Dataset or "
                      f"a DataLoader; got {type(data).__name__}")
 
 
-def _gather(loader: DataLoader, name: str, batch: BatchFn | None,
+def _unpacker(batch: BatchFn | None, label_key: str | None) -> BatchFn:
+    """The task's ``batch`` function, or :func:`default_batch` with ``label_key``."""
+    if batch is not None:
+        return batch
+    return default_batch if label_key is None else \
+        functools.partial(default_batch, label_key=label_key)
+
+
+def _warn_dropped(dropped: dict[str, str], name: str) -> None:
+    if dropped:
+        entries = ", ".join(f"{k!r} ({t})" for k, t in dropped.items())
+        log.warning("%s: the entries %s are not tensors and are not passed to the model",
+                    name, entries)
+
+
+def _gather(loader: DataLoader, name: str, unpack: BatchFn,
             stream: bool = False) -> tuple[Any, Any]:
-    """Every batch of ``loader`` in order, mapped to (inputs, labels): the inputs
-    concatenated, or :class:`StreamedInputs` when ``stream`` or too large to hold; the
-    labels concatenated."""
+    """Every batch of ``loader`` in order, mapped to (inputs, labels) by ``unpack``: the
+    inputs concatenated, or :class:`StreamedInputs` when ``stream`` or too large to hold
+    (inputs of several tensors are held: see the module docstring); the labels
+    concatenated."""
     known = _check_order(loader, name)
-    unpack = default_batch if batch is None else batch
+    dropped: dict[str, str] = {}
+    if unpack is default_batch or (isinstance(unpack, functools.partial)
+                                   and unpack.func is default_batch):
+        unpack = functools.partial(unpack, dropped=dropped)  # named once, after the loop
     xs, ys, digests, first, last = [], [], [], None, None
     for i, x, y in _batches(loader, name, unpack):
         if first is None:
             first = (x, y)
-            stream = stream or x[:1].nelement() * x.element_size() * len(loader.dataset) \
-                > IN_MEMORY_BYTES
+            stream = _streams(x, name, stream, len(loader.dataset))
         last = (x, y)
         if stream:
             _check_streamed_batch(x, first[0], f"{name} (batch {i})")
@@ -296,6 +398,7 @@ def _gather(loader: DataLoader, name: str, batch: BatchFn | None,
         ys.append(y)
     if first is None:
         raise InputError(f"{name} is empty: the loader yields no batch")
+    _warn_dropped(dropped, name)
     y = _joined(ys, name)
     if not known:
         _check_yielded(loader, name, unpack, first, last, len(y))
@@ -315,6 +418,22 @@ def _gather(loader: DataLoader, name: str, batch: BatchFn | None,
     return inputs, y
 
 
+def _streams(x: torch.Tensor | Inputs, name: str, asked: bool, n: int) -> bool:
+    """Whether inputs whose first batch is ``x`` are streamed: when ``asked`` or beyond
+    ``IN_MEMORY_BYTES`` for ``n`` samples. Inputs of several tensors are always held."""
+    if isinstance(x, Inputs):
+        if asked:
+            raise InputError(f"{name}: samples with several inputs ({x.describe()}) cannot "
+                             f"be streamed; pass the Dataset or DataLoader without Streamed "
+                             f"to hold them in memory")
+        size = sum(t[:1].nelement() * t.element_size() for t in x.tensors()) * n
+        if size > IN_MEMORY_BYTES:
+            log.warning("%s: samples with several inputs are held in memory, not streamed "
+                        "(%.1f GiB)", name, size / (1 << 30))
+        return False
+    return asked or x[:1].nelement() * x.element_size() * n > IN_MEMORY_BYTES
+
+
 def _batches(loader: DataLoader, name: str, unpack: BatchFn):
     """``(i, inputs, labels)`` of every batch, errors of the user's code named."""
     batches = iter(loader)
@@ -332,13 +451,13 @@ def _batches(loader: DataLoader, name: str, unpack: BatchFn):
         except Exception as exc:  # the user's batch function
             raise UserCodeError(f"the task's batch function on batch {i} of {name}",
                                 exc) from exc
-        yield (i, to_tensor(x, f"{name} inputs (batch {i})"),
+        yield (i, model_inputs(x, f"{name} inputs (batch {i})"),
                to_tensor(y, f"{name} labels (batch {i})"))
 
 
-def _joined(parts: list[torch.Tensor], name: str) -> torch.Tensor:
+def _joined(parts: list[torch.Tensor] | list[Inputs], name: str) -> torch.Tensor | Inputs:
     try:
-        return torch.cat(parts)
+        return Inputs.cat(parts) if isinstance(parts[0], Inputs) else torch.cat(parts)
     except RuntimeError as exc:
         raise InputError(f"{name}: batches of different per-sample shapes cannot be joined "
                          f"(pad every sample to one length, e.g. in collate_fn): {exc}") from exc
@@ -478,15 +597,21 @@ def _check_yielded(loader: DataLoader, name: str, unpack: BatchFn,
                              f"(or the dataset changes its samples between reads); {IN_ORDER}")
 
 
-def _same(got: torch.Tensor, want: Any) -> bool:
+def _same(got: torch.Tensor | Inputs, want: Any) -> bool:
+    if isinstance(got, Inputs) or isinstance(want, (Inputs, Mapping, tuple, list)):
+        want = model_inputs(want, "inputs")
+        if not (isinstance(got, Inputs) and isinstance(want, Inputs)):
+            return isinstance(got, torch.Tensor) and _same(got, want)
+        return got.structure() == want.structure() and all(
+            _same(a, b) for a, b in zip(got.tensors(), want.tensors(), strict=True))
     want = torch.as_tensor(want)
     return got.shape == want.shape and torch.equal(got, want.to(got.dtype))
 
 
-def to_tensor(value: Any, what: str) -> torch.Tensor:
+def to_tensor(value: Any, what: str) -> torch.Tensor | Inputs:
     """``value`` (a tensor, an array or nested numbers) as a tensor, or an InputError naming
-    ``what`` when it is not numeric."""
-    if isinstance(value, torch.Tensor):
+    ``what`` when it is not numeric; inputs of several tensors stay so, detached."""
+    if isinstance(value, (torch.Tensor, Inputs)):
         return value.detach()
     try:
         arr = np.asarray(value)

@@ -40,6 +40,7 @@ from torch import nn
 
 from iif.errors import InputError, UserCodeError
 from iif.task.data import Data, StreamedInputs, as_pair, to_tensor
+from iif.task.inputs import Inputs, call_model, check_keywords
 from iif.task.measurements import check_measurement
 from iif.task.outputs import OutputFn, model_output
 from iif.validation import Settings, setting
@@ -148,6 +149,9 @@ class Task:
         output: a function from what the model returns to its output tensor; None: a
             tensor, a Hugging Face ``ModelOutput``'s ``logits``, a dictionary's ``logits`` or
             a tuple's first element (:func:`iif.task.outputs.model_output`).
+        label_key: the key of the labels in dictionary batches (the other array entries are
+            the model's keyword inputs); None: the first of
+            :data:`iif.task.data.LABEL_KEYS` present.
     """
 
     model: nn.Module
@@ -160,6 +164,7 @@ class Task:
     measurement: Any = None
     batch: Callable[[Any], tuple[Any, Any]] | None = None
     output: OutputFn | None = None
+    label_key: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
@@ -176,6 +181,9 @@ class Task:
         if self.output is not None and not callable(self.output):
             raise InputError(f"output must be a function from what the model returns to its "
                              f"output tensor, got {type(self.output).__name__}")
+        if self.label_key is not None and not isinstance(self.label_key, str):
+            raise InputError(f"label_key must be the key of the labels in dictionary batches "
+                             f"(a string), got {type(self.label_key).__name__}")
         if self.batch is not None and not callable(self.batch):
             raise InputError(f"batch must be a function of one collated batch returning "
                              f"(inputs, labels), got {type(self.batch).__name__}")
@@ -247,13 +255,14 @@ class Task:
         :mod:`iif.task.data`) and move it to the device; ``like``: data whose per-sample input
         shape ``data`` must have (the training data); ``stream``: large inputs may stay in
         their dataset (:class:`iif.task.data.StreamedInputs`), else they are read in."""
-        x, y = as_pair(data, name, self.batch)
+        x, y = as_pair(data, name, self.batch, self.label_key)
         if isinstance(x, StreamedInputs) and not stream:
             x = x[:]
         if not isinstance(x, StreamedInputs):
             x = to_tensor(x, f"{name} inputs")
         y = to_tensor(y, f"{name} labels")
         _check_sizes(x, y, name, like)
+        check_keywords(self.model, x, name)
         x, out_shape = self._device_inputs(x, name)
         out_dim = math.prod(out_shape)
         if self.kind == "classification":
@@ -264,10 +273,13 @@ class Task:
             labels = targets = self._regression_targets(y, name, out_dim)
         return Data(x, labels, targets)
 
-    def _device_inputs(self, x: torch.Tensor, name: str
-                       ) -> tuple[torch.Tensor, tuple[int, ...]]:
+    def _device_inputs(self, x: torch.Tensor | Inputs | StreamedInputs, name: str
+                       ) -> tuple[torch.Tensor | Inputs | StreamedInputs, tuple[int, ...]]:
         """Inputs ``x`` checked (finite floating point, or integers) and on the device, with
         the shape of the model's output for one of them."""
+        if isinstance(x, Inputs):
+            x = self._device_several(x, name)
+            return x, self._output_shape(x[:1], name)
         # integer inputs are token ids (an nn.Embedding) or codes the model converts itself:
         # they stay integers (int64, what embeddings take) when the model runs on them
         integer = not (x.is_floating_point() or x.dtype.is_complex or x.dtype == torch.bool)
@@ -290,6 +302,24 @@ class Task:
                              f"on them; inputs must be floating point, or integer token ids "
                              f"for a model that takes them ({exc})") from exc
         return x, out_shape
+
+    def _device_several(self, x: Inputs, name: str) -> Inputs:
+        """Each of several inputs checked and on the device: floating point (finite) as the
+        model's dtype, integers (token ids, masks) as int64, booleans (masks) as they are."""
+        for key, t in x.named():
+            what = f"{name} input {key!r}"
+            if t.dtype.is_complex:
+                raise InputError(f"{what} is complex ({t.dtype}); inputs must be real numbers")
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                bad = int((~torch.isfinite(t)).reshape(t.shape[0], -1).any(1).sum())
+                raise InputError(f"{what} contains NaN or inf ({bad} samples)")
+
+        def moved(t: torch.Tensor) -> torch.Tensor:
+            if t.is_floating_point():
+                return t.to(self.device, self.dtype)
+            return t.to(self.device, torch.bool if t.dtype == torch.bool else torch.int64)
+
+        return x.map(moved)
 
     def _class_targets(self, y: torch.Tensor, name: str,
                        out_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,18 +394,18 @@ class Task:
         self.num_classes = vocab
         return labels, sequence_one_hot(labels, vocab, self.dtype)
 
-    def _output_shape(self, x1: torch.Tensor, name: str) -> tuple[int, ...]:
+    def _output_shape(self, x1: torch.Tensor | Inputs, name: str) -> tuple[int, ...]:
         # every submodule's own flag comes back (a train-mode model may hold an eval-mode
         # part, e.g. a frozen BatchNorm), not the top module's flag copied to all of them
         flags = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         try:
             with torch.enable_grad():
-                returned = self.model(x1)
+                returned = call_model(self.model, x1)
         except Exception as exc:  # the model rejects the input: say so at the boundary
-            raise InputError(
-                f"the model cannot run on {name} inputs of shape {tuple(x1.shape[1:])}: {exc}"
-            ) from exc
+            shape = x1.describe() if isinstance(x1, Inputs) else \
+                f"of shape {tuple(x1.shape[1:])}"
+            raise InputError(f"the model cannot run on {name} inputs {shape}: {exc}") from exc
         finally:
             for m, flag in flags:
                 m.training = flag
@@ -407,15 +437,29 @@ class Task:
         }
 
 
-def _check_sizes(x: torch.Tensor, y: torch.Tensor, name: str, like: Data | None) -> None:
-    """Refuse empty inputs, a per-sample input shape other than ``like``'s, and labels not
-    one per input."""
+def _check_sizes(x: torch.Tensor | Inputs | StreamedInputs, y: torch.Tensor, name: str,
+                 like: Data | None) -> None:
+    """Refuse empty inputs, per-sample inputs other than ``like``'s (shapes, and the keys of
+    several inputs), and labels not one per input."""
     if x.ndim == 0 or x.shape[0] == 0:
         raise InputError(f"{name} is empty: inputs have shape {tuple(x.shape)}")
-    if like is not None and tuple(x.shape[1:]) != tuple(like.x.shape[1:]):
+    if like is not None and (isinstance(x, Inputs) or isinstance(like.x, Inputs)):
+        mine, theirs = _layout(x), _layout(like.x)
+        if mine != theirs:
+            raise InputError(f"{name} inputs are {mine}, the training inputs {theirs}: give "
+                             f"every sample the same inputs of the same shapes")
+    elif like is not None and tuple(x.shape[1:]) != tuple(like.x.shape[1:]):
         raise InputError(f"{name} inputs have the per-sample shape {tuple(x.shape[1:])}, "
                          f"the training inputs {tuple(like.x.shape[1:])}")
     if y.ndim == 0 or y.shape[0] != x.shape[0]:
         raise InputError(
             f"{name}: {x.shape[0]} inputs but labels of shape {tuple(y.shape)}"
         )
+
+
+def _layout(x: torch.Tensor | Inputs | StreamedInputs) -> str:
+    """The inputs of one sample, for comparing two data sets: their keys and shapes."""
+    if isinstance(x, Inputs):
+        return ", ".join(f"{k if isinstance(k, str) else f'input {k}'} {shape}"
+                         for k, shape in x.sample_shapes().items())
+    return f"one input of shape {tuple(x.shape[1:])}"

@@ -32,6 +32,7 @@ import numpy as np
 from iif.errors import InputError
 from iif.io import atomic_write
 from iif.results.attribution import META_FILE, SCORES_FILE, Attribution
+from iif.task.inputs import Inputs
 from iif.views.report import _as_image, _check_k, _plain, contrast_caption, gap_text
 from iif.views.report import image_shape as guess_shape
 
@@ -131,6 +132,11 @@ def task_data(folder: Path, task: str, result: Attribution,
     if job is None:
         return PageData(image_shape=image_shape)
     decode = getattr(task_module(task), "decode", None)
+    if isinstance(train.x, Inputs) and not callable(decode):
+        log.info("samples with several inputs are not drawn: the page lists their indices "
+                 "(a decode(x) function in the task's module prints them as text)")
+        return PageData(None, None, train.labels.cpu().numpy(), test.labels.cpu().numpy(),
+                        _predictions(job.task, test.x), None, image_shape, warning=warning)
     return PageData(train.x.cpu(), test.x.cpu(), train.labels.cpu().numpy(),
                     test.labels.cpu().numpy(), _predictions(job.task, test.x),
                     _guarded(decode, task) if callable(decode) else None, image_shape,
@@ -278,11 +284,13 @@ class _Samples:
 
 def _kind(x: Any, data: PageData) -> str:
     """``"text"`` for strings or with a decode function, ``"image"`` for numbers, ``"none"``
-    without inputs."""
+    without inputs or for samples of several inputs without a decode function."""
     if x is None:
         return "none"
     if data.decode is not None:
         return "text"
+    if isinstance(x, Inputs):  # several inputs per sample: no picture of them
+        return "none"
     first = x[0] if len(x) else None
     if isinstance(first, (str, bytes)) or (isinstance(x, np.ndarray) and x.dtype.kind in "USO"):
         return "text"

@@ -19,6 +19,7 @@ from iif.results.chunks import read_json
 from iif.results.diagnostics import describe, summarize, trust_flags
 from iif.results.runkey import PROBE, RunKey, behaviour_digest, data_digest, tensor_digest
 from iif.results.store import CHUNKS, MANIFEST
+from iif.task.inputs import Inputs, call_model
 from iif.task.outputs import model_output
 from iif.views.report import (
     contrast_caption,
@@ -31,6 +32,7 @@ from iif.views.report import (
 from iif.views.report import image_shape as guess_shape
 
 DEFAULT_SHOWN = 3  # test samples detailed and drawn when none are chosen
+NOT_DRAWN = "  (samples with several inputs are not drawn; the lines above list them)"
 
 
 def show(
@@ -143,7 +145,8 @@ class _View:
         self.labels = self.images = self.test_labels = self.predicted = None
         if loaded.job is not None:
             self.labels = loaded.train.labels.cpu().numpy()
-            self.images = loaded.train.x.cpu().numpy()
+            x = loaded.train.x
+            self.images = None if isinstance(x, Inputs) else x.cpu().numpy()
             self.test_labels = [_label_text(v) for v in loaded.test.labels.cpu().numpy().tolist()]
             self.predicted = [_label_text(v) for v in _predictions(loaded.job.task,
                                                                    loaded.test.x)]
@@ -206,6 +209,8 @@ class _View:
     def draw(self, i: int) -> list[str]:
         """Write ``show_<i>.png`` in the folder (test sample ``i`` with the model's prediction
         beside its rankings); the lines saying so."""
+        if self.images is None:  # several inputs per sample: no picture of them
+            return [NOT_DRAWN]
         shape = guess_shape(self.images.shape[1:], self.image_shape)
         if shape is None:
             raise InputError("inputs are not square images: give --image-shape")
@@ -271,7 +276,7 @@ def _predict(task, x1) -> tuple[object, float | None]:
     from iif.engine.functional import module_mode
 
     with torch.no_grad(), module_mode(task.model, False):
-        out = model_output(task.model(x1), task.output).reshape(1, -1)[0].double()
+        out = model_output(call_model(task.model, x1), task.output).reshape(1, -1)[0].double()
     if task.kind == "classification":
         prob = torch.softmax(out, dim=0)
         return int(prob.argmax()), float(prob.max())
@@ -289,7 +294,7 @@ def _predictions(task: Any, x: Any, batch: int = 256) -> list[Any]:
     out = []
     with torch.no_grad(), module_mode(task.model, False):
         for lo in range(0, len(x), batch):
-            y = model_output(task.model(x[lo : lo + batch]), task.output)
+            y = model_output(call_model(task.model, x[lo : lo + batch]), task.output)
             y = y.reshape(min(batch, len(x) - lo), -1)
             if task.kind == "classification":
                 out += y.argmax(dim=1).cpu().tolist()
