@@ -297,3 +297,12 @@ def test_streamed_inputs_given_as_a_pair_stay_streamed():
     rows = torch.tensor([0, 2, 5])
     part = task.validate((take(streamed.x, rows), y[rows]))  # as an ensemble's half reads it
     assert isinstance(part.x, StreamedInputs) and torch.equal(part.x[:], x[rows])
+
+
+def test_a_list_of_per_sample_tensors_is_refused_with_the_stacking_hint():
+    task = Task(nn.Linear(3, 2).double(), "classification")
+    x = [torch.randn(3, dtype=torch.float64) for _ in range(10)]
+    with pytest.raises(InputError, match=r"a list of 10 tensors is read as 10 inputs of each "
+                                         r"sample; for one tensor per sample, give "
+                                         r"torch.stack\(list\)"):
+        task.validate((x, torch.randint(0, 2, (10,))))

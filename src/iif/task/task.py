@@ -452,8 +452,13 @@ def _check_sizes(x: torch.Tensor | Inputs | StreamedInputs, y: torch.Tensor, nam
         raise InputError(f"{name} inputs have the per-sample shape {tuple(x.shape[1:])}, "
                          f"the training inputs {tuple(like.x.shape[1:])}")
     if y.ndim == 0 or y.shape[0] != x.shape[0]:
+        hint = ""
+        if isinstance(x, Inputs) and y.ndim > 0 and len(x.args) == y.shape[0]:
+            # a list of per-sample tensors reads as that many positional inputs
+            hint = (f" (a list of {y.shape[0]} tensors is read as {y.shape[0]} inputs of each "
+                    f"sample; for one tensor per sample, give torch.stack(list))")
         raise InputError(
-            f"{name}: {x.shape[0]} inputs but labels of shape {tuple(y.shape)}"
+            f"{name}: {x.shape[0]} inputs but labels of shape {tuple(y.shape)}{hint}"
         )
 
 
