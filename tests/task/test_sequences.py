@@ -67,3 +67,11 @@ def test_bad_sequences_are_one_line():
         causal_lm_labels(torch.tensor([[1, 2, 3]]), prompt_lengths=[0])
     with pytest.raises(InputError, match="one answer per prompt"):
         completions([[1]], [])
+
+
+def test_labels_equal_to_the_ids_are_refused_with_the_shift(gpt2):
+    ids = torch.randint(1, 11, (3, 6), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(InputError, match=r"the labels equal the input ids .* give "
+                                         r"iif.causal_lm_labels\(input_ids, attention_mask\)"):
+        Task(gpt2, "sequence").validate((ids, ids.clone()))
+    Task(gpt2, "sequence").validate((ids, causal_lm_labels(ids)))  # shifted: accepted

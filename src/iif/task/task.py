@@ -268,6 +268,7 @@ class Task:
         if self.kind == "classification":
             labels, targets = self._class_targets(y, name, out_dim)
         elif self.kind == "sequence":
+            _check_shifted(x, y, name)
             labels, targets = self._sequence_targets(y, name, out_shape)
         else:
             labels = targets = self._regression_targets(y, name, out_dim)
@@ -435,6 +436,20 @@ class Task:
             "device": str(self.device),
             "dtype": str(self.dtype),
         }
+
+
+def _check_shifted(x: Any, y: torch.Tensor, name: str) -> None:
+    """Refuse token labels equal to the input ids: the Hugging Face convention
+    (``labels=input_ids``, shifted inside the model), where iif reads next-token labels."""
+    ids = x.kwargs.get("input_ids") if isinstance(x, Inputs) else x
+    if (isinstance(ids, torch.Tensor) and not ids.is_floating_point()
+            and ids.shape == y.shape and ids.shape[-1] > 1):
+        keep = y != IGNORE
+        if bool(keep.any()) and bool((ids.to(y.device)[keep] == y[keep]).all()):
+            raise InputError(f"{name}: the labels equal the input ids (Hugging Face's "
+                             f"labels=input_ids, shifted inside the model); a sequence task "
+                             f"reads next-token labels: give iif.causal_lm_labels(input_ids, "
+                             f"attention_mask)")
 
 
 def _check_sizes(x: torch.Tensor | Inputs | StreamedInputs, y: torch.Tensor, name: str,
