@@ -268,8 +268,8 @@ class Task:
         if self.kind == "classification":
             labels, targets = self._class_targets(y, name, out_dim)
         elif self.kind == "sequence":
-            _check_shifted(x, y, name)
             labels, targets = self._sequence_targets(y, name, out_shape)
+            _check_shifted(x, labels, name)
         else:
             labels = targets = self._regression_targets(y, name, out_dim)
         return Data(x, labels, targets)
