@@ -38,16 +38,33 @@ parts) that the batched one cannot take.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch.func import grad, jvp, vjp, vmap
+from torch.func import jvp, vjp, vmap
 
 from iif.engine.features import ggn_features
-from iif.engine.functional import FunctionalModel, ModelState, module_mode
-from iif.engine.grads import full_hessian, ggn_factor, per_sample_grads
+from iif.engine.functional import (
+    FunctionalModel,
+    ModelState,
+    module_mode,
+    quiet_attention_fallback,
+)
+from iif.engine.grads import (
+    GGN_PRODUCTS,
+    HESSIAN,
+    check_twice_differentiable,
+    full_hessian,
+    ggn_factor,
+    gradient_products,
+    loss_gradient,
+    per_sample_grads,
+    second_order,
+)
 from iif.engine.linalg import (
     DEFAULT_RETRIES,
     SOLVE_DTYPE,
@@ -59,10 +76,11 @@ from iif.engine.linalg import (
     stacked_rows_solvers,
 )
 from iif.engine.projection import IdentityProjector, Projector
-from iif.errors import InputError
+from iif.errors import InputError, exception_text
 from iif.task.task import Task
 from iif.validation import Settings, setting
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class CurvatureSettings(Settings):
@@ -255,10 +273,11 @@ def curvature_product(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``v -> C v`` for v of shape (M, r), without forming C (M x M), in float64.
 
-    ``hessian``: Hessian-vector products of the mean training loss (forward-over-reverse);
+    ``hessian``: Hessian-vector products of the mean training loss by double backward;
     ``ggn``: ``(1/N) sum_i J_i^T H_i J_i v`` through a Jacobian-vector and a vector-Jacobian
     product of the outputs; ``fisher``: ``(1/N) sum_i g_i g_i^T v`` from per-sample gradients
-    recomputed chunk by chunk. Eval mode throughout, like the features.
+    recomputed chunk by chunk. Eval mode throughout, like the features. A model torch cannot
+    differentiate twice is refused in one line by the first product of a kind that needs it.
     """
     n = x.shape[0]
     if kind == "fisher":
@@ -269,17 +288,28 @@ def curvature_product(
         chunk_product = _ggn_chunk_product(fmodel, state, task, n, ggn_rank)
     else:
         raise InputError(f"unknown curvature kind {kind!r}")
+    need = {"hessian": HESSIAN, "ggn": GGN_PRODUCTS}.get(kind)
 
     def apply(v: torch.Tensor) -> torch.Tensor:
         v = v.to(SOLVE_DTYPE)
         out = torch.zeros_like(v)
-        with module_mode(fmodel.module, False):
+        with module_mode(fmodel.module, False), _second_order_if(need):
             for start in range(0, n, chunk_size):
                 stop = start + chunk_size
                 out += chunk_product(v, x[start:stop], targets[start:stop]).detach()
         return out
 
     return apply
+
+
+def _second_order_if(need: tuple[str, str] | None):
+    """:func:`iif.engine.grads.second_order` for the kinds that differentiate twice."""
+    if need is None:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(quiet_attention_fallback())
+    stack.enter_context(second_order(need))
+    return stack
 
 
 _ChunkProduct = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -306,35 +336,83 @@ def _fisher_chunk_product(fmodel: FunctionalModel, state: ModelState, task: Task
 def _hessian_chunk_product(fmodel: FunctionalModel, state: ModelState, task: Task,
                            n: int) -> _ChunkProduct:
     """``(v, x_chunk, targets_chunk) -> H v``, ``H`` the Hessian of the chunk's summed loss
-    / n (forward-over-reverse)."""
-    flat0 = state.flat()
-    outputs = _outputs_at(fmodel, state)
+    / n, by double backward: the chunk's loss gradient with its graph, then one backward pass
+    through it per column of v.
+
+    Not forward-over-reverse (``jvp`` of ``grad`` under ``vmap``): torch 2.13's nested
+    forward-mode derivatives of ``layer_norm`` and ``batch_norm`` are wrong in some
+    compositions (pytorch/pytorch#196700, #196699; ``torch.func.hessian`` through a
+    LayerNorm is, tests/engine/test_torch_defects.py) and the fused CPU attention kernels
+    have none. Measured with one thread on MLP, LayerNorm-MLP, CNN and GPT-2 models of
+    1500-2500 parameters and 64-256 samples: with 2 columns double backward took 0.35-0.7 x
+    the time of forward-over-reverse, with 16 columns 0.9-1.8 x (slower only on the MLP and
+    the CNN).
+    """
+    flat = state.flat().detach().requires_grad_(True)
+    checked: list[bool] = []  # the graph is checked once: every chunk runs the same layers
 
     def hessian_chunk(v: torch.Tensor, xc, tc) -> torch.Tensor:
-        def loss(flat):
-            return task.sample_loss(outputs(flat, xc), tc).sum() / n
-
-        def hvp(col):
-            return jvp(grad(loss), (flat0,), (col,))[1]
-        return vmap(hvp, in_dims=1, out_dims=1)(v.to(flat0.dtype)).to(SOLVE_DTYPE)
+        g = loss_gradient(fmodel, flat, state.buffers, xc, tc, task, n,
+                          check=None if checked else HESSIAN)
+        checked.append(True)
+        columns = v.to(flat.dtype).T.contiguous()
+        return torch.stack(list(gradient_products(g, flat, columns)), 1).to(SOLVE_DTYPE)
     return hessian_chunk
 
 
 def _ggn_chunk_product(fmodel: FunctionalModel, state: ModelState, task: Task, n: int,
                        ggn_rank: int | str | None) -> _ChunkProduct:
-    """``(v, x_chunk, targets_chunk) -> (1/n) sum_i J_i^T H_i J_i v`` over the chunk."""
-    flat0 = state.flat()
-    outputs = _outputs_at(fmodel, state)
+    """``(v, x_chunk, targets_chunk) -> (1/n) sum_i J_i^T H_i J_i v`` over the chunk.
 
-    def ggn_chunk(v: torch.Tensor, xc, tc) -> torch.Tensor:
-        out, pullback = vjp(lambda f: outputs(f, xc), flat0)
+    ``J v`` by forward mode (``jvp`` under ``vmap`` over the columns): first derivatives
+    only, right on every model of tests/engine/test_exactness.py, and faster where conjugate
+    gradients carry many columns (16 trace probes, a batch of test samples): measured with
+    one thread on MLP, LayerNorm-MLP, CNN and GPT-2 models of 1500-2500 parameters, 0.3-0.7 x
+    the time of the reverse route with 16 columns (0.8-1.3 x with 2). A model forward mode
+    cannot run (an operation or a ``torch.autograd.Function`` without a forward-mode rule)
+    takes the reverse route from then on: ``J v`` as the derivative of ``J^T u`` with
+    respect to u (double backward)."""
+    flat0 = state.flat().detach()
+    outputs = _outputs_at(fmodel, state)
+    reverse: list[bool] = []  # set once forward mode failed on this model
+
+    def loss_hessians(out: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
         h = ggn_factor(task, out.detach(), tc, ggn_rank)
-        h = h @ h.transpose(1, 2) / n  # (c, d, d) loss Hessians in output space
+        return h @ h.transpose(1, 2) / n  # (c, d, d) loss Hessians in output space
+
+    def forward_mode(v: torch.Tensor, xc, tc) -> torch.Tensor:
+        out, pullback = vjp(lambda f: outputs(f, xc), flat0)
+        h = loss_hessians(out, tc)
 
         def gvp(col):
             jv = jvp(lambda f: outputs(f, xc), (flat0,), (col,))[1]
             return pullback(torch.einsum("nab,nb->na", h, jv))[0]
-        return vmap(gvp, in_dims=1, out_dims=1)(v.to(flat0.dtype)).to(SOLVE_DTYPE)
+        return vmap(gvp, in_dims=1, out_dims=1)(v)
+
+    def reverse_mode(v: torch.Tensor, xc, tc) -> torch.Tensor:
+        flat = flat0.clone().requires_grad_(True)
+        out = outputs(flat, xc)
+        h = loss_hessians(out, tc)
+        u = torch.zeros_like(out, requires_grad=True)
+        (jtu,) = torch.autograd.grad(out, flat, grad_outputs=u, create_graph=True)
+        check_twice_differentiable(jtu, GGN_PRODUCTS)
+        columns = []
+        for jv in gradient_products(jtu, u, v.T.contiguous()):
+            (col,) = torch.autograd.grad(out, flat, torch.einsum("nab,nb->na", h, jv),
+                                         retain_graph=True)
+            columns.append(col)
+        return torch.stack(columns, 1)
+
+    def ggn_chunk(v: torch.Tensor, xc, tc) -> torch.Tensor:
+        v = v.to(flat0.dtype)
+        if not reverse:
+            try:
+                return forward_mode(v, xc, tc).to(SOLVE_DTYPE)
+            except Exception as exc:  # noqa: BLE001 (any failure of forward mode: reverse)
+                reverse.append(True)
+                log.debug("Gauss-Newton products by double backward: forward mode failed "
+                          "(%s)", exception_text(exc))
+        return reverse_mode(v, xc, tc).to(SOLVE_DTYPE)
     return ggn_chunk
 
 
