@@ -59,8 +59,9 @@ class InfluenceFunction(AttributionMethod):
 
     Args:
         task, train_data: the trained model (theta*) with its recipe, and its training data.
-        curvature: ``fisher`` (default), ``ggn`` or ``hessian``, with damping (None: 0.1 x the
-            mean eigenvalue; for ``cg`` the trace is estimated, see ``trace_probes``).
+        curvature: ``fisher`` (default), ``ggn`` or ``hessian``, with damping (None:
+            ``default_damping_ratio`` (0.3) x its trace over ``min(N, P, M)``, its mean
+            nonzero eigenvalue; for ``cg`` the trace is estimated, see ``trace_probes``).
         solver: ``exact``, ``projected`` (needs ``projection=ProjectionSettings(dim=P)``),
             ``cg``, or ``auto`` (default): ``projected`` when a projection is set, else
             ``exact`` (the solver used is ``effective_solver`` and is recorded).

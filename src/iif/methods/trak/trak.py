@@ -106,14 +106,15 @@ class TRAK(AttributionMethod):
     """TRAK attributions for a trained model or an ensemble of models.
 
     Args:
-        task: the model (trained), target kind and recipe; classification with the default
-            cross-entropy, or regression with a single output.
+        task: the model (trained), target kind and recipe; classification or a sequence task
+            with the default cross-entropy, or regression with a single output.
         train_data: ``(inputs, labels)`` the model was trained on.
         projection: ``ProjectionSettings``; default ``dim=2048``. ``dim=None`` or a dim at
             least the number of parameters uses the gradients unprojected.
         damping: lambda >= 0 added to ``Phi^T D Phi``; None: 0.1 x its mean eigenvalue.
         model_output: the model-output function (an :class:`iif.methods.trak.outputs.ModelOutput`);
             None: :class:`~iif.methods.trak.outputs.Margin` for classification (cross-entropy only),
+            :class:`~iif.methods.trak.outputs.SequenceMargin` for a sequence task,
             :class:`~iif.methods.trak.outputs.Output` for single-output regression.
         models, chunk_size, seed, progress, max_feature_bytes: see
             :class:`iif.methods.base.AttributionMethod`. ``models`` (e.g. from
