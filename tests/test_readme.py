@@ -1,4 +1,4 @@
-"""The README's Python example runs as written."""
+"""The Python examples of the README and docs/tasks.md run as written."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+TASKS = README.parent / "docs" / "tasks.md"
 
 
 @pytest.mark.slow
@@ -33,6 +34,16 @@ def test_readme_examples_marked_to_run_do(capsys):
     assert blocks, "no README example is marked to run"
     for block in blocks:
         exec(compile(block, str(README), "exec"), {})
+    assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.slow
+def test_tasks_page_examples_marked_to_run_do(capsys):
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", TASKS.read_text(), flags=re.S)
+              if b.startswith("# runs as written")]
+    assert blocks, "no docs/tasks.md example is marked to run"
+    for block in blocks:
+        exec(compile(block, str(TASKS), "exec"), {})
     assert capsys.readouterr().out.strip()
 
 

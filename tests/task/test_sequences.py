@@ -75,3 +75,12 @@ def test_labels_equal_to_the_ids_are_refused_with_the_shift(gpt2):
                                          r"iif.causal_lm_labels\(input_ids, attention_mask\)"):
         Task(gpt2, "sequence").validate((ids, ids.clone()))
     Task(gpt2, "sequence").validate((ids, causal_lm_labels(ids)))  # shifted: accepted
+
+
+def test_completions_pad_to_the_length_asked_for():
+    ids, labels = completions([[3, 4]], [[5]], pad_id=0, length=6)
+    assert ids.tolist() == [[3, 4, 5, 0, 0, 0]]
+    assert labels.tolist() == [[IGNORE, 5, IGNORE, IGNORE, IGNORE, IGNORE]]
+    with pytest.raises(InputError, match="length=2 is shorter than the longest prompt and "
+                                         "answer"):
+        completions([[3, 4]], [[5]], length=2)

@@ -53,11 +53,12 @@ def causal_lm_labels(input_ids: Any, attention_mask: Any = None,
     return labels
 
 
-def completions(prompts: Sequence[Any], answers: Sequence[Any], pad_id: int = 0
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def completions(prompts: Sequence[Any], answers: Sequence[Any], pad_id: int = 0,
+                length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, labels)`` for "which training samples made the model write ``answers[i]``
     after ``prompts[i]``": each prompt followed by its answer, right-padded with ``pad_id`` to
-    one length, the labels ``IGNORE`` except on the answer's tokens (explain these with a
+    ``length`` (None: the longest; give the training data's length, which test inputs must
+    match), the labels ``IGNORE`` except on the answer's tokens (explain these with a
     ``"sequence"`` task: the test loss is the answer's summed token loss given the prompt)."""
     if len(prompts) != len(answers) or not prompts:
         raise InputError(f"give one answer per prompt (got {len(prompts)} prompts and "
@@ -68,7 +69,12 @@ def completions(prompts: Sequence[Any], answers: Sequence[Any], pad_id: int = 0
         if p.numel() == 0 or a.numel() == 0:
             raise InputError(f"prompt and answer {i} must each hold at least one token")
         rows.append((p.long(), a.long()))
-    length = max(p.numel() + a.numel() for p, a in rows)
+    longest = max(p.numel() + a.numel() for p, a in rows)
+    if length is None:
+        length = longest
+    elif length < longest:
+        raise InputError(f"length={length} is shorter than the longest prompt and answer "
+                         f"({longest} tokens)")
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, (p, a) in enumerate(rows):
