@@ -183,12 +183,13 @@ class GPT2Last(nn.Module):
 class MaskedBert(nn.Module):
     """BERT whose padding (id 0) is masked out, the mask written from the ids."""
 
-    def __init__(self):
+    def __init__(self, attention: str = "sdpa"):
         super().__init__()
         transformers = pytest.importorskip("transformers")
         cfg = transformers.BertConfig(vocab_size=7, hidden_size=4, num_hidden_layers=1,
                                       num_attention_heads=2, intermediate_size=6,
-                                      max_position_embeddings=4, num_labels=CLASSES)
+                                      max_position_embeddings=4, num_labels=CLASSES,
+                                      attn_implementation=attention)
         self.bert = transformers.BertForSequenceClassification(cfg)
 
     def forward(self, ids):
@@ -258,6 +259,8 @@ ZOO: dict[str, Callable[[], Problem]] = {
     "gpt2-sdpa": lambda: Problem(_randomised(GPT2Last("sdpa"), 14), *_ids(7, 4, 7, seed=14)),
     "bert-padding-mask": lambda: Problem(_randomised(MaskedBert(), 15),
                                          *_ids(7, 4, CLASSES, seed=15, pad=True)),
+    "bert-eager-padding-mask": lambda: Problem(_randomised(MaskedBert("eager"), 17),
+                                               *_ids(7, 4, CLASSES, seed=17, pad=True)),
     "custom-function": lambda: Problem(_randomised(Custom(_Tanh), 16), *_floats(3, seed=16)),
     "once-differentiable": lambda: Problem(_randomised(Custom(_FusedTanh), 19),
                                            *_floats(3, seed=19)),
