@@ -526,7 +526,8 @@ def test_kronecker_projects_gpt2_conv1d_layers_as_their_transposed_weights():
     fmodel = FunctionalModel(model, task.output)
     state = fmodel.state()
     p = _kron(fmodel, 64, seed=1)
-    assert [layer.transposed for layer in p.layers] == [True] * 4  # c_attn, c_proj, c_fc, ...
+    conv1d = [layer for layer in p.layers if not layer.embedding]
+    assert [layer.transposed for layer in conv1d] == [True] * 4  # c_attn, c_proj, c_fc, ...
     assert "lm_head.weight" not in fmodel.names and p.rest is not None
     gen = torch.Generator().manual_seed(2)
     x = torch.randint(0, 13, (5, 6), generator=gen)
@@ -540,4 +541,63 @@ def test_kronecker_projects_gpt2_conv1d_layers_as_their_transposed_weights():
     slow = torch.cat([p.project(j) for _, j in per_sample_jacobians(fmodel, state, x, fn, t,
                                                                    chunk_size=2)])
     assert fast.shape == (5, 2, p.dim)
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("model_name", ["pooled", "bert", "gpt2"])
+def test_kronecker_projects_embeddings_from_the_rows_their_ids_pick(model_name):
+    """An nn.Embedding is a Kronecker layer: its projected gradient is built from the rows of
+    A_out the sample's ids pick (none for padding_idx) and A_in^T of its output gradients,
+    equal to projecting its per-sample gradient; a weight tied to another module (GPT-2's
+    token embedding and head) is projected with the other parameters instead."""
+    from torch import nn
+
+    from iif.engine.features import projected_jacobians
+    from iif.engine.functional import FunctionalModel
+    from iif.engine.grads import per_sample_jacobians
+
+    torch.manual_seed(0)
+    if model_name == "pooled":
+        class Pooled(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb = nn.Embedding(11, 5, padding_idx=0)
+                self.head = nn.Linear(5, 3)
+
+            def forward(self, ids):
+                return self.head(self.emb(ids).mean(dim=1))
+
+        model, output = Pooled().double().eval(), None
+    else:
+        transformers = pytest.importorskip("transformers")
+        if model_name == "bert":
+            cfg = transformers.BertConfig(vocab_size=11, hidden_size=8, num_hidden_layers=1,
+                                          num_attention_heads=2, intermediate_size=12,
+                                          max_position_embeddings=8, num_labels=3)
+            model = transformers.BertForSequenceClassification(cfg)
+        else:
+            cfg = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11,
+                                          n_positions=8)
+            model = transformers.GPT2LMHeadModel(cfg)
+        model, output = model.double().eval(), None
+    fmodel = FunctionalModel(model, output)
+    state = fmodel.state()
+    p = _kron(fmodel, 96, seed=3)
+    embeddings = [layer for layer in p.layers if layer.embedding]
+    assert embeddings
+    if model_name == "gpt2":  # wte is tied to lm_head: not a Kronecker layer
+        assert all(layer.module is not model.transformer.wte for layer in p.layers)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 11, (5, 6), generator=gen)
+    x[1, 4:] = 0  # padding ids
+    out_dim = fmodel.outputs(state, x[:1]).shape[1]
+    t = torch.randn(5, out_dim, generator=gen, dtype=torch.float64)
+
+    def fn(out, ti):
+        return torch.stack([(out * ti).sum(), (out ** 2).sum()])
+
+    fast = torch.cat([f for _, f in projected_jacobians(fmodel, state, x, fn, t, projector=p,
+                                                        chunk_size=2)])
+    slow = torch.cat([p.project(j) for _, j in per_sample_jacobians(fmodel, state, x, fn, t,
+                                                                   chunk_size=2)])
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)

@@ -124,12 +124,29 @@ def projected_jacobians(
         chunks = _kronecker_chunks(fmodel, state, x, fn, args, projector, chunk_size)
         if projector.rest is not None:
             chunks = _with_rest(chunks, fmodel, state, x, fn, args, projector, chunk_size)
+        chunks = _or_dense(chunks, fmodel, state, x, fn, args, projector, chunk_size)
     else:
         chunks = ((start, projector.project(jac)) for start, jac in
                   per_sample_jacobians(fmodel, state, x, fn, *args, chunk_size=chunk_size))
     for start, feats in chunks:
         _check_finite(feats, "per-sample gradients")
         yield start, feats
+
+
+def _or_dense(chunks, fmodel, state, x, fn, args, projector, chunk_size):
+    """The fast path's chunks, or, if a hooked layer turns out not to run one row per sample
+    (found on the first chunk, before anything is yielded), the projected per-sample
+    Jacobians."""
+    try:
+        first = next(chunks)
+    except StopIteration:
+        return
+    except _Unbatched:
+        yield from ((start, projector.project(jac)) for start, jac in
+                    per_sample_jacobians(fmodel, state, x, fn, *args, chunk_size=chunk_size))
+        return
+    yield first
+    yield from chunks
 
 
 def _single_use_layers(fmodel, state, x, projector) -> bool:
@@ -195,32 +212,58 @@ def _fast_chunk(projector, fmodel, chunk_size: int, rows: int) -> int:
                        rows * (widths + projector.dim) + widths)
 
 
+class _Unbatched(Exception):
+    """A hooked layer ran on inputs that do not carry one row per sample (raised before the
+    first chunk is yielded: the caller then projects per-sample Jacobians instead)."""
+
+
 def _kronecker_chunks(fmodel, state, x, fn, args, projector, chunk_size):
 
     inputs: list[torch.Tensor | None] = [None] * len(projector.layers)
     outputs: list[torch.Tensor | None] = [None] * len(projector.layers)
+    rows = [0]  # samples of the chunk in flight; 0 outside this generator's own forwards
+    lifted: list[int] = []
 
-    def hook(index):
+    def hook(index, layer):
         def record(module, inp, out):
-            inputs[index] = inp[0].detach()
+            if not rows[0]:  # another forward while this generator waits (the rest's vmap)
+                return None
+            a = inp[0].detach()
+            if layer.embedding and out.shape[0] == 1 and rows[0] > 1:
+                # one row looked up for every sample (position ids (1, T), broadcast over the
+                # batch): expanded here, so the gradient reaching it is per sample
+                out, a = out.expand(rows[0], *out.shape[1:]), a.expand(rows[0], *a.shape[1:])
+                lifted.append(index)
+            elif out.shape[0] != rows[0]:
+                raise _Unbatched(f"{type(module).__name__} ran on {out.shape[0]} rows")
+            inputs[index] = a
             outputs[index] = out
             # the rest of the model gets a copy: an in-place activation (ReLU(inplace=True))
             # would otherwise overwrite the output whose gradient is asked for
             return out.clone()
         return record
 
-    handles = [layer.module.register_forward_hook(hook(i))
-               for i, layer in enumerate(projector.layers)]
     # parameters require grad only so that the layer outputs do; their own gradients are
     # never asked for
     params = {k: v.detach().requires_grad_(True) for k, v in state.params.items()}
+    with torch.no_grad(), module_mode(fmodel.module, False):  # the values without hooks
+        plain = fmodel(state.params, state.buffers, x[:chunk_size])
+    handles = [layer.module.register_forward_hook(hook(i, layer))
+               for i, layer in enumerate(projector.layers)]
     step = None
     try:
         with module_mode(fmodel.module, False), torch.enable_grad():
             start = 0
             while start < x.shape[0]:
                 stop = start + (step or chunk_size)
-                out = fmodel(params, state.buffers, x[start:stop])
+                rows[0] = min(stop, x.shape[0]) - start
+                try:
+                    out = fmodel(params, state.buffers, x[start:stop])
+                finally:
+                    rows[0] = 0
+                if step is None and lifted and not torch.allclose(out, plain, rtol=1e-5,
+                                                                   atol=1e-6):
+                    raise _Unbatched("expanding a one-row lookup changed the outputs")
                 values = vmap(lambda o, *a: fn(o, *a).reshape(-1))(
                     out, *(a[start:stop] for a in args))  # (n, R)
                 n, r = values.shape
@@ -248,6 +291,11 @@ def _kronecker_chunks(fmodel, state, x, fn, args, projector, chunk_size):
 def _input_factor(a: torch.Tensor, layer: KroneckerLayer) -> torch.Tensor:
     """``A_in^T [a, 1]`` per sample (and position): (n, ..., p_in). A convolution's input
     enters as its patches, one position per output pixel: (n, L, p_in)."""
+    if layer.embedding:  # the rows of A_out the ids pick: (n, ..., p_out), 0 for padding
+        left = layer.a_out[a]
+        if layer.padding_idx is not None:
+            left = left * (a != layer.padding_idx).unsqueeze(-1).to(left.dtype)
+        return left
     inp = layer.in_features
     a_in = layer.a_in.to(a.dtype)
     if layer.patches is not None:
@@ -259,12 +307,17 @@ def _input_factor(a: torch.Tensor, layer: KroneckerLayer) -> torch.Tensor:
 def _layer_feature(delta: torch.Tensor, right: torch.Tensor,
                    layer: KroneckerLayer) -> torch.Tensor:
     """``(A_out^T delta) (x) right`` per sample, summed over any positions between the batch
-    and feature dimensions (for a convolution: over output pixels); (n, p_out * p_in)."""
+    and feature dimensions (for a convolution: over output pixels); (n, p_out * p_in). For an
+    embedding, ``right`` is the rows of A_out its ids pick and delta meets A_in."""
+    n = delta.shape[0]
+    if layer.embedding:  # ``right`` holds the rows the ids pick; dy meets A_in
+        left, right = right.to(delta.dtype), delta @ layer.a_in.to(delta.dtype)
+        left, right = left.reshape(n, -1, left.shape[-1]), right.reshape(n, -1, right.shape[-1])
+        return torch.einsum("ntq,ntp->nqp", left, right).reshape(n, -1)
     a_out = layer.a_out.to(delta.dtype)
     if layer.patches is not None:
         delta = delta.flatten(2).transpose(1, 2)  # (n, C_out, H, W) -> (n, L, C_out)
     left = delta @ a_out  # (n, ..., p_out)
-    n = delta.shape[0]
     left, right = left.reshape(n, -1, left.shape[-1]), right.reshape(n, -1, right.shape[-1])
     return torch.einsum("ntq,ntp->nqp", left, right).reshape(n, -1)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -156,6 +157,12 @@ class KroneckerLayer:
     transposed: bool = False
     """Whether the weight is stored (in, out), as in ``transformers``' ``Conv1D`` (GPT-2's
     layers, ``y = x W + b``): G is then the transpose of the stored gradient."""
+    embedding: bool = False
+    """An ``nn.Embedding`` (weight (V, D), no bias): G = sum over positions of
+    ``onehot(id_t) dy_t^T``, so the projected gradient is ``sum_t A_out[id_t] (x) A_in^T dy_t``,
+    the rows of A_out the sample's ids pick (none for ``padding_idx``)."""
+    padding_idx: int | None = None
+    """An embedding's ``padding_idx`` (its row gets no gradient), else None."""
 
     @property
     def p_out(self) -> int:
@@ -189,9 +196,14 @@ class KroneckerProjector:
                            strict=True))
         self.layers: list[KroneckerLayer] = []
         covered: set[str] = set()
+        # a weight that another module also uses (tied weights) gets gradient from both: its
+        # layer's hooks would see only one part, so it is projected with the other parameters
+        uses = Counter(id(p) for m in fmodel.module.modules()
+                       for p in m._parameters.values() if p is not None)
         candidates = [(name, m) for name, m in fmodel.module.named_modules()
-                      if isinstance(m, torch.nn.Linear) or _factorable_conv(m)
-                      or is_hf_conv1d(m)]
+                      if (isinstance(m, torch.nn.Linear) or _factorable_conv(m)
+                          or is_hf_conv1d(m) or _factorable_embedding(m))
+                      and uses[id(m.weight)] == 1]
         found = []
         for name, module in candidates:
             w = f"{name}.weight" if name else "weight"
@@ -220,6 +232,9 @@ class KroneckerProjector:
             elif is_hf_conv1d(module):  # weight (in, out)
                 inp, out = module.weight.shape
                 patches = None
+            elif isinstance(module, torch.nn.Embedding):  # weight (V, D): rows are ids
+                out, inp = module.weight.shape
+                patches = None
             else:  # a Conv2d weight (out, in, kh, kw) is an out x (in kh kw) matrix
                 out = module.out_channels
                 inp = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
@@ -234,7 +249,9 @@ class KroneckerProjector:
                 bias_offset=None if b is None else offsets[b],
                 a_out=_random_matrix((out, p_out), settings.kind, seed, device, dtype),
                 a_in=_random_matrix((cols, p_in), settings.kind, seed + 1, device, dtype),
-                patches=patches, transposed=is_hf_conv1d(module)))
+                patches=patches, transposed=is_hf_conv1d(module),
+                embedding=isinstance(module, torch.nn.Embedding),
+                padding_idx=getattr(module, "padding_idx", None)))
         self.rest_index = torch.as_tensor(rest_index, device=device, dtype=torch.long)
         self.rest = None
         if rest:
@@ -255,7 +272,9 @@ class KroneckerProjector:
         # every trainable parameter sits in one of the layers (a Linear or Conv2d): features
         # can be built from layer inputs and output gradients without per-sample gradients
         # (iif.engine.features); otherwise the rest need per-sample gradients of their own
-        self.all_params_in_layers = self.rest is None
+        # B copies' stacked features take Linear and Conv2d layers only
+        self.all_params_in_layers = self.rest is None and not any(
+            layer.embedding for layer in self.layers)
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
         if grads.shape[-1] != self.num_params:
@@ -287,6 +306,14 @@ def is_hf_conv1d(module: torch.nn.Module) -> bool:
     already imported: a model holding one has imported it)."""
     conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
     return conv1d is not None and isinstance(module, conv1d)
+
+
+def _factorable_embedding(module: torch.nn.Module) -> bool:
+    """An ``nn.Embedding`` whose gradient is the sum of its output gradients in the rows of
+    the ids used: no ``max_norm`` (it renormalises rows in the forward), no per-batch
+    ``scale_grad_by_freq``, no sparse gradients."""
+    return (isinstance(module, torch.nn.Embedding) and module.max_norm is None
+            and not module.scale_grad_by_freq and not module.sparse)
 
 
 def _factorable_conv(module: torch.nn.Module) -> bool:
