@@ -248,3 +248,51 @@ def test_keyword_inputs_reach_the_parameters_outside_the_projected_layers(name):
     assert np.abs(packed.scores).max() > 0
     np.testing.assert_allclose(keywords.scores, packed.scores, rtol=1e-9,
                                atol=1e-12 * np.abs(packed.scores).max())
+
+
+class PlainNorm(Plain):
+    """:class:`Plain` with a LayerNorm between its layers: parameters outside the Linears."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(6).double()
+        with torch.no_grad():
+            self.norm.weight.copy_(torch.linspace(0.5, 1.5, 6))
+            self.norm.bias.copy_(torch.linspace(-0.2, 0.3, 6))
+
+    def forward(self, x):
+        return self.lin2(torch.tanh(self.norm(self.lin1(x))))
+
+
+class BranchyNorm(PlainNorm):
+    def forward(self, x):
+        if bool((x.abs() > 1e6).any()):  # never taken on these data
+            x = x.clamp(-1e6, 1e6)
+        return super().forward(x)
+
+
+def test_kronecker_features_with_parameters_outside_the_layers_on_the_hooks_route():
+    """The kronecker fast path keeps its layers on the hooks route and takes the other
+    parameters' (LayerNorm's) Jacobians from hooks too: the features equal those of the same
+    model on the vmap route."""
+    from iif.engine.features import projected_jacobians
+    from iif.engine.functional import FunctionalModel
+    from iif.engine.grads import sample_loss_fn
+    from iif.engine.projection import make_projector
+
+    x, y = _data()
+    feats = {}
+    for model in (PlainNorm(), BranchyNorm()):
+        task = Task(model, "classification")
+        data = task.validate((x, y))
+        fmodel = FunctionalModel(model)
+        state = fmodel.state()
+        projector = make_projector(fmodel.num_params, ProjectionSettings(
+            dim=24, structure="kronecker", seed=1), "cpu", torch.float64, fmodel)
+        assert projector.rest is not None  # the LayerNorm's weight and bias
+        feats[type(model).__name__] = torch.cat([f for _, f in projected_jacobians(
+            fmodel, state, data.x, sample_loss_fn(task), data.targets, projector=projector,
+            chunk_size=5)])
+        assert fmodel.route == ("hooks" if isinstance(model, BranchyNorm) else "vmap")
+    torch.testing.assert_close(feats["BranchyNorm"], feats["PlainNorm"], rtol=1e-10,
+                               atol=1e-12)

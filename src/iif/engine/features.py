@@ -47,6 +47,7 @@ from iif.engine.grads import (
     HOOKS,
     ggn_factor,
     gradient_route,
+    hooked_subset_jacobians,
     loss_and_target_jvps,
     measurement_fn,
     path_step_fn,
@@ -117,9 +118,6 @@ def projected_jacobians(
     """
     fast = isinstance(projector, KroneckerProjector) and _single_use_layers(
         fmodel, state, x, projector)
-    if fast and projector.rest is not None and gradient_route(
-            fmodel, state, x, fn, *args) == HOOKS:
-        fast = False  # the rest's per-sample Jacobians run under vmap: the hooks take all
     if fast:
         chunks = _kronecker_chunks(fmodel, state, x, fn, args, projector, chunk_size)
         if projector.rest is not None:
@@ -183,13 +181,19 @@ def _with_rest(chunks, fmodel: FunctionalModel, state: ModelState, x: torch.Tens
         return fn(out, *ai).reshape(-1)
 
     batched = vmap(jacrev(single), in_dims=(None, 0) + (0,) * len(args))
+    hooks = gradient_route(fmodel, state, x, fn, *args) == HOOKS
     for start, feats in chunks:
         parts = []
         # the layers' chunk may be larger than a chunk of per-sample Jacobians should be
         for lo in range(start, start + feats.shape[0], chunk_size):
             hi = min(lo + chunk_size, start + feats.shape[0])
+            chunk_args = tuple(a[lo:hi] for a in args)
+            if hooks:  # a forward vmap cannot run: the rest's Jacobians from hooks too
+                jac = hooked_subset_jacobians(fmodel, state, x[lo:hi], fn, chunk_args, names)
+                parts.append(rest.project(jac.detach()))
+                continue
             with module_mode(fmodel.module, False), quiet_attention_fallback():
-                tree = batched(free, x[lo:hi], *(a[lo:hi] for a in args))
+                tree = batched(free, x[lo:hi], *chunk_args)
             jac = torch.cat([tree[n].reshape(hi - lo, feats.shape[1], -1) for n in names],
                             dim=2)  # (n, R, M_rest) in the flat vector's order
             parts.append(rest.project(jac.detach()))

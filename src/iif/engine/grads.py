@@ -134,6 +134,28 @@ def _hooked(fmodel: FunctionalModel, state: ModelState, x: torch.Tensor, fn: Sam
             yield start, jac
 
 
+def hooked_subset_jacobians(fmodel: FunctionalModel, state: ModelState, x: torch.Tensor,
+                            fn: SampleFn, args: tuple, names: list[str]) -> torch.Tensor:
+    """J (n, R, M_names): the per-sample Jacobians of the parameters ``names`` only (in
+    ``fmodel.names`` order), from module hooks in one batched forward of ``x`` (one chunk);
+    every other parameter is held fixed."""
+    def batched_fn(out, *a):
+        o = model_output(out, fmodel.output)
+        o = o.reshape(o.shape[0], -1)
+        return vmap(lambda oi, *ai: fn(oi, *ai).reshape(-1))(o, *a)  # (n, R)
+
+    plans = fmodel.__dict__.setdefault("subset_plans", {})
+    key = tuple(names)
+    if key not in plans:
+        plans[key] = hook_plan(fmodel.module, names)
+    params = {k: state.params[k] for k in names}
+    fixed = {**fmodel.frozen, **state.buffers,
+             **{k: v for k, v in state.params.items() if k not in params}}
+    return torch.cat([jac for _, jac in hooked_jacobians(
+        fmodel.module, names, params, fixed, x, batched_fn, *args, chunk_size=x.shape[0],
+        plan=plans[key])])
+
+
 def per_sample_grads(
     fmodel: FunctionalModel,
     state: ModelState,
