@@ -280,10 +280,10 @@ def report_gradients(res: dict, n: int) -> None:
 
 def report_features(results: dict[str, dict], n: int) -> None:
     print("\n(c) projected features (N x P, projected_jacobians)")
-    print("  kronecker, vmap route: the fast path (layer inputs and output gradients of the "
-          "Linear layers\n  from one hooked batched forward), embeddings and LayerNorms by "
-          "vmap, projected densely;\n  hooks route: the per-sample gradients of all "
-          "parameters from the hooks, then projected")
+    print("  kronecker: the fast path (layer inputs and output gradients of the Linear and "
+          "Embedding layers\n  from one hooked batched forward); the LayerNorms' per-sample "
+          "gradients, projected densely,\n  by vmap on the vmap route and by hooks on the "
+          "hooks route; dense: per-sample gradients, then projected")
     print(HEADER)
     for structure, res in results.items():
         label = f"{structure} P = {res['dim']}"
