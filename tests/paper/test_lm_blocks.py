@@ -163,7 +163,8 @@ def test_kronecker_features_of_a_transformer_with_embeddings_and_norms(monkeypat
     ids, targets = _data()
     fmodel_names = [n for n, _ in model.named_parameters()]
     assert any("embed" in n for n in fmodel_names) and any("norm" in n for n in fmodel_names)
-    # the Linear layers take the fast path: no per-sample Jacobian of all M parameters
+    # the Linear and Embedding layers take the fast path: no per-sample Jacobian of all M
+    # parameters
     import iif.engine.features
 
     def refuse(*args, **kwargs):
@@ -172,7 +173,8 @@ def test_kronecker_features_of_a_transformer_with_embeddings_and_norms(monkeypat
     monkeypatch.setattr(iif.engine.features, "per_sample_jacobians", refuse)
     feats, expected, projector = _projected(model, ids, targets, dim=200)
     assert not projector.all_params_in_layers and projector.rest is not None
-    assert len(projector.layers) == 8  # q, k, v, o, gate, up, down and the output head
+    # the token embedding, q, k, v, o, gate, up, down and the output head
+    assert [layer.embedding for layer in projector.layers] == [True] + [False] * 8
     torch.testing.assert_close(feats, expected, rtol=1e-9, atol=1e-11)
     # the features are not all alike: each document has its own gradient
     assert torch.linalg.matrix_rank(feats) == ids.shape[0]
