@@ -49,8 +49,15 @@ def _log_lines(monkeypatch, name: str) -> list[str]:
     lines: list[str] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger(name)
+    # the logger the store's code holds (its module's ``log``), whatever the logging
+    # registry hands out by that name after other tests in this process
+    logger = attribute_to.__globals__["log"] if name == "iif.results.store" else \
+        logging.getLogger(name)
     monkeypatch.setattr(logger, "level", logging.INFO)
+    # whatever an earlier test in this process did to logging (a dictConfig that disabled
+    # existing loggers, logging.disable) is undone for this one
+    monkeypatch.setattr(logger, "disabled", False)
+    monkeypatch.setattr(logging.root.manager, "disable", logging.NOTSET)
     monkeypatch.setattr(logger, "handlers", [*logger.handlers, handler])
     return lines
 
