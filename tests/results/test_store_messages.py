@@ -49,14 +49,8 @@ def _log_lines(monkeypatch, name: str) -> list[str]:
     lines: list[str] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
-    # the logger the store's code holds (its module's ``log``), whatever the logging
-    # registry hands out by that name after other tests in this process
     logger = logging.getLogger(name)
     monkeypatch.setattr(logger, "level", logging.INFO)
-    # whatever an earlier test in this process did to logging (a dictConfig that disabled
-    # existing loggers, logging.disable) is undone for this one
-    monkeypatch.setattr(logger, "disabled", False)
-    monkeypatch.setattr(logging.root.manager, "disable", logging.NOTSET)
     # loggers cache isEnabledFor answers, and setting ``level`` directly leaves them: an
     # earlier "INFO is off" would hide this test's lines
     logging.root.manager._clear_cache()
