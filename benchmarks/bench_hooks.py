@@ -211,9 +211,9 @@ def gradients(model, task: Task, ids: torch.Tensor, padded: Inputs, targets: tor
     seconds, peaks = interleaved(
         runs, lambda fm, x, s: jacobians(fm, state, x[s], fn, targets[s], chunk),
         ids.shape[0], chunk, agree.add)
-    masked = runs["masked"][0]
+    masked, hooked = runs["masked"][0], runs["hooks"][0]
     return {"seconds": seconds, "peaks": peaks, "error": agree.error, "worst": agree.worst,
-            "plan": runs["hooks"][0].hook_plan.summary(), "route": masked.route,
+            "plan": hooked.hook_plans[tuple(hooked.names)].summary(), "route": masked.route,
             "note": masked.route_note or "",
             "autograd": {name: autograd_error(model, task, x, targets, agree.first[name])
                          for name, (_, x) in runs.items()}}

@@ -136,10 +136,10 @@ class FunctionalModel:
         self.module = module
         self.output = output  # what the forward returns -> its output tensor (model_output)
         # how per-sample gradients are taken (iif.engine.grads.gradient_route): None until a
-        # probe decides "vmap" or "hooks"; the note says why not vmap; the hooks' layer plan
+        # probe decides "vmap" or "hooks"; the note says why not vmap; the hooks' layer plans
         self.route: str | None = None
         self.route_note: str | None = None
-        self.hook_plan: Any = None
+        self.hook_plans: dict[tuple[str, ...], Any] = {}  # by the parameters they cover
         named = dict(module.named_parameters())
         self.names = [n for n, p in named.items() if p.requires_grad]
         if not self.names:

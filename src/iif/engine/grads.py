@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -109,34 +109,28 @@ def _output_sum(out: torch.Tensor) -> torch.Tensor:
     return out.sum()
 
 
-def _plan(fmodel: FunctionalModel) -> HookPlan:
-    if fmodel.hook_plan is None:
-        fmodel.hook_plan = hook_plan(fmodel.module, fmodel.names)
-    return fmodel.hook_plan
+def _plan(fmodel: FunctionalModel, names: Sequence[str] | None = None) -> HookPlan:
+    """The hooks' layer plan for the parameters ``names`` (None: all), made once per model
+    and set of names (``fmodel.hook_plans``)."""
+    key = tuple(fmodel.names if names is None else names)
+    if key not in fmodel.hook_plans:
+        fmodel.hook_plans[key] = hook_plan(fmodel.module, key)
+    return fmodel.hook_plans[key]
 
 
 def _hooked(fmodel: FunctionalModel, state: ModelState, x: torch.Tensor, fn: SampleFn,
             args: tuple, chunk_size: int) -> Iterator[tuple[int, torch.Tensor]]:
     """:func:`per_sample_jacobians` by :func:`iif.engine.hooks.hooked_jacobians`, chunk by
     chunk (streamed inputs are read one chunk at a time)."""
-    def batched_fn(out, *a):
-        o = model_output(out, fmodel.output)
-        o = o.reshape(o.shape[0], -1)
-        return vmap(lambda oi, *ai: fn(oi, *ai).reshape(-1))(o, *a)  # (n, R)
-
-    buffers = {**fmodel.frozen, **state.buffers}
     for start in range(0, x.shape[0], chunk_size):
         stop = start + chunk_size
-        xc = x[start:stop]
-        for _, jac in hooked_jacobians(fmodel.module, fmodel.names, state.params, buffers, xc,
-                                       batched_fn, *(a[start:stop] for a in args),
-                                       chunk_size=xc.shape[0], plan=_plan(fmodel)):
-            yield start, jac
+        yield start, hooked_subset_jacobians(fmodel, state, x[start:stop], fn,
+                                             tuple(a[start:stop] for a in args), fmodel.names)
 
 
 def hooked_subset_jacobians(fmodel: FunctionalModel, state: ModelState, x: torch.Tensor,
-                            fn: SampleFn, args: tuple, names: list[str]) -> torch.Tensor:
-    """J (n, R, M_names): the per-sample Jacobians of the parameters ``names`` only (in
+                            fn: SampleFn, args: tuple, names: Sequence[str]) -> torch.Tensor:
+    """J (n, R, M_names): the per-sample Jacobians of the parameters ``names`` (in
     ``fmodel.names`` order), from module hooks in one batched forward of ``x`` (one chunk);
     every other parameter is held fixed."""
     def batched_fn(out, *a):
@@ -144,16 +138,12 @@ def hooked_subset_jacobians(fmodel: FunctionalModel, state: ModelState, x: torch
         o = o.reshape(o.shape[0], -1)
         return vmap(lambda oi, *ai: fn(oi, *ai).reshape(-1))(o, *a)  # (n, R)
 
-    plans = fmodel.__dict__.setdefault("subset_plans", {})
-    key = tuple(names)
-    if key not in plans:
-        plans[key] = hook_plan(fmodel.module, names)
     params = {k: state.params[k] for k in names}
     fixed = {**fmodel.frozen, **state.buffers,
              **{k: v for k, v in state.params.items() if k not in params}}
     return torch.cat([jac for _, jac in hooked_jacobians(
         fmodel.module, names, params, fixed, x, batched_fn, *args, chunk_size=x.shape[0],
-        plan=plans[key])])
+        plan=_plan(fmodel, names))])
 
 
 def per_sample_grads(

@@ -148,7 +148,7 @@ class AttributionMethod:
         fmodel = self.fmodel
         info["gradient_route"] = self.engine.gradient_route()  # probed once if not yet
         if fmodel.route_note is not None:
-            plan = fmodel.hook_plan
+            plan = fmodel.hook_plans.get(tuple(fmodel.names))
             info["gradient_route_note"] = fmodel.route_note + (
                 f"; {plan.summary()}" if plan is not None else "")
 
