@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -75,6 +76,13 @@ def quiet_attention_fallback() -> Iterator[None]:
             if f is item:
                 del filters[i]
                 break
+
+
+def hf_conv1d_type() -> type | None:
+    """``transformers.pytorch_utils.Conv1D`` (GPT-2's layer), if transformers is imported:
+    a model holding one has imported it, and no import here keeps transformers optional and
+    off the import path of models that do not use it."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
 
 
 @contextlib.contextmanager

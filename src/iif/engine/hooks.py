@@ -52,7 +52,6 @@ batched forward's activations, never N x M.
 from __future__ import annotations
 
 import logging
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from iif.engine.functional import module_mode
+from iif.engine.functional import hf_conv1d_type, module_mode
 from iif.errors import InputError
 from iif.task.inputs import Inputs as SampleInputs
 
@@ -195,12 +194,6 @@ def _refuse_batch_statistics(module: nn.Module) -> None:
                 f"interact and have no per-sample gradients of their own")
 
 
-def _hf_conv1d() -> type | None:
-    # a model holding this layer has imported its module; no import here keeps transformers
-    # optional and off the import path of models that do not use it
-    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-
-
 def _layer_kind(m: nn.Module) -> str | None:
     """The rule for module ``m``; None unless its forward is the plain one of a supported
     layer (a subclass with its own forward may compute anything)."""
@@ -212,7 +205,7 @@ def _layer_kind(m: nn.Module) -> str | None:
             elif kind == "embedding":
                 plain = plain and m.max_norm is None  # renormalises the weight in place
             return kind if plain else None
-    hf = _hf_conv1d()
+    hf = hf_conv1d_type()
     if hf is not None and isinstance(m, hf) and type(m).forward is hf.forward:
         return "hf_conv1d"
     return None

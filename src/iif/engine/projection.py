@@ -23,7 +23,6 @@ different (equally valid) matrices.
 from __future__ import annotations
 
 import logging
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -31,6 +30,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
+from iif.engine.functional import hf_conv1d_type
 from iif.errors import InputError
 from iif.validation import Settings, setting
 
@@ -302,9 +302,8 @@ class KroneckerProjector:
 
 
 def is_hf_conv1d(module: torch.nn.Module) -> bool:
-    """Whether ``module`` is ``transformers``' ``Conv1D`` (looked up only if transformers is
-    already imported: a model holding one has imported it)."""
-    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    """Whether ``module`` is ``transformers``' ``Conv1D`` (:func:`hf_conv1d_type`)."""
+    conv1d = hf_conv1d_type()
     return conv1d is not None and isinstance(module, conv1d)
 
 
