@@ -250,8 +250,6 @@ def _kronecker_chunks(fmodel, state, x, fn, args, projector, chunk_size):
     # parameters require grad only so that the layer outputs do; their own gradients are
     # never asked for
     params = {k: v.detach().requires_grad_(True) for k, v in state.params.items()}
-    with torch.no_grad(), module_mode(fmodel.module, False):  # the values without hooks
-        plain = fmodel(state.params, state.buffers, x[:chunk_size])
     handles = [layer.module.register_forward_hook(hook(i, layer))
                for i, layer in enumerate(projector.layers)]
     step = None
@@ -265,9 +263,11 @@ def _kronecker_chunks(fmodel, state, x, fn, args, projector, chunk_size):
                     out = fmodel(params, state.buffers, x[start:stop])
                 finally:
                     rows[0] = 0
-                if step is None and lifted and not torch.allclose(out, plain, rtol=1e-5,
-                                                                   atol=1e-6):
-                    raise _Unbatched("expanding a one-row lookup changed the outputs")
+                if step is None and lifted:  # the first chunk: did expanding change it?
+                    with torch.no_grad():  # rows[0] is 0: the hooks leave this forward be
+                        plain = fmodel(state.params, state.buffers, x[start:stop])
+                    if not torch.allclose(out, plain, rtol=1e-5, atol=1e-6):
+                        raise _Unbatched("expanding a one-row lookup changed the outputs")
                 values = vmap(lambda o, *a: fn(o, *a).reshape(-1))(
                     out, *(a[start:stop] for a in args))  # (n, R)
                 n, r = values.shape
