@@ -9,6 +9,8 @@ side by side in one run:
     ``torch.func.vmap`` (``fmodel.route = "vmap"``) and from module hooks in batched forwards
     (``fmodel.route = "hooks"``), with the relative error between the two (Frobenius over all
     N, and the worst sample) and, for a few samples, against plain ``torch.autograd.grad``;
+    and the floor: the gradient of the summed loss of each chunk by one plain batched forward
+    and backward, which any route that differentiates the losses costs at least;
 (b) the same gradients of sequences padded to T with an attention mask (``input_ids`` and
     ``attention_mask`` as keyword inputs, ``iif.task.inputs.Inputs``): the route is left to
     the probe, which finds that vmap cannot run the forward and takes the hooks; checked
@@ -201,22 +203,41 @@ def jacobians(fmodel: FunctionalModel, state: ModelState, x, fn, targets: torch.
         fmodel, state, x, fn, targets, chunk_size=chunk)])
 
 
+def summed_gradient(model: torch.nn.Module, task: Task, x: torch.Tensor,
+                    targets: torch.Tensor) -> torch.Tensor:
+    """The gradient (1, M) of the summed loss of samples ``x``: one plain batched forward and
+    backward, no per-sample work. Any route that differentiates the samples' losses costs at
+    least this, so it bounds what a faster route can gain."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = task.sample_loss(model(input_ids=x).logits, targets).sum()
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                      for p, g in zip(params, grads, strict=True)])[None]
+
+
 def gradients(model, task: Task, ids: torch.Tensor, padded: Inputs, targets: torch.Tensor,
               chunk: int) -> dict:
-    """Per-sample loss gradients by the three runs, on the same chunks."""
+    """Per-sample loss gradients by the three runs, and the summed gradient (the floor), on
+    the same chunks."""
     runs = three_runs(model, ids, padded)
+    floor = routed(model, "vmap")
+    runs["floor"] = (floor, ids)
     state = runs["vmap"][0].state()
     fn = sample_loss_fn(task)
     agree = Agreement()
-    seconds, peaks = interleaved(
-        runs, lambda fm, x, s: jacobians(fm, state, x[s], fn, targets[s], chunk),
-        ids.shape[0], chunk, agree.add)
+
+    def compute(fm: FunctionalModel, x, s: slice) -> torch.Tensor:
+        if fm is floor:
+            return summed_gradient(model, task, x[s], targets[s])
+        return jacobians(fm, state, x[s], fn, targets[s], chunk)
+
+    seconds, peaks = interleaved(runs, compute, ids.shape[0], chunk, agree.add)
     masked, hooked = runs["masked"][0], runs["hooks"][0]
     return {"seconds": seconds, "peaks": peaks, "error": agree.error, "worst": agree.worst,
             "plan": hooked.hook_plans[tuple(hooked.names)].summary(), "route": masked.route,
             "note": masked.route_note or "",
             "autograd": {name: autograd_error(model, task, x, targets, agree.first[name])
-                         for name, (_, x) in runs.items()}}
+                         for name, (_, x) in runs.items() if name != "floor"}}
 
 
 # ---- (c): projected features ----------------------------------------------------------------
@@ -264,6 +285,11 @@ def report_gradients(res: dict, n: int) -> None:
     print(_row("vmap route", seconds["vmap"], n, peaks["vmap"]))
     print(_row("hooks route", seconds["hooks"], n, peaks["hooks"],
                f"{seconds['hooks'] / seconds['vmap']:.2f}x"))
+    print(_row("floor: one batched fwd+bwd, summed", seconds["floor"], n, peaks["floor"],
+               f"{seconds['floor'] / seconds['vmap']:.2f}x"))
+    print(f"  floor: the summed loss's gradient, no per-sample work; any route costs at least "
+          f"this, so vmap/floor = {seconds['vmap'] / seconds['floor']:.1f}x is the most a "
+          f"faster route could gain")
     print(f"  hooks plan: {res['plan']}")
     print(f"  hooks against vmap: relative error {res['error']:.1e} over all {n} samples "
           f"(Frobenius), worst sample {res['worst']:.1e}")
