@@ -75,7 +75,7 @@ from torch import nn
 
 from iif.engine.training import seeded
 from iif.io import jsonable, open_regular
-from iif.task.data import take
+from iif.task.data import several_inputs, take
 from iif.task.inputs import Inputs
 from iif.version import __version__
 
@@ -125,10 +125,12 @@ def text_digest(text: str) -> str:
 
 def tensor_digest(tensors: Iterable[torch.Tensor | np.ndarray | Inputs], digest=None) -> str:
     """SHA-256 over the shapes, dtypes and bytes of ``tensors``, in order; several inputs
-    (:class:`~iif.task.inputs.Inputs`) add each of their tensors after its key."""
+    (:class:`~iif.task.inputs.Inputs`) add each of their tensors after its key. Streamed
+    inputs give the digest of the same inputs held: read a chunk at a time, and once per
+    input when they are several (a hash takes its bytes in order, input after input)."""
     digest = digest or hashlib.sha256()
     for t in tensors:
-        if isinstance(t, Inputs):
+        if several_inputs(t):
             for key, tensor in t.named():
                 digest.update(f"input {key!r}".encode())
                 tensor_digest([tensor], digest)

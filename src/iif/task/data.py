@@ -25,20 +25,21 @@ nothing about what is yielded (keys that are not positions, a loader with its ow
 ``__iter__``), its first and last batches are compared with the dataset's own samples at
 those positions.
 
-Inputs that take more than ``IN_MEMORY_BYTES`` (estimated from the first batch), or data
-wrapped in :class:`Streamed`, are not gathered: they become :class:`StreamedInputs`, which
-read the samples an operation needs from the dataset (with the loader's ``collate_fn``) each
-time, so no N x (input size) tensor is ever held; labels and targets are held. A dataset read
-this way must return the same sample for the same index (no random augmentation): a CRC-32 of
-every sample is kept from the first read (4 bytes a sample) and every later read is compared
-with it, and the first batch and the last sample are read again at once. Only the pictures
-(``iif show``, ``explain``, ``report``) read every input in at once. Samples with several
-inputs are always held in memory: ``Streamed`` refuses them, and beyond ``IN_MEMORY_BYTES``
-a warning says they are held.
+Inputs that take more than ``IN_MEMORY_BYTES`` (estimated from the first batch, every input
+of a sample counted), or data wrapped in :class:`Streamed`, are not gathered: they become
+:class:`StreamedInputs`, which read the samples an operation needs from the dataset (with the
+loader's ``collate_fn``) each time, so no N x (input size) tensor is ever held; labels and
+targets are held. Samples with several inputs stream as one input does: a read gives an
+:class:`~iif.task.inputs.Inputs` of those samples. A dataset read this way must return the
+same sample for the same index (no random augmentation): a CRC-32 of every sample (of all its
+inputs, in key order) is kept from the first read (4 bytes a sample) and every later read is
+compared with it, and the first batch and the last sample are read again at once. Only the
+pictures (``iif show``, ``explain``, ``report``) read every input in at once.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import logging
@@ -49,6 +50,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
@@ -59,7 +61,7 @@ from torch.utils.data import (
 )
 
 from iif.errors import InputError, UserCodeError
-from iif.task.inputs import INPUT_KEYS, Inputs, joined_inputs
+from iif.task.inputs import INPUT_KEYS, Inputs, Key, joined_inputs
 
 LABEL_KEYS = ("labels", "label", "targets", "target", "y")
 READ_BATCH = 256  # samples per read of a Dataset given without a loader
@@ -198,21 +200,80 @@ class Streamed:
 
 
 class StreamedInputs:
-    """The inputs of a map-style dataset, read when indexed: ``x[rows]`` (a slice, or an
-    index tensor of any shape) loads those samples and returns them as a tensor of shape
-    ``(*rows.shape, *sample_shape)`` on ``device``; ``x.view(block)`` is the lazy part of a
-    row range. Holds the dataset, not its samples; ``digests`` (:func:`sample_digests` of
-    every sample, by dataset position) make each read refuse a sample that changed since, in a
-    message naming ``name``."""
+    """The inputs of a map-style dataset, read when indexed: ``x[rows]`` (a slice, an integer
+    or an index tensor of any shape) loads those samples and returns them as a tensor of shape
+    ``(*rows.shape, *sample_shape)``, or for several inputs an :class:`~iif.task.inputs.Inputs`
+    of such tensors (every input indexed alike), on ``device``; ``x.view(block)`` is the lazy
+    part of a row range. Holds the dataset, not its samples; ``digests``
+    (:func:`sample_digests` of every sample, by dataset position) make each read refuse a
+    sample that changed since, in a message naming ``name``.
+
+    ``layout`` is what a read of no sample gives (a tensor, or an ``Inputs``, of zero rows):
+    every input's per-sample shape, dtype and device. ``shape``, ``dtype`` and
+    ``is_floating_point`` are the main input's, as for ``Inputs``; ``named()`` gives each of
+    several inputs as streamed inputs of its own (still unread)."""
 
     def __init__(self, dataset: Dataset, collate: Callable[[list], Any], unpack: BatchFn,
-                 rows: Sequence[int], sample_shape: tuple[int, ...], dtype: torch.dtype,
-                 device: torch.device | None = None, digests: np.ndarray | None = None,
-                 name: str = "streamed inputs"):
+                 rows: Sequence[int], layout: torch.Tensor | Inputs,
+                 digests: np.ndarray | None = None, name: str = "streamed inputs"):
         self.dataset, self.collate, self.unpack = dataset, collate, unpack
-        self.rows, self.sample_shape = rows, tuple(sample_shape)
-        self.dtype, self.device = dtype, device or torch.device("cpu")
+        self.rows, self.layout = rows, layout
         self.digests, self.name = digests, name
+        self.key: Key | None = None  # of several inputs, the only one a read returns
+
+    def _with(self, **changes: Any) -> StreamedInputs:
+        """A copy with ``changes`` to its attributes (the dataset and digests shared)."""
+        out = copy.copy(self)
+        out.__dict__.update(changes)
+        return out
+
+    # ---- what the inputs are ---------------------------------------------------------
+    @property
+    def empty(self) -> torch.Tensor | Inputs:
+        """What a read of no sample returns: a tensor or ``Inputs`` of zero rows."""
+        return self.layout if self.key is None else self.layout.input(self.key)
+
+    @property
+    def several(self) -> bool:
+        """Whether a read returns several inputs (an ``Inputs``)."""
+        return isinstance(self.empty, Inputs)
+
+    def _inputs(self) -> Inputs:
+        if not self.several:
+            raise TypeError("streamed inputs of one tensor have no keys")
+        return self.empty
+
+    @property
+    def main_key(self) -> Key:
+        return self._inputs().main_key
+
+    def structure(self) -> tuple[int, tuple[str, ...]]:
+        """How many positional inputs, and the keyword names in order."""
+        return self._inputs().structure()
+
+    def sample_shapes(self) -> dict[Key, tuple[int, ...]]:
+        """The per-sample shape of every input, by key."""
+        return self._inputs().sample_shapes()
+
+    def describe(self) -> str:
+        """Each input's per-sample shape and dtype, for messages."""
+        return self._inputs().describe()
+
+    def named(self) -> Iterator[tuple[Key, StreamedInputs]]:
+        """``(key, inputs)`` of every input, each still unread: a read of one returns that
+        input's tensor (and checks the whole sample, as any read does)."""
+        for key, _ in self._inputs().named():
+            yield key, self._with(key=key)
+
+    @property
+    def main(self) -> StreamedInputs:
+        """The main input, still unread."""
+        return self._with(key=self.main_key)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The per-sample shape of the (main) input."""
+        return tuple(self.empty.shape[1:])
 
     @property
     def shape(self) -> torch.Size:
@@ -222,22 +283,34 @@ class StreamedInputs:
     def ndim(self) -> int:
         return 1 + len(self.sample_shape)
 
+    def dim(self) -> int:
+        return self.ndim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.empty.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.empty.device
+
     def __len__(self) -> int:
         return len(self.rows)
 
     def __repr__(self) -> str:
-        return (f"StreamedInputs(n={len(self)}, sample_shape={self.sample_shape}, "
-                f"dtype={self.dtype}, device={self.device})")
+        what = self.describe() if self.several else \
+            f"sample_shape={self.sample_shape}, dtype={self.dtype}"
+        return f"StreamedInputs(n={len(self)}, {what}, device={self.device})"
 
     def is_floating_point(self) -> bool:
         return self.dtype.is_floating_point
 
+    # ---- reading -----------------------------------------------------------------------
     def bound(self, device: torch.device, float_dtype: torch.dtype) -> StreamedInputs:
         """The same inputs read onto ``device``: floating point as ``float_dtype``, integer
-        token ids as int64 (what embeddings take)."""
-        dtype = float_dtype if self.dtype.is_floating_point else torch.int64
-        return StreamedInputs(self.dataset, self.collate, self.unpack, self.rows,
-                              self.sample_shape, dtype, device, self.digests, self.name)
+        token ids (and masks) as int64 (what embeddings take), booleans as they are."""
+        return self._with(layout=pytree.tree_map(
+            lambda t: t.to(device, bound_dtype(t.dtype, float_dtype)), self.layout))
 
     def view(self, block: slice | Sequence[int] | torch.Tensor) -> StreamedInputs:
         """The rows ``block`` (a slice or sample indices), still unread."""
@@ -245,11 +318,9 @@ class StreamedInputs:
             rows = self.rows[block]
         else:
             rows = [self.rows[i] for i in torch.as_tensor(block).reshape(-1).tolist()]
-        return StreamedInputs(self.dataset, self.collate, self.unpack, rows,
-                              self.sample_shape, self.dtype, self.device, self.digests,
-                              self.name)
+        return self._with(rows=rows)
 
-    def __getitem__(self, index: Any) -> torch.Tensor:
+    def __getitem__(self, index: Any) -> torch.Tensor | Inputs:
         if isinstance(index, tuple):
             raise TypeError("streamed inputs are indexed by samples only (one index)")
         if isinstance(index, slice):
@@ -260,45 +331,47 @@ class StreamedInputs:
         if idx.dtype == torch.bool:
             raise TypeError("index streamed inputs with sample indices, not a mask")
         rows = self._read([self.rows[i] for i in idx.reshape(-1).tolist()])
-        return rows.reshape(*idx.shape, *self.sample_shape)
+        return pytree.tree_map(lambda t: t.reshape(*idx.shape, *t.shape[1:]), rows)
 
-    def cpu(self) -> torch.Tensor:
+    def cpu(self) -> torch.Tensor | Inputs:
         """Every input read in, on the CPU: what the pictures of ``iif show`` / ``explain`` /
         ``report`` draw from (the only reads of the whole set)."""
         log.info("reading all %d streamed inputs to draw them", len(self))
         return self[:].cpu()
 
-    def chunks(self, size: int | None = None):
+    def chunks(self, size: int | None = None) -> Iterator[torch.Tensor | Inputs]:
         """The inputs in order, ``size`` (default ``READ_BATCH``) samples at a time."""
         size = size or READ_BATCH
         for lo in range(0, len(self), size):
             yield self[lo : lo + size]
 
-    def _read(self, positions: list[int]) -> torch.Tensor:
+    def _read(self, positions: list[int]) -> torch.Tensor | Inputs:
         parts = []
         for lo in range(0, len(positions), READ_BATCH):
             some = positions[lo : lo + READ_BATCH]
             batch = self.collate([self.dataset[p] for p in some])
             part = model_inputs(self.unpack(batch)[0], f"{self.name} inputs")
-            self._check_unchanged(some, part)
-            parts.append(part)
+            self._check_unchanged(some, part)  # every input of the sample, whatever is kept
+            parts.append(part if self.key is None else part.input(self.key))
         if not parts:
-            return torch.empty((0, *self.sample_shape), dtype=self.dtype, device=self.device)
-        return torch.cat(parts).to(self.device, self.dtype)
+            return self.empty
+        # each input as its layout says: on the device, in its dtype
+        return pytree.tree_map(lambda t, like: t.to(like.device, like.dtype),
+                               torch.cat(parts), self.empty)
 
     def check_again(self, positions: Sequence[int]) -> None:
         """Read the samples at dataset ``positions`` again and refuse any that changed since
         their first read."""
         self._read(list(positions))
 
-    def _check_unchanged(self, positions: list[int], x: torch.Tensor) -> None:
+    def _check_unchanged(self, positions: list[int], x: torch.Tensor | Inputs) -> None:
         """Refuse inputs ``x`` read for ``positions`` that differ from their first read."""
         if self.digests is None:
             return
-        if x.ndim == 0 or len(x) != len(positions) or tuple(x.shape[1:]) != self.sample_shape:
+        if not _fits(x, self.layout, len(positions)):
             raise InputError(f"{self.name}: samples {positions[0]}..{positions[-1]} read again "
-                             f"gave inputs of shape {tuple(x.shape)}, first read "
-                             f"{(len(positions), *self.sample_shape)}; {CHANGED} and of one "
+                             f"gave inputs {_shapes(x)}, first read "
+                             f"{_shapes(self.layout, len(positions))}; {CHANGED} and of one "
                              f"shape (pad every sample to one length, e.g. in collate_fn)")
         changed = np.flatnonzero(sample_digests(x) != self.digests[positions])
         if changed.size:
@@ -306,12 +379,68 @@ class StreamedInputs:
                              f"reads; {CHANGED}")
 
 
-def sample_digests(x: torch.Tensor) -> np.ndarray:
-    """A CRC-32 of the bytes of each sample (row) of ``x``: what a streamed sample read again
-    is compared by (exact, whatever the batch it is read in)."""
+def bound_dtype(dtype: torch.dtype, float_dtype: torch.dtype) -> torch.dtype:
+    """The dtype an input of ``dtype`` reaches the model in: floating point as
+    ``float_dtype``, booleans (masks) as they are, other integers (token ids, masks) as
+    int64."""
+    if dtype.is_floating_point:
+        return float_dtype
+    return dtype if dtype == torch.bool else torch.int64
+
+
+def several_inputs(x: Any) -> bool:
+    """Whether ``x`` holds several inputs per sample, held or streamed."""
+    return isinstance(x, Inputs) or (isinstance(x, StreamedInputs) and x.several)
+
+
+def _layout_of(x: torch.Tensor | Inputs) -> torch.Tensor | Inputs:
+    """No sample of ``x``, on the CPU: every input's per-sample shape and dtype (holding
+    nothing of the batch it comes from)."""
+    return pytree.tree_map(lambda t: torch.empty((0, *t.shape[1:]), dtype=t.dtype), x)
+
+
+def _fits(x: Any, layout: torch.Tensor | Inputs, n: int) -> bool:
+    """Whether inputs ``x`` are ``n`` samples of ``layout``'s inputs and shapes."""
+    if isinstance(layout, Inputs):
+        return (isinstance(x, Inputs) and x.structure() == layout.structure()
+                and len(x) == n and x.sample_shapes() == layout.sample_shapes())
+    return (isinstance(x, torch.Tensor) and x.ndim > 0 and len(x) == n
+            and x.shape[1:] == layout.shape[1:])
+
+
+def _shapes(x: Any, n: int | None = None) -> str:
+    """``of shape (4, 3)``, or ``input_ids (4, 6), attention_mask (4, 6)``: the shapes of
+    inputs ``x`` (with ``n`` rows), for messages."""
+    if isinstance(x, Inputs):
+        return ", ".join(f"{_name(k)} {(len(x) if n is None else n, *s)}"
+                         for k, s in x.sample_shapes().items())
+    shape = tuple(getattr(x, "shape", ()))
+    return f"of shape {shape if n is None else (n, *shape[1:])}"
+
+
+def _name(key: Key) -> str:
+    return key if isinstance(key, str) else f"input {key}"
+
+
+def sample_digests(x: torch.Tensor | Inputs) -> np.ndarray:
+    """A CRC-32 of the bytes of each sample (row) of ``x``, over every input of several in
+    key order: what a streamed sample read again is compared by (exact, whatever the batch it
+    is read in)."""
+    tensors = x.tensors() if isinstance(x, Inputs) else [x]
+    raws = [_row_bytes(t) for t in tensors]
+    out = np.empty(len(x), dtype=np.uint32)
+    for i in range(len(x)):
+        crc = 0
+        for raw in raws:
+            crc = zlib.crc32(raw[i], crc)
+        out[i] = crc
+    return out
+
+
+def _row_bytes(x: torch.Tensor) -> np.ndarray:
+    """The bytes of each row of ``x``, (n, row bytes)."""
     rows = x.detach().cpu().contiguous().reshape(len(x), -1)
-    raw = rows.view(torch.uint8).numpy() if rows.shape[1] else np.zeros((len(x), 0), np.uint8)
-    return np.fromiter((zlib.crc32(row) for row in raw), dtype=np.uint32, count=len(raw))
+    return rows.view(torch.uint8).numpy() if rows.shape[1] else np.zeros((len(x), 0), np.uint8)
 
 
 def take(x: torch.Tensor | StreamedInputs, block: slice | torch.Tensor
@@ -376,9 +505,8 @@ def _warn_dropped(dropped: dict[str, str], name: str) -> None:
 def _gather(loader: DataLoader, name: str, unpack: BatchFn,
             stream: bool = False) -> tuple[Any, Any]:
     """Every batch of ``loader`` in order, mapped to (inputs, labels) by ``unpack``: the
-    inputs concatenated, or :class:`StreamedInputs` when ``stream`` or too large to hold
-    (inputs of several tensors are held: see the module docstring); the labels
-    concatenated."""
+    inputs concatenated, or :class:`StreamedInputs` when ``stream`` or too large to hold; the
+    labels concatenated."""
     known = _check_order(loader, name)
     dropped: dict[str, str] = {}
     if unpack is default_batch or (isinstance(unpack, functools.partial)
@@ -407,7 +535,7 @@ def _gather(loader: DataLoader, name: str, unpack: BatchFn,
     log.info("%s: %d samples are read from the dataset when needed, not held", name, len(y))
     x0 = first[0]
     inputs = StreamedInputs(loader.dataset, loader.collate_fn, unpack,
-                            range(len(loader.dataset)), tuple(x0.shape[1:]), x0.dtype,
+                            range(len(loader.dataset)), _layout_of(x0),
                             digests=np.concatenate(digests), name=name)
     if len(inputs) != len(y):
         raise InputError(f"{name}: the loader yields {len(y)} samples of the "
@@ -420,18 +548,10 @@ def _gather(loader: DataLoader, name: str, unpack: BatchFn,
 
 def _streams(x: torch.Tensor | Inputs, name: str, asked: bool, n: int) -> bool:
     """Whether inputs whose first batch is ``x`` are streamed: when ``asked`` or beyond
-    ``IN_MEMORY_BYTES`` for ``n`` samples. Inputs of several tensors are always held."""
-    if isinstance(x, Inputs):
-        if asked:
-            raise InputError(f"{name}: samples with several inputs ({x.describe()}) cannot "
-                             f"be streamed; pass the Dataset or DataLoader without Streamed "
-                             f"to hold them in memory")
-        size = sum(t[:1].nelement() * t.element_size() for t in x.tensors()) * n
-        if size > IN_MEMORY_BYTES:
-            log.warning("%s: samples with several inputs are held in memory, not streamed "
-                        "(%.1f GiB)", name, size / (1 << 30))
-        return False
-    return asked or x[:1].nelement() * x.element_size() * n > IN_MEMORY_BYTES
+    ``IN_MEMORY_BYTES`` for ``n`` samples (every input of a sample counted)."""
+    tensors = x.tensors() if isinstance(x, Inputs) else [x]
+    return asked or sum(t[:1].nelement() * t.element_size() for t in tensors) * n > \
+        IN_MEMORY_BYTES
 
 
 def _batches(loader: DataLoader, name: str, unpack: BatchFn):
@@ -463,14 +583,30 @@ def _joined(parts: list[torch.Tensor] | list[Inputs], name: str) -> torch.Tensor
                          f"(pad every sample to one length, e.g. in collate_fn): {exc}") from exc
 
 
-def _check_streamed_batch(x: torch.Tensor, first: torch.Tensor, what: str) -> None:
-    """What the task checks on gathered inputs, for one batch of streamed ones."""
-    if x.shape[1:] != first.shape[1:] or x.dtype != first.dtype:
+def _check_streamed_batch(x: torch.Tensor | Inputs, first: torch.Tensor | Inputs,
+                          what: str) -> None:
+    """What the task checks on gathered inputs, for one batch of streamed ones: the first
+    batch's inputs, per-sample shapes and dtypes, and finite floating point values."""
+    if _signature(x) != _signature(first):
+        if isinstance(x, Inputs) or isinstance(first, Inputs):
+            got, want = (v.describe() if isinstance(v, Inputs) else
+                         f"one input {tuple(v.shape[1:])} {v.dtype}" for v in (x, first))
+            raise InputError(f"{what}: inputs {got} after {want}; every sample needs the same "
+                             f"inputs (pad every sample to one length, e.g. in collate_fn)")
         raise InputError(f"{what}: inputs of per-sample shape {tuple(x.shape[1:])} ({x.dtype}) "
                          f"after {tuple(first.shape[1:])} ({first.dtype}); pad every sample "
                          f"to one length, e.g. in collate_fn")
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        raise InputError(f"{what}: inputs contain NaN or inf")
+    named = x.named() if isinstance(x, Inputs) else [(None, x)]
+    for key, t in named:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            which = "inputs contain" if key is None else f"input {key!r} contains"
+            raise InputError(f"{what}: {which} NaN or inf")
+
+
+def _signature(x: torch.Tensor | Inputs) -> tuple:
+    """The inputs of a batch without its samples: keys, per-sample shapes and dtypes."""
+    named = x.named() if isinstance(x, Inputs) else [(None, x)]
+    return tuple((key, tuple(t.shape[1:]), t.dtype) for key, t in named)
 
 
 def _check_order(loader: DataLoader, name: str) -> bool:

@@ -12,7 +12,9 @@ Its "main" input names the data in messages and gives ``shape``, ``dtype``, ``de
 ``is_floating_point``: the first positional tensor, else ``input_ids`` (or the first key of
 :data:`INPUT_KEYS` present), else the first key. A sample with one input is a
 plain tensor, never an ``Inputs``: :func:`joined_inputs` builds one only for two inputs or
-more.
+more. Samples streamed from a dataset (:class:`iif.task.data.StreamedInputs`) are read as an
+``Inputs`` of those samples, and answer ``shape``, ``structure``, ``sample_shapes`` and
+``describe`` alike without reading any.
 """
 
 from __future__ import annotations
@@ -83,6 +85,10 @@ class Inputs:
     def tensors(self) -> list[torch.Tensor]:
         return [*self.args, *self.kwargs.values()]
 
+    def input(self, key: Key) -> torch.Tensor:
+        """The input ``key``: a positional input's position or a keyword input's name."""
+        return self.args[key] if isinstance(key, int) else self.kwargs[key]
+
     @property
     def main_key(self) -> Key:
         if self.args:
@@ -92,8 +98,7 @@ class Inputs:
     @property
     def main(self) -> torch.Tensor:
         """The main input (module docstring)."""
-        key = self.main_key
-        return self.args[key] if isinstance(key, int) else self.kwargs[key]
+        return self.input(self.main_key)
 
     def structure(self) -> tuple[int, tuple[str, ...]]:
         """How many positional inputs, and the keyword names in order."""
@@ -206,7 +211,7 @@ class Inputs:
         out = {}
         for key, _ in first.named():
             try:
-                out[key] = join([_get(p, key) for p in parts], dim=dim)
+                out[key] = join([p.input(key) for p in parts], dim=dim)
             except RuntimeError as exc:
                 raise RuntimeError(f"{_label(key)}: {exc}") from exc
         count = len(first.args)
@@ -223,10 +228,6 @@ class Inputs:
         if func is torch.stack:
             return cls.stack(*args, **kwargs)
         return NotImplemented
-
-
-def _get(x: Inputs, key: Key) -> torch.Tensor:
-    return x.args[key] if isinstance(key, int) else x.kwargs[key]
 
 
 def _label(key: Key, short: bool = False) -> str:

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from iif.errors import InputError, UserCodeError
-from iif.task.data import Data, StreamedInputs, as_pair, to_tensor
+from iif.task.data import Data, StreamedInputs, as_pair, bound_dtype, several_inputs, to_tensor
 from iif.task.inputs import Inputs, call_model, check_keywords
 from iif.task.measurements import check_measurement
 from iif.task.outputs import OutputFn, model_output
@@ -262,7 +262,7 @@ class Task:
             x = to_tensor(x, f"{name} inputs")
         y = to_tensor(y, f"{name} labels")
         _check_sizes(x, y, name, like)
-        check_keywords(self.model, x, name)
+        check_keywords(self.model, x.empty if isinstance(x, StreamedInputs) else x, name)
         x, out_shape = self._device_inputs(x, name)
         out_dim = math.prod(out_shape)
         if self.kind == "classification":
@@ -278,7 +278,7 @@ class Task:
                        ) -> tuple[torch.Tensor | Inputs | StreamedInputs, tuple[int, ...]]:
         """Inputs ``x`` checked (finite floating point, or integers) and on the device, with
         the shape of the model's output for one of them."""
-        if isinstance(x, Inputs):
+        if several_inputs(x):
             x = self._device_several(x, name)
             return x, self._output_shape(x[:1], name)
         # integer inputs are token ids (an nn.Embedding) or codes the model converts itself:
@@ -304,23 +304,23 @@ class Task:
                              f"for a model that takes them ({exc})") from exc
         return x, out_shape
 
-    def _device_several(self, x: Inputs, name: str) -> Inputs:
+    def _device_several(self, x: Inputs | StreamedInputs, name: str
+                        ) -> Inputs | StreamedInputs:
         """Each of several inputs checked and on the device: floating point (finite) as the
-        model's dtype, integers (token ids, masks) as int64, booleans (masks) as they are."""
-        for key, t in x.named():
+        model's dtype, integers (token ids, masks) as int64, booleans (masks) as they are
+        (:func:`iif.task.data.bound_dtype`). Streamed ones were checked finite batch by batch
+        as they were read, and are read onto the device."""
+        streamed = isinstance(x, StreamedInputs)
+        for key, t in (x.empty if streamed else x).named():
             what = f"{name} input {key!r}"
             if t.dtype.is_complex:
                 raise InputError(f"{what} is complex ({t.dtype}); inputs must be real numbers")
-            if t.is_floating_point() and not torch.isfinite(t).all():
+            if not streamed and t.is_floating_point() and not torch.isfinite(t).all():
                 bad = int((~torch.isfinite(t)).reshape(t.shape[0], -1).any(1).sum())
                 raise InputError(f"{what} contains NaN or inf ({bad} samples)")
-
-        def moved(t: torch.Tensor) -> torch.Tensor:
-            if t.is_floating_point():
-                return t.to(self.device, self.dtype)
-            return t.to(self.device, torch.bool if t.dtype == torch.bool else torch.int64)
-
-        return x.map(moved)
+        if streamed:
+            return x.bound(self.device, self.dtype)
+        return x.map(lambda t: t.to(self.device, bound_dtype(t.dtype, self.dtype)))
 
     def _class_targets(self, y: torch.Tensor, name: str,
                        out_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -440,16 +440,27 @@ class Task:
 
 def _check_shifted(x: Any, y: torch.Tensor, name: str) -> None:
     """Refuse token labels equal to the input ids: the Hugging Face convention
-    (``labels=input_ids``, shifted inside the model), where iif reads next-token labels."""
-    ids = x.kwargs.get("input_ids") if isinstance(x, Inputs) else x
-    if (isinstance(ids, torch.Tensor) and not ids.is_floating_point()
-            and ids.shape == y.shape and ids.shape[-1] > 1):
-        keep = y != IGNORE
-        if bool(keep.any()) and bool((ids.to(y.device)[keep] == y[keep]).all()):
-            raise InputError(f"{name}: the labels equal the input ids (Hugging Face's "
-                             f"labels=input_ids, shifted inside the model); a sequence task "
-                             f"reads next-token labels: give iif.causal_lm_labels(input_ids, "
-                             f"attention_mask)")
+    (``labels=input_ids``, shifted inside the model), where iif reads next-token labels.
+    Streamed inputs are compared batch by batch as they are read, up to the first batch
+    whose ids differ from its labels."""
+    parts = x.chunks() if isinstance(x, StreamedInputs) else [x]
+    lo, compared = 0, False
+    for part in parts:
+        ids = part.kwargs.get("input_ids") if isinstance(part, Inputs) else part
+        if not (isinstance(ids, torch.Tensor) and not ids.is_floating_point()
+                and ids.shape[1:] == y.shape[1:] and ids.shape[-1] > 1):
+            return
+        labels, lo = y[lo : lo + len(ids)], lo + len(ids)
+        keep = labels != IGNORE
+        if bool(keep.any()):
+            if not bool((ids.to(y.device)[keep] == labels[keep]).all()):
+                return
+            compared = True
+    if compared and lo == len(y):
+        raise InputError(f"{name}: the labels equal the input ids (Hugging Face's "
+                         f"labels=input_ids, shifted inside the model); a sequence task "
+                         f"reads next-token labels: give iif.causal_lm_labels(input_ids, "
+                         f"attention_mask)")
 
 
 def _check_sizes(x: torch.Tensor | Inputs | StreamedInputs, y: torch.Tensor, name: str,
@@ -458,7 +469,7 @@ def _check_sizes(x: torch.Tensor | Inputs | StreamedInputs, y: torch.Tensor, nam
     several inputs), and labels not one per input."""
     if x.ndim == 0 or x.shape[0] == 0:
         raise InputError(f"{name} is empty: inputs have shape {tuple(x.shape)}")
-    if like is not None and (isinstance(x, Inputs) or isinstance(like.x, Inputs)):
+    if like is not None and (several_inputs(x) or several_inputs(like.x)):
         mine, theirs = _layout(x), _layout(like.x)
         if mine != theirs:
             raise InputError(f"{name} inputs are {mine}, the training inputs {theirs}: give "
@@ -479,7 +490,7 @@ def _check_sizes(x: torch.Tensor | Inputs | StreamedInputs, y: torch.Tensor, nam
 
 def _layout(x: torch.Tensor | Inputs | StreamedInputs) -> str:
     """The inputs of one sample, for comparing two data sets: their keys and shapes."""
-    if isinstance(x, Inputs):
+    if several_inputs(x):
         return ", ".join(f"{k if isinstance(k, str) else f'input {k}'} {shape}"
                          for k, shape in x.sample_shapes().items())
     return f"one input of shape {tuple(x.shape[1:])}"

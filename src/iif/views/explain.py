@@ -15,7 +15,7 @@ from typing import Any
 from iif.errors import InputError
 from iif.io import atomic_write, jsonable
 from iif.results.diagnostics import describe, index_offset, kinds_of, summarize, trust_flags
-from iif.task.inputs import Inputs
+from iif.task.data import several_inputs
 from iif.views.report import (
     COMPLETENESS_MEANING,
     contrast_caption,
@@ -102,7 +102,7 @@ def explain(
               "settings": result.settings}
     text = json.dumps(jsonable(record), indent=2, allow_nan=False)
     atomic_write(folder / f"explain_{index}.json", lambda f: f.write(text.encode()))
-    if isinstance(method.train.x, Inputs):
+    if several_inputs(method.train.x):
         lines.append("  (samples with several inputs are not drawn)")
         return "\n".join(lines), record
     images = method.train.x.cpu().numpy()

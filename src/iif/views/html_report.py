@@ -32,6 +32,7 @@ import numpy as np
 from iif.errors import InputError
 from iif.io import atomic_write
 from iif.results.attribution import META_FILE, SCORES_FILE, Attribution
+from iif.task.data import several_inputs
 from iif.task.inputs import Inputs
 from iif.views.report import _as_image, _check_k, _plain, contrast_caption, gap_text
 from iif.views.report import image_shape as guess_shape
@@ -132,7 +133,7 @@ def task_data(folder: Path, task: str, result: Attribution,
     if job is None:
         return PageData(image_shape=image_shape)
     decode = getattr(task_module(task), "decode", None)
-    if isinstance(train.x, Inputs) and not callable(decode):
+    if several_inputs(train.x) and not callable(decode):
         log.info("samples with several inputs are not drawn: the page lists their indices "
                  "(a decode(x) function in the task's module prints them as text)")
         return PageData(None, None, train.labels.cpu().numpy(), test.labels.cpu().numpy(),

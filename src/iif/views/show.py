@@ -19,7 +19,8 @@ from iif.results.chunks import read_json
 from iif.results.diagnostics import describe, summarize, trust_flags
 from iif.results.runkey import PROBE, RunKey, behaviour_digest, data_digest, tensor_digest
 from iif.results.store import CHUNKS, MANIFEST
-from iif.task.inputs import Inputs, call_model
+from iif.task.data import several_inputs
+from iif.task.inputs import call_model
 from iif.task.outputs import model_output
 from iif.views.report import (
     contrast_caption,
@@ -146,7 +147,7 @@ class _View:
         if loaded.job is not None:
             self.labels = loaded.train.labels.cpu().numpy()
             x = loaded.train.x
-            self.images = None if isinstance(x, Inputs) else x.cpu().numpy()
+            self.images = None if several_inputs(x) else x.cpu().numpy()
             self.test_labels = [_label_text(v) for v in loaded.test.labels.cpu().numpy().tolist()]
             self.predicted = [_label_text(v) for v in _predictions(loaded.job.task,
                                                                    loaded.test.x)]
