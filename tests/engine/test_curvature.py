@@ -175,7 +175,7 @@ def test_curvature_error_reports_last_tried_damping():
     assert "damping 0.1 " in str(info.value)
 
 
-@pytest.mark.parametrize("kwargs", [{"kind": "kfac"}, {"damping": -1.0},
+@pytest.mark.parametrize("kwargs", [{"kind": "lissa"}, {"damping": -1.0},
                                     {"damping": float("nan")}])
 def test_invalid_settings(kwargs):
     with pytest.raises(ValueError, match="curvature|damping"):

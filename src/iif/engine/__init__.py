@@ -2,6 +2,7 @@
 
 - ``functional``: the model as a pure function of its state; ``ModelState`` (theta).
 - ``grads``: per-sample gradients, Gauss-Newton factors, explicit Hessians.
+- ``hooks``: per-sample gradients and layer calls from module hooks, without ``vmap``.
 - ``training``: minibatch optimisation with the task's recipe toward given targets, with a
   given extra objective and stop rule; ``train``, ``train_ensemble``.
 - ``stacked``: B copies trained side by side under ``vmap`` (``StackedState``).
@@ -9,6 +10,7 @@
 - ``features``: projected per-sample gradients, chunked, spilled to disk.
 - ``linalg``: float64 blocks, Gram products, Cholesky, Woodbury and CG solvers.
 - ``curvature``: Fisher, Gauss-Newton and Hessian, and their damping rule.
+- ``ekfac``: K-FAC and EK-FAC factors of the Fisher from the layer hooks, and their solver.
 - ``factored``: exact Fisher and Gauss-Newton solves from layer factors.
 - ``budget``: the memory policy (hold, spill or refuse; copies that fit).
 - ``engine``: ``Engine``, one model's theta*, projector and budget binding the above.

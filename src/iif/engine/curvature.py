@@ -1,6 +1,6 @@
 """Curvature of the training loss: its settings, what it is, and its damped solvers.
 
-Three kinds share one interface (an :class:`iif.engine.linalg.Solver` with ``solve``):
+Five kinds share one interface (an :class:`iif.engine.linalg.Solver` with ``solve``):
 
 - ``fisher``: empirical Fisher ``F = (1/N) sum_i phi_i phi_i^T + delta I`` of the (projected)
   per-sample gradients (paper appendix E); the default.
@@ -9,6 +9,11 @@ Three kinds share one interface (an :class:`iif.engine.linalg.Solver` with ``sol
   matrix of the rows ``Jt_i^T L_i`` where ``L_i L_i^T = H_i``.
 - ``hessian``: the explicit Hessian of the mean training loss (small models), projected to
   ``A^T H A`` when a projection is used.
+- ``ekfac`` and ``kfac``: the empirical Fisher of the unprojected gradients, block-diagonal by
+  layer, Kronecker-factored per layer with a weight matrix (EK-FAC: eigenvalues corrected to
+  the exact block's in the Kronecker eigenbasis), the exact diagonal elsewhere, damped per
+  block (:mod:`iif.engine.ekfac`). Built from layer factors at theta*, for influence functions
+  with the ``exact`` solver; the feature-row solvers here refuse them.
 
 What lives where:
 
@@ -97,12 +102,17 @@ class CurvatureSettings(Settings):
 
     ``kind="fisher"`` is the default: the Gauss-Newton matrix cut to each sample's top
     output-Hessian direction was better on digits and much worse on MNIST.
+
+    ``kind="ekfac"`` / ``"kfac"`` (:mod:`iif.engine.ekfac`) damp each layer's block on its own:
+    ``default_damping_ratio`` times the mean of that block's eigenvalues, or ``damping`` for
+    every block when given.
     """
 
     section = "[curvature]"
 
-    kind: Literal["fisher", "ggn", "hessian"] = setting(
-        "fisher", doc="the curvature: empirical Fisher, Gauss-Newton or the explicit Hessian")
+    kind: Literal["fisher", "ggn", "hessian", "ekfac", "kfac"] = setting(
+        "fisher", doc="the curvature: empirical Fisher, Gauss-Newton, the explicit Hessian, or "
+        "the Fisher's EK-FAC or K-FAC approximation (influence functions without projection)")
     # 0 is allowed: a curvature that is then singular is retried with a tiny damping
     damping: float | None = setting(None, ge=0, doc="damping added to the curvature (None: "
                                     "default_damping_ratio x its mean nonzero eigenvalue)")
@@ -118,6 +128,18 @@ class CurvatureSettings(Settings):
     # each retry multiplies the damping by this, so it must grow
     retry_factor: float = setting(DEFAULT_RETRIES.retry_factor, gt=1, doc="factor of the "
                                   "damping on each retry")
+
+
+KRONECKER_KINDS = ("ekfac", "kfac")
+
+
+def refuse_kronecker(kind: str, what: str) -> None:
+    """One line refusing an EK-FAC or K-FAC ``kind`` where ``what`` (a solve on feature rows,
+    curvature-vector products) would need it; other kinds pass."""
+    if kind in KRONECKER_KINDS:
+        raise InputError(f"curvature {kind!r} is built from layer factors for influence "
+                         f"functions without projection (solver 'exact'), not for {what}; "
+                         f"use kind 'fisher' here")
 
 
 def rank_bound(n: int, dim: int, num_params: int) -> int:
@@ -208,6 +230,7 @@ def fit_curvature(
     With ``share``, ``x``, ``targets`` and ``u`` are this process's part of the training set
     and the parts' matrices are summed (see :func:`gram_solver`).
     """
+    refuse_kronecker(settings.kind, "a solve on gradient features")
     n = x.shape[0] if share is None else share.n_total
     reduce = None if share is None else share.reduce
     if reduce is not None and settings.kind not in ("fisher", "ggn"):
@@ -228,7 +251,9 @@ def curvature_factor(
     ``("rows", R)`` whose Gram matrix / N is the curvature (the Fisher's ``u``, the
     Gauss-Newton rows ``A^T J_i^T L_i``), or ``("matrix", H)`` for the explicit Hessian of
     the whole training set (never split across processes: :func:`fit_curvature` refuses). One
-    factor serves any number of damping values (:func:`solver_from_factor`)."""
+    factor serves any number of damping values (:func:`solver_from_factor`). EK-FAC and K-FAC
+    are refused (their factors: :func:`iif.engine.ekfac.fit_kronecker`)."""
+    refuse_kronecker(kind, "a solve on gradient features")
     if kind == "fisher":
         return "rows", u
     if kind == "ggn":
@@ -279,6 +304,7 @@ def curvature_product(
     recomputed chunk by chunk. Eval mode throughout, like the features. A model torch cannot
     differentiate twice is refused in one line by the first product of a kind that needs it.
     """
+    refuse_kronecker(kind, "conjugate gradients")
     n = x.shape[0]
     if kind == "fisher":
         chunk_product = _fisher_chunk_product(fmodel, state, task, n, chunk_size)

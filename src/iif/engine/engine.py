@@ -3,12 +3,12 @@ projector and memory budget, so that the methods ask for features, solves and tr
 without passing them along every time.
 
 An :class:`Engine` wraps the free functions of ``iif.engine.features``, ``iif.engine.curvature``,
-``iif.engine.factored``, ``iif.engine.training`` and ``iif.engine.stacked`` (the arithmetic
-stays there). It offers what any method needs and knows no method: :meth:`Engine.fit` trains
-B >= 1 copies toward given targets, with an extra objective term and a stop rule of the
-caller's (Integrated Influence builds its unlearning baselines and path models on it in
-``iif.methods.integrated``); features and curvature take a
-:class:`~iif.engine.stacked.StackedState` of B >= 1 copies or a
+``iif.engine.factored``, ``iif.engine.ekfac``, ``iif.engine.training`` and
+``iif.engine.stacked`` (the arithmetic stays there). It offers what any method needs and
+knows no method: :meth:`Engine.fit` trains B >= 1 copies toward given targets, with an extra
+objective term and a stop rule of the caller's (Integrated Influence builds its unlearning
+baselines and path models on it in ``iif.methods.integrated``); features and curvature take
+a :class:`~iif.engine.stacked.StackedState` of B >= 1 copies or a
 :class:`~iif.engine.functional.ModelState` (one copy) and dispatch on it: one copy, or a task
 that cannot be stacked, runs the plain one-model code copy by copy; more, the vmapped code.
 Every feature matrix honours the :class:`Budget`: beyond ``max_feature_bytes`` it is
@@ -41,6 +41,7 @@ from iif.engine.curvature import (
     solver_from_factor,
     stacked_gram_solvers,
 )
+from iif.engine.ekfac import KroneckerFactors, fit_kronecker
 from iif.engine.factored import (
     FactoredInfluence,
     factored_influence_scores,
@@ -63,6 +64,7 @@ from iif.engine.linalg import Solver
 from iif.engine.projection import IdentityProjector, Projector
 from iif.engine.stacked import StackedState, cumulative_batchnorm, fit_stacked
 from iif.engine.training import FitResult, fit
+from iif.errors import InputError
 from iif.task.task import Data, Task
 
 State = ModelState | StackedState
@@ -342,6 +344,17 @@ class Engine:
         return curvature_product(settings.kind, self.fmodel, self.state, self.train.x,
                                  self.train.targets, self.task, self.budget.chunk_size,
                                  ggn_rank=settings.ggn_rank)
+
+    def kronecker_factors(self, settings: CurvatureSettings,
+                          grads: torch.Tensor | None = None) -> KroneckerFactors:
+        """EK-FAC or K-FAC factors (``settings.kind``) of the empirical Fisher at theta* on the
+        training set (:func:`iif.engine.ekfac.fit_kronecker`); ``grads``: the training
+        per-sample gradients (N, M) when already computed, else recomputed chunk by chunk.
+        One process."""
+        if self.sharding is not None:
+            raise InputError(f"curvature {settings.kind!r} is fitted in one process")
+        return fit_kronecker(self.fmodel, self.state, self.train.x, self.train.targets,
+                             self.task, settings.kind, self.budget.chunk_size, grads)
 
     # ---- exact solves from layer factors -------------------------------------------------
     def factored_applies(self, exact: bool, kind: str) -> bool:

@@ -47,6 +47,9 @@ its ``out_proj`` weight directly, so its layers go to the loop from the start.
 Flat vectors follow ``names`` (``FunctionalModel.names``: trainable parameters in
 ``named_parameters()`` order, tied parameters once). Memory is per chunk: J (n, R, M) and one
 batched forward's activations, never N x M.
+
+:func:`hooked_layer_calls` runs the same forward and gives, instead of J, each hooked call's
+input and the gradient reaching its output (the layer factors of :mod:`iif.engine.ekfac`).
 """
 
 from __future__ import annotations
@@ -269,19 +272,28 @@ def _conv_padding(m: nn.Module) -> list[tuple[int, int]]:
     return [(p, p) for p in m.padding]
 
 
-def _conv(m: nn.Module, x: torch.Tensor, dy: torch.Tensor, t: dict[str, torch.Tensor]) -> None:
-    """(n, C, L) or (n, C, H, W): the Linear rule on patches (n, C k, positions) per group."""
-    n, g = x.shape[0], m.groups
+def conv_patches(m: nn.Module, x: torch.Tensor, dtype: torch.dtype | None = None
+                 ) -> torch.Tensor:
+    """The input patches (n, C k, positions) of an ``nn.Conv1d`` / ``nn.Conv2d`` call on
+    ``x`` (n, C, L) or (n, C, H, W), zero-padded as the layer pads, channel-major (the order
+    of the weight's flattened (C / groups) k columns, group after group), in ``dtype``."""
     pads = [p for pair in reversed(_conv_padding(m)) for p in pair]  # last dimension first
     x = F.pad(x, pads) if any(pads) else x
     kernel, stride, dilation = m.kernel_size, m.stride, m.dilation
     if x.dim() == 3:  # a 1-d convolution is a 2-d one of height 1
         x = x.unsqueeze(2)
         kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
+    return F.unfold(x if dtype is None else x.to(dtype), kernel, dilation=dilation,
+                    stride=stride)
+
+
+def _conv(m: nn.Module, x: torch.Tensor, dy: torch.Tensor, t: dict[str, torch.Tensor]) -> None:
+    """(n, C, L) or (n, C, H, W): the Linear rule on patches (n, C k, positions) per group."""
+    n, g = x.shape[0], m.groups
     dtype = next(iter(t.values())).dtype
     dy = dy.reshape(n, dy.shape[1], -1).to(dtype)
     if "weight" in t:
-        cols = F.unfold(x.to(dtype), kernel, dilation=dilation, stride=stride)
+        cols = conv_patches(m, x, dtype)
         cols = cols.reshape(n * g, -1, cols.shape[-1])  # channels are group-major
         w = torch.bmm(dy.reshape(n * g, -1, dy.shape[-1]), cols.transpose(1, 2))
         t["weight"].add_(w.reshape(t["weight"].shape))
@@ -347,6 +359,18 @@ class _Call:
     version: int
 
 
+@dataclass
+class LayerCall:
+    """One call of a hooked layer in a chunk's forward (:func:`hooked_layer_calls`):
+    ``saved`` (n, ...) what its rule reads from the input (the input itself for Linear,
+    Conv1D and convolutions), ``grad`` (n, ...) the gradient of the chunk's summed values
+    with respect to the call's output (zeros where the values do not reach it)."""
+
+    layer: HookedLayer
+    saved: torch.Tensor
+    grad: torch.Tensor
+
+
 class _Recorder:
     """Forward hooks on the plan's layers while entered: every call's input and output."""
 
@@ -410,12 +434,24 @@ class _Run:
     def chunk(self, args: tuple, kwargs: dict, fn_args: list[torch.Tensor], rows: int,
               verify: bool) -> torch.Tensor:
         """J (rows, R, M) of one chunk; the plan is amended and the chunk rerun as needed."""
+        return self._planned(lambda: self._jacobian(args, kwargs, fn_args, rows, verify),
+                             verify and rows > 1)
+
+    def layer_calls(self, args: tuple, kwargs: dict, fn_args: list[torch.Tensor],
+                    rows: int) -> list[LayerCall]:
+        """Every hooked call of one chunk with the gradient reaching its output (see
+        :func:`hooked_layer_calls`); the plan is amended and the chunk rerun as needed."""
+        return self._planned(lambda: self._layer_calls(args, kwargs, fn_args, rows), False)
+
+    def _planned(self, compute: Callable[[], Any], checks: bool) -> Any:
+        """``compute()`` in eval mode with gradients on, the plan amended and ``compute``
+        rerun while a chunk asks for it; ``checks``: the run passed the plan's checks."""
         while True:
             try:
                 with module_mode(self.module, False), torch.enable_grad():
-                    jac = self._jacobian(args, kwargs, fn_args, rows, verify)
-                self.plan.checked = self.plan.checked or (verify and rows > 1)
-                return jac
+                    out = compute()
+                self.plan.checked = self.plan.checked or checks
+                return out
             except _Replan as replan:
                 if replan.__cause__ is None:
                     self.plan.move_to_loop(replan.moves)
@@ -425,12 +461,25 @@ class _Run:
                         dict(self.plan.moved))
                 self.plan.move_to_loop(replan.moves)
                 try:
-                    return self.chunk(args, kwargs, fn_args, rows, verify)
+                    return self._planned(compute, checks)
                 except Exception:
                     self.plan.layers, self.plan.moved = kept[0], kept[2]
                     for layer, roles in zip(kept[0], kept[1], strict=True):
                         layer.roles = roles
                     raise
+
+    def _layer_calls(self, args: tuple, kwargs: dict, fn_args: list[torch.Tensor],
+                     rows: int) -> list[LayerCall]:
+        values, calls = self._forward(args, kwargs, fn_args, rows, verify=False)
+        if values.shape[1] != 1:
+            raise InputError(f"layer calls take one value per sample; fn returned "
+                             f"{values.shape[1]}")
+        live = [c for c in calls if c.output.requires_grad] if values.requires_grad else []
+        grads = torch.autograd.grad(values[:, 0].sum(), [c.output for c in live],
+                                    allow_unused=True) if live else ()
+        found = {id(c): g for c, g in zip(live, grads, strict=True)}
+        return [LayerCall(c.layer, c.saved, _or_zeros(found.get(id(c)), c.output))
+                for c in calls]
 
     def _jacobian(self, args: tuple, kwargs: dict, fn_args: list[torch.Tensor], rows: int,
                   verify: bool) -> torch.Tensor:
@@ -534,6 +583,10 @@ class _Run:
                         jac[i, row, self.slices[name]] = _dense(g).reshape(-1)
 
 
+def _or_zeros(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like).detach() if g is None else g.detach()
+
+
 def _dense(g: torch.Tensor) -> torch.Tensor:
     return g.to_dense() if g.is_sparse else g
 
@@ -596,6 +649,56 @@ def hooked_jacobians(
     per-sample loop; ``check`` runs those checks on the first chunk (see the module's
     docstring) unless the plan passed them before. The Jacobians are detached.
     """
+    run, chunks = _prepared(module, names, params, buffers, inputs, fn, args, chunk_size, plan)
+    for start, chunk_args, chunk_kwargs, fn_args, rows in chunks:
+        jac = run.chunk(chunk_args, chunk_kwargs, fn_args, rows,
+                        verify=check and start == 0 and not run.plan.checked)
+        yield start, jac
+
+
+def hooked_layer_calls(
+    module: nn.Module,
+    names: Sequence[str],
+    params: Mapping[str, torch.Tensor],
+    buffers: Mapping[str, torch.Tensor],
+    inputs: Inputs,
+    fn: BatchFn,
+    *args: torch.Tensor,
+    chunk_size: int = 128,
+    plan: HookPlan | None = None,
+    check: bool = True,
+) -> Iterator[tuple[int, list[LayerCall]]]:
+    """Yield ``(start, calls)`` per chunk: every call of the plan's layers in the chunk's
+    batched forward, with its saved input and the gradient of ``fn``'s summed values
+    (one per sample: (n,) or (n, 1)) with respect to its output (:class:`LayerCall`).
+
+    The same forward as :func:`hooked_jacobians` (arguments, eval mode, lifted one-row
+    calls, unfit calls moving their layer to the loop), and one backward per chunk to the
+    layer outputs only: no parameter gradient is formed. A layer's per-sample parameter
+    gradient is its rule applied to these tensors, summed over its calls. ``check`` first
+    runs the plan's checks on the first two samples unless the plan passed them before, so
+    a layer whose rule would not give its gradient has left the plan (``plan.moved``); the
+    plan may still change on a later chunk (an unfit call), which the caller sees in
+    ``plan.moved``. Tensors are detached.
+    """
+    run, chunks = _prepared(module, names, params, buffers, inputs, fn, args, chunk_size, plan)
+    for start, chunk_args, chunk_kwargs, fn_args, rows in chunks:
+        if check and start == 0 and not run.plan.checked:
+            head = min(rows, 2)
+            run.chunk(tuple(_rows_of(v, 0, head) for v in chunk_args),
+                      {k: _rows_of(v, 0, head) for k, v in chunk_kwargs.items()},
+                      [a[:head] for a in fn_args], head, verify=True)
+        yield start, run.layer_calls(chunk_args, chunk_kwargs, fn_args, rows)
+
+
+_Chunk = tuple[int, tuple, dict, list[torch.Tensor], int]
+
+
+def _prepared(module: nn.Module, names: Sequence[str], params: Mapping[str, torch.Tensor],
+              buffers: Mapping[str, torch.Tensor], inputs: Inputs, fn: BatchFn, args: tuple,
+              chunk_size: int, plan: HookPlan | None) -> tuple[_Run, Iterator[_Chunk]]:
+    """The run of one call (its plan, leaves and flat layout) and its chunks
+    ``(start, positional, keyword, fn's args, rows)``, after the arguments' checks."""
     if chunk_size < 1:
         raise InputError(f"chunk_size must be at least 1, got {chunk_size}")
     call_args, call_kwargs = _as_call(inputs)
@@ -612,14 +715,15 @@ def hooked_jacobians(
         slices[n] = slice(offset, offset + leaf.numel())
         offset += leaf.numel()
     run = _Run(module, plan, {**params, **leaves, **buffers}, leaves, slices, fn)
-    for start in range(0, total, chunk_size):
-        stop = start + chunk_size
-        chunk_args = tuple(_rows_of(v, start, stop) for v in call_args)
-        chunk_kwargs = {k: _rows_of(v, start, stop) for k, v in call_kwargs.items()}
-        rows = min(stop, total) - start
-        jac = run.chunk(chunk_args, chunk_kwargs, [a[start:stop] for a in args], rows,
-                        verify=check and start == 0 and not plan.checked)
-        yield start, jac
+
+    def chunks() -> Iterator[_Chunk]:
+        for start in range(0, total, chunk_size):
+            stop = start + chunk_size
+            yield (start, tuple(_rows_of(v, start, stop) for v in call_args),
+                   {k: _rows_of(v, start, stop) for k, v in call_kwargs.items()},
+                   [a[start:stop] for a in args], min(stop, total) - start)
+
+    return run, chunks()
 
 
 def _as_call(inputs: Inputs) -> tuple[tuple, dict]:

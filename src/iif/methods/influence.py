@@ -15,6 +15,11 @@ Solvers:
 - ``cg``: matrix-free conjugate gradients on curvature-vector products (Hessian-, Gauss-Newton-
   or Fisher-vector products from ``torch.func``): memory O(M x n_test), for models whose
   per-sample gradients cannot be stored; iterations and residuals are reported.
+
+The curvatures ``ekfac`` and ``kfac`` (:mod:`iif.engine.ekfac`) take the ``exact`` solver: the
+EK-FAC or K-FAC approximation of the empirical Fisher is fitted at theta* from layer factors
+and the stored training gradients, and solved block by block; a projection or ``cg`` is
+refused with them.
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ import numpy as np
 import torch
 
 from iif.engine.curvature import (
+    KRONECKER_KINDS,
     CGSettings,
     CurvatureSettings,
     cg_solver,
     rank_bound,
 )
+from iif.engine.ekfac import KroneckerFactors
 from iif.engine.factored import FactoredInfluence
 from iif.engine.functional import FunctionalModel
 from iif.engine.linalg import SOLVE_DTYPE, Solver
@@ -61,7 +68,9 @@ class InfluenceFunction(AttributionMethod):
         task, train_data: the trained model (theta*) with its recipe, and its training data.
         curvature: ``fisher`` (default), ``ggn`` or ``hessian``, with damping (None:
             ``default_damping_ratio`` (0.3) x its trace over ``min(N, P, M)``, its mean
-            nonzero eigenvalue; for ``cg`` the trace is estimated, see ``trace_probes``).
+            nonzero eigenvalue; for ``cg`` the trace is estimated, see ``trace_probes``);
+            or ``ekfac`` / ``kfac`` with the ``exact`` solver, damped block by block (None:
+            the ratio x the mean eigenvalue of each layer's block).
         solver: ``exact``, ``projected`` (needs ``projection=ProjectionSettings(dim=P)``),
             ``cg``, or ``auto`` (default): ``projected`` when a projection is set, else
             ``exact`` (the solver used is ``effective_solver`` and is recorded).
@@ -112,11 +121,18 @@ class InfluenceFunction(AttributionMethod):
         if self.solver not in ("projected", "auto") and projected:
             raise InputError(f"solver {self.solver!r} does not project; use "
                              f"solver='projected' (or 'auto') with a projection")
+        kind = self.curvature.kind
+        if kind in KRONECKER_KINDS and self.effective_solver != "exact":
+            how, remedy = (("a projection", "projection=None") if projected else
+                           (f"solver {self.effective_solver!r}", "solver 'exact' or 'auto'"))
+            raise InputError(f"curvature {kind!r} solves the unprojected gradients (solver "
+                             f"'exact'), not with {how}: use {remedy}, or kind 'fisher'")
         super()._reset()
         # the fitted training side (``fit``): every cache below is of the current settings
         self._fitted: tuple[KernelEstimator, Solver] | None = None
         self._grads: torch.Tensor | None = None
         self._factored: FactoredInfluence | None = None
+        self._kron: KroneckerFactors | None = None
         self._cg_trace: float | None = None
 
     def _make_projector(self, fmodel: FunctionalModel) -> Projector:
@@ -159,14 +175,20 @@ class InfluenceFunction(AttributionMethod):
         # the features only: the solver of self.curvature would build the factor once more
         grads = self._train_grads()
         train = self.train
-        factor = self.engine.curvature_factor(self.curvature, grads)
+        if self.curvature.kind in KRONECKER_KINDS:
+            make_solver = self._kronecker(grads).solver
+        else:
+            factor = self.engine.curvature_factor(self.curvature, grads)
+
+            def make_solver(settings: CurvatureSettings) -> Solver:
+                return self.engine.solver_from_factor(factor, settings)
         test_grads = self._features(test.x, test.targets)  # (n_test, D)
         results = []
         for value in values:
             settings = (dataclasses.replace(self.curvature, damping=None,
                                             default_damping_ratio=value) if relative
                         else dataclasses.replace(self.curvature, damping=value))
-            solver = self.engine.solver_from_factor(factor, settings)
+            solver = make_solver(settings)
             estimator = self._estimator(solver, grads)
             scores = -estimator.products(test_grads) / len(train)
             result = Attribution(scores.cpu().numpy(), self.method,
@@ -220,6 +242,9 @@ class InfluenceFunction(AttributionMethod):
             train = self.train
             if self.effective_solver == "cg":
                 solver, grads = self._cg_solver(), None
+            elif self.curvature.kind in KRONECKER_KINDS:
+                grads = self._train_grads()
+                solver = self._kronecker(grads).solver(self.curvature)
             else:
                 block = self.engine.train_block()
                 grads = self._train_grads()
@@ -241,6 +266,13 @@ class InfluenceFunction(AttributionMethod):
         return cg_solver(product, m, self.curvature, self.cg, self.curvature.kind,
                          self._cg_trace, rank_bound(len(self.train), m, m))
 
+    def _kronecker(self, grads: torch.Tensor) -> KroneckerFactors:
+        """EK-FAC or K-FAC factors at theta*, fitted once from the training gradients
+        ``grads`` (N, M); every damping shares them."""
+        if self._kron is None:
+            self._kron = self.engine.kronecker_factors(self.curvature, grads)
+        return self._kron
+
     def _factored_fit(self) -> FactoredInfluence:
         """Training factors, solver and Gram matrix of the exact factored solve, once."""
         if self._factored is None:
@@ -250,8 +282,9 @@ class InfluenceFunction(AttributionMethod):
     def _fitted_state(self) -> FittedState:
         """Factored route: training layer factors, the Gram matrix and its Cholesky factor;
         ``exact``/``projected``: training features (N, D) and the solver's factor (Cholesky
-        of the (D, D) curvature, or the Woodbury (N, N) one); ``cg``: the trace only (its
-        training gradients are recomputed chunk by chunk by design)."""
+        of the (D, D) curvature, or the Woodbury (N, N) one), or with ``ekfac`` / ``kfac``
+        the layer factors; ``cg``: the trace only (its training gradients are recomputed
+        chunk by chunk by design)."""
         if self._use_factored():
             return factored_state(self._factored_fit())
         estimator, solver = self._fit()
@@ -259,6 +292,11 @@ class InfluenceFunction(AttributionMethod):
             return FittedState({}, {"cg": {"trace": self._cg_trace}})
         features = estimator.features
         assert features is not None  # stored for the exact and projected solvers
+        if self._kron is not None:
+            tensors, meta = self._kron.state()
+            return FittedState({"features": features,
+                                **{f"kronecker.{k}": t for k, t in tensors.items()}},
+                               {"kronecker": meta})
         return merged(FittedState({"features": features}),
                       solver_state(solver, "solver.", rows=features))
 
@@ -270,6 +308,13 @@ class InfluenceFunction(AttributionMethod):
         if "cg" in state.meta:
             self._cg_trace = float(state.meta["cg"]["trace"])
             solver = self._cg_solver()
+        elif "kronecker" in state.meta:
+            grads = self._grads = state.tensors["features"]
+            tensors = {k.removeprefix("kronecker."): t for k, t in state.tensors.items()
+                       if k.startswith("kronecker.")}
+            self._kron = KroneckerFactors.from_state(self.fmodel, tensors,
+                                                     state.meta["kronecker"])
+            solver = self._kron.solver(self.curvature)
         else:
             grads = self._grads = state.tensors["features"]
             solver = load_solver(state, "solver.", rows=grads)
