@@ -225,8 +225,9 @@ DATACLASS_CASES = [
      "[baseline] direction must be one of 'unlearn', 'reinforce', got 'up'"),
     (BaselineSettings, {"stop_test_loss": True},
      "[baseline] stop_test_loss must be a finite number, 'chance', 'auto' or None, got True"),
-    (CurvatureSettings, {"kind": "kfac"},
-     "[curvature] kind must be one of 'fisher', 'ggn', 'hessian', got 'kfac'"),
+    (CurvatureSettings, {"kind": "lissa"},
+     "[curvature] kind must be one of 'fisher', 'ggn', 'hessian', 'ekfac', 'kfac', got "
+     "'lissa'"),
     (CurvatureSettings, {"ggn_rank": 2.0},
      "[curvature] ggn_rank must be an integer >= 1, 'auto' or None, got 2.0"),
     (CurvatureSettings, {"ggn_rank": "big"},
@@ -300,7 +301,7 @@ KEYWORD_CASES = [
      "path must be a PathSettings or None, got {'steps': 2}"),
     (IntegratedInfluence, {"baseline": PathSettings()},
      "baseline must be a BaselineSettings or None, got PathSettings(steps=3, epochs=1, lr=None, "
-     "batch_size=None, sparse=True)"),
+     "batch_size=None, sparse=True, measur..."),
     (InfluenceFunction, {"solver": "lu"},
      "solver must be one of 'auto', 'exact', 'projected', 'cg', got 'lu'"),
     (InfluenceFunction, {"trace_probes": 0}, "trace_probes must be an integer >= 1, got 0"),

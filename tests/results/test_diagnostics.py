@@ -22,6 +22,7 @@ from iif.results.diagnostics import (
     flagged,
     globalized,
     index_offset,
+    judged_gap,
     kinds_of,
     log_flags,
     name_tests,
@@ -70,11 +71,15 @@ def test_rule_on_hand_made_completeness_with_nan_and_an_offset():
         "baseline_not_moved": [11, 12, 16],  # |delta| < 1e-3; 1e-3 itself moved; NaN is not
         "fallback": [12],
         "truncated": [14],
-        "large_gap": [12, 13, 14, 16],  # > 0.5 or NaN; 0.5 itself is not large
+        "sign_mismatch": [],  # sums of 0 have no sign
+        "large_gap": [],  # the size of the gap is judged only when asked
     }
-    assert flagged(flags) == [11, 12, 13, 14, 16]
-    assert kinds_of(flags, 12) == ["baseline_not_moved", "fallback", "large_gap"]
+    assert flagged(flags) == [11, 12, 14, 16]
+    assert kinds_of(flags, 12) == ["baseline_not_moved", "fallback"]
     assert kinds_of(flags, 10) == []
+    judged = trust_flags(completeness, info, offset=10, gap_threshold=GAP_THRESHOLD)
+    assert judged["large_gap"] == [12, 13, 14, 16]  # > 0.5 or NaN; 0.5 itself is not large
+    assert kinds_of(judged, 12) == ["baseline_not_moved", "fallback", "large_gap"]
     # thresholds are arguments
     strict = trust_flags(completeness, info, gap_threshold=0.05, move_threshold=1.5)
     assert strict["baseline_not_moved"] == [1, 2, 4, 5, 6]
@@ -83,15 +88,40 @@ def test_rule_on_hand_made_completeness_with_nan_and_an_offset():
 
 def test_gap_from_completeness_gap_counts_delta_zero_as_large():
     comp = _completeness([1.0, 0.9, 0.7], [0.0, -1.0, 1.0])
-    flags = trust_flags(comp)
+    flags = trust_flags(comp, gap_threshold=GAP_THRESHOLD)
     assert flags["large_gap"] == [0, 1]  # NaN (delta = 0) and |0.9 + 1| / 1 = 1.9
     assert flags["baseline_not_moved"] == [0]
+    assert flags["sign_mismatch"] == [1]  # +0.9 against -1; delta 0 has no sign
+
+
+def test_sign_mismatch_is_the_default_verdict_on_the_sum():
+    # sums of the same sign as delta pass however far they are from it; opposite signs do not
+    comp = _completeness([-0.01, -30.0, 0.2, -0.5, 0.0], [-2.0, -1.0, -1.0, 1.0, 1.0])
+    flags = trust_flags(comp, offset=3)
+    assert flags["sign_mismatch"] == [5, 6] and flags["large_gap"] == []
+    text = summarize(flags, comp, offset=3)
+    assert text.startswith("tests 5 (sum +0.2, delta -1), 6 (sum -0.5, delta +1): the scores "
+                           "add up to a loss change of the opposite sign")
+    assert text.endswith("these scores are not a reliable explanation")
+    assert describe(flags, 5, comp, row=2).startswith("not a reliable explanation: the scores")
+
+
+def test_the_gap_against_the_path_end_is_judged_where_it_was_measured():
+    # rows 0, 1: delta_path measured (its gap judged); row 2: not measured (the gap to theta')
+    comp = {"sum": np.array([-1.0, -1.0, -1.0]), "delta": np.array([-1.0, -4.0, -4.0]),
+            "delta_path": np.array([-4.0, -1.1, np.nan])}
+    comp["gap"] = completeness_gap(comp["sum"], comp["delta"])
+    comp["gap_path"] = completeness_gap(comp["sum"], comp["delta_path"])
+    np.testing.assert_allclose(judged_gap(comp), [0.75, 1 / 11, 0.75])
+    assert trust_flags(comp, gap_threshold=0.5)["large_gap"] == [0, 2]
+    assert trust_flags(comp)["large_gap"] == []
+    assert judged_gap(_completeness([-1.0], [-2.0]))[0] == 0.5  # no path: the gap to theta'
 
 
 def test_without_completeness_only_fallback_and_truncated_apply():
     flags = trust_flags(None, {"fallback_tests": [0], "truncated_tests": [1, 3]}, offset=4)
     assert flags == {"baseline_not_moved": [], "fallback": [4], "truncated": [5, 7],
-                     "large_gap": []}
+                     "sign_mismatch": [], "large_gap": []}
     assert trust_flags(None, {}) == {kind: [] for kind in KINDS}
     assert summarize(trust_flags(None, {})) is None
 
@@ -104,13 +134,14 @@ def test_members_and_chunks_are_read_with_their_offsets():
     ], "flags": {"large_gap": [0, 1, 2]}}  # the info's own flags are not read
     flags = trust_flags(comp, info)
     assert flags == {"baseline_not_moved": [1, 2], "fallback": [1], "truncated": [0],
-                     "large_gap": []}  # the gap is judged on the combined completeness
+                     "sign_mismatch": [], "large_gap": []}  # judged on the combined sums
     store_info = {"chunks": [
         {"rows": [0, 4], "truncated_tests": [3]},
         {"rows": [4, 6], "fallback_tests": [1], "members": [{"truncated_tests": [0]}]},
     ]}
     assert trust_flags(None, store_info) == {"baseline_not_moved": [], "fallback": [5],
-                                             "truncated": [3, 4], "large_gap": []}
+                                             "truncated": [3, 4], "sign_mismatch": [],
+                                             "large_gap": []}
 
 
 def test_globalized_info_is_read_as_global_and_older_chunks_as_rows():
@@ -134,7 +165,8 @@ def test_globalized_info_is_read_as_global_and_older_chunks_as_rows():
     store_info = {"chunks": [{"rows": [0, 4], "truncated_tests": [3]},
                              {"rows": [4, 7], **shifted}]}
     assert trust_flags(None, store_info) == {"baseline_not_moved": [], "fallback": [5],
-                                             "truncated": [3, 4, 6], "large_gap": []}
+                                             "truncated": [3, 4, 6], "sign_mismatch": [],
+                                             "large_gap": []}
 
 
 def test_name_tests_by_global_index():
@@ -148,7 +180,7 @@ def test_name_tests_by_global_index():
 def test_summary_names_global_indices_under_their_most_telling_kind():
     comp = {"sum": np.zeros(4), "delta": np.array([0.0, -3e-7, -1.0, -2.0]),
             "gap": np.array([np.nan, 12.0, 0.93, 0.1])}
-    flags = trust_flags(comp, {"fallback_tests": [0]}, offset=14)
+    flags = trust_flags(comp, {"fallback_tests": [0]}, offset=14, gap_threshold=GAP_THRESHOLD)
     text = summarize(flags, comp, offset=14)
     assert "\n" not in text
     assert text.startswith("test 15 (delta -3e-07): the baseline did not move the test loss")
@@ -196,7 +228,7 @@ def test_iif_flags_baselines_that_did_not_move_and_names_them(problem, tmp_path,
     np.testing.assert_array_equal(result.completeness["delta"], np.zeros(6))
     flags = result.info["flags"]
     assert flags["baseline_not_moved"] == [0, 1, 2, 3, 4, 5]
-    assert flags["large_gap"] == [0, 1, 2, 3, 4, 5]  # gap NaN: delta = 0
+    assert flags["large_gap"] == []  # the size of a gap is not judged by default
     assert flags["fallback"] == [] and flags["truncated"] == []
     warnings = [r.getMessage() for r in iif_logs.records
                 if r.name == "iif.methods.integrated.integrated" and r.levelno == logging.WARNING]
@@ -212,7 +244,7 @@ def test_explained_sample_is_flagged_by_its_index(problem, tmp_path, iif_logs):
     method = tiny_job.method(task, train, baseline=NOT_MOVED)
     text, record = explain(method, test, 5, tmp_path, k=3, image_shape=(2, 2))
     assert "warning: test 5 (delta 0): the baseline did not move" in text
-    assert record["flags"] == ["baseline_not_moved", "large_gap"]
+    assert record["flags"] == ["baseline_not_moved"]
     assert record["warning"].startswith("not a reliable explanation")
     assert (tmp_path / "explain_5.png").stat().st_size > 1000
     logged = [r.getMessage() for r in iif_logs.records
@@ -236,7 +268,7 @@ def test_ensemble_flags_union_members_and_judge_the_mean_gap(problem):
     # member gaps of 0.9 cancel in the mean (sum -1.0 against delta -1.0)
     assert combined.completeness["gap"][1] == pytest.approx(0.0)
     assert combined.info["flags"] == {"baseline_not_moved": [2], "fallback": [1],
-                                      "truncated": [0], "large_gap": []}
+                                      "truncated": [0], "sign_mismatch": [], "large_gap": []}
     assert len(combined.info["members"]) == 2
     # the mean delta (-0.5) is not what did not move: no value is quoted for it
     assert summarize(combined.info["flags"], combined.completeness).startswith(
@@ -261,7 +293,7 @@ def test_store_assembles_flags_by_global_index(tmp_path):
     store.write(4, 7, second)
     result = store.assemble()
     assert result.info["flags"] == {"baseline_not_moved": [6], "fallback": [],
-                                    "truncated": [5], "large_gap": []}
+                                    "truncated": [5], "sign_mismatch": [], "large_gap": []}
     assert result.info["chunks"][1]["rows"] == [4, 7]
     loaded = Attribution.load(tmp_path)
     assert loaded.info["flags"] == result.info["flags"]

@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import tiny_job
 
 from iif.runs.cli import main
 from iif_paper.experiments import EXPERIMENTS
@@ -260,12 +261,14 @@ def test_progress_flags():
     assert not hasattr(parser.parse_args(base), "progress")  # auto: decided by the library
 
 
-def test_attribute_says_a_gap_warning_once(tmp_path, capsys):
+def test_attribute_says_a_warning_once(tmp_path, capsys):
     """One chunk: the method's warning is the whole summary, so the command does not repeat
     it; a resumed run computed nothing, so the command says it."""
     out = tmp_path / "run"
+    settings = tmp_path / "s.toml"  # baselines that do not move: every test is flagged
+    settings.write_text(tiny_job.SETTINGS + "\n[baseline]\nepochs = 0\n")
     args = ["attribute", "--task", "tiny_job:job", "--out", str(out), "--proj-dim", "16",
-            "--no-progress"]
+            "--settings", str(settings), "--no-progress"]
     assert main(args) == 0
     captured = capsys.readouterr()
     said = captured.out + captured.err
@@ -273,4 +276,4 @@ def test_attribute_says_a_gap_warning_once(tmp_path, capsys):
     assert main(args) == 0  # resumed: nothing computed, nothing logged
     captured = capsys.readouterr()
     assert (captured.out + captured.err).count("not a reliable explanation") == 1
-    assert "warning: tests 0 (gap" in captured.out
+    assert "warning: tests 0 (delta 0)" in captured.out

@@ -341,6 +341,10 @@ class AttributionMethod:
             total = np.mean([p.completeness["sum"] for p in parts], axis=0)
             delta = np.mean([p.completeness["delta"] for p in parts], axis=0)
             completeness = {"sum": total, "delta": delta, "gap": completeness_gap(total, delta)}
+            if all("delta_path" in p.completeness for p in parts):
+                # the members' path ends: the mean of theirs is what the mean scores add up to
+                path = np.mean([p.completeness["delta_path"] for p in parts], axis=0)
+                completeness.update(delta_path=path, gap_path=completeness_gap(total, path))
         info: dict[str, Any] = {"members": [p.info for p in parts]}
         # the members' fallbacks, truncations and unmoved baselines, and large gaps of the mean
         info["flags"] = trust_flags(completeness, info)

@@ -99,10 +99,13 @@ def format_completeness(completeness: Mapping[str, Any] | None, unicode: bool = 
     gap = gap_text(completeness.get("gap"), delta, bool(completeness.get("fell_back")))
     theta, minus = ("\u03b8", "\u2212") if unicode else ("theta", "-")
     what = "margin" if margin else "L_test"
-    return (
-        f"completeness: sum of scores {total:+.4g}, "
-        f"{what}({theta}*) {minus} {what}({theta}') = {delta:+.4g}, gap {gap}"
-    )
+    line = (f"completeness: sum of scores {total:+.4g}, "
+            f"{what}({theta}*) {minus} {what}({theta}') = {delta:+.4g}, gap {gap}")
+    path = _num(completeness.get("delta_path"))
+    if math.isfinite(path):  # the path's far end theta_0 (IIF), when it was trained
+        line += (f"; path end {what}({theta}*) {minus} {what}({theta}_0) = {path:+.4g}, gap "
+                 f"{gap_text(completeness.get('gap_path'), path)}")
+    return line
 
 
 def gap_text(gap: Any, delta: Any = None, fell_back: bool = False, digits: int = 3) -> str:

@@ -98,10 +98,12 @@ def _summary_lines(folder: Path, result: Attribution) -> list[str]:
     for key in ("projection", "baseline", "path", "curvature"):
         if isinstance(settings.get(key), dict):
             lines.append(f"  {key}: " + ", ".join(f"{a}={b}" for a, b in settings[key].items()))
-    if result.completeness is not None and "gap" in result.completeness:
-        gap = np.asarray(result.completeness["gap"], dtype=float)
-        if np.isfinite(gap).any():
-            lines.append(f"  completeness gap |sum - delta| / |delta|: median "
+    comp = result.completeness
+    for key, what in (("gap", "delta (to the baseline theta')"),
+                      ("gap_path", "delta_path (to the path's end theta_0)")):
+        gap = np.asarray(comp[key], dtype=float) if comp is not None and key in comp else None
+        if gap is not None and np.isfinite(gap).any():
+            lines.append(f"  completeness gap |sum - d| / |d| against {what}: median "
                          f"{np.nanmedian(gap):.3f}, max {np.nanmax(gap):.3f}")
     return lines
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from iif.engine.budget import MAX_COPIES
-from iif.engine.curvature import CurvatureSettings
+from iif.engine.curvature import KRONECKER_KINDS, CurvatureSettings
 from iif.engine.functional import FunctionalModel, ModelState
 from iif.engine.linalg import SOLVE_DTYPE, Solver, rows_times
 from iif.engine.projection import IdentityProjector, ProjectionSettings, Projector, make_projector
@@ -59,11 +59,36 @@ def _status(base: Baseline) -> str:
 
 
 @dataclass
+class Deltas:
+    """The changes of the measurement (the test loss by default) that IIF's scores are
+    compared with, per test sample: ``unlearn`` = m(theta*) - m(theta'), theta' the baseline
+    model; ``path`` = m(theta*) - m(theta_0), theta_0 the model the target path ends at
+    (trained from theta_1 on the baseline targets), NaN where the path trains no models."""
+
+    unlearn: np.ndarray
+    path: np.ndarray
+
+    def mean(self) -> Deltas:
+        """One row: the means (a group's baseline explains the group's mean loss)."""
+        return Deltas(np.array([self.unlearn.mean()]), np.array([self.path.mean()]))
+
+    def completeness(self, total: np.ndarray) -> dict[str, np.ndarray]:
+        """``{"sum", "delta", "gap", "delta_path", "gap_path"}`` of scores summing to
+        ``total`` per row: the gap against each change (:func:`completeness_gap`)."""
+        return {"sum": total, "delta": self.unlearn,
+                "gap": completeness_gap(total, self.unlearn),
+                "delta_path": self.path, "gap_path": completeness_gap(total, self.path)}
+
+
+@dataclass
 class _PathResult:
     scores: np.ndarray  # (n_test, N)
     dampings: list[float]
     retries: int
     last_state: ModelState  # theta_1
+    # theta_0 of each copy: the path's far end, trained from theta_1 on the baseline targets
+    # (what the scores add up to); empty when the path trains no models (epochs = 0)
+    path_end: list[ModelState] = dataclasses.field(default_factory=list)
 
 
 class IntegratedInfluence(AttributionMethod):
@@ -114,6 +139,13 @@ class IntegratedInfluence(AttributionMethod):
         self._reset()
         self._mark_built()
 
+    def _reset(self) -> None:
+        kind = self.curvature.kind
+        if kind in KRONECKER_KINDS:
+            raise InputError(f"curvature {kind!r} is available for InfluenceFunction; "
+                             f"IntegratedInfluence takes 'fisher', 'ggn' or 'hessian' for now")
+        super()._reset()
+
     def _make_projector(self, fmodel: FunctionalModel) -> Projector:
         return make_projector(fmodel.num_params, self.projection, self.task.device,
                               self.task.dtype, fmodel)
@@ -157,7 +189,6 @@ class IntegratedInfluence(AttributionMethod):
         start = time.perf_counter()
         res, deltas, status = self._run(shared_baseline(self, test), len(test))
         scores = res.scores.mean(axis=0, keepdims=True)  # the gradient of a mean is the mean
-        delta = np.array([deltas.mean()])
         total = scores.sum(axis=1)
         fell_back, truncated = status[0] == FALLBACK, status[0] == TRUNCATED
         info = {"baseline_mode": "group", "group_size": len(test),
@@ -166,7 +197,7 @@ class IntegratedInfluence(AttributionMethod):
                 "truncated_tests": [0] if truncated else [],
                 "damping": res.dampings, "damping_retries": res.retries,
                 "seconds": time.perf_counter() - start}
-        completeness = {"sum": total, "delta": delta, "gap": completeness_gap(total, delta)}
+        completeness = deltas.mean().completeness(total)
         info["flags"] = trust_flags(completeness, info)  # row 0: the group
         log_flags(log, info["flags"], completeness, noun="group")
         return Attribution(scores, self.method, self.settings(), completeness, info)
@@ -202,7 +233,6 @@ class IntegratedInfluence(AttributionMethod):
         mode, builder, extra_info = self._builder(test, baseline_targets, contrast)
         res, deltas, status = self._run(builder, len(test))
         total = res.scores.sum(axis=1)
-        gap = completeness_gap(total, deltas)
         info = {
             "baseline_mode": mode,
             "fallbacks": int(np.sum(status == FALLBACK)),
@@ -214,7 +244,7 @@ class IntegratedInfluence(AttributionMethod):
             "seconds": time.perf_counter() - start,
             **extra_info,
         }
-        completeness = {"sum": total, "delta": deltas, "gap": gap}
+        completeness = deltas.completeness(total)
         # which test samples' answers cannot be trusted, and one warning naming them
         info["flags"] = trust_flags(completeness, info)
         log_flags(log, info["flags"], completeness)
@@ -319,12 +349,13 @@ class IntegratedInfluence(AttributionMethod):
 
     # ---- the integral --------------------------------------------------------------------
     def _run(self, batches: Builder, n_test: int
-             ) -> tuple[_PathResult, np.ndarray, np.ndarray]:
+             ) -> tuple[_PathResult, Deltas, np.ndarray]:
         """Every batch of a baseline builder through the integration loop: scores (n_test,
-        N) (or (n_test,) for paired batches), L_test(theta*) - L_test(theta') and the
-        baselines' status per row."""
+        N) (or (n_test,) for paired batches), the measurement's changes to theta' and to
+        theta_0 (:class:`Deltas`) and the baselines' status per row."""
         scores: np.ndarray | None = None
         deltas = np.zeros(n_test)
+        path_deltas = np.full(n_test, np.nan)
         status = np.full(n_test, SOUND, dtype=object)
         dampings: list[float] = []
         retries = 0
@@ -333,17 +364,26 @@ class IntegratedInfluence(AttributionMethod):
             if scores is None:
                 scores = np.zeros((n_test, *res.scores.shape[1:]))
             scores[batch.rows] = res.scores
-            primes = batch.theta_prime(res.last_state)
-            if len(primes) == 1:  # one theta' for every row
-                deltas[batch.rows] = self._delta(batch.test, primes[0])
-            elif primes:  # one per row
-                for j, (row, prime) in enumerate(zip(batch.rows, primes, strict=True)):
-                    deltas[row] = self._delta(batch.test.subset([j]), prime)[0]
+            primes = (res.path_end or [res.last_state]) if batch.end_is_baseline else \
+                batch.theta_prime(res.last_state)
+            self._deltas_into(deltas, batch, primes)
+            self._deltas_into(path_deltas, batch, res.path_end)
             if batch.status is not None:
                 status[batch.rows] = batch.status
             dampings += res.dampings
             retries += res.retries
-        return _PathResult(scores, dampings, retries, self.state), deltas, status
+        res = _PathResult(scores, dampings, retries, self.state)
+        return res, Deltas(deltas, path_deltas), status
+
+    def _deltas_into(self, deltas: np.ndarray, batch: BaselineBatch,
+                     models: list[ModelState]) -> None:
+        """``deltas[rows]`` = m(theta*) - m(model) of the batch's rows: one model for every
+        row, or one per row (none: left as they are)."""
+        if len(models) == 1:
+            deltas[batch.rows] = self._delta(batch.test, models[0])
+        elif models:
+            for j, (row, model) in enumerate(zip(batch.rows, models, strict=True)):
+                deltas[row] = self._delta(batch.test.subset([j]), model)[0]
 
     def _integrate(self, batch: BaselineBatch) -> _PathResult:
         """Scores along the paths of B model copies from theta* to the baseline targets
@@ -371,8 +411,24 @@ class IntegratedInfluence(AttributionMethod):
                 used += self._step(state, batch.test, path(k), path(k - 1), k, scores)
         if self.sharding is not None and copies == 1 and batch.pairs is None:
             scores = self.engine.reduce(scores)  # every process filled its own columns
+        end = [] if batch.pairs is not None else \
+            self._path_end(state, path, batch.generator, batch.end_is_baseline)
         return _PathResult(scores.cpu().numpy(), [d for d, _ in used],
-                           sum(r for _, r in used), state)
+                           sum(r for _, r in used), state, end)
+
+    def _path_end(self, last: ModelState | StackedState, path: TargetPath,
+                  generator: torch.Generator, needed: bool = False) -> list[ModelState]:
+        """theta_0 of each copy: the path's next model, trained from theta_1 on the baseline
+        targets ``path(0)`` as every path model is trained (same epochs, learning rate and
+        minibatch order). The scores of the K steps add up to m(theta*) - m(theta_0) to first
+        order. None when the path trains no models (epochs = 0: every point is theta*) or
+        ``measure_end`` is off and the end is not ``needed`` (as theta')."""
+        if self.path.epochs == 0 or not (self.path.measure_end or needed):
+            return []
+        results = self.engine.fit(last, self.engine.train.x, path(0), epochs=self.path.epochs,
+                                  lr=self.path.lr, batch_size=self.path.batch_size,
+                                  generator=generator)
+        return [r.state for r in results]
 
     def _paired_step(self, state: ModelState, batch: BaselineBatch, rho: torch.Tensor,
                      rho_prev: torch.Tensor, k: int, scores: torch.Tensor) -> Solver:
@@ -527,7 +583,9 @@ class BaselineBatch:
     given the loop's last state theta_1, the baseline models theta' for completeness (one
     shared by every row, or one per row); ``status``: how each row's baseline ended;
     ``pairs``: score row j against training sample ``pairs[j]`` only (self-influence), giving
-    scores (n_test,) instead of (n_test, N).
+    scores (n_test,) instead of (n_test, N); ``end_is_baseline``: theta' is the path's end
+    theta_0 (``theta_prime`` is then not called), trained whatever
+    ``PathSettings.measure_end`` says.
     """
 
     ybar: torch.Tensor
@@ -537,6 +595,7 @@ class BaselineBatch:
     theta_prime: Callable[[ModelState | StackedState], list[ModelState]] = lambda _: []
     status: np.ndarray | None = None
     pairs: torch.Tensor | None = None
+    end_is_baseline: bool = False  # theta' is the path's end theta_0 (explicit targets)
 
 
 Builder = Iterator[BaselineBatch]
@@ -590,14 +649,8 @@ def explicit_baseline(m: IntegratedInfluence, test: Data, targets: Any) -> Build
     with seeded(m.seed, m.task.device):
         gen = torch.Generator().manual_seed(m.seed)
 
-        def theta_prime(last: ModelState | StackedState) -> list[ModelState]:
-            if m.path.epochs == 0:
-                return [last]
-            path = TargetPath(m.task, m.train.targets, ybar, m.path.steps, m.path.sparse)
-            return [m.engine.fit(last, m.train.x, path(0), epochs=m.path.epochs, lr=m.path.lr,
-                                 batch_size=m.path.batch_size, generator=gen)[0].state]
-
-        yield BaselineBatch(ybar[None], test, np.arange(len(test)), gen, theta_prime)
+        # theta' is the baseline dataset's model: the path's end (theta_1 if it trains none)
+        yield BaselineBatch(ybar[None], test, np.arange(len(test)), gen, end_is_baseline=True)
 
 
 def self_baselines(m: IntegratedInfluence, idx: np.ndarray) -> Builder:

@@ -45,6 +45,11 @@ class PathSettings(Settings):
                                      "(None: the recipe's)")
     sparse: bool = setting(True, doc="classification (per token for sequences): keep only the "
                            "true-class coordinate of the path targets (appendix E)")
+    # one more path model per test batch (about a quarter of the default path's training)
+    measure_end: bool = setting(True, doc="train the path's end theta_0 on the baseline "
+                                "targets, as the path models are trained, to report "
+                                "delta_path = L(theta*) - L(theta_0), what the K steps add up "
+                                "to, beside the baseline's delta")
 
 
 class TargetPath:
