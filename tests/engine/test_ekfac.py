@@ -376,5 +376,5 @@ def test_kronecker_kinds_are_refused_where_they_do_not_apply():
         InfluenceFunction(task, data, curvature=ekfac, projection=ProjectionSettings(dim=4))
     with pytest.raises(InputError, match="curvature 'kfac' .*solver 'cg'"):
         InfluenceFunction(task, data, curvature=CurvatureSettings(kind="kfac"), solver="cg")
-    with pytest.raises(InputError, match="InfluenceFunction"):
-        IntegratedInfluence(task, data, curvature=ekfac)
+    with pytest.raises(InputError, match="curvature 'ekfac' solves unprojected gradients"):
+        IntegratedInfluence(task, data, curvature=ekfac, projection=ProjectionSettings(dim=4))

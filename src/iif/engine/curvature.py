@@ -105,7 +105,8 @@ class CurvatureSettings(Settings):
 
     ``kind="ekfac"`` / ``"kfac"`` (:mod:`iif.engine.ekfac`) damp each layer's block on its own:
     ``default_damping_ratio`` times the mean of that block's eigenvalues, or ``damping`` for
-    every block when given.
+    every block when given. They solve unprojected gradients only (no projection), in
+    InfluenceFunction and IntegratedInfluence.
     """
 
     section = "[curvature]"
@@ -123,6 +124,11 @@ class CurvatureSettings(Settings):
         "(None: all; auto: 1 for the built-in cross-entropy)")
     default_damping_ratio: float = setting(0.3, gt=0, doc="the damping=None rule's multiple "
                                            "of the mean nonzero eigenvalue")
+    # IIF only: "once" reuses theta*'s solver (fitted on the real targets at the first step)
+    # for every path step and test sample; "each" fits it at every path model
+    path_fit: Literal["each", "once"] = setting(
+        "each", doc="Integrated Influence: fit the curvature at each path model, or once at "
+        "theta* for every path step and test sample")
     max_retries: int = setting(DEFAULT_RETRIES.max_retries, ge=0, doc="retries with more "
                                "damping when a factorisation fails")
     # each retry multiplies the damping by this, so it must grow
@@ -137,9 +143,9 @@ def refuse_kronecker(kind: str, what: str) -> None:
     """One line refusing an EK-FAC or K-FAC ``kind`` where ``what`` (a solve on feature rows,
     curvature-vector products) would need it; other kinds pass."""
     if kind in KRONECKER_KINDS:
-        raise InputError(f"curvature {kind!r} is built from layer factors for influence "
-                         f"functions without projection (solver 'exact'), not for {what}; "
-                         f"use kind 'fisher' here")
+        raise InputError(f"curvature {kind!r} is built from layer factors for unprojected "
+                         f"gradients (InfluenceFunction's solver 'exact', IntegratedInfluence "
+                         f"without projection), not for {what}; use kind 'fisher' here")
 
 
 def rank_bound(n: int, dim: int, num_params: int) -> int:

@@ -32,6 +32,7 @@ from torch.func import vmap
 
 from iif.engine.budget import MAX_COPIES, Budget
 from iif.engine.curvature import (
+    KRONECKER_KINDS,
     CurvatureSettings,
     Share,
     curvature_factor,
@@ -320,10 +321,26 @@ class Engine:
                 return stacked_gram_solvers(u, n, settings, "fisher", self.rank_bound())
             return [self.fit_curvature(settings, member, x, targets[b], u[b], reduce)
                     for b, member in enumerate(state.members())]
+        if settings.kind in KRONECKER_KINDS:
+            return self._kronecker_solver(settings, state, x, targets, u, reduce)
         with self.budget.spill():
             share = None if reduce is None else Share(len(self.train), reduce)
             return fit_curvature(settings, self.fmodel, state, x, targets, self.task,
                                  self.projector, u, self.budget.chunk_size, share)
+
+    def _kronecker_solver(self, settings: CurvatureSettings, state: ModelState,
+                          x: torch.Tensor, targets: torch.Tensor, u: torch.Tensor,
+                          reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> Solver:
+        """EK-FAC or K-FAC at (state, targets) from the unprojected training gradients ``u``
+        (N, M), in one process."""
+        if reduce is not None or self.sharding is not None:
+            raise InputError(f"curvature {settings.kind!r} is fitted in one process")
+        if not isinstance(self.projector, IdentityProjector):
+            raise InputError(f"curvature {settings.kind!r} solves unprojected gradients: use "
+                             f"projection=None (ProjectionSettings(dim=None)), or kind "
+                             f"'fisher'")
+        return fit_kronecker(self.fmodel, state, x, targets, self.task, settings.kind,
+                             self.budget.chunk_size, u).solver(settings)
 
     def curvature_factor(self, settings: CurvatureSettings,
                          u: torch.Tensor | None) -> tuple[str, torch.Tensor]:

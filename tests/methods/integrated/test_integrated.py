@@ -115,6 +115,53 @@ def test_k1_sparse_targets_scale_influence_by_one_minus_p(mlp_classifier):
     assert max_rel(scores, reference) > 1e-2
 
 
+def _theta_star_baseline(problem: Problem) -> np.ndarray:
+    with torch.no_grad():
+        return torch.softmax(problem.task.model(torch.as_tensor(problem.x)), -1).numpy()
+
+
+@pytest.mark.parametrize("kind", ["ekfac", "kfac"])
+def test_k1_with_kronecker_curvature_equals_its_influence_function(mlp_classifier, kind):
+    p = mlp_classifier
+    curvature = CurvatureSettings(kind=kind, damping=1e-3)
+    want = iif.InfluenceFunction(p.task, (p.x, p.y), curvature=curvature,
+                                 progress=False).attribute((p.xt, p.yt)).scores
+    got = IntegratedInfluence(p.task, (p.x, p.y), path=PathSettings(steps=1, sparse=False),
+                              curvature=curvature, progress=False).attribute(
+        (p.xt, p.yt), baseline_targets=_theta_star_baseline(p)).scores
+    assert np.abs(want).max() > 1e-6
+    assert max_rel(got, want) < 1e-6
+
+
+def test_kronecker_curvature_needs_unprojected_gradients(mlp_classifier):
+    p = mlp_classifier
+    with pytest.raises(ValueError, match=r"curvature 'ekfac' solves unprojected gradients: "
+                                         r"use projection=None"):
+        IntegratedInfluence(p.task, (p.x, p.y), projection=iif.ProjectionSettings(dim=16),
+                            curvature=CurvatureSettings(kind="ekfac"))
+
+
+def test_one_curvature_for_the_whole_path_telescopes_to_the_influence_function(
+        mlp_classifier):
+    # path models that stay at theta* (epochs 0) and theta*'s curvature at every step: the K
+    # steps' psi telescope, so K = 3 gives the K = 1 scores, the influence function (Lemma
+    # 2.5); fitting the curvature at each step's targets does not
+    p = mlp_classifier
+    curvature = CurvatureSettings(damping=1e-2)
+    want = iif.InfluenceFunction(p.task, (p.x, p.y), curvature=curvature,
+                                 progress=False).attribute((p.xt, p.yt)).scores
+    base = _theta_star_baseline(p)
+    path = PathSettings(steps=3, epochs=0, sparse=False)
+
+    def scores(fit: str) -> np.ndarray:
+        method = IntegratedInfluence(p.task, (p.x, p.y), path=path, progress=False,
+                                     curvature=dataclasses.replace(curvature, path_fit=fit))
+        return method.attribute((p.xt, p.yt), baseline_targets=base).scores
+
+    assert max_rel(scores("once"), want) < 1e-6
+    assert max_rel(scores("each"), want) > 1e-3
+
+
 # ---- (b) linear regression: closed form and the engine ---------------------------------------
 def _linear_data(seed: int = 1, n: int = 80, dim: int = 5, d: int = 2, n_test: int = 4):
     rng = np.random.default_rng(seed)

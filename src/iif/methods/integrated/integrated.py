@@ -141,10 +141,12 @@ class IntegratedInfluence(AttributionMethod):
 
     def _reset(self) -> None:
         kind = self.curvature.kind
-        if kind in KRONECKER_KINDS:
-            raise InputError(f"curvature {kind!r} is available for InfluenceFunction; "
-                             f"IntegratedInfluence takes 'fisher', 'ggn' or 'hessian' for now")
+        if kind in KRONECKER_KINDS and self.projection.dim is not None:
+            raise InputError(f"curvature {kind!r} solves unprojected gradients: use "
+                             f"projection=None (ProjectionSettings(dim=None)), or kind "
+                             f"'fisher'")
         super()._reset()
+        self._star_solver: Solver | None = None  # theta*'s, for path_fit="once"
 
     def _make_projector(self, fmodel: FunctionalModel) -> Projector:
         return make_projector(fmodel.num_params, self.projection, self.task.device,
@@ -463,9 +465,10 @@ class IntegratedInfluence(AttributionMethod):
                  for b, member in enumerate(state.members()))]
 
     def _use_factored(self) -> bool:
-        # exact gradients: no projection, or one at least as wide as the model (make_projector)
-        return self.engine.factored_applies(isinstance(self.projector, IdentityProjector),
-                                            self.curvature.kind)
+        # exact gradients: no projection, or one at least as wide as the model (make_projector);
+        # the factored steps fit their own solves at every path model
+        return not self._fits_once() and self.engine.factored_applies(
+            isinstance(self.projector, IdentityProjector), self.curvature.kind)
 
     def _factored_step(self, state: ModelState, test_x: torch.Tensor,
                        test_targets: torch.Tensor, rho: torch.Tensor,
@@ -513,7 +516,8 @@ class IntegratedInfluence(AttributionMethod):
         n = len(self.train)
         u, psi = self.engine.step_features(state, self.train.x, rho, rho_prev, progress=False)
         gamma = self.engine.test_features(state, test.x[:, None], test.targets[:, None])
-        solvers = self.engine.fit_curvature(self.curvature, state, self.train.x, rho, u)
+        solvers = ([self._theta_star_solver()] * len(state) if self._fits_once() else
+                   self.engine.fit_curvature(self.curvature, state, self.train.x, rho, u))
         for b, solver in enumerate(solvers):
             scores[b] -= rows_times(psi[b], solver.solve(gamma[b].T))[:, 0] / n
         return solvers
@@ -535,8 +539,21 @@ class IntegratedInfluence(AttributionMethod):
             reduce = self.engine.reduce
         u, psi = self.engine.step_features(state, x, rho, rho_prev, progress=self.progress,
                                            desc=f"features k={k}")
+        if self._fits_once() and k < self.path.steps:
+            return u, psi, self._theta_star_solver()
         solver = self.engine.fit_curvature(self.curvature, state, x, rho, u, reduce=reduce)
+        if self._fits_once():  # k = K: theta* on the real targets, whatever the test sample
+            self._star_solver = solver
         return u, psi, solver
+
+    def _fits_once(self) -> bool:
+        return self.curvature.path_fit == "once"
+
+    def _theta_star_solver(self) -> Solver:
+        """theta*'s solver on the real targets, fitted at the first path step (k = K) of the
+        first test batch and shared by every later step and batch."""
+        assert self._star_solver is not None, "the first path step fits it"
+        return self._star_solver
 
     def _delta(self, test: Data, theta_prime: ModelState) -> np.ndarray:
         """m(theta*) - m(theta') per test sample: the change of the measurement (the test
