@@ -278,10 +278,20 @@ def _sample_entry(
         "proponents": pro,
         "opponents": opp,
         "proponents_sharing_label": int(sum(e["label"] == label for e in pro)),
-        "completeness": {key: float(np.asarray(comp[key])[s]) for key in ("sum", "delta", "gap")
-                         if key in comp},
+        "completeness": _completeness_row(comp, s),
         "fell_back": bool(fell_back),
     }
+
+
+def _completeness_row(comp: dict[str, Any], s: int) -> dict[str, float]:
+    """Row ``s`` of a result's completeness: the sum, both loss changes and their gaps (the
+    path's end only where it was measured: JSON holds no NaN)."""
+    row = {key: float(np.asarray(comp[key])[s]) for key in ("sum", "delta", "gap") if key in comp}
+    for key in ("delta_path", "gap_path"):
+        value = float(np.asarray(comp[key])[s]) if key in comp else math.nan
+        if math.isfinite(value):
+            row[key] = value
+    return row
 
 
 def _contrast_entry(contrast: Attribution, s: int, y_train: np.ndarray, k: int
@@ -299,8 +309,7 @@ def _contrast_entry(contrast: Attribution, s: int, y_train: np.ndarray, k: int
                 f"< 0: towards {b} (the label)",
         "towards_prediction": towards_a,
         "towards_label": towards_b,
-        "completeness": {key: float(np.asarray(comp[key])[s]) for key in ("sum", "delta", "gap")
-                         if key in comp},
+        "completeness": _completeness_row(comp, s),
         "fell_back": s in set(contrast.info.get("fallback_tests", [])),
     }
 

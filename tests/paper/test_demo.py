@@ -54,7 +54,8 @@ def test_demo_names_pictures_by_test_index_and_explains_the_mistake(demo_run):
         pushes_a = [t["score"] for t in c["towards_prediction"]]
         assert pushes_a == sorted(pushes_a, reverse=True) and pushes_a[0] > 0
         assert c["towards_label"][0]["score"] < 0
-        assert set(c["completeness"]) == {"sum", "delta", "gap"}
+        # the path's end too: the demo's path models are trained (measure_end)
+        assert set(c["completeness"]) == {"sum", "delta", "gap", "delta_path", "gap_path"}
         assert c["image"] == f"test_{e['index']}_contrast.png"
         assert (out / c["image"]).stat().st_size > 1000
         assert f"why {c['A']} and not {c['B']} (the label)?" in text

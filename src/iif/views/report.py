@@ -35,9 +35,11 @@ PROPONENTS_HEADING = "Proponents (lower the test loss)"
 OPPONENTS_HEADING = "Opponents (raise the test loss)"
 NO_BASELINE = "no baseline (fallback)"  # the gap of a test sample whose unlearning fell back
 COMPLETENESS_MEANING = (
-    "Completeness check: summed over all training samples, the scores should equal the change "
-    "of this test loss from the baseline model \u03b8' (which unlearned the test sample) to "
-    "the trained model \u03b8*; gap = |sum \u2212 change| / |change|.")
+    "Completeness check: summed over all training samples, the scores approximate the change "
+    "of this test loss from the baseline model \u03b8' (which unlearned the test sample), or "
+    "from the path's end \u03b8\u2080, to the trained model \u03b8*; gap = |sum \u2212 "
+    "change| / |change|. Their scale follows the curvature's damping, so a gap grades an "
+    "answer; a sum of the opposite sign to the change is flagged.")
 
 
 @functools.cache
