@@ -1,7 +1,8 @@
 """Attribution quality of every method on held-out ground truth: LDS R1 and R5.
 
 Tasks, ground truth and the tuning / report split are defined in ``quality_tasks.py``: 100
-random half-size subsets with 5 retrained models each; even subsets tune, odd subsets report.
+random half-size subsets with 5 retrained models each (1 for ``lm`` and ``textcls``, whose
+tables give R1 only); even subsets tune, odd subsets report.
 Each configuration's scores are cached under ``.cache/quality/<task>/scores/`` (``.npy``
 without pickle, keyed by the configuration's name, the ground truth and the test samples), so
 a table can be rebuilt without recomputing what did not change. The key does not hold the
@@ -12,6 +13,13 @@ Usage::
     python benchmarks/bench_quality.py --task digits [--threads 2] [--only iif,if-ggn]
         [--half report] [--tests 200] [--json out.json]
     python benchmarks/bench_quality.py --task digits --sweep damping --half tune
+    python benchmarks/bench_quality.py --task cnn --subsets 4 --repeats 1 --tests 5 \
+        --only if,trak-1 --threads 1     # a smoke run on a small ground truth
+
+Tasks: ``digits``, ``mnist`` (MLPs), ``cnn`` (a residual BatchNorm CNN on MNIST), ``lm`` (the
+fortunes language model, prompt -> completion) and ``textcls`` (a BERT classifier fed
+dictionary batches). ``--subsets`` / ``--repeats`` replace the task's ground-truth size (cached
+apart). A configuration that cannot run on a task is a table row saying why.
 
 ``--sweep NAME`` runs the tuning grids (``SWEEPS``) on the tuning half; the default run prints
 the table of ``CONFIGS`` (each method at its chosen settings) on the report half.
@@ -20,10 +28,12 @@ the table of ``CONFIGS`` (each method at its chosen settings) on the report half
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,8 +71,7 @@ def run_iif(**options: Any) -> Runner:
             members = _ensemble(qt, models)
         method = IntegratedInfluence(qt.task, qt.train, models=members, progress=False,
                                      **options)
-        xt, yt = qt.test
-        res = method.attribute((xt[test_idx], yt[test_idx]))
+        res = method.attribute(qt.test_rows(test_idx))
         gap = res.completeness["gap"] if res.completeness is not None else None
         info = {"median_gap": None if gap is None else float(np.nanmedian(gap)),
                 "fallbacks": _count(res.info, "fallbacks"),
@@ -75,8 +84,7 @@ def run_iif(**options: Any) -> Runner:
 def run_if(**options: Any) -> Runner:
     def run(qt, test_idx):
         method = InfluenceFunction(qt.task, qt.train, progress=False, **options)
-        xt, yt = qt.test
-        return method.attribute((xt[test_idx], yt[test_idx])).scores, {}
+        return method.attribute(qt.test_rows(test_idx)).scores, {}
     return run
 
 
@@ -96,9 +104,8 @@ def run_if_ratio(kind: str, ratio: float, ggn_rank: int | str | None = None) -> 
             method = InfluenceFunction(qt.task, qt.train, progress=False,
                                        curvature=CurvatureSettings(kind=kind,
                                                                    ggn_rank=ggn_rank))
-            xt, yt = qt.test
             _SWEPT[key] = [r.scores for r in method.attribute_dampings(
-                (xt[test_idx], yt[test_idx]), RATIOS, relative=True)]
+                qt.test_rows(test_idx), RATIOS, relative=True)]
         return _SWEPT[key][RATIOS.index(ratio)], {}
     return run
 
@@ -107,8 +114,7 @@ def run_trak(models: int = 10, **options: Any) -> Runner:
     def run(qt, test_idx):
         members = _ensemble(qt, models, subset="half")
         method = TRAK(qt.task, qt.train, models=members, progress=False, **options)
-        xt, yt = qt.test
-        return method.attribute((xt[test_idx], yt[test_idx])).scores, {}
+        return method.attribute(qt.test_rows(test_idx)).scores, {}
     return run
 
 
@@ -116,13 +122,14 @@ def run_tracin(checkpoints: int = 10, **options: Any) -> Runner:
     def run(qt, test_idx):
         from iif.methods.tracin.checkpoints import train_with_checkpoints
 
-        model = qt.make_model(qtasks.SEED)
-        task = qtasks.Task(model, "classification", qt.task.recipe)
+        # the task's model trained again from its initialisation, checkpoints kept
+        task = dataclasses.replace(qt.task, model=qt.make_model(qtasks.SEED))
         every = max(1, qt.task.recipe.epochs // checkpoints)
-        ckpts = train_with_checkpoints(task, qt.train, every=every, seed=qtasks.SEED)
+        ckpts = train_with_checkpoints(task, qt.train, every=every, seed=qtasks.SEED,
+                                       progress=False)
+        task.model.eval()
         method = TracIn(task, qt.train, checkpoints=ckpts, progress=False, **options)
-        xt, yt = qt.test
-        return method.attribute((xt[test_idx], yt[test_idx])).scores, {}
+        return method.attribute(qt.test_rows(test_idx)).scores, {}
     return run
 
 
@@ -156,6 +163,18 @@ def configs() -> dict[str, tuple[Runner, dict[str, Any]]]:
         "trak-10": (run_trak(10), {}),
         "trak-10-P512": (run_trak(10, projection=ProjectionSettings(dim=512)), {}),
         "tracin-40": (run_tracin(40), {}),
+    }
+
+
+def extras() -> dict[str, tuple[Runner, dict[str, Any]]]:
+    """Cheaper configurations for large models and smoke runs, chosen with ``--only``."""
+    kron = ProjectionSettings(dim=1024, structure="kronecker")
+    return {
+        "trak-1": (run_trak(1), {}),
+        "trak-10-kron1024": (run_trak(10, projection=kron), {}),
+        "if-kron1024": (run_if(solver="projected", projection=kron), {}),
+        "iif-kron1024": (run_iif(projection=kron), {}),
+        "tracin-5": (run_tracin(5), {}),
     }
 
 
@@ -261,7 +280,7 @@ def sweeps() -> dict[str, dict[str, tuple[Runner, dict[str, Any]]]]:
 
 # ---- running and caching -----------------------------------------------------------------------
 def test_indices(qt, n_tests: int | None) -> np.ndarray:
-    n = len(qt.test[1])
+    n = qt.n_test()
     return np.arange(n if n_tests is None else min(n, n_tests))
 
 
@@ -271,7 +290,7 @@ def evaluate(qt, gt, name: str, runner: Runner, test_idx: np.ndarray, half: str,
     folder.mkdir(parents=True, exist_ok=True)
     tag = hashlib.sha256(f"{name}|{gt.key}|{test_idx.tolist()}".encode()).hexdigest()[:12]
     npy, meta = folder / f"{name}-{tag}.npy", folder / f"{name}-{tag}.json"
-    full = np.arange(len(qt.test[1]))
+    full = np.arange(qt.n_test())
     whole = hashlib.sha256(f"{name}|{gt.key}|{full.tolist()}".encode()).hexdigest()[:12]
     if npy.exists() and meta.exists() and not refresh:
         scores = np.load(npy, allow_pickle=False)
@@ -282,7 +301,14 @@ def evaluate(qt, gt, name: str, runner: Runner, test_idx: np.ndarray, half: str,
         info = json.loads((folder / f"{name}-{whole}.json").read_text())
     else:
         start = time.perf_counter()
-        scores, info = runner(qt, test_idx)
+        try:
+            scores, info = runner(qt, test_idx)
+        except Exception as exc:  # noqa: BLE001  # a method that cannot run is a row
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            return {"name": name, "seconds": time.perf_counter() - start,
+                    "threads": torch.get_num_threads(),
+                    "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                             f" (at {Path(where.filename).name}:{where.lineno})"}
         info = {**info, "seconds": time.perf_counter() - start,
                 "threads": torch.get_num_threads()}
         np.save(npy, np.asarray(scores), allow_pickle=False)
@@ -291,15 +317,37 @@ def evaluate(qt, gt, name: str, runner: Runner, test_idx: np.ndarray, half: str,
     return {"name": name, **qtasks.lds_scores(sub_gt, scores, half), **info}
 
 
-def print_table(rows: list[dict[str, Any]], half: str) -> None:
-    print(f"\n| configuration | LDS R1 ({half}) | LDS R5 ({half}) | seconds | threads | "
-          f"median gap | fallbacks |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+def print_table(rows: list[dict[str, Any]], half: str, repeats: int = qtasks.REPEATS) -> None:
+    """A Markdown table: LDS R1 and, with several models per subset, the LDS against their
+    mean (the rows' ``r5`` entries, whatever ``repeats`` is)."""
+    # one model per subset: R1 is the whole ground truth, printed once
+    mean_col = f" LDS R{repeats} ({half}) |" if repeats > 1 else ""
+    print(f"\n| configuration | LDS R1 ({half}) |{mean_col} seconds | threads | median gap | "
+          f"fallbacks |")
+    print("|---|---:|" + ("---:|" if repeats > 1 else "") + "---:|---:|---:|---:|")
     for r in rows:
+        if "error" in r:
+            print(f"| {r['name']} | cannot run: {r['error']} |{' |' if repeats > 1 else ''} "
+                  f"{r['seconds']:.1f} | {r['threads']} | | |")
+            continue
         gap = r.get("median_gap")
-        print(f"| {r['name']} | {r['r1']:.3f} ± {r['r1_se']:.3f} | {r['r5']:.3f} ± "
-              f"{r['r5_se']:.3f} | {r['seconds']:.1f} | {r['threads']} | "
-              f"{'' if gap is None else f'{gap:.3f}'} | {r.get('fallbacks', '')} |")
+        mean = f" {r['r5']:.3f} ± {r['r5_se']:.3f} |" if repeats > 1 else ""
+        print(f"| {r['name']} | {r['r1']:.3f} ± {r['r1_se']:.3f} |{mean} {r['seconds']:.1f} | "
+              f"{r['threads']} | {'' if gap is None else f'{gap:.3f}'} | "
+              f"{r.get('fallbacks', '')} |")
+
+
+def select(sweep: str | None, only: str | None) -> dict[str, tuple[Runner, dict[str, Any]]]:
+    """The configurations to run: a sweep's or the report table's, narrowed by ``only``
+    (which may also name the configurations of :func:`extras`)."""
+    table = sweeps()[sweep] if sweep else configs()
+    if not only:
+        return table
+    pool = {**extras(), **table}
+    unknown = [k for k in only.split(",") if k not in pool]
+    if unknown:
+        raise SystemExit(f"unknown configurations {unknown}; known: {sorted(pool)}")
+    return {k: pool[k] for k in only.split(",")}
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -311,26 +359,33 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--half", choices=("tune", "report"), default=None)
     p.add_argument("--tests", type=int, default=None, help="first n test samples only")
     p.add_argument("--refresh", action="store_true", help="recompute cached scores")
+    p.add_argument("--subsets", type=int, default=None,
+                   help="ground-truth subsets (default: the task's)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="retrained models per subset (default: the task's)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     half = args.half or ("tune" if args.sweep else "report")
-    table = sweeps()[args.sweep] if args.sweep else configs()
-    if args.only:
-        wanted = args.only.split(",")
-        table = {k: v for k, v in table.items() if k in wanted}
+    table = select(args.sweep, args.only)
     qt = qtasks.TASKS[args.task]()
-    gt = qtasks.truth(qt)
+    print(f"task {qt.name}: {qt.info}", flush=True)
+    gt = qtasks.truth(qt, n_subsets=args.subsets, repeats=args.repeats)
     idx = test_indices(qt, args.tests)
-    print(f"task {qt.name}: {len(qt.train[1])} train, {idx.size} test samples, "
-          f"{gt.subsets.shape[0]} subsets x {gt.settings.repeats} retrains; half {half}; "
+    repeats = gt.settings.repeats
+    print(f"task {qt.name}: {qt.n_train()} train, {idx.size} test samples, "
+          f"{gt.subsets.shape[0]} subsets x {repeats} retrains; half {half}; "
           f"{args.threads} threads", flush=True)
     rows = []
     for name, (runner, _) in table.items():
         rows.append(evaluate(qt, gt, name, runner, idx, half, args.refresh))
         r = rows[-1]
-        print(f"{name}: R1 {r['r1']:.3f}  R5 {r['r5']:.3f}  ({r['seconds']:.1f} s)", flush=True)
-    print_table(rows, half)
+        if "error" in r:
+            print(f"{name}: cannot run: {r['error']}", flush=True)
+        else:
+            mean = f"  R{repeats} {r['r5']:.3f}" if repeats > 1 else ""
+            print(f"{name}: R1 {r['r1']:.3f}{mean}  ({r['seconds']:.1f} s)", flush=True)
+    print_table(rows, half, repeats)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows

@@ -426,3 +426,31 @@ def test_dropout_models_train_reproducibly(train_data, test_data):
     plain = ground_truth(Task(build(0.0), "classification", recipe), train_data, test_data,
                          settings)
     assert np.abs(plain.losses - a.losses).max() > 1e-3  # dropout was active in training
+
+
+class _Branching(nn.Module):
+    """A forward that branches on its input's values (as Hugging Face's mask builders do),
+    which ``torch.func.vmap`` cannot run."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.body, self.head = nn.Linear(3, 4).double(), nn.Linear(4, N_CLASSES).double()
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        if bool((x[:, 0] > 0).all()):  # data-dependent control flow
+            h = h * 2
+        return self.head(h)
+
+
+def test_ground_truth_of_a_model_that_cannot_run_under_vmap(train_data, test_data, caplog):
+    task = Task(_Branching(), "classification", Recipe(lr=0.2, batch_size=3, epochs=2))
+    settings = RetrainSettings(n_subsets=3, repeats=1, seed=7, batch_models=3)
+    with caplog.at_level("INFO", logger="iif.evaluation.retrain"):
+        gt = ground_truth(task, train_data, test_data, settings)
+    ref = _reference_losses(task, train_data, test_data, gt.subsets, settings)
+    np.testing.assert_allclose(gt.repeat_losses, ref, rtol=0, atol=1e-10)
+    assert np.abs(ref[:, 0] - ref[0, 0]).max() > 1e-3  # three different models
+    assert any("retraining 3 models one at a time: the model's forward cannot run under "
+               "torch.func.vmap" in r.getMessage() for r in caplog.records)

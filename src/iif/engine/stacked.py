@@ -104,21 +104,34 @@ def _forward(fmodel: FunctionalModel, params: dict[str, torch.Tensor],
 
 
 def stacked_outputs(
-    fmodel: FunctionalModel, state: StackedState, x: torch.Tensor, chunk_size: int = 1024
+    fmodel: FunctionalModel, state: StackedState, x: torch.Tensor, chunk_size: int = 1024,
+    one_by_one: bool = False,
 ) -> torch.Tensor:
-    """Outputs (B, n, d) of every copy on the same inputs, eval mode, no gradients."""
-    call = vmap(lambda p, fr, buf, xb: _forward(fmodel, p, fr, buf, xb), in_dims=(0, 0, 0, None))
+    """Outputs (B, n, d) of every copy on the same inputs, eval mode, no gradients: under
+    ``vmap``, or copy by copy with ``one_by_one`` (a forward that cannot run under ``vmap``)."""
+    if one_by_one:
+        def call(p, fr, buf, xb):
+            return torch.stack([_forward(fmodel, *(_row(t, b) for t in (p, fr, buf)), xb)
+                                for b in range(len(state))])
+    else:
+        call = vmap(lambda p, fr, buf, xb: _forward(fmodel, p, fr, buf, xb),
+                    in_dims=(0, 0, 0, None))
     with torch.no_grad(), module_mode(fmodel.module, False):
         return torch.cat([call(state.params, state.frozen, state.buffers, x[i : i + chunk_size])
                           for i in range(0, x.shape[0], chunk_size)], dim=1)
 
 
+def _row(tensors: dict[str, torch.Tensor], b: int) -> dict[str, torch.Tensor]:
+    return {k: v[b] for k, v in tensors.items()}
+
+
 def stacked_losses(
     task: Task, fmodel: FunctionalModel, state: StackedState, x: torch.Tensor,
-    targets: torch.Tensor, chunk_size: int = 1024,
+    targets: torch.Tensor, chunk_size: int = 1024, one_by_one: bool = False,
 ) -> torch.Tensor:
-    """Per-sample losses (B, n) of every copy on (x, targets) (n, d), eval mode, no grads."""
-    out = stacked_outputs(fmodel, state, x, chunk_size)  # (B, n, d)
+    """Per-sample losses (B, n) of every copy on (x, targets) (n, d), eval mode, no grads
+    (``one_by_one``: see :func:`stacked_outputs`)."""
+    out = stacked_outputs(fmodel, state, x, chunk_size, one_by_one)  # (B, n, d)
     copies, n = out.shape[:2]
     with torch.no_grad():
         shared = targets.unsqueeze(0).expand(copies, *targets.shape)

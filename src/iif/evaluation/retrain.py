@@ -40,6 +40,7 @@ from torch import nn
 from torch.func import stack_module_state
 
 from iif.engine.functional import FunctionalModel
+from iif.engine.grads import HOOKS, gradient_route, sample_loss_fn
 from iif.engine.stacked import StackedState, cumulative_batchnorm, fit_stacked, stacked_losses
 from iif.engine.training import reinitialised, seeded, train
 from iif.errors import InputError
@@ -184,6 +185,26 @@ class RetrainDiverged(InputError):
 
 
 
+def why_one_by_one(task: Task, data: Data) -> str | None:
+    """Why B models of ``task`` cannot train or run stacked under ``vmap``, or None: BatchNorm
+    with ``momentum=None``, or a forward that cannot run under ``vmap`` (data-dependent control
+    flow such as a Hugging Face padding mask; the gradient route's probe on two samples of
+    ``data``)."""
+    if cumulative_batchnorm(task.model):
+        return "BatchNorm with momentum=None (a cumulative average) cannot train under vmap"
+    return why_not_vmapped(task, data)
+
+
+def why_not_vmapped(task: Task, data: Data) -> str | None:
+    """Why the model's forward cannot run under ``vmap`` (the gradient route's probe on two
+    samples of ``data``), or None."""
+    fmodel = FunctionalModel(task.model, task.output)
+    if gradient_route(fmodel, fmodel.state(), data.x[:2], sample_loss_fn(task),
+                      data.targets[:2]) == HOOKS:
+        return fmodel.route_note
+    return None
+
+
 def train_batch(task: Task, data: Any, subset_masks: Any, seeds: Sequence[int],
                 epochs: int | None = None) -> StackedState:
     """Train B fresh models together, model b on subset ``subset_masks[b]`` with ``seeds[b]``.
@@ -195,9 +216,10 @@ def train_batch(task: Task, data: Any, subset_masks: Any, seeds: Sequence[int],
     (BatchNorm running statistics, updated per model) and ``frozen`` parameters (re-initialised
     per model too). Random layers (dropout) draw different numbers for every model
     (``vmap(randomness="different")``, seeded by ``seeds[0]``), so with dropout a model equals
-    its one-by-one counterpart in distribution only, and depends on the batch. BatchNorm with
-    ``momentum=None`` cannot run under ``vmap``: such models are trained one by one with
-    ``train_one``. Raises :class:`RetrainDiverged` on a NaN/inf training loss or parameter.
+    its one-by-one counterpart in distribution only, and depends on the batch. Models that
+    cannot run under ``vmap`` (:func:`why_one_by_one`: BatchNorm with ``momentum=None``, a
+    forward with data-dependent control flow) are trained one by one with ``train_one``.
+    Raises :class:`RetrainDiverged` on a NaN/inf training loss or parameter.
     """
     d = task.validate(data, "training data")
     epochs = _resolve_epochs(task, epochs)
@@ -213,7 +235,9 @@ def train_batch(task: Task, data: Any, subset_masks: Any, seeds: Sequence[int],
     if len(sizes) != 1:
         raise InputError(f"batched training needs subsets of one size, got sizes {sorted(sizes)}")
 
-    if cumulative_batchnorm(task.model):
+    alone = why_one_by_one(task, d)
+    if alone is not None:
+        log.info("retraining %d models one at a time: %s", len(seeds), alone)
         models = []
         for b, (row, s) in enumerate(zip(rows, seeds, strict=True)):
             model, complete = _train_one(task, d, row, s, epochs)
@@ -444,7 +468,8 @@ def _train_chunk(task: Task, train_d: Data, test_d: Data, subsets: np.ndarray,
     try:
         models = train_batch(task, train_d, masks, seeds, epochs)
         losses = stacked_losses(task, FunctionalModel(task.model, task.output), models, test_d.x,
-                                test_d.targets).detach().cpu().numpy()
+                                test_d.targets, one_by_one=why_not_vmapped(task, train_d)
+                                is not None).detach().cpu().numpy()
     except RetrainDiverged as exc:
         m, r = pairs[exc.index]
         raise InputError(f"the model retrained on subset {m} (repeat {r}) diverged: {exc}; "
