@@ -163,6 +163,11 @@ def configs() -> dict[str, tuple[Runner, dict[str, Any]]]:
         "trak-10": (run_trak(10), {}),
         "trak-10-P512": (run_trak(10, projection=ProjectionSettings(dim=512)), {}),
         "tracin-40": (run_tracin(40), {}),
+        # Kronecker-factored curvatures from the layer hooks (no projection)
+        "iif-kfac": (run_iif(curvature=CurvatureSettings(kind="kfac")), {}),
+        "iif-ekfac": (run_iif(curvature=CurvatureSettings(kind="ekfac")), {}),
+        "if-kfac": (run_if(curvature=CurvatureSettings(kind="kfac")), {}),
+        "if-ekfac": (run_if(curvature=CurvatureSettings(kind="ekfac")), {}),
     }
 
 
@@ -185,6 +190,11 @@ def sweeps() -> dict[str, dict[str, tuple[Runner, dict[str, Any]]]]:
         f"if-{kind}-d{ratio:g}": (run_if_ratio(kind, ratio), {})
         for kind in ("fisher", "ggn") for ratio in RATIOS
     }
+    # IIF's curvature: the default Fisher, K-FAC and EK-FAC, fitted at each path model or
+    # once at theta*
+    out["iif-curvature"] = {
+        f"iif-{kind}-{fit}": (run_iif(curvature=CurvatureSettings(kind=kind, path_fit=fit)), {})
+        for kind in ("fisher", "kfac", "ekfac") for fit in ("each", "once")}
     out["if-ggn-full"] = {f"if-ggn-full-d{ratio:g}": (run_if_ratio("ggn", ratio), {})
                           for ratio in (0.1, 0.3, 1.0)}
     out["iif-grid"] = {
