@@ -97,8 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, np.ndarray]:
     torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)  # the flags are printed below, once
     qt = qtasks.TASKS[args.task]()
-    xt, yt = qt.test
-    idx = np.arange(min(args.tests, len(yt)))
+    idx = np.arange(min(args.tests, qt.n_test()))
     options = {}
     if args.kind:
         options["curvature"] = CurvatureSettings(kind=args.kind)
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, np.ndarray]:
         options["path"] = PathSettings(sparse=False)
     start = time.perf_counter()
     result = IntegratedInfluence(qt.task, qt.train, progress=False, **options).attribute(
-        (xt[idx], yt[idx]))
+        qt.test_rows(idx))
     seconds = time.perf_counter() - start
     print(f"{args.task}: IIF {options or 'defaults'} on {idx.size} test samples, "
           f"{seconds:.1f} s ({seconds / idx.size:.2f} s per test), "
