@@ -336,7 +336,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         info = versions()
     except ImportError:
-        print("kronfluence is not installed: pip install -e .[bench]", file=sys.stderr)
+        print("kronfluence is not installed: pip install -e .[bench] torch==2.13.0",
+              file=sys.stderr)
         return {}
     # Kronfluence's GradScaler calls warn on every fit and score
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"kronfluence\.")
