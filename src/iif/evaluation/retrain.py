@@ -432,11 +432,13 @@ def _train_chunks(task: Task, train_d: Data, test_d: Data, subsets: np.ndarray,
     """Train the chunks of ``plan``, writing each to ``cache`` when there is one; returns
     the number of models trained."""
     trained = 0
+    # whether the trained models' forward runs copy by copy (not under vmap): probed once
+    looped = bool(plan.todo) and why_not_vmapped(task, train_d) is not None
     for c in progress_bar(plan.todo, total=len(plan.todo), desc="retrain", enable=progress):
         lo, hi = plan.bounds[c]
         t0 = time.perf_counter()
         plan.per_model[lo:hi] = _train_chunk(task, train_d, test_d, subsets, settings, epochs,
-                                             lo, hi)
+                                             (lo, hi), looped)
         plan.seconds[c] = time.perf_counter() - t0
         trained += hi - lo
         if cache is not None:
@@ -458,9 +460,12 @@ def _subsets(cache: ChunkFolder | None, settings: RetrainSettings, n_train: int
 
 
 def _train_chunk(task: Task, train_d: Data, test_d: Data, subsets: np.ndarray,
-                 settings: RetrainSettings, epochs: int, lo: int, hi: int) -> np.ndarray:
-    """Test losses (hi - lo, n_test) of models lo..hi-1 (model k is subset k // R, repeat
-    k % R)."""
+                 settings: RetrainSettings, epochs: int, bounds: tuple[int, int],
+                 looped: bool) -> np.ndarray:
+    """Test losses (hi - lo, n_test) of models lo..hi-1 (``bounds``; model k is subset
+    k // R, repeat k % R); ``looped``: their outputs are taken copy by copy, the forward
+    cannot run under ``vmap``."""
+    lo, hi = bounds
     repeats = settings.repeats
     pairs = [(k // repeats, k % repeats) for k in range(lo, hi)]
     seeds = [model_seed(settings.seed, m, r) for m, r in pairs]
@@ -468,8 +473,7 @@ def _train_chunk(task: Task, train_d: Data, test_d: Data, subsets: np.ndarray,
     try:
         models = train_batch(task, train_d, masks, seeds, epochs)
         losses = stacked_losses(task, FunctionalModel(task.model, task.output), models, test_d.x,
-                                test_d.targets, one_by_one=why_not_vmapped(task, train_d)
-                                is not None).detach().cpu().numpy()
+                                test_d.targets, one_by_one=looped).detach().cpu().numpy()
     except RetrainDiverged as exc:
         m, r = pairs[exc.index]
         raise InputError(f"the model retrained on subset {m} (repeat {r}) diverged: {exc}; "
