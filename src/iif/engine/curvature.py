@@ -148,6 +148,13 @@ def refuse_kronecker(kind: str, what: str) -> None:
                          f"without projection), not for {what}; use kind 'fisher' here")
 
 
+def unprojected_only(kind: str) -> InputError:
+    """The refusal of an EK-FAC or K-FAC ``kind`` with projected gradients: its factors are
+    of the model's own layers."""
+    return InputError(f"curvature {kind!r} solves unprojected gradients: use projection=None "
+                      f"(ProjectionSettings(dim=None)), or kind 'fisher'")
+
+
 def rank_bound(n: int, dim: int, num_params: int) -> int:
     """How many eigenvalues of the curvature the default damping averages: at most one per
     training sample, the solve dimension and the parameter count, for every kind. For the

@@ -41,6 +41,7 @@ from iif.engine.curvature import (
     rank_bound,
     solver_from_factor,
     stacked_gram_solvers,
+    unprojected_only,
 )
 from iif.engine.ekfac import KroneckerFactors, fit_kronecker
 from iif.engine.factored import (
@@ -336,9 +337,7 @@ class Engine:
         if reduce is not None or self.sharding is not None:
             raise InputError(f"curvature {settings.kind!r} is fitted in one process")
         if not isinstance(self.projector, IdentityProjector):
-            raise InputError(f"curvature {settings.kind!r} solves unprojected gradients: use "
-                             f"projection=None (ProjectionSettings(dim=None)), or kind "
-                             f"'fisher'")
+            raise unprojected_only(settings.kind)
         return fit_kronecker(self.fmodel, state, x, targets, self.task, settings.kind,
                              self.budget.chunk_size, u).solver(settings)
 

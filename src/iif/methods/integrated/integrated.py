@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from iif.engine.budget import MAX_COPIES
-from iif.engine.curvature import KRONECKER_KINDS, CurvatureSettings
+from iif.engine.curvature import KRONECKER_KINDS, CurvatureSettings, unprojected_only
 from iif.engine.functional import FunctionalModel, ModelState
 from iif.engine.linalg import SOLVE_DTYPE, Solver, rows_times
 from iif.engine.projection import IdentityProjector, ProjectionSettings, Projector, make_projector
@@ -142,9 +142,7 @@ class IntegratedInfluence(AttributionMethod):
     def _reset(self) -> None:
         kind = self.curvature.kind
         if kind in KRONECKER_KINDS and self.projection.dim is not None:
-            raise InputError(f"curvature {kind!r} solves unprojected gradients: use "
-                             f"projection=None (ProjectionSettings(dim=None)), or kind "
-                             f"'fisher'")
+            raise unprojected_only(kind)
         super()._reset()
         self._star_solver: Solver | None = None  # theta*'s, for path_fit="once"
 
