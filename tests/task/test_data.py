@@ -107,28 +107,6 @@ def test_scores_from_loaders_equal_scores_from_tensors(classification_task,
 
 
 # ---- streamed inputs ------------------------------------------------------------------------
-@pytest.fixture
-def reads(monkeypatch) -> list[int]:
-    """Sizes of every read of streamed inputs."""
-    import iif.task.data
-    from iif.task.data import StreamedInputs
-
-    sizes: list[int] = []
-    original = StreamedInputs._read
-
-    def counting(self, positions):
-        sizes.append(len(positions))
-        return original(self, positions)
-
-    monkeypatch.setattr(StreamedInputs, "_read", counting)
-    # model outputs are read 1024 samples at a time: 16 here, so that 60 samples are parts
-    from iif.engine.functional import FunctionalModel
-
-    monkeypatch.setattr(FunctionalModel.outputs, "__defaults__", (16,))
-    monkeypatch.setattr(iif.task.data, "READ_BATCH", 16)
-    return sizes
-
-
 def _bigger_problem():
     """60 samples: more than a chunk of 16, so that every method reads in parts."""
     from conftest import build_mlp

@@ -27,25 +27,6 @@ def _one_thread(single_thread):
     """Tiny float64 models: threads only add contention."""
 
 
-@pytest.fixture
-def reads(monkeypatch) -> list[int]:
-    """Sizes of every read of streamed inputs, read 16 samples at a time (of 40)."""
-    import iif.task.data
-    from iif.engine.functional import FunctionalModel
-
-    sizes: list[int] = []
-    original = StreamedInputs._read
-
-    def counting(self, positions):
-        sizes.append(len(positions))
-        return original(self, positions)
-
-    monkeypatch.setattr(StreamedInputs, "_read", counting)
-    monkeypatch.setattr(FunctionalModel.outputs, "__defaults__", (16,))
-    monkeypatch.setattr(iif.task.data, "READ_BATCH", 16)
-    return sizes
-
-
 class Texts(Dataset):
     """Token ids padded to one length with their attention mask, as a tokenizer gives them."""
 
