@@ -225,6 +225,24 @@ def _kron_model(batchnorm: bool = False):
     return FunctionalModel(nn.Sequential(*layers).double())
 
 
+def _two_values(out, ti):
+    """Two scalars per sample: a linear and a quadratic function of its output."""
+    return torch.stack([(out * ti).sum(), (out ** 2).sum()])
+
+
+def _fast_and_slow(fmodel, state, x, t, p, chunk_size):
+    """The Kronecker fast path's features of ``_two_values`` and the same from per-sample
+    Jacobians projected one by one."""
+    from iif.engine.features import projected_jacobians
+    from iif.engine.grads import per_sample_jacobians
+
+    fast = torch.cat([f for _, f in projected_jacobians(fmodel, state, x, _two_values, t,
+                                                        projector=p, chunk_size=chunk_size)])
+    slow = torch.cat([p.project(j) for _, j in per_sample_jacobians(
+        fmodel, state, x, _two_values, t, chunk_size=chunk_size)])
+    return fast, slow
+
+
 def _kron(fmodel, dim, seed=0, kind="gaussian"):
     """The Kronecker projector itself, also at the model's full size (where make_projector
     would use the exact gradients instead)."""
@@ -320,9 +338,7 @@ def test_kronecker_fast_path_equals_projected_per_sample_gradients(activation):
     output)."""
     from torch import nn
 
-    from iif.engine.features import projected_jacobians
     from iif.engine.functional import FunctionalModel
-    from iif.engine.grads import per_sample_jacobians
 
     torch.manual_seed(3)
     act = nn.Tanh() if activation == "tanh" else nn.ReLU(inplace=True)
@@ -336,13 +352,7 @@ def test_kronecker_fast_path_equals_projected_per_sample_gradients(activation):
               torch.randn(7, 5, 4, generator=gen, dtype=torch.float64)):  # positions
         t = torch.randn(7, x[0].numel() // 4 * 3, generator=gen, dtype=torch.float64)
 
-        def fn(out, ti):
-            return torch.stack([(out * ti).sum(), (out ** 2).sum()])
-
-        fast = torch.cat([f for _, f in projected_jacobians(fmodel, state, x, fn, t,
-                                                            projector=p, chunk_size=3)])
-        slow = torch.cat([p.project(j) for _, j in per_sample_jacobians(fmodel, state, x, fn, t,
-                                                                       chunk_size=3)])
+        fast, slow = _fast_and_slow(fmodel, state, x, t, p, chunk_size=3)
         assert fast.shape == (7, 2, p.dim)
         torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
 
@@ -406,9 +416,8 @@ def test_kronecker_fast_path_for_convolutions_equals_projected_per_sample_gradie
     at a time and for stacked copies."""
     from torch import nn
 
-    from iif.engine.features import projected_jacobians, stacked_projected_jacobians
+    from iif.engine.features import stacked_projected_jacobians
     from iif.engine.functional import FunctionalModel
-    from iif.engine.grads import per_sample_jacobians
     from iif.engine.stacked import StackedState
 
     torch.manual_seed(5)
@@ -425,17 +434,12 @@ def test_kronecker_fast_path_for_convolutions_equals_projected_per_sample_gradie
     x = torch.randn(5, 2, 7, 7, generator=gen, dtype=torch.float64)
     t = torch.randn(5, 3, generator=gen, dtype=torch.float64)
 
-    def fn(out, ti):
-        return torch.stack([(out * ti).sum(), (out ** 2).sum()])
-
-    fast = torch.cat([f for _, f in projected_jacobians(fmodel, state, x, fn, t, projector=p,
-                                                        chunk_size=2)])
-    slow = torch.cat([p.project(j) for _, j in per_sample_jacobians(fmodel, state, x, fn, t,
-                                                                   chunk_size=2)])
+    fast, slow = _fast_and_slow(fmodel, state, x, t, p, chunk_size=2)
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
     copies = StackedState.stack([state, state])
     both = torch.cat([f for _, f in stacked_projected_jacobians(
-        fmodel, copies.params, copies.buffers, x, fn, torch.stack([t, 2 * t]), projector=p,
+        fmodel, copies.params, copies.buffers, x, _two_values, torch.stack([t, 2 * t]),
+        projector=p,
         chunk_size=4)], dim=1)
     torch.testing.assert_close(both[0], slow, rtol=1e-10, atol=1e-12)
 
@@ -513,9 +517,7 @@ def test_kronecker_projects_gpt2_conv1d_layers_as_their_transposed_weights():
     pytest.importorskip("transformers")
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from iif.engine.features import projected_jacobians
     from iif.engine.functional import FunctionalModel
-    from iif.engine.grads import per_sample_jacobians
     from iif.task.task import Task
 
     torch.manual_seed(0)
@@ -533,13 +535,7 @@ def test_kronecker_projects_gpt2_conv1d_layers_as_their_transposed_weights():
     x = torch.randint(0, 13, (5, 6), generator=gen)
     t = torch.randn(5, 6 * 13, generator=gen, dtype=torch.float64)
 
-    def fn(out, ti):
-        return torch.stack([(out * ti).sum(), (out ** 2).sum()])
-
-    fast = torch.cat([f for _, f in projected_jacobians(fmodel, state, x, fn, t, projector=p,
-                                                        chunk_size=2)])
-    slow = torch.cat([p.project(j) for _, j in per_sample_jacobians(fmodel, state, x, fn, t,
-                                                                   chunk_size=2)])
+    fast, slow = _fast_and_slow(fmodel, state, x, t, p, chunk_size=2)
     assert fast.shape == (5, 2, p.dim)
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
 
@@ -552,9 +548,7 @@ def test_kronecker_projects_embeddings_from_the_rows_their_ids_pick(model_name):
     token embedding and head) is projected with the other parameters instead."""
     from torch import nn
 
-    from iif.engine.features import projected_jacobians
     from iif.engine.functional import FunctionalModel
-    from iif.engine.grads import per_sample_jacobians
 
     torch.manual_seed(0)
     if model_name == "pooled":
@@ -593,11 +587,5 @@ def test_kronecker_projects_embeddings_from_the_rows_their_ids_pick(model_name):
     out_dim = fmodel.outputs(state, x[:1]).shape[1]
     t = torch.randn(5, out_dim, generator=gen, dtype=torch.float64)
 
-    def fn(out, ti):
-        return torch.stack([(out * ti).sum(), (out ** 2).sum()])
-
-    fast = torch.cat([f for _, f in projected_jacobians(fmodel, state, x, fn, t, projector=p,
-                                                        chunk_size=2)])
-    slow = torch.cat([p.project(j) for _, j in per_sample_jacobians(fmodel, state, x, fn, t,
-                                                                   chunk_size=2)])
+    fast, slow = _fast_and_slow(fmodel, state, x, t, p, chunk_size=2)
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
