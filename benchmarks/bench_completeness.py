@@ -12,6 +12,7 @@ singles out worse answers, on the tuning half only.
 Usage::
 
     python benchmarks/bench_completeness.py --task digits [--tests 200] [--lds] [--threads 1]
+        [--kind ggn --damping 1e-3 --ggn-rank none] [--dense]
 """
 
 from __future__ import annotations
@@ -80,6 +81,11 @@ def report(c: dict[str, np.ndarray], flags: dict[str, list[int]],
         print(f"  Spearman of the per-test LDS with log |sum / delta|: {rho:.2f}")
 
 
+def _rank(text: str) -> int | str | None:
+    """``--ggn-rank``: an integer, "auto" or "none" (every direction)."""
+    return None if text == "none" else text if text == "auto" else int(text)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", default="digits", choices=sorted(qtasks.TASKS))
@@ -87,6 +93,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lds", action="store_true", help="per-test LDS on the tuning half "
                     "(builds or loads the task's ground truth)")
     ap.add_argument("--kind", default=None, help="curvature kind (default: the library's)")
+    ap.add_argument("--damping", type=float, default=None,
+                    help="absolute curvature damping (default: the ratio rule)")
+    ap.add_argument("--ggn-rank", default="auto",
+                    help="Gauss-Newton directions kept per sample: an integer, auto or none")
     ap.add_argument("--dense", action="store_true", help="dense path targets")
     ap.add_argument("--threads", type=int, default=1)
     return ap.parse_args(argv)
@@ -99,8 +109,10 @@ def main(argv: list[str] | None = None) -> dict[str, np.ndarray]:
     qt = qtasks.TASKS[args.task]()
     idx = np.arange(min(args.tests, qt.n_test()))
     options = {}
-    if args.kind:
-        options["curvature"] = CurvatureSettings(kind=args.kind)
+    if args.kind or args.damping is not None:
+        options["curvature"] = CurvatureSettings(kind=args.kind or "fisher",
+                                                 damping=args.damping,
+                                                 ggn_rank=_rank(args.ggn_rank))
     if args.dense:
         options["path"] = PathSettings(sparse=False)
     start = time.perf_counter()
