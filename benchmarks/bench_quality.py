@@ -254,7 +254,7 @@ def sweeps() -> dict[str, dict[str, tuple[Runner, dict[str, Any]]]]:
             kind="ggn", ggn_rank=rank, default_damping_ratio=ratio)), {})
         for rank in (1, 2, 3) for ratio in (0.3, 1.0)
     }
-    out["iif-curvature"] = {
+    out["iif-ggn-curvature"] = {
         "iif-fisher-d0.3": (run_iif(curvature=CurvatureSettings(kind="fisher")), {}),
         "iif-ggn1-d0.3": (run_iif(curvature=CurvatureSettings(kind="ggn", ggn_rank=1)), {}),
         "iif-ggn1-d1": (run_iif(curvature=CurvatureSettings(kind="ggn", ggn_rank=1,

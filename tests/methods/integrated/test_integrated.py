@@ -960,3 +960,60 @@ def test_factored_exact_solves_equal_per_sample_gradient_solves(mlp_classifier, 
     np.testing.assert_allclose(factored.scores, dense.scores, rtol=1e-8,
                                atol=1e-10 * np.abs(dense.scores).max())
     assert factored.info["damping"] == pytest.approx(dense.info["damping"], rel=1e-9)
+
+
+@pytest.mark.parametrize("settings", [
+    {"projection": ProjectionSettings(dim=16)},
+    {"curvature": CurvatureSettings(path_fit="once")},
+    {"projection": ProjectionSettings(dim=16, structure="kronecker"), "test_batch": 2},
+], ids=["projected", "fit-once", "stacked-kronecker"])
+def test_the_first_steps_features_are_kept_for_every_test_batch(mlp_classifier, monkeypatch,
+                                                                 settings):
+    # On a sparse path with one-hot labels the first step's psi_i is w_i u*_i, u* theta*'s
+    # per-sample gradients on the real targets: u* and theta*'s solver are computed once per
+    # run, and the scores equal those of a first step featurised at every test batch.
+    p = mlp_classifier
+    kwargs = {"path": PathSettings(steps=3), "test_batch": 1, **settings}
+    test = (p.xt, p.yt)
+    featurised, fitted = [], []
+    step_features, fit_curvature = Engine.step_features, Engine.fit_curvature
+
+    def count_features(engine, state, *a, **k):
+        featurised.append(state)
+        return step_features(engine, state, *a, **k)
+
+    def count_fits(engine, settings, state, *a, **k):
+        fitted.append(state)
+        return fit_curvature(engine, settings, state, *a, **k)
+
+    monkeypatch.setattr(Engine, "step_features", count_features)
+    monkeypatch.setattr(Engine, "fit_curvature", count_fits)
+    method = IntegratedInfluence(p.task, (p.x, p.y), **kwargs)
+    kept = method.attribute(test)
+    batches = len(p.yt) // kwargs["test_batch"]
+    assert len(featurised) == batches * 2  # steps K-1 and K-2 of every batch, never theta*
+    assert all(s is not method.state for s in featurised)
+    assert sum(s is method.state for s in fitted) == 1
+    monkeypatch.setattr(IntegratedInfluence, "_star_weights", lambda *a: None)
+    again = IntegratedInfluence(p.task, (p.x, p.y), **kwargs).attribute(test)
+    assert len(featurised) == batches * 2 + batches * 3
+    np.testing.assert_allclose(kept.scores, again.scores, rtol=1e-6,
+                               atol=1e-9 * np.abs(again.scores).max())
+    np.testing.assert_allclose(kept.completeness["sum"], again.completeness["sum"], rtol=1e-6)
+
+
+def test_the_first_steps_features_are_featurised_on_dense_paths(mlp_classifier, monkeypatch):
+    # dense path targets move every class: psi is not a multiple of u*, so nothing is kept
+    p = mlp_classifier
+    calls = []
+    step_features = Engine.step_features
+
+    def count(engine, state, *a, **k):
+        calls.append(state)
+        return step_features(engine, state, *a, **k)
+
+    monkeypatch.setattr(Engine, "step_features", count)
+    method = IntegratedInfluence(p.task, (p.x, p.y), path=PathSettings(steps=2, sparse=False),
+                                 projection=ProjectionSettings(dim=16), test_batch=1)
+    method.attribute((p.xt[:2], p.yt[:2]))
+    assert sum(s is method.state for s in calls) == 2

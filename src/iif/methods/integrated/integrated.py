@@ -144,7 +144,10 @@ class IntegratedInfluence(AttributionMethod):
         if kind in KRONECKER_KINDS and self.projection.dim is not None:
             raise unprojected_only(kind)
         super()._reset()
-        self._star_solver: Solver | None = None  # theta*'s, for path_fit="once"
+        # theta*'s solver on the real targets (the first path step of every test batch, and
+        # every step for path_fit="once") and its per-sample gradients u* (_star_weights)
+        self._star_solver: Solver | None = None
+        self._star_u: torch.Tensor | None = None
 
     def _make_projector(self, fmodel: FunctionalModel) -> Projector:
         return make_projector(fmodel.num_params, self.projection, self.task.device,
@@ -535,14 +538,51 @@ class IntegratedInfluence(AttributionMethod):
         if part is not None:
             x, rho, rho_prev = take(x, part), rho[part], rho_prev[part]
             reduce = self.engine.reduce
-        u, psi = self.engine.step_features(state, x, rho, rho_prev, progress=self.progress,
-                                           desc=f"features k={k}")
-        if self._fits_once() and k < self.path.steps:
-            return u, psi, self._theta_star_solver()
+        first = k == self.path.steps  # theta* on the real targets, whatever the test sample
+        weights = self._star_weights(rho, rho_prev) if first and part is None else None
+        if weights is not None:
+            u = self._theta_star_gradients(rho)
+            psi = weights[..., None] * (u if weights.dim() == 1 else u[:, None])
+        else:
+            u, psi = self.engine.step_features(state, x, rho, rho_prev,
+                                               progress=self.progress, desc=f"features k={k}")
+        if self._star_solver is not None and (first or self._fits_once()):
+            return u, psi, self._star_solver
         solver = self.engine.fit_curvature(self.curvature, state, x, rho, u, reduce=reduce)
-        if self._fits_once():  # k = K: theta* on the real targets, whatever the test sample
+        if first:  # theta*'s solver serves every test batch (and, fitted once, every step)
             self._star_solver = solver
         return u, psi, solver
+
+    def _star_weights(self, rho: torch.Tensor, rho_prev: torch.Tensor) -> torch.Tensor | None:
+        """w with ``rho - rho_prev = w * rho`` row by row ((N,) or (N, B) for B previous
+        targets (B, N, d)), when the first step's psi is ``w_i u*_i``: the built-in
+        cross-entropy is linear in its targets, so psi_i = grad l(x_i, rho_i - rho_prev_i) =
+        w_i grad l(x_i, rho_i) = w_i u*_i, with u* the per-sample gradients at theta* on the
+        real targets, the same for every test sample (kept: :meth:`_theta_star_gradients`).
+        This holds for one-hot labels on sparse paths (only the true class moves); None
+        otherwise (dense paths, soft labels, sequences, a custom loss), or when u* does not
+        fit the feature budget beside a step's features."""
+        task = self.task
+        if task.loss is not None or task.kind != "classification":
+            return None
+        n, p = len(self.train), self.projector.dim
+        if not self.engine.budget.holds(3 * n * p * self.train.targets.element_size()):
+            return None
+        mass = rho.sum(-1)
+        if not bool((mass > 0).all()):
+            return None
+        delta = rho - rho_prev  # (N, d) or (B, N, d)
+        w = delta.sum(-1) / mass
+        if not torch.equal(delta, w[..., None] * rho):
+            return None
+        return w if w.dim() == 1 else w.T
+
+    def _theta_star_gradients(self, rho: torch.Tensor) -> torch.Tensor:
+        """u*: the per-sample gradients (N, P) at theta* on the real targets ``rho``, computed
+        at the first call and kept for every later test batch."""
+        if self._star_u is None:
+            self._star_u = self.engine.loss_features(self.state, self.train.x, rho)
+        return self._star_u
 
     def _fits_once(self) -> bool:
         return self.curvature.path_fit == "once"
