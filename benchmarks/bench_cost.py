@@ -11,7 +11,8 @@ cost less per test sample than ``K - 1`` of each.
 Rows, all on the same test samples of the task, in one run:
 
 - floors: one training epoch; one per-sample-gradient pass;
-- IIF at the defaults, and with the curvature fitted once at theta* (``path_fit="once"``);
+- IIF with the curvature fitted at each path model and once at theta* (``path_fit``; the
+  line under the table says which of the two the default ``"auto"`` is on this model);
 - IF at the defaults and TRAK-1 (one model trained on half the data, as in
   ``bench_quality.py``), whose per-test figures share their one-off work (training TRAK's
   model, featurising the training set, the curvature) among the test samples measured.
@@ -68,10 +69,13 @@ def methods(qt, idx: np.ndarray) -> dict[str, float]:
     """Total seconds of each method on the test samples ``idx``."""
     test = qt.test_rows(idx)
     rows: dict[str, float] = {}
+    def iif(fit: str):
+        return lambda: IntegratedInfluence(qt.task, qt.train, progress=False,
+                                           curvature=CurvatureSettings(path_fit=fit))
+
     for name, make in (
-        ("IIF, defaults", lambda: IntegratedInfluence(qt.task, qt.train, progress=False)),
-        ("IIF, curvature fitted once at theta*", lambda: IntegratedInfluence(
-            qt.task, qt.train, curvature=CurvatureSettings(path_fit="once"), progress=False)),
+        ("IIF, curvature fitted at each path model", iif("each")),
+        ("IIF, curvature fitted once at theta*", iif("once")),
         ("IF, defaults", lambda: InfluenceFunction(qt.task, qt.train, progress=False)),
     ):
         _, rows[name] = _timed(lambda make=make: make().attribute(test))
@@ -106,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, seconds in totals.items():
         per = seconds / idx.size
         print(f"| {name} | {seconds:.1f} | {per:.2f} | {per / trak:.1f}x |")
+    default = IntegratedInfluence(qt.task, qt.train, progress=False)._path_fit()
+    print(f"\nIIF's default path_fit='auto' is {default!r} on this model.")
 
 
 if __name__ == "__main__":

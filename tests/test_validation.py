@@ -98,7 +98,7 @@ DEFAULT_RECORDS = {
     PathSettings: {"steps": 3, "epochs": 1, "lr": None, "batch_size": None, "sparse": True,
                    "measure_end": True},
     CurvatureSettings: {"kind": "fisher", "damping": None, "ggn_rank": "auto",
-                        "default_damping_ratio": 0.3, "path_fit": "each", "max_retries": 8,
+                        "default_damping_ratio": 0.3, "path_fit": "auto", "max_retries": 8,
                         "retry_factor": 10.0},
     CGSettings: {"max_iter": 200, "tol": 1e-8},
     ProjectionSettings: {"dim": None, "kind": "gaussian", "seed": 0, "structure": "dense",

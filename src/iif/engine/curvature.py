@@ -125,10 +125,15 @@ class CurvatureSettings(Settings):
     default_damping_ratio: float = setting(0.3, gt=0, doc="the damping=None rule's multiple "
                                            "of the mean nonzero eigenvalue")
     # IIF only: "once" reuses theta*'s solver (fitted on the real targets at the first step)
-    # for every path step and test sample; "each" fits it at every path model
-    path_fit: Literal["each", "once"] = setting(
-        "each", doc="Integrated Influence: fit the curvature at each path model, or once at "
-        "theta* for every path step and test sample")
+    # for every path step and test sample; "each" fits it at every path model; "auto" fits
+    # it at each path model where exact layer-factor solves apply (iif.engine.factored:
+    # refitting costs little there and was better on the digits tuning half) and once
+    # elsewhere, where refitting means an N x N Gram matrix per path model and test sample
+    # (4x the per-test time on the CNN task, the same LDS within noise: docs/quality.md)
+    path_fit: Literal["auto", "each", "once"] = setting(
+        "auto", doc="Integrated Influence: fit the curvature at each path model, or once at "
+        "theta* for every path step and test sample; auto: each where exact solves from "
+        "layer factors apply (models of nn.Linear layers, no projection), once elsewhere")
     max_retries: int = setting(DEFAULT_RETRIES.max_retries, ge=0, doc="retries with more "
                                "damping when a factorisation fails")
     # each retry multiplies the damping by this, so it must grow

@@ -190,11 +190,12 @@ class Engine:
 
     # ---- features ------------------------------------------------------------------------
     def loss_features(self, state: State, x: torch.Tensor, targets: torch.Tensor,
-                      what: str = "per-sample gradients", measure: bool = False
+                      what: str | Bar = "per-sample gradients", measure: bool = False
                       ) -> torch.Tensor:
         """Projected per-sample loss gradients (``measure``: of the task's measurement):
         (n, P) at a ModelState; for a StackedState of B copies, copy b's gradients of its own
-        samples ``x[b]``, ``targets[b]`` ((B, n, ...), (B, n, d)) -> (B, n, P)."""
+        samples ``x[b]``, ``targets[b]`` ((B, n, ...), (B, n, d)) -> (B, n, P). ``what``
+        names them in errors; a :class:`~iif.engine.features.Bar` also shows their progress."""
         b = self.budget
         with b.spill():
             return loss_features(self.fmodel, state, x, targets, self.task, self.projector,

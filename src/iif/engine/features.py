@@ -403,20 +403,21 @@ def loss_features(
     projector: Projector,
     chunk_size: int = 128,
     max_bytes: int = DEFAULT_MAX_FEATURE_BYTES,
-    what: str = "per-sample gradients",
+    what: str | Bar = "per-sample gradients",
     measure: bool = False,
 ) -> torch.Tensor:
     """Projected per-sample loss gradients: (n, P) at a ModelState; at a
     ``iif.engine.stacked.StackedState`` of B copies, copy b's gradients of its own samples ``x[b]``,
     ``targets[b]`` ((B, n, ...) and (B, n, d)) -> (B, n, P). ``measure``: gradients of the
     task's measurement instead (the test gradients gamma; the test loss by default).
-    ``what`` names them in errors."""
+    ``what`` names them in errors; a :class:`Bar` also shows their progress under its label."""
     out = _feature_buffer((*targets.shape[:-1], projector.dim), targets.dtype, x.device,
                           max_bytes, "gradient features")
     fn = measurement_fn(task) if measure else sample_loss_fn(task)
     chunks = _feature_chunks(fmodel, state, x, fn, (targets,), projector,
                              chunk_size, x_per_copy=True)
-    return _fill(out, chunks, what)
+    bar = what if isinstance(what, Bar) else Bar(False, what)
+    return _fill(out, chunks, bar.desc, bar.enable)
 
 
 def function_features(

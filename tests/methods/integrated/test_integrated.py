@@ -373,7 +373,9 @@ def test_completeness_gap_shrinks_with_k(teacher_student):
             p.task, (p.x, p.y),
             baseline=BaselineSettings(lam=10.0, epochs=5, batch_size=150),
             path=PathSettings(steps=steps, epochs=100, batch_size=150),
-            curvature=CurvatureSettings(kind="hessian", damping=1e-9),
+            # the path integral's curvature at every path model (auto fits it once for a
+            # Hessian, whose scores then telescope towards the influence function instead)
+            curvature=CurvatureSettings(kind="hessian", damping=1e-9, path_fit="each"),
         )
         result = method.attribute((p.xt, p.yt))
         assert result.info["fallbacks"] == 0
@@ -1017,3 +1019,25 @@ def test_the_first_steps_features_are_featurised_on_dense_paths(mlp_classifier, 
                                  projection=ProjectionSettings(dim=16), test_batch=1)
     method.attribute((p.xt[:2], p.yt[:2]))
     assert sum(s is method.state for s in calls) == 2
+
+
+def test_path_fit_auto_refits_where_layer_factors_solve_and_fits_once_elsewhere(
+        mlp_classifier):
+    # auto: an all-Linear model without projection takes the exact factored solves, refitted
+    # at every path model (the "each" scores); a projection rules them out and theta*'s
+    # solver then serves every step (the "once" scores)
+    p = mlp_classifier
+    data, test = (p.x, p.y), (p.xt[:2], p.yt[:2])
+
+    def run(fit: str, projection: ProjectionSettings | None = None) -> Attribution:
+        return IntegratedInfluence(p.task, data, curvature=CurvatureSettings(path_fit=fit),
+                                   projection=projection, progress=False).attribute(test)
+
+    auto, each = run("auto"), run("each")
+    np.testing.assert_array_equal(auto.scores, each.scores)
+    assert auto.info["path_fit"] == "each"
+    projected = ProjectionSettings(dim=16)
+    auto, once, each = run("auto", projected), run("once", projected), run("each", projected)
+    np.testing.assert_array_equal(auto.scores, once.scores)
+    assert auto.info["path_fit"] == "once" and each.info["path_fit"] == "each"
+    assert max_rel(each.scores, once.scores) > 1e-3

@@ -23,6 +23,7 @@ import torch
 
 from iif.engine.budget import MAX_COPIES
 from iif.engine.curvature import KRONECKER_KINDS, CurvatureSettings, unprojected_only
+from iif.engine.features import Bar
 from iif.engine.functional import FunctionalModel, ModelState
 from iif.engine.linalg import SOLVE_DTYPE, Solver, rows_times
 from iif.engine.projection import IdentityProjector, ProjectionSettings, Projector, make_projector
@@ -199,7 +200,7 @@ class IntegratedInfluence(AttributionMethod):
                 "fallback_tests": [0] if fell_back else [],
                 "truncated_tests": [0] if truncated else [],
                 "damping": res.dampings, "damping_retries": res.retries,
-                "seconds": time.perf_counter() - start}
+                "seconds": time.perf_counter() - start, "path_fit": self._path_fit()}
         completeness = deltas.mean().completeness(total)
         info["flags"] = trust_flags(completeness, info)  # row 0: the group
         log_flags(log, info["flags"], completeness, noun="group")
@@ -245,6 +246,7 @@ class IntegratedInfluence(AttributionMethod):
             "damping": res.dampings,
             "damping_retries": res.retries,
             "seconds": time.perf_counter() - start,
+            "path_fit": self._path_fit(),
             **extra_info,
         }
         completeness = deltas.completeness(total)
@@ -465,11 +467,14 @@ class IntegratedInfluence(AttributionMethod):
                                  scores[b : b + 1])
                  for b, member in enumerate(state.members()))]
 
+    def _factored_applies(self) -> bool:
+        # exact gradients: no projection, or one at least as wide as the model (make_projector)
+        return self.engine.factored_applies(isinstance(self.projector, IdentityProjector),
+                                            self.curvature.kind)
+
     def _use_factored(self) -> bool:
-        # exact gradients: no projection, or one at least as wide as the model (make_projector);
         # the factored steps fit their own solves at every path model
-        return not self._fits_once() and self.engine.factored_applies(
-            isinstance(self.projector, IdentityProjector), self.curvature.kind)
+        return self.curvature.path_fit != "once" and self._factored_applies()
 
     def _factored_step(self, state: ModelState, test_x: torch.Tensor,
                        test_targets: torch.Tensor, rho: torch.Tensor,
@@ -559,11 +564,12 @@ class IntegratedInfluence(AttributionMethod):
         cross-entropy is linear in its targets, so psi_i = grad l(x_i, rho_i - rho_prev_i) =
         w_i grad l(x_i, rho_i) = w_i u*_i, with u* the per-sample gradients at theta* on the
         real targets, the same for every test sample (kept: :meth:`_theta_star_gradients`).
-        This holds for one-hot labels on sparse paths (only the true class moves); None
-        otherwise (dense paths, soft labels, sequences, a custom loss), or when u* does not
-        fit the feature budget beside a step's features."""
+        This holds for one-hot labels on sparse paths (only the true class moves), and for
+        sequences whose tokens move together (one labelled position); None otherwise (dense
+        paths, soft labels, longer sequences, a custom loss), or when u* does not fit the
+        feature budget beside a step's features."""
         task = self.task
-        if task.loss is not None or task.kind != "classification":
+        if task.loss is not None or task.kind not in ("classification", "sequence"):
             return None
         n, p = len(self.train), self.projector.dim
         if not self.engine.budget.holds(3 * n * p * self.train.targets.element_size()):
@@ -581,11 +587,19 @@ class IntegratedInfluence(AttributionMethod):
         """u*: the per-sample gradients (N, P) at theta* on the real targets ``rho``, computed
         at the first call and kept for every later test batch."""
         if self._star_u is None:
-            self._star_u = self.engine.loss_features(self.state, self.train.x, rho)
+            self._star_u = self.engine.loss_features(
+                self.state, self.train.x, rho,
+                what=Bar(self.progress, f"features k={self.path.steps}"))
         return self._star_u
 
+    def _path_fit(self) -> str:
+        """What ``path_fit`` resolved to: "each" or "once" (reported in ``info``)."""
+        return "once" if self._fits_once() else "each"
+
     def _fits_once(self) -> bool:
-        return self.curvature.path_fit == "once"
+        """Whether theta*'s solver serves every path step (``CurvatureSettings.path_fit``)."""
+        fit = self.curvature.path_fit
+        return fit == "once" or (fit == "auto" and not self._factored_applies())
 
     def _theta_star_solver(self) -> Solver:
         """theta*'s solver on the real targets, fitted at the first path step (k = K) of the
