@@ -89,6 +89,7 @@ def run_if(**options: Any) -> Runner:
 
 
 RATIOS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+FEATURE_BYTES = 8 << 30  # the feature budget of the unprojected K-FAC / EK-FAC IIF rows
 # the sweeps below ran before the default damping of Gauss-Newton and Hessian curvatures
 # averaged over N instead of N x d eigenvalues: their "if-ggn-d<r>" ratio r then equals
 # r / d under today's rule (d = 10 outputs), which run_if_ratio("ggn", ...) now uses
@@ -164,8 +165,12 @@ def configs() -> dict[str, tuple[Runner, dict[str, Any]]]:
         "trak-10-P512": (run_trak(10, projection=ProjectionSettings(dim=512)), {}),
         "tracin-40": (run_tracin(40), {}),
         # Kronecker-factored curvatures from the layer hooks (no projection)
-        "iif-kfac": (run_iif(curvature=CurvatureSettings(kind="kfac")), {}),
-        "iif-ekfac": (run_iif(curvature=CurvatureSettings(kind="ekfac")), {}),
+        # IIF solves K-FAC / EK-FAC on unprojected path features, (N, M) per step: the MNIST
+        # MLP's take 2.0 GiB each, past the default feature budget (this machine has 24 GiB)
+        "iif-kfac": (run_iif(curvature=CurvatureSettings(kind="kfac"),
+                             max_feature_bytes=FEATURE_BYTES), {}),
+        "iif-ekfac": (run_iif(curvature=CurvatureSettings(kind="ekfac"),
+                              max_feature_bytes=FEATURE_BYTES), {}),
         "if-kfac": (run_if(curvature=CurvatureSettings(kind="kfac")), {}),
         "if-ekfac": (run_if(curvature=CurvatureSettings(kind="ekfac")), {}),
     }
