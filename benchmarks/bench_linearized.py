@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import quality_tasks as qtasks  # noqa: E402
 
-from iif import InfluenceFunction, IntegratedInfluence, PathSettings  # noqa: E402
+from iif import CurvatureSettings, InfluenceFunction, IntegratedInfluence, PathSettings  # noqa: E402
+from iif.engine.curvature import default_damping, rank_bound  # noqa: E402
 from iif.engine.functional import module_mode  # noqa: E402
 from iif.methods.integrated.baseline import complement_loss  # noqa: E402
 
@@ -47,13 +48,14 @@ class Newton:
     """theta* moved along ``-F^{-1} grad(-log(1 - p_y))`` of one test sample, F the damped
     empirical Fisher ``G^T G / N + delta I`` (Woodbury in the N training samples, float64)."""
 
-    def __init__(self, engine, ratio: float = 0.3):
+    def __init__(self, engine):
         self.engine, self.state = engine, engine.state
         g = engine.per_sample_grads(engine.state, engine.train.x, engine.train.targets)
         self.g = g.double()
         n, m = self.g.shape
-        # the library's default damping: ratio x the mean of min(N, M) eigenvalues
-        self.delta = ratio * float((self.g * self.g).sum()) / n / min(n, m)
+        # the influence function's default damping rule on this Fisher's trace
+        trace = float((self.g * self.g).sum()) / n
+        self.delta = default_damping(CurvatureSettings(), trace, rank_bound(n, m, m))
         kernel = self.g @ self.g.T + n * self.delta * torch.eye(n, dtype=self.g.dtype)
         self.chol = torch.linalg.cholesky(kernel)
 

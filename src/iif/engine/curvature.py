@@ -129,7 +129,7 @@ class CurvatureSettings(Settings):
     # it at each path model where exact layer-factor solves apply (iif.engine.factored:
     # refitting costs little there and was better on the digits tuning half) and once
     # elsewhere, where refitting means an N x N Gram matrix per path model and test sample
-    # (4x the per-test time on the CNN task, the same LDS within noise: docs/quality.md)
+    # (3x the per-test time on the CNN task, the same LDS within noise: docs/quality.md)
     path_fit: Literal["auto", "each", "once"] = setting(
         "auto", doc="Integrated Influence: fit the curvature at each path model, or once at "
         "theta* for every path step and test sample; auto: each where exact solves from "

@@ -984,9 +984,9 @@ def test_the_first_steps_features_are_kept_for_every_test_batch(mlp_classifier, 
         featurised.append(state)
         return step_features(engine, state, *a, **k)
 
-    def count_fits(engine, settings, state, *a, **k):
+    def count_fits(engine, curvature, state, *a, **k):
         fitted.append(state)
-        return fit_curvature(engine, settings, state, *a, **k)
+        return fit_curvature(engine, curvature, state, *a, **k)
 
     monkeypatch.setattr(Engine, "step_features", count_features)
     monkeypatch.setattr(Engine, "fit_curvature", count_fits)
